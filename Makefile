@@ -1,0 +1,44 @@
+# lorax: the README's two set-up commands are `make demo` and `make test`; both install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install test test-slow lint format demo bench docs shapes-model clean
+
+install: $(VENV)/.installed
+
+# torch first, pinned: a bare `torch` in a fresh venv would pull a multi-GB CUDA build on this CPU machine.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+test-slow: install
+	$(PY) -m pytest -m slow
+
+lint: install
+	$(VENV)/bin/ruff check lorax tests bench
+	$(VENV)/bin/ruff format --check lorax tests bench
+	$(VENV)/bin/mypy lorax
+
+format: install
+	$(VENV)/bin/ruff check --fix lorax tests bench
+	$(VENV)/bin/ruff format lorax tests bench
+
+demo: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
+
+bench: install
+	$(PY) -m bench
+
+docs: install
+	$(PY) -m lorax.cli.docgen docs/cli.md
+
+clean:
+	rm -rf $(VENV) demo-out bench/out .pytest_cache .ruff_cache .mypy_cache

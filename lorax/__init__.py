@@ -1,0 +1,3 @@
+"""lorax: Low-Rank Adaptation of text-to-image diffusion models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""LoRA math on the canonical in-memory form (``LoraState``)."""

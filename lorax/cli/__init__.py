@@ -1,0 +1,1 @@
+"""The Typer front end: one module per command, each a thin wrapper over a service."""

@@ -1,0 +1,125 @@
+"""The ``lorax`` Typer app: global options, error rendering, and command registration.
+
+Each command lives in ``lorax/cli/<name>.py`` and exposes ``register(app)``. Modules are found by name
+(``COMMAND_ORDER``), so a command that is not ready is simply absent. Heavy libraries (torch, diffusers)
+are imported inside the services, never at import time here, so ``lorax --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from lorax import __version__
+from lorax.cli._click import click
+from lorax.errors import LoraxError
+
+# The order commands appear in --help. A module missing from lorax/cli is not registered.
+COMMAND_ORDER = ["train", "invert", "pivot", "generate", "merge", "mix", "convert", "extract", "inspect"]
+
+
+class _State:
+    debug: bool = bool(os.environ.get("LORAX_DEBUG"))
+    quiet: bool = False
+
+
+STATE = _State()
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+class LoraxGroup(TyperGroup):
+    """Turns lorax's domain errors into one line on stderr and exit code 1 (tracebacks only with --debug)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)  # registration order, not alphabetical
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, click.ClickException):
+            raise
+        except LoraxError as err:
+            if STATE.debug:
+                raise
+            click.echo(f"lorax: error: {_one_line(str(err))}", err=True)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            if STATE.debug:
+                raise
+            click.echo("lorax: interrupted", err=True)
+            raise typer.Exit(130) from None
+        except MemoryError:
+            if STATE.debug:
+                raise
+            click.echo("lorax: error: out of memory", err=True)
+            raise typer.Exit(1) from None
+        except Exception as err:  # an unexpected failure: still one line unless --debug
+            if STATE.debug:
+                raise
+            name = type(err).__name__
+            click.echo(
+                f"lorax: error: {name}: {_one_line(str(err))} (run with --debug for a traceback)", err=True
+            )
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(
+    name="lorax",
+    cls=LoraxGroup,
+    help="Low-Rank Adaptation of text-to-image diffusion models: train, invert, pivot, merge, mix, "
+    "convert, extract, generate and inspect LoRAs and embeddings.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lorax {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars or log lines on stderr.")
+    ] = False,
+) -> None:
+    """lorax: LoRA for Stable Diffusion, from training to merging, in one CLI."""
+    STATE.debug = debug or bool(os.environ.get("LORAX_DEBUG"))
+    STATE.quiet = quiet
+
+
+def register_commands() -> None:
+    for name in COMMAND_ORDER:
+        module_name = f"lorax.cli.{name}"
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        importlib.import_module(module_name).register(app)
+
+
+register_commands()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("lorax: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""File access: safetensors headers and streaming writes, atomic outputs, safe pickle loading, model checkpoints."""

@@ -1,0 +1,261 @@
+"""safetensors without loading whole files.
+
+* ``read_header`` parses and validates the header with the standard library alone (no torch, no numpy), so
+  ``lorax inspect`` stays fast.
+* ``SafetensorsFile`` gives lazy per-tensor access (``get`` → torch tensor) and raw byte ranges (``raw``)
+  for copying untouched tensors through bit for bit.
+* ``StreamingWriter`` writes a file tensor after tensor, holding one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from lorax.errors import FormatError, InputError
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_HEADER = 100 * 1024 * 1024
+
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Header:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_offset: int
+    file_size: int
+
+
+def check_readable_file(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise InputError("no such file", path=p)
+    if p.is_dir():
+        raise InputError("is a folder, expected a file", path=p)
+    if not os.access(p, os.R_OK):
+        raise InputError("cannot be read (permission denied)", path=p)
+    if p.stat().st_size == 0:
+        raise FormatError("is empty", path=p)
+    return p
+
+
+def read_header(path: str | Path) -> Header:
+    """Parse and validate a safetensors header. Every problem becomes a ``FormatError`` naming the file."""
+    p = check_readable_file(path)
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise FormatError("not a safetensors file (shorter than its 8-byte header length)", path=p)
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise FormatError(
+                f"not a valid safetensors file (header claims {n} bytes, file has {size})", path=p
+            )
+        raw = f.read(n)
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError("not a valid safetensors file (header is not JSON)", path=p) from None
+    if not isinstance(doc, dict):
+        raise FormatError("not a valid safetensors file (header is not a JSON object)", path=p)
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise FormatError("invalid safetensors metadata (not a JSON object)", path=p)
+    data_offset = 8 + n
+    tensors: dict[str, TensorInfo] = {}
+    for name, info in doc.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"invalid safetensors entry for tensor {name!r}", path=p) from None
+        if dtype not in DTYPE_SIZES:
+            raise FormatError(f"tensor {name!r} has unknown dtype {dtype!r}", path=p)
+        if not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise FormatError(f"tensor {name!r} has an invalid shape {list(shape)}", path=p)
+        if end - start != math.prod(shape) * DTYPE_SIZES[dtype] or start < 0 or end < start:
+            raise FormatError(f"tensor {name!r}: its byte range does not match its shape and dtype", path=p)
+        if data_offset + end > size:
+            raise FormatError(
+                f"truncated: tensor {name!r} ends at byte {data_offset + end}, the file has {size}", path=p
+            )
+        tensors[name] = TensorInfo(name, dtype, shape, data_offset + start, data_offset + end)
+    return Header(p, tensors, {str(k): str(v) for k, v in metadata.items()}, data_offset, size)
+
+
+class SafetensorsFile:
+    """Lazy access to one safetensors file: a validated header, tensors on demand."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.header = read_header(path)
+        self.path = self.header.path
+        self._handle: Any = None
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.metadata
+
+    def keys(self) -> list[str]:
+        return list(self.header.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.header.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        return self.header.tensors[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from disk (memory-mapped by safetensors)."""
+        if self._handle is None:
+            from safetensors import safe_open
+
+            try:
+                self._handle = safe_open(str(self.path), framework="pt")
+            except Exception as err:  # safetensors' own validation
+                raise FormatError(f"cannot be read as safetensors ({err})", path=self.path) from None
+        return self._handle.get_tensor(name)
+
+    def load_all(self) -> dict[str, torch.Tensor]:
+        return {k: self.get(k) for k in self.keys()}
+
+    def raw(self, name: str, f: BinaryIO | None = None) -> bytes:
+        """The tensor's bytes exactly as stored."""
+        info = self.header.tensors[name]
+        if f is not None:
+            f.seek(info.start)
+            return f.read(info.nbytes)
+        with open(self.path, "rb") as fh:
+            fh.seek(info.start)
+            return fh.read(info.nbytes)
+
+    def close(self) -> None:
+        self._handle = None
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+TORCH_TO_ST = {
+    "torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16",
+    "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16", "torch.int8": "I8",
+    "torch.uint8": "U8", "torch.bool": "BOOL", "torch.float8_e4m3fn": "F8_E4M3", "torch.float8_e5m2": "F8_E5M2",
+}  # fmt: skip
+
+
+def st_dtype(tensor: torch.Tensor) -> str:
+    return TORCH_TO_ST[str(tensor.dtype)]
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes | memoryview:
+    """A tensor's little-endian bytes in safetensors order."""
+    import torch
+
+    t = tensor.detach().contiguous().cpu()
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy().data
+
+
+class StreamingWriter:
+    """Writes a safetensors file whose tensor list is known up front, one tensor at a time.
+
+    ``specs`` maps name → (safetensors dtype, shape), in the order tensors will be written.
+    Use inside ``lorax.io.atomic.atomic_path`` so a failure leaves nothing behind.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        specs: Iterable[tuple[str, str, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._order: list[tuple[str, int]] = []
+        header: dict[str, Any] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        for name, dtype, shape in specs:
+            n = math.prod(shape) * DTYPE_SIZES[dtype]
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self._order.append((name, n))
+            offset += n
+        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes, as safetensors does
+        self._f: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._f.write(struct.pack("<Q", len(blob)))
+        self._f.write(blob)
+        self._next = 0
+
+    def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> None:
+        expected_name, n = self._order[self._next]
+        if name != expected_name:
+            raise RuntimeError(f"StreamingWriter: expected tensor {expected_name!r}, got {name!r}")
+        buf = data if isinstance(data, bytes | memoryview) else tensor_bytes(data)
+        if len(buf) != n:
+            raise RuntimeError(f"StreamingWriter: tensor {name!r} has {len(buf)} bytes, expected {n}")
+        self._f.write(buf)
+        self._next += 1
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        if self._next != len(self._order):
+            missing = [n for n, _ in self._order[self._next :]]
+            raise RuntimeError(f"StreamingWriter: {len(missing)} tensors never written, first {missing[0]!r}")
+
+    def __enter__(self) -> StreamingWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self._f.close()
+            return
+        self.close()
+
+
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a small dict of tensors (a LoRA, an embedding) with ``StreamingWriter``."""
+    specs = [(k, st_dtype(t), tuple(t.shape)) for k, t in tensors.items()]
+    with StreamingWriter(path, specs, metadata) as w:
+        for k, t in tensors.items():
+            w.write(k, t)
+
+
+def iter_tensors(
+    sf: SafetensorsFile, names: Iterable[str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for name in names if names is not None else sf.keys():
+        yield name, sf.get(name)

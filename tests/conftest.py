@@ -1,0 +1,35 @@
+"""Shared fixtures. Nothing here downloads: tiny models are built from configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Isolate every cache before anything imports huggingface_hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.setenv("LORAX_CACHE", str(home / "lorax"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture()
+def cli():
+    """Run the lorax CLI in-process; returns a function(args) -> click Result (stdout and stderr apart)."""
+    from typer.testing import CliRunner
+
+    from lorax.cli.app import app
+
+    runner = CliRunner()
+
+    def run(*args: str, input: str | None = None):
+        return runner.invoke(app, [str(a) for a in args], input=input)
+
+    return run
