@@ -1,0 +1,155 @@
+"""Tiny Stable-Diffusion-architecture components built from configs (no downloads).
+
+Used by the tests (random weights, real component types and key layouts) and as the architecture of the built-in
+``shapes`` model. ``family`` picks the layout: ``sd1`` (CLIP ViT-L style text encoder, 768-like cross attention
+with ``attention_head_dim`` 8) or ``sd2`` (OpenCLIP-style: linear projections in transformers, gelu text encoder).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: every byte maps to a printable unicode character."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def build_tokenizer(words: Iterable[str] = (), model_max_length: int = 77) -> Any:
+    """A real ``CLIPTokenizer`` whose BPE knows every byte, plus ``words`` as whole tokens.
+
+    Words not listed still encode (character by character), like rare words in the real CLIP vocabulary.
+    """
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for word in words:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(pair)
+            joined = pieces[0] + pieces[1]
+            vocab.setdefault(joined, len(vocab))
+            pieces = [joined, *pieces[2:]]
+    vocab[BOS] = len(vocab)
+    vocab[EOS] = len(vocab)
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=model_max_length,
+    )
+
+
+def tiny_unet_config(
+    family: str = "sd1", cross_attention_dim: int = 32, sample_size: int = 8
+) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "sample_size": sample_size,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 2,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "cross_attention_dim": cross_attention_dim,
+        "attention_head_dim": 8,
+        "norm_num_groups": 32,
+    }
+    if family == "sd2":
+        config.update(attention_head_dim=[2, 4], use_linear_projection=True)
+    return config
+
+
+def tiny_vae_config() -> dict[str, Any]:
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "latent_channels": 4,
+        "layers_per_block": 1,
+        "norm_num_groups": 32,
+        "sample_size": 16,
+    }
+
+
+def tiny_text_config(family: str = "sd1", vocab_size: int = 1000, hidden_size: int = 32) -> dict[str, Any]:
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu" if family == "sd2" else "quick_gelu",
+        "projection_dim": hidden_size,
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+    }
+
+
+def tiny_components(family: str = "sd1", seed: int = 0, words: Iterable[str] = ()) -> dict[str, Any]:
+    """Random-weight components of a tiny SD pipeline of ``family`` (``sd1`` or ``sd2``), deterministic in ``seed``."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tokenizer(words)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config(family))
+    vae = AutoencoderKL(**tiny_vae_config())
+    text_config = tiny_text_config(family, vocab_size=len(tokenizer))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type="v_prediction" if family == "sd2" else "epsilon",
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def tiny_pipeline(family: str = "sd1", seed: int = 0, words: Iterable[str] = ()) -> Any:
+    """A ``StableDiffusionPipeline`` of random tiny components (no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        **tiny_components(family, seed, words),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
