@@ -59,7 +59,7 @@ def build_tokenizer(words: Iterable[str] = (), model_max_length: int = 77) -> An
     vocab[EOS] = len(vocab)
     return CLIPTokenizer(
         vocab=vocab,
-        merges=merges,
+        merges=merges,  # type: ignore[arg-type]  # the tokenizers backend takes (a, b) pairs
         model_max_length=model_max_length,
     )
 
