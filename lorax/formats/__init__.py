@@ -1,0 +1,255 @@
+"""LoRA and embedding file formats: detection, loading into ``LoraState``, saving from it.
+
+Public API:
+* ``detect_format(path) -> str``: from the safetensors header (no torch import) or a pickle's content.
+* ``load_lora(path, *, model=None, family=None) -> LoraState``: any supported format; ``model`` is a dict
+  ``{component: nn.Module}`` or a pipeline, used for exact kohya names and lora_diffusion indices.
+* ``save_lora(state, path, *, format="kohya", dtype=None, force=False, metadata=None)``: atomic; adds lorax's
+  self-description (``lorax_version``, ``lorax_family``, ``lorax_rank``, ``lorax_alpha``, ``lorax_targets``).
+* ``load_embeddings(path)`` / ``save_embeddings(embeddings, path, *, format=..., force=False)``.
+* ``FORMATS``: format name → module (``read`` / ``write``) and what it can do.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorax.errors import FormatError, InputError
+from lorax.formats import keys as _keys
+from lorax.io.safetensors_io import check_readable_file, read_header
+
+if TYPE_CHECKING:
+    import torch
+
+    from lorax.adapters.state import LoraState
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    name: str
+    module: str  # the lorax.formats submodule holding read/write
+    writable: bool
+    description: str
+
+    def load(self) -> Any:
+        return importlib.import_module(self.module)
+
+
+FORMATS: dict[str, FormatInfo] = {
+    "kohya": FormatInfo(
+        "kohya", "lorax.formats.kohya", True, "kohya / AUTOMATIC1111 / ComfyUI (lora_unet_…)"
+    ),
+    "diffusers": FormatInfo(
+        "diffusers", "lorax.formats.diffusers", True, "diffusers / PEFT (unet.….lora_A.weight)"
+    ),
+    "lora_diffusion": FormatInfo(
+        "lora_diffusion", "lorax.formats.lora_diffusion", True, "cloneofsimo/lora (unet:{i}:up, by index)"
+    ),
+    "lycoris": FormatInfo(
+        "lycoris", "lorax.formats.lycoris", True, "LyCORIS LoHa / LoKr / DoRA (kohya names)"
+    ),
+    "a1111-embedding": FormatInfo("a1111-embedding", "lorax.formats.embeddings", True, "A1111 embedding"),
+    "sdxl-embedding": FormatInfo(
+        "sdxl-embedding", "lorax.formats.embeddings", True, "SDXL embedding (clip_l, clip_g)"
+    ),
+    "diffusers-embedding": FormatInfo(
+        "diffusers-embedding", "lorax.formats.embeddings", True, "diffusers learned_embeds ({token: [dim]})"
+    ),
+}
+EMBEDDING_FORMATS = ("a1111-embedding", "sdxl-embedding", "diffusers-embedding")
+LORA_WRITE_FORMATS = ("kohya", "diffusers", "lora_diffusion")
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+_FOLDER_FILES = (
+    "pytorch_lora_weights.safetensors",
+    "adapter_model.safetensors",
+    "learned_embeds.safetensors",
+)
+
+
+def _resolve_folder(path: Path) -> Path:
+    if path.is_dir():
+        for name in _FOLDER_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise InputError(
+            "is a folder with no LoRA file in it (expected one of " + ", ".join(_FOLDER_FILES) + ")",
+            path=path,
+        )
+    return path
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether the file starts like a safetensors file (8-byte little-endian length, then ``{``)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def detect_format(path: str | Path) -> str:
+    """The format of a LoRA or embedding file; raises ``FormatError`` for anything unknown."""
+    p = _resolve_folder(Path(path))
+    check_readable_file(p)
+    if is_safetensors(p):
+        header = read_header(p)
+        found = _keys.detect(
+            list(header.tensors), header.metadata, {k: t.shape for k, t in header.tensors.items()}
+        )
+    else:
+        found = detect_object(_load_pickle_object(p), p)
+    if found is None:
+        raise FormatError("unknown format: not a LoRA, embedding or model file lorax knows", path=p)
+    return found
+
+
+def _load_pickle_object(path: Path) -> Any:
+    from lorax.io.pickle_safe import load_pickle
+
+    if path.suffix.lower() not in PICKLE_SUFFIXES and not _looks_like_pickle(path):
+        raise FormatError("unknown format: neither safetensors nor a torch pickle", path=path)
+    return load_pickle(path)
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head[:2] == b"PK" or head[:1] == b"\x80"
+
+
+def detect_object(obj: Any, path: Any = None) -> str | None:
+    """The format of a loaded pickle: lora_diffusion's tensor list, an A1111 embedding, or a tensor dict."""
+    import torch
+
+    if isinstance(obj, list | tuple):
+        if obj and all(isinstance(t, torch.Tensor) for t in obj):
+            return "lora_diffusion"
+        return None
+    if not isinstance(obj, Mapping):
+        return None
+    if "string_to_param" in obj:
+        return "a1111-embedding"
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        return None
+    return _keys.detect(list(tensors), {}, {k: tuple(v.shape) for k, v in tensors.items()})
+
+
+def read_file(path: str | Path) -> tuple[Any, dict[str, str], str]:
+    """A file's content (tensor dict, or the pickled object), header metadata and detected format."""
+    p = _resolve_folder(Path(path))
+    fmt = detect_format(p)
+    if is_safetensors(p):
+        from lorax.io.safetensors_io import SafetensorsFile
+
+        sf = SafetensorsFile(p)
+        return sf.load_all(), sf.metadata, fmt
+    obj = _load_pickle_object(p)
+    if isinstance(obj, Mapping) and "state_dict" in obj and fmt not in EMBEDDING_FORMATS:
+        obj = obj["state_dict"]
+    return obj, {}, fmt
+
+
+def load_lora(path: str | Path, *, model: Any = None, family: str | None = None) -> LoraState:
+    """Load any supported LoRA (or embedding) file into a ``LoraState``."""
+    from lorax.adapters.state import LoraState
+
+    p = _resolve_folder(Path(path))
+    content, metadata, fmt = read_file(p)
+    if fmt in EMBEDDING_FORMATS:
+        from lorax.formats import embeddings
+
+        return LoraState(embeddings=embeddings.read(content, fmt, path=p), metadata=metadata, family=family)
+    if fmt not in FORMATS:
+        raise FormatError(f"is a {fmt} file, not a LoRA", path=p)
+    module = FORMATS[fmt].load()
+    if fmt == "lora_diffusion":
+        return module.read_path(p, model=model, family=family)  # type: ignore[no-any-return]
+    kwargs: dict[str, Any] = {}
+    if fmt == "diffusers" and (p.parent / "adapter_config.json").is_file():
+        kwargs["adapter_config"] = json.loads((p.parent / "adapter_config.json").read_text())
+    try:
+        return module.read(content, metadata, model=model, family=family, path=p, **kwargs)  # type: ignore[no-any-return]
+    except FormatError as err:
+        if err.path is None:
+            raise FormatError(str(err), path=p) from None
+        raise
+
+
+def lorax_metadata(state: LoraState, fmt: str) -> dict[str, str]:
+    """lorax's self-description for a file's header."""
+    from lorax import __version__
+    from lorax.models.families import target_kinds
+
+    ranks, alphas = state.ranks(), state.alphas()
+    meta = {
+        "lorax_version": __version__,
+        "lorax_format": fmt,
+        "lorax_family": state.family or "",
+        "lorax_rank": ",".join(str(r) for r in ranks),
+        "lorax_alpha": ",".join(f"{a:g}" for a in alphas),
+        "lorax_components": ",".join(state.components()),
+        "lorax_targets": ",".join(target_kinds(state.modules)),
+    }
+    if state.embeddings:
+        meta["lorax_tokens"] = json.dumps(sorted(state.embeddings))
+    return {k: v for k, v in meta.items() if v}
+
+
+def save_lora(
+    state: LoraState,
+    path: str | Path,
+    *,
+    format: str = "kohya",
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``state`` to ``path`` in ``format`` (atomic: the file appears whole or not at all)."""
+    from lorax.io.atomic import atomic_path
+    from lorax.io.safetensors_io import save_tensors
+
+    if format not in LORA_WRITE_FORMATS:
+        raise FormatError(
+            f"cannot write LoRA format {format!r}; choose one of {', '.join(LORA_WRITE_FORMATS)}"
+        )
+    module = FORMATS[format].load()
+    tensors, header = module.write(state, dtype=dtype)
+    header = {**header, **lorax_metadata(state, format), **dict(metadata or {})}
+    out = Path(path)
+    with atomic_path(out, force) as tmp:
+        save_tensors(tensors, tmp, {str(k): str(v) for k, v in header.items()})
+    return out
+
+
+def load_embeddings(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Token embeddings ``{token: {component: [n_vectors, dim]}}`` from an embedding file or a LoRA bundling them."""
+    p = _resolve_folder(Path(path))
+    content, _metadata, fmt = read_file(p)
+    if fmt in EMBEDDING_FORMATS:
+        from lorax.formats import embeddings
+
+        return embeddings.read(content, fmt, path=p)
+    state = load_lora(p)
+    if not state.embeddings:
+        raise FormatError(f"is a {fmt} file with no token embeddings", path=p)
+    return state.embeddings
+
+
+def save_embeddings(
+    embeddings: Mapping[str, Mapping[str, torch.Tensor]],
+    path: str | Path,
+    *,
+    format: str | None = None,
+    force: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write token embeddings; ``format`` defaults from the path (``.pt`` A1111, ``learned_embeds…`` diffusers)."""
+    from lorax.formats import embeddings as emb
+
+    return emb.save(embeddings, path, format=format, force=force, metadata=metadata)

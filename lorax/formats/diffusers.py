@@ -1,0 +1,193 @@
+"""diffusers / PEFT LoRA files (``pytorch_lora_weights.safetensors``).
+
+Keys, newest first:
+* ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (PEFT names; ``text_encoder.…`` / ``text_encoder_2.…``, with or
+  without ``text_model.``); raw PEFT adapters use ``base_model.model.<path>.lora_A.weight``;
+* ``unet.<path>.lora.down.weight`` / ``.lora.up.weight`` (``LoRACompatibleLinear`` era; also ``.lora_linear_layer.``);
+* ``<path>.processor.to_q_lora.down.weight`` (attention processors; ``to_out_lora`` is ``to_out.0``), and the old
+  text-encoder patch ``self_attn.to_q_lora.down.weight`` (= ``q_proj``).
+Alphas come from ``<path>.alpha`` keys, else from the ``lora_adapter_metadata`` header JSON that diffusers writes
+(``{"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": {...}}``, one LoraConfig per component), else ``alpha = r``.
+
+lorax writes the newest names, with ``text_model.`` kept for text encoders (diffusers strips it for models that lack
+it), and a ``lora_adapter_metadata`` header that diffusers' ``load_lora_weights`` turns into each component's
+``LoraConfig`` (r, lora_alpha, rank_pattern, alpha_pattern, target_modules), so diffusers applies lorax's scales.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from lorax.adapters.state import LoraModule, LoraState
+from lorax.errors import FormatError
+from lorax.formats import keys
+from lorax.formats.kohya import check_pair
+from lorax.models import families
+
+if TYPE_CHECKING:
+    import torch
+
+NAME = "diffusers"
+METADATA_KEY = "lora_adapter_metadata"
+parse_key = keys.diffusers_parse
+
+
+def component_configs(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """The per-component LoraConfig kwargs packed in diffusers' ``lora_adapter_metadata`` header."""
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError:
+        raise FormatError(f"header {METADATA_KEY} is not valid JSON") from None
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in doc.items():
+        component, dot, field = key.partition(".")
+        if dot and component in ("unet", "text_encoder", "text_encoder_2"):
+            out.setdefault(component, {})[field] = value
+        else:  # an unprefixed config (a single model's adapter)
+            out.setdefault("", {})[key] = value
+    return out
+
+
+def _pattern_value(patterns: Mapping[str, Any], candidates: list[str]) -> Any:
+    """PEFT's ``get_pattern_key``: a pattern matches a module name that ends with ``.<pattern>`` or equals it."""
+    for pattern, value in patterns.items():
+        for name in candidates:
+            if re.match(rf"(.*\.)?({pattern})$", name):
+                return value
+    return None
+
+
+def module_alpha(config: Mapping[str, Any], module_path: str, rank: int) -> float:
+    """The effective alpha (``scale · r``) PEFT would use for one module under ``config``."""
+    candidates = [module_path]
+    if module_path.startswith("text_model."):
+        candidates.append(module_path[len("text_model.") :])
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, candidates)
+    if alpha is None:
+        alpha = config.get("lora_alpha", rank)
+    alpha = float(alpha)
+    if config.get("use_rslora"):
+        return alpha * math.sqrt(rank)  # rsLoRA scales by alpha / sqrt(r)
+    return alpha
+
+
+def read(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    model: Any = None,
+    family: str | None = None,
+    path: Any = None,
+    adapter_config: Mapping[str, Any] | None = None,
+) -> LoraState:
+    """diffusers/PEFT tensors → ``LoraState`` (``adapter_config``: a raw PEFT adapter's ``adapter_config.json``)."""
+    metadata = dict(metadata or {})
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    leftovers: list[str] = []
+    for key, tensor in tensors.items():
+        parsed = parse_key(key)
+        if parsed is None:
+            leftovers.append(key)
+            continue
+        component, module, role = parsed
+        slot = parts.setdefault(f"{component}.{module}", {})
+        if role in slot:
+            raise FormatError(f"module {component}.{module} has two {role} tensors", path=path)
+        slot[role] = tensor
+    if leftovers:
+        raise FormatError(
+            f"{len(leftovers)} key(s) not in diffusers/PEFT naming: {', '.join(leftovers[:5])}", path=path
+        )
+    configs = component_configs(metadata)
+    if adapter_config is not None:
+        configs.setdefault("", dict(adapter_config))
+    shapes = {k + ".lora_A.weight": tuple(v["down"].shape) for k, v in parts.items() if "down" in v}
+    family = (
+        family or metadata.get("lorax_family") or families.detect_family_from_lora_keys(list(shapes), shapes)
+    )
+    state = LoraState(metadata=metadata, family=family)
+    for module_path, slot in parts.items():
+        if "down" not in slot or "up" not in slot:
+            missing = "up" if "down" in slot else "down"
+            raise FormatError(f"module {module_path} has no {missing} weight", path=path)
+        extra = set(slot) - {"down", "up", "alpha", "magnitude"}
+        if extra:
+            raise FormatError(f"module {module_path}: unexpected tensors {sorted(extra)}", path=path)
+        down, up = slot["down"], slot["up"]
+        check_pair(module_path, down, up, path)
+        component, _, inner = module_path.partition(".")
+        rank = int(down.shape[0])
+        if "alpha" in slot:
+            alpha = float(slot["alpha"].item())
+        else:
+            config = configs.get(component) or configs.get("")
+            alpha = module_alpha(config, inner, rank) if config else float(rank)
+        if "magnitude" in slot:
+            from lorax.adapters.lycoris import DoraModule
+
+            state.modules[module_path] = DoraModule(down, up, alpha, slot["magnitude"], wd_on_out=True)
+        else:
+            state.modules[module_path] = LoraModule(down, up, alpha)
+    return state
+
+
+def peft_config_kwargs(state: LoraState, component: str) -> dict[str, Any]:
+    """LoraConfig kwargs (r, lora_alpha, rank_pattern, alpha_pattern, target_modules) for one component."""
+    from collections import Counter
+
+    modules = state.component_modules(component)
+    ranks = {p: m.rank for p, m in modules.items() if isinstance(m, LoraModule)}
+    alphas = {p: float(m.alpha) for p, m in modules.items() if isinstance(m, LoraModule)}  # type: ignore[arg-type]
+    if not ranks:
+        return {}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    lora_alpha = Counter(alphas.values()).most_common(1)[0][0]
+
+    def pattern(p: str) -> str:
+        # Suffix patterns without text_model., so they match CLIP text encoders with or without that level.
+        return re.escape(p[len("text_model.") :] if p.startswith("text_model.") else p)
+
+    return {
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "rank_pattern": {pattern(p): v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {pattern(p): v for p, v in alphas.items() if v != lora_alpha},
+        "target_modules": sorted(pattern(p).replace("\\", "") for p in ranks),
+    }
+
+
+def write(
+    state: LoraState, *, dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``LoraState`` → diffusers tensors (PEFT names) and a header whose ``lora_adapter_metadata`` holds the alphas."""
+    tensors: dict[str, torch.Tensor] = {}
+    for module_path, module in state.modules.items():
+        if not isinstance(module, LoraModule):
+            raise FormatError(
+                f"module {module_path} ({type(module).__name__}) cannot be written in diffusers format; "
+                "use --format kohya"
+            )
+        down, up = (module.down, module.up) if dtype is None else (module.down.to(dtype), module.up.to(dtype))
+        tensors[f"{module_path}.lora_A.weight"] = down.contiguous()
+        tensors[f"{module_path}.lora_B.weight"] = up.contiguous()
+    packed: dict[str, Any] = {}
+    for component in state.components():
+        for field, value in peft_config_kwargs(state, component).items():
+            packed[f"{component}.{field}"] = value
+    metadata = dict(state.metadata)
+    if packed:
+        metadata[METADATA_KEY] = json.dumps(packed, sort_keys=True)
+    metadata.setdefault("format", "pt")
+    for token in state.embeddings:
+        raise FormatError(
+            f"the diffusers LoRA format holds no token embeddings (token {token!r}); save them with "
+            "save_embeddings or use --format kohya"
+        )
+    return tensors, metadata

@@ -1,0 +1,161 @@
+"""The key grammar of every LoRA/embedding format, and format detection from a header: standard library only.
+
+``lorax inspect`` works from safetensors headers through this module alone, without importing torch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+from lorax.models import families
+
+# --- kohya / LyCORIS -------------------------------------------------------------------------------------------
+KOHYA_PREFIXES = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
+BUNDLE = "bundle_emb."
+LORA_SUFFIXES = frozenset({"lora_down.weight", "lora_up.weight", "alpha"})
+LYCORIS_SUFFIXES = frozenset(
+    {
+        "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+        "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+        "dora_scale", "lora_mid.weight", "diff", "diff_b", "on_input",
+    }
+)  # fmt: skip
+
+
+def kohya_split(key: str) -> tuple[str, str, str] | None:
+    """``lora_unet_x_y.lora_down.weight`` → ``("unet", "x_y", "lora_down.weight")``; ``None`` if not kohya-named."""
+    name, _, suffix = key.partition(".")
+    for prefix, component in KOHYA_PREFIXES.items():
+        if name.startswith(prefix) and suffix:
+            return component, name[len(prefix) :], suffix
+    return None
+
+
+def kohya_groups(keys: Iterable[str]) -> tuple[dict[tuple[str, str], dict[str, str]], list[str]]:
+    """Group keys by module: ``{(component, flat): {suffix: key}}``, plus the keys that fit no module."""
+    groups: dict[tuple[str, str], dict[str, str]] = {}
+    rest: list[str] = []
+    for key in keys:
+        parts = kohya_split(key)
+        if parts is None:
+            rest.append(key)
+            continue
+        component, flat, suffix = parts
+        groups.setdefault((component, flat), {})[suffix] = key
+    return groups, rest
+
+
+# --- diffusers / PEFT ------------------------------------------------------------------------------------------
+DIFFUSERS_COMPONENT_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
+PEFT_PREFIX = "base_model.model."
+_PROC = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0", "add_k_proj": "add_k_proj",
+         "add_v_proj": "add_v_proj"}  # fmt: skip
+_TE_OLD = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+_ADAPTER = r"(?:\.[A-Za-z_][\w-]*)?"
+_DIFFUSERS_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(rf"^(?P<p>.+)\.lora_A{_ADAPTER}\.weight$"), "A"),
+    (re.compile(rf"^(?P<p>.+)\.lora_B{_ADAPTER}\.weight$"), "B"),
+    (re.compile(r"^(?P<p>.+)\.processor\.(?P<n>to_q|to_k|to_v|to_out|add_k_proj|add_v_proj)_lora\.(?P<r>down|up)\.weight$"), "proc"),
+    (re.compile(r"^(?P<p>.+self_attn)\.(?P<n>to_q|to_k|to_v|to_out)_lora\.(?P<r>down|up)\.weight$"), "te_old"),
+    (re.compile(r"^(?P<p>.+)\.lora(?:_linear_layer)?\.(?P<r>down|up)\.weight$"), "lora"),
+    (re.compile(rf"^(?P<p>.+)\.lora_magnitude_vector{_ADAPTER}(?:\.weight)?$"), "magnitude"),
+    (re.compile(r"^(?P<p>.+)\.alpha$"), "alpha"),
+]  # fmt: skip
+_UNET_ROOTS = (
+    "down_blocks",
+    "mid_block",
+    "up_blocks",
+    "conv_in",
+    "conv_out",
+    "time_embedding",
+    "add_embedding",
+)
+_TEXT_ROOTS = ("text_model", "encoder", "embeddings", "final_layer_norm")
+
+
+def _strip_component(key: str) -> tuple[str | None, str]:
+    for prefix in DIFFUSERS_COMPONENT_PREFIXES:
+        if key.startswith(prefix):
+            return prefix[:-1], key[len(prefix) :]
+    if key.startswith(PEFT_PREFIX):
+        return None, key[len(PEFT_PREFIX) :]
+    return None, key
+
+
+def diffusers_parse(key: str) -> tuple[str, str, str] | None:
+    """``key`` → ``(component, on-disk module path, role)``; role is ``down``, ``up``, ``alpha`` or ``magnitude``."""
+    component, body = _strip_component(key)
+    for pattern, kind in _DIFFUSERS_PATTERNS:
+        m = pattern.match(body)
+        if m is None:
+            continue
+        module = m.group("p")
+        if kind == "A":
+            role = "down"
+        elif kind == "B":
+            role = "up"
+        elif kind == "proc":
+            module, role = f"{module}.{_PROC[m.group('n')]}", m.group("r")
+        elif kind == "te_old":
+            module, role = f"{module}.{_TE_OLD[m.group('n')]}", m.group("r")
+        elif kind == "lora":
+            role = m.group("r")
+        else:
+            role = kind
+        if component is None:
+            root = module.split(".", 1)[0]
+            component = "unet" if root in _UNET_ROOTS else "text_encoder" if root in _TEXT_ROOTS else None
+        if component is None:
+            return None
+        return component, families.live_to_disk(component, module), role
+    return None
+
+
+# --- lora_diffusion --------------------------------------------------------------------------------------------
+LORA_DIFFUSION_KEY = re.compile(r"^(?P<c>unet|text_encoder|text_encoder_2):(?P<i>\d+):(?P<r>up|down)$")
+
+# --- model checkpoints -----------------------------------------------------------------------------------------
+_CHECKPOINT_PREFIXES = (
+    "model.diffusion_model.",
+    "first_stage_model.",
+    "cond_stage_model.",
+    "conditioner.embedders.",
+)
+
+
+def detect(
+    keys: Sequence[str], metadata: Mapping[str, str], shapes: Mapping[str, Sequence[int]]
+) -> str | None:
+    """The format of a file from its tensor names, header metadata and shapes; ``None`` when unknown.
+
+    Answers: ``kohya``, ``lycoris``, ``diffusers``, ``lora_diffusion``, ``a1111-embedding``, ``sdxl-embedding``,
+    ``diffusers-embedding``, ``checkpoint`` (single-file model), ``model-weights`` (a diffusers component file).
+    """
+    if not keys:
+        return None
+    if any(LORA_DIFFUSION_KEY.match(k) for k in keys):
+        return "lora_diffusion"
+    groups, rest = kohya_groups(keys)
+    if (groups or rest) and all(k.startswith(BUNDLE) for k in rest):
+        suffixes = {s for parts in groups.values() for s in parts}
+        return "lycoris" if suffixes & LYCORIS_SUFFIXES else "kohya"
+    if any(diffusers_parse(k) is not None and not k.endswith(".alpha") for k in keys):
+        return "diffusers"
+    key_set = set(keys)
+    if "emb_params" in key_set or any(k.startswith("string_to_param") for k in keys):
+        return "a1111-embedding"
+    if key_set and key_set <= {"clip_l", "clip_g"}:
+        return "sdxl-embedding"
+    if any(k.startswith(_CHECKPOINT_PREFIXES) for k in keys):
+        return "checkpoint"
+    if all("." not in k and len(shapes.get(k, ())) in (1, 2) for k in keys) and len(keys) <= 64:
+        return "diffusers-embedding"
+    if any(k.endswith((".weight", ".bias")) for k in keys):
+        return "model-weights"
+    return None

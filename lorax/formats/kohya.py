@@ -1,0 +1,180 @@
+"""kohya / AUTOMATIC1111 / ComfyUI LoRA files.
+
+Keys: ``lora_unet_<flat path>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (a scalar); text encoders
+``lora_te_…`` (SD1/SD2) or ``lora_te1_…`` / ``lora_te2_…`` (SDXL). Flat paths are module paths with ``.`` → ``_``;
+kohya's SDXL trainer names UNet blocks the original way (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``).
+Conv layers (LoCon) carry 4-D tensors. Embeddings may be bundled: ``bundle_emb.<token>.string_to_param.*``
+(SD1/SD2) or ``bundle_emb.<token>.clip_l`` / ``.clip_g`` (SDXL). Training metadata lives in ``ss_*`` header keys.
+
+Names are resolved against a table of module paths (see ``lorax.formats.naming``), never by string replacement.
+When writing, SDXL UNet modules use kohya's original (SGM) naming; other families use diffusers names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from lorax.adapters.state import LoraModule, LoraState
+from lorax.errors import FormatError
+from lorax.formats import keys, naming
+from lorax.models import families
+
+if TYPE_CHECKING:
+    import torch
+
+NAME = "kohya"
+PREFIXES = keys.KOHYA_PREFIXES
+LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+BUNDLE = keys.BUNDLE
+_EMB_COMPONENT = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+split_key = keys.kohya_split
+group_keys = keys.kohya_groups
+
+
+def check_pair(name: str, down: torch.Tensor, up: torch.Tensor, path: Any = None) -> None:
+    """Refuse up/down tensors that cannot multiply (``up[:, :r] @ down[:r]``)."""
+    if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != down.shape[0]:
+        raise FormatError(
+            f"module {name}: up {list(up.shape)} and down {list(down.shape)} do not form a low-rank pair",
+            path=path,
+        )
+    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+        raise FormatError(f"module {name}: conv up weight must be 1x1, got {list(up.shape)}", path=path)
+
+
+def resolve_groups(
+    groups: Mapping[tuple[str, str], Any],
+    *,
+    model: Any = None,
+    family: str | None = None,
+    path: Any = None,
+) -> dict[tuple[str, str], str]:
+    flats: dict[str, list[str]] = {}
+    for component, flat in groups:
+        flats.setdefault(component, []).append(flat)
+    return naming.resolve_all(flats, model=model, family=family, path=path)
+
+
+def read_bundles(tensors: Mapping[str, torch.Tensor], path: Any = None) -> dict[str, dict[str, torch.Tensor]]:
+    """kohya's bundled embeddings: ``bundle_emb.<token>.string_to_param.*`` or ``.clip_l`` / ``.clip_g``."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(BUNDLE):
+            continue
+        token, _, rest = key[len(BUNDLE) :].partition(".")
+        if rest.startswith("string_to_param"):
+            component = "text_encoder"
+        elif rest in _EMB_COMPONENT:
+            component = _EMB_COMPONENT[rest]
+        else:
+            raise FormatError(f"unknown bundled embedding key {key!r}", path=path)
+        vectors = tensor if tensor.dim() == 2 else tensor.reshape(1, -1)
+        out.setdefault(token, {})[component] = vectors
+    return out
+
+
+def read(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    model: Any = None,
+    family: str | None = None,
+    path: Any = None,
+) -> LoraState:
+    """kohya tensors → ``LoraState``. LyCORIS algorithms in the same naming are handed to ``lycoris``."""
+    metadata = dict(metadata or {})
+    names = list(tensors)
+    groups, rest = group_keys(names)
+    leftovers = [k for k in rest if not k.startswith(BUNDLE)]
+    if leftovers:
+        raise FormatError(
+            f"{len(leftovers)} key(s) not in kohya naming: {', '.join(leftovers[:5])}", path=path
+        )
+    family = (
+        family
+        or metadata.get("lorax_family")
+        or families.detect_family_from_lora_keys(names, {k: tuple(t.shape) for k, t in tensors.items()})
+    )
+    resolved = resolve_groups(groups, model=model, family=family, path=path)
+    state = LoraState(metadata=metadata, family=family, embeddings=read_bundles(tensors, path))
+    for (component, flat), parts in groups.items():
+        module_path = f"{component}.{resolved[(component, flat)]}"
+        suffixes = set(parts)
+        if suffixes <= set(LORA_SUFFIXES) and {"lora_down.weight", "lora_up.weight"} <= suffixes:
+            down, up = tensors[parts["lora_down.weight"]], tensors[parts["lora_up.weight"]]
+            check_pair(module_path, down, up, path)
+            alpha = float(tensors[parts["alpha"]].item()) if "alpha" in parts else None
+            state.modules[module_path] = LoraModule(down, up, alpha)
+            continue
+        from lorax.formats import lycoris
+
+        module = lycoris.module_from_parts(
+            module_path,
+            {s: tensors[k] for s, k in parts.items()},
+            path=path,
+            weight_shape=_weight_shape(component, resolved[(component, flat)], model, family),
+        )
+        state.modules[module_path] = module
+    return state
+
+
+def _weight_shape(component: str, module_path: str, model: Any, family: str | None) -> tuple[int, ...] | None:
+    live = naming.components_of(model).get(component)
+    if live is not None:
+        return families.weight_table(live, component).get(module_path)
+    if family in families.FAMILIES and component in families.FAMILIES[family]:
+        return families.module_table(family, component).get(module_path)
+    return None
+
+
+def kohya_name(module_path: str, family: str | None) -> str:
+    """The kohya key stem of a lorax module path (``unet.down_blocks.0…`` → ``lora_unet_down_blocks_0…``)."""
+    component, _, inner = module_path.partition(".")
+    if component == "unet":
+        if family == "sdxl":
+            sgm = families.diffusers_to_sgm(inner, families.family_config("sdxl", "unet"))
+            inner = sgm if sgm is not None else inner
+        return "lora_unet_" + naming.flatten(inner)
+    if component == "text_encoder":
+        return ("lora_te1_" if family == "sdxl" else "lora_te_") + naming.flatten(inner)
+    if component == "text_encoder_2":
+        return "lora_te2_" + naming.flatten(inner)
+    raise FormatError(f"kohya format has no naming for component {component!r} (module {module_path})")
+
+
+def write(
+    state: LoraState, *, dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``LoraState`` → kohya tensors and header metadata (``alpha`` scalars stay float32)."""
+    import torch
+
+    from lorax.adapters.state import DeltaModule
+
+    tensors: dict[str, torch.Tensor] = {}
+    for module_path, module in state.modules.items():
+        stem = kohya_name(module_path, state.family)
+        if isinstance(module, LoraModule):
+            down, up = (
+                (module.down, module.up) if dtype is None else (module.down.to(dtype), module.up.to(dtype))
+            )
+            tensors[f"{stem}.lora_down.weight"] = down.contiguous()
+            tensors[f"{stem}.lora_up.weight"] = up.contiguous()
+            tensors[f"{stem}.alpha"] = torch.tensor(float(module.alpha), dtype=torch.float32)  # type: ignore[arg-type]
+        elif isinstance(module, DeltaModule) and hasattr(module, "to_kohya"):
+            for suffix, tensor in module.to_kohya(dtype).items():
+                tensors[f"{stem}.{suffix}"] = tensor
+        else:
+            raise FormatError(f"module {module_path} ({type(module).__name__}) cannot be written as kohya")
+    for token, per_component in state.embeddings.items():
+        if set(per_component) <= {"text_encoder"} and state.family != "sdxl":
+            tensors[f"{BUNDLE}{token}.string_to_param.*"] = _cast(per_component["text_encoder"], dtype)
+        else:
+            for name, component in _EMB_COMPONENT.items():
+                if component in per_component:
+                    tensors[f"{BUNDLE}{token}.{name}"] = _cast(per_component[component], dtype)
+    return tensors, dict(state.metadata)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return (t if dtype is None else t.to(dtype)).contiguous()
