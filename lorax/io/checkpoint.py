@@ -1,0 +1,503 @@
+"""Model checkpoints: diffusers folders, Hub ids, built-in names, and single files in the original layout.
+
+``open_checkpoint(spec)`` resolves the spec and returns a ``SingleFileCheckpoint`` or a ``DiffusersCheckpoint``.
+Both give lazy per-tensor access (nothing is read whole) and a family (``sd1``, ``sd2``, ``sdxl``), and both show the
+model in diffusers terms through ``component_keys(component)`` / ``tensor(component, key)`` (text-encoder keys with
+``text_model.``). Pickles (``.ckpt``, ``.pt``, ``.bin``) load only through ``lorax.io.pickle_safe.load_pickle``.
+No torch or diffusers import happens until a tensor is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from lorax.errors import FormatError, InputError, ModelNotFoundError
+from lorax.io.keymaps import (
+    KeyMap,
+    Layouts,
+    TextLayout,
+    UnetLayout,
+    VaeLayout,
+    canonical_text_key,
+    keymap_from_single,
+    split_single,
+)
+from lorax.io.safetensors_io import SafetensorsFile, check_readable_file
+
+if TYPE_CHECKING:
+    import torch
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# Metadata keys lorax writes into single files it converts, so they convert back without outside configs.
+META_FAMILY = "lorax.family"
+META_CONFIGS = "lorax.configs"
+META_TOKENIZER = "lorax.tokenizer"
+REFERENCE_REPOS = {
+    "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd2": "stabilityai/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+_HUB_PATTERNS = [
+    "model_index.json",
+    "*/config.json",
+    "*/*_config.json",
+    "*/*.txt",
+    "*/tokenizer*.json",
+    "*/vocab.json",
+    "*/special_tokens_map.json",
+    "*/diffusion_pytorch_model.safetensors",
+    "*/model.safetensors",
+    "*/*.safetensors.index.json",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tensor sources
+
+
+class TensorSource(Protocol):
+    def keys(self) -> list[str]: ...
+
+    def dtype(self, name: str) -> str:
+        """safetensors dtype name (``F16``, ``F32`` …)."""
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def raw(self, name: str) -> bytes:
+        """The tensor's bytes in safetensors order."""
+
+
+class SafetensorsSource:
+    """One or more safetensors files (shards) as one tensor source, headers only until a tensor is read."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.files = [SafetensorsFile(p) for p in paths]
+        self._where: dict[str, SafetensorsFile] = {}
+        for f in self.files:
+            for k in f.header.tensors:
+                self._where[k] = f
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.files[0].metadata if self.files else {}
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def file_of(self, name: str) -> SafetensorsFile:
+        return self._where[name]
+
+    def dtype(self, name: str) -> str:
+        return self._where[name].info(name).dtype
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._where[name].info(name).shape
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._where[name].get(name)
+
+    def raw(self, name: str) -> bytes:
+        return self._where[name].raw(name)
+
+
+class PickleSource:
+    """A torch pickle's tensors (loaded with ``weights_only=True``; memory-mapped when the file is a zip)."""
+
+    def __init__(self, path: Path) -> None:
+        from lorax.io.pickle_safe import load_pickle
+
+        self.path = path
+        obj = load_pickle(path)
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise FormatError("not a model checkpoint (the pickle holds no state dict)", path=path)
+        import torch
+
+        self.tensors: dict[str, torch.Tensor] = {
+            str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)
+        }
+        if not self.tensors:
+            raise FormatError("not a model checkpoint (no tensors in its state dict)", path=path)
+        self.metadata: dict[str, str] = {}
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def dtype(self, name: str) -> str:
+        from lorax.io.safetensors_io import st_dtype
+
+        return st_dtype(self.tensors[name])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def raw(self, name: str) -> bytes:
+        from lorax.io.safetensors_io import tensor_bytes
+
+        return bytes(tensor_bytes(self.tensors[name]))
+
+
+def open_source(path: Path) -> SafetensorsSource | PickleSource:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return PickleSource(path)
+    return SafetensorsSource([path])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Family detection
+
+
+def family_from_single_keys(keys: list[str], shape_of: Any = None, *, path: Path | None = None) -> str:
+    """``sd1`` / ``sd2`` / ``sdxl`` from original-layout keys (and the cross-attention width when needed)."""
+    prefixes = {k.split(".", 2)[0] + "." + k.split(".", 2)[1] if "." in k else k for k in keys}
+    if any(k.startswith("conditioner.embedders.1.model.") for k in keys) or (
+        "model.diffusion_model.label_emb.0.0.weight" in keys
+    ):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    probe = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    if probe in keys and shape_of is not None:
+        width = shape_of(probe)[-1]
+        found = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(width)
+        if found:
+            return found
+        raise FormatError(
+            f"cannot tell the model family: no text encoder and a cross-attention width of {width} "
+            "(sd1: 768, sd2: 1024, sdxl: 2048)",
+            path=path,
+        )
+    shown = ", ".join(sorted(prefixes)[:4])
+    raise FormatError(
+        "not a Stable Diffusion checkpoint in a layout lorax knows (sd1, sd2, sdxl): "
+        f"no model.diffusion_model / cond_stage_model keys (found {shown} …)",
+        path=path,
+    )
+
+
+def family_from_configs(model_index: dict[str, Any], text_config: dict[str, Any] | None, unet_config: dict[str, Any] | None, *, path: Path | None = None) -> str:  # fmt: skip
+    """``sd1`` / ``sd2`` / ``sdxl`` from a diffusers folder's configs."""
+    cls = str(model_index.get("_class_name", ""))
+    if "text_encoder_2" in model_index or "XL" in cls:
+        return "sdxl"
+    if cls and "StableDiffusion" not in cls and cls != "DiffusionPipeline":
+        raise FormatError(f"unsupported pipeline {cls}; lorax knows sd1, sd2 and sdxl", path=path)
+    width = (unet_config or {}).get("cross_attention_dim")
+    if width == 1024:
+        return "sd2"
+    if width == 768:
+        return "sd1"
+    if text_config is not None:
+        return "sd2" if text_config.get("hidden_act") == "gelu" else "sd1"
+    if unet_config is not None and unet_config.get("use_linear_projection"):
+        return "sd2"
+    if unet_config is not None:
+        return "sd1"
+    raise FormatError("cannot tell the model family (no UNet or text-encoder config)", path=path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@dataclass
+class SingleFileCheckpoint:
+    """A single-file checkpoint in the original (LDM/SGM) layout."""
+
+    path: Path
+    source: SafetensorsSource | PickleSource
+    family: str
+    kind: str = "single-file"
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.source.metadata
+
+    @property
+    def is_safetensors(self) -> bool:
+        return isinstance(self.source, SafetensorsSource)
+
+    def keys(self) -> list[str]:
+        return self.source.keys()
+
+    def configs(self) -> dict[str, dict[str, Any]]:
+        """Component configs lorax stored when it wrote this file (empty for files from elsewhere)."""
+        text = self.metadata.get(META_CONFIGS)
+        if not text:
+            return {}
+        try:
+            configs = json.loads(text)
+        except json.JSONDecodeError:
+            raise FormatError(f"invalid {META_CONFIGS} metadata", path=self.path) from None
+        return configs if isinstance(configs, dict) else {}
+
+    def layouts(self) -> Layouts:
+        configs = self.configs()
+        layouts = Layouts()
+        if "unet" in configs:
+            layouts.unet = UnetLayout.from_config(configs["unet"])
+        if "vae" in configs:
+            layouts.vae = VaeLayout.from_config(configs["vae"])
+        for c in ("text_encoder", "text_encoder_2"):
+            if c in configs:
+                layouts.text[c] = TextLayout.from_config(configs[c])
+            elif self.family in ("sd2", "sdxl"):
+                layouts.text.update(_family_text_layouts(self.family))
+        return layouts
+
+    @cached_property
+    def keymap(self) -> KeyMap:
+        try:
+            return keymap_from_single(self.keys(), self.family, self.layouts())
+        except FormatError as err:
+            raise FormatError(str(err), path=self.path) from None
+
+    def components(self) -> list[str]:
+        return [c for c in MODEL_COMPONENTS if c in self.keymap.components()]
+
+    def component_keys(self, component: str) -> list[str]:
+        return self.keymap.component_keys(component)
+
+    def tensor(self, component: str, key: str) -> torch.Tensor:
+        found = self.keymap.locate(component, key)
+        if found is None:
+            raise KeyError(f"{component}.{key}")
+        entry, i = found
+        return split_single(entry, self.source.get(entry.single))[i]
+
+
+def _family_text_layouts(family: str) -> dict[str, TextLayout]:
+    try:
+        from lorax.models.families import family_config
+    except ImportError:  # pragma: no cover - families lands with the formats work
+        return {}
+    out = {}
+    comps = ("text_encoder_2",) if family == "sdxl" else ("text_encoder",)
+    for c in comps:
+        try:
+            out[c] = TextLayout.from_config(family_config(family, c))
+        except Exception:
+            continue
+    return out
+
+
+@dataclass
+class DiffusersCheckpoint:
+    """A diffusers pipeline folder (``model_index.json`` and one subfolder per component)."""
+
+    path: Path
+    family: str
+    model_index: dict[str, Any]
+    kind: str = "diffusers"
+    _sources: dict[str, SafetensorsSource | PickleSource] = field(default_factory=dict, repr=False)
+
+    def components(self) -> list[str]:
+        return [c for c in MODEL_COMPONENTS if self.weight_files(c)]
+
+    def config(self, component: str) -> dict[str, Any]:
+        p = self.path / component / "config.json"
+        if not p.is_file():
+            raise FormatError(f"component {component} has no config.json", path=self.path)
+        return _read_json(p)
+
+    def weight_files(self, component: str) -> list[Path]:
+        """The component's weight files: the plain safetensors (or its shards), else the fp16 variant, else .bin."""
+        return weight_files(self.path / component)
+
+    def source(self, component: str) -> SafetensorsSource | PickleSource:
+        if component not in self._sources:
+            files = self.weight_files(component)
+            if not files:
+                raise FormatError(f"component {component} has no weights", path=self.path)
+            if files[0].suffix == ".safetensors":
+                self._sources[component] = SafetensorsSource(files)
+            else:
+                self._sources[component] = PickleSource(files[0])
+        return self._sources[component]
+
+    def component_keys(self, component: str) -> list[str]:
+        keys = self.source(component).keys()
+        if component.startswith("text_encoder"):
+            return [canonical_text_key(k) for k in keys if not k.endswith("position_ids")]
+        return keys
+
+    def _disk_key(self, component: str, key: str) -> str:
+        src = self.source(component)
+        if component.startswith("text_encoder") and key not in src and key.startswith("text_model."):
+            return key[len("text_model.") :]
+        return key
+
+    def tensor(self, component: str, key: str) -> torch.Tensor:
+        return self.source(component).get(self._disk_key(component, key))
+
+
+def weight_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    for stem in ("diffusion_pytorch_model", "model"):
+        plain = folder / f"{stem}.safetensors"
+        if plain.is_file():
+            return [plain]
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+            return [folder / s for s in shards]
+    variants = sorted(folder.glob("*.safetensors"))
+    if variants:
+        return variants[:1]
+    bins = sorted(folder.glob("*.bin"))
+    return bins[:1]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise FormatError(f"cannot be read as JSON ({err})", path=path) from None
+    if not isinstance(doc, dict):
+        raise FormatError("is not a JSON object", path=path)
+    return doc
+
+
+Checkpoint = SingleFileCheckpoint | DiffusersCheckpoint
+
+
+def open_single_file(path: str | Path) -> SingleFileCheckpoint:
+    p = check_readable_file(path)
+    if p.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+        raise InputError(
+            "not a model checkpoint file (expected .safetensors, or .ckpt/.pt loaded safely)", path=p
+        )
+    source = open_source(p)
+    family = source.metadata.get(META_FAMILY) or family_from_single_keys(source.keys(), source.shape, path=p)
+    return SingleFileCheckpoint(p, source, family)
+
+
+def open_diffusers_folder(path: str | Path) -> DiffusersCheckpoint:
+    p = Path(path)
+    index_path = p / "model_index.json"
+    if not index_path.is_file():
+        if (p / "config.json").is_file() and weight_files(p):
+            raise InputError("is one model component, not a pipeline folder; pass its parent folder", path=p)
+        raise InputError("is a folder but not a diffusers model (no model_index.json)", path=p)
+    index = _read_json(index_path)
+    text = (
+        _read_json(p / "text_encoder" / "config.json") if (p / "text_encoder/config.json").is_file() else None
+    )
+    unet = _read_json(p / "unet" / "config.json") if (p / "unet/config.json").is_file() else None
+    return DiffusersCheckpoint(p, family_from_configs(index, text, unet, path=p), index)
+
+
+def resolve_model(spec: str | Path) -> Path:
+    """A model spec → a local path: an existing file or folder, a built-in name, or a Hub id from the HF cache."""
+    p = Path(spec).expanduser()
+    if p.exists():
+        return p
+    text = str(spec)
+    builtin = _resolve_builtin(text)
+    if builtin is not None:
+        return builtin
+    if p.suffix.lower() in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES or text.startswith((".", "/", "~")):
+        raise InputError("no such file", path=p)
+    if text.count("/") == 1 and all(text.split("/")):
+        return hub_snapshot(text)
+    raise ModelNotFoundError(f"{text!r} is not a file, a folder, a built-in model or a Hub id (owner/name)")
+
+
+def _resolve_builtin(name: str) -> Path | None:
+    try:
+        from lorax.models import registry  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    try:
+        found = registry.resolve_builtin(name)
+    except KeyError:
+        return None
+    return None if found is None else Path(found)
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def hub_snapshot(repo_id: str, patterns: list[str] | None = None) -> Path:
+    """A Hub repo's files through the normal Hugging Face cache (no download when offline)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        offline = hub_offline()
+        folder = snapshot_download(
+            repo_id, allow_patterns=patterns or _HUB_PATTERNS, local_files_only=offline
+        )
+    except Exception as err:  # the hub client's many error types: all mean "not available here"
+        if hub_offline():
+            raise ModelNotFoundError(
+                f"{repo_id!r} is not in the local Hugging Face cache and the hub is offline "
+                "(HF_HUB_OFFLINE); pass a local path: a diffusers folder or a single-file checkpoint"
+            ) from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelNotFoundError(
+            f"cannot fetch {repo_id!r} from the Hugging Face hub ({first}); pass a local path instead"
+        ) from None
+    return Path(folder)
+
+
+def open_checkpoint(spec: str | Path) -> Checkpoint:
+    """Open a model from a diffusers folder, a Hub id, a built-in name, or a single-file checkpoint."""
+    p = resolve_model(spec)
+    if p.is_dir():
+        return open_diffusers_folder(p)
+    return open_single_file(p)
+
+
+def is_model_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` looks like a model (folder with model_index.json, or a single file in the original layout)."""
+    p = Path(path)
+    if p.is_dir():
+        return (p / "model_index.json").is_file()
+    if not p.is_file():
+        return False
+    if p.suffix.lower() == ".safetensors":
+        try:
+            from lorax.io.safetensors_io import read_header
+
+            keys = list(read_header(p).tensors)
+        except InputError:
+            return False
+        return any(
+            k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys
+        )
+    return p.suffix.lower() == ".ckpt"
+
+
+def iter_component_tensors(ckpt: Checkpoint, component: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for key in ckpt.component_keys(component):
+        yield key, ckpt.tensor(component, key)

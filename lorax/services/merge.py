@@ -1,0 +1,691 @@
+"""``lorax merge``: fold LoRAs into a model checkpoint (streaming), or merge LoRAs with each other.
+
+Model merges stream: the base's header gives the output plan; tensors no LoRA touches are copied as raw bytes (bit
+for bit), each targeted tensor is read, merged in fp32 (``W' = W0 + alpha·(lora_alpha/r)·up@down``) and cast back,
+one at a time, into a temporary file renamed into place at the end. The single-file path never imports diffusers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorax.errors import ConfigError, FormatError, InputError, MismatchError
+from lorax.io.atomic import atomic_path, check_output
+from lorax.io.checkpoint import (
+    DiffusersCheckpoint,
+    PickleSource,
+    SafetensorsSource,
+    SingleFileCheckpoint,
+    is_model_checkpoint,
+    open_checkpoint,
+    open_source,
+    weight_files,
+)
+from lorax.io.keymaps import part_shapes
+from lorax.io.model_layout import (
+    DTYPES,
+    FLOAT_DTYPES,
+    copy_tree_files,
+    out_dtype,
+    st_to_torch,
+    write_diffusers_folder,
+    write_single_file,
+)
+from lorax.io.safetensors_io import StreamingWriter
+from lorax.progress import NullProgress, Progress, Task
+
+if TYPE_CHECKING:
+    import torch
+
+    from lorax.adapters.state import DeltaModule, LoraModule, LoraState
+
+MODES = ("concat", "seed-blend", "seed-join")
+MODEL_LAYOUTS = ("diffusers", "single-file")
+LORA_FORMATS = ("kohya", "diffusers", "lora_diffusion")
+DTYPE_NAMES = tuple(DTYPES)
+
+
+@dataclass
+class LoraSpec:
+    path: Path
+    alpha: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> LoraSpec:
+        """``FILE`` or ``FILE:ALPHA`` (a path that exists as written wins over the split)."""
+        if Path(text).exists() or ":" not in text:
+            return cls(Path(text))
+        head, _, tail = text.rpartition(":")
+        try:
+            return cls(Path(head), float(tail))
+        except ValueError:
+            return cls(Path(text))
+
+    def __str__(self) -> str:
+        return f"{self.path}" + ("" if self.alpha is None else f":{self.alpha:g}")
+
+
+@dataclass
+class MergeConfig:
+    base: str
+    loras: list[str]
+    output: Path
+    alpha: float | None = None
+    alpha_text: float | None = None
+    to: str | None = None
+    dtype: str | None = None
+    force: bool = False
+    allow_unmatched: bool = False
+    rank: int | None = None
+    mode: str = "concat"
+    config_from: str | None = None
+
+    def validate(self) -> None:
+        problems = []
+        if not self.loras:
+            problems.append("give at least one LoRA to merge")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            problems.append(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if self.to is not None and self.to not in (*MODEL_LAYOUTS, *LORA_FORMATS):
+            problems.append(
+                f"--to must be one of {', '.join(dict.fromkeys((*MODEL_LAYOUTS, *LORA_FORMATS)))}"
+            )
+        if self.mode not in MODES:
+            problems.append(f"--mode must be one of {', '.join(MODES)} (got {self.mode!r})")
+        if self.rank is not None and self.rank < 1:
+            problems.append(f"--rank must be at least 1 (got {self.rank})")
+        for name, value in (("--alpha", self.alpha), ("--alpha-text", self.alpha_text)):
+            if value is not None and not math.isfinite(value):
+                problems.append(f"{name} must be a finite number")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+@dataclass
+class LoraUsed:
+    path: str
+    format: str
+    alpha: float
+    alpha_text: float
+    modules: int
+    matched: int
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    kind: str  # "single-file" | "diffusers" | "lora"
+    family: str | None
+    loras: list[LoraUsed] = field(default_factory=list)
+    modules_merged: int = 0
+    unmatched: list[str] = field(default_factory=list)
+    tensors_merged: int = 0
+    tensors_copied: int = 0
+    embeddings: list[str] = field(default_factory=list)
+    embedding_files: list[str] = field(default_factory=list)
+    dtype: str | None = None
+    seconds: float = 0.0
+    output_bytes: int = 0
+    worst_energy: float | None = None
+    mean_energy: float | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planning: which tensor (and slice) each LoRA module lands in
+
+
+@dataclass
+class Contribution:
+    module_name: str
+    module: LoraModule | DeltaModule
+    weight: float
+    part: int = 0
+    parts: int = 1
+
+
+@dataclass
+class Slot:
+    """Where a module's weight lives: a tensor key in one file, a row slice of it, and the slice's shape."""
+
+    key: str
+    part: int
+    parts: int
+    shape: tuple[int, ...]
+
+
+Locator = Callable[[str, str], Slot | None]
+
+
+def _delta_shape(module: LoraModule | DeltaModule) -> tuple[int, ...]:
+    shape = getattr(module, "delta_shape", None)
+    if callable(shape):
+        return tuple(shape())
+    return tuple(module.delta().shape)
+
+
+def _fits(delta: tuple[int, ...], slot: tuple[int, ...]) -> bool:
+    if delta == slot:
+        return True
+    strip = lambda s: tuple(s[: len(s) - next((i for i, d in enumerate(reversed(s)) if d != 1), 0)])  # noqa: E731
+    return math.prod(delta) == math.prod(slot) and strip(delta) == strip(slot)
+
+
+def plan_targets(
+    loras: list[tuple[str, LoraState, float, float]], locate: Locator
+) -> tuple[dict[str, list[Contribution]], list[str], list[str], dict[str, int]]:
+    """targets by tensor key, unmatched module names, shape mismatches, matched count per LoRA."""
+    targets: dict[str, list[Contribution]] = {}
+    unmatched: list[str] = []
+    mismatches: list[str] = []
+    matched: dict[str, int] = {}
+    for label, state, alpha, alpha_text in loras:
+        matched[label] = 0
+        for name, module in state.modules.items():
+            component, _, path = name.partition(".")
+            slot = locate(component, path + ".weight")
+            if slot is None:
+                unmatched.append(name)
+                continue
+            shape = _delta_shape(module)
+            if not _fits(shape, slot.shape):
+                mismatches.append(f"{name} (LoRA {list(shape)}, model {list(slot.shape)})")
+                continue
+            weight = alpha_text if component.startswith("text_encoder") else alpha
+            targets.setdefault(slot.key, []).append(Contribution(name, module, weight, slot.part, slot.parts))
+            matched[label] += 1
+    return targets, unmatched, mismatches, matched
+
+
+def apply_contributions(weight: torch.Tensor, contributions: list[Contribution]) -> torch.Tensor:
+    """``W0 + Σ alpha·delta`` in fp32, each delta into its row slice (OpenCLIP's fused q;k;v)."""
+    import torch
+
+    w = weight.to(torch.float32).clone()
+    for c in contributions:
+        rows = w.shape[0] // c.parts
+        view = w.narrow(0, c.part * rows, rows)
+        merge = getattr(c.module, "merge_weight", None)
+        if callable(merge):  # DoRA: the magnitude re-normalisation needs W0
+            view.copy_(merge(view, c.weight).to(torch.float32).reshape(view.shape))
+        else:
+            view.add_(c.module.delta(torch.float32).reshape(view.shape), alpha=c.weight)
+    if not torch.isfinite(w).all():
+        raise MismatchError("merging produced NaN or infinite weights (check the LoRA and alpha)")
+    return w
+
+
+def merge_tensor_file(
+    source: SafetensorsSource | PickleSource,
+    out: Path,
+    targets: dict[str, list[Contribution]],
+    *,
+    dtype: str | None = None,
+    metadata: dict[str, str] | None = None,
+    replacements: dict[str, torch.Tensor] | None = None,
+    task: Task | None = None,
+) -> tuple[int, int]:
+    """Write ``source`` to ``out`` with ``targets`` merged; every other tensor copied byte for byte when its dtype
+    stays. Returns (tensors merged, tensors copied)."""
+    from lorax.io.safetensors_io import st_dtype
+
+    replacements = replacements or {}
+    keys = source.keys()
+    specs = []
+    for k in keys:
+        if k in replacements:
+            t = replacements[k]
+            specs.append((k, out_dtype(st_dtype(t), dtype), tuple(t.shape)))
+        else:
+            specs.append((k, out_dtype(source.dtype(k), dtype), source.shape(k)))
+    merged = copied = 0
+    handles: dict[Path, Any] = {}
+    try:
+        with StreamingWriter(out, specs, metadata) as writer:
+            for k, dt, _ in specs:
+                if k in replacements:
+                    t = replacements[k]
+                    writer.write(k, t.to(st_to_torch(dt)) if dt in FLOAT_DTYPES else t)
+                elif k in targets:
+                    w = apply_contributions(source.get(k), targets[k])
+                    writer.write(k, w.to(st_to_torch(dt)))
+                    merged += 1
+                elif source.dtype(k) == dt:
+                    if isinstance(source, SafetensorsSource):
+                        f = source.file_of(k)
+                        if f.path not in handles:
+                            handles[f.path] = open(f.path, "rb")  # noqa: SIM115 - closed below
+                        writer.write(k, f.raw(k, handles[f.path]))
+                    else:
+                        writer.write(k, source.raw(k))
+                    copied += 1
+                else:
+                    writer.write(k, source.get(k).to(st_to_torch(dt)))
+                    copied += 1
+                if task is not None:
+                    task.advance()
+    finally:
+        for h in handles.values():
+            h.close()
+    return merged, copied
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading the LoRAs
+
+
+def load_loras(
+    config: MergeConfig, family: str | None, progress: Progress
+) -> list[tuple[str, LoraState, float, float, str]]:
+    from lorax.formats import detect_format, load_lora
+
+    default_alpha = 1.0 if config.alpha is None else config.alpha
+    out = []
+    for text in config.loras:
+        spec = LoraSpec.parse(text)
+        if not spec.path.exists():
+            raise InputError("no such file", path=spec.path)
+        fmt = detect_format(spec.path)
+        declared = declared_family(spec.path)
+        if family and declared and declared != family:
+            raise MismatchError(f"is a {declared} LoRA but the base model is {family}", path=spec.path)
+        state = load_lora(spec.path, family=family)
+        if family and state.family and state.family != family:
+            raise MismatchError(f"is a {state.family} LoRA but the base model is {family}", path=spec.path)
+        alpha = default_alpha if spec.alpha is None else spec.alpha
+        alpha_text = alpha if config.alpha_text is None else config.alpha_text
+        progress.log(
+            f"{spec.path}: {fmt}, {len(state.modules)} modules"
+            + (f", {len(state.embeddings)} tokens" if state.embeddings else "")
+        )
+        out.append((str(spec.path), state, alpha, alpha_text, fmt))
+    return out
+
+
+KOHYA_FAMILIES = {
+    "sd_v1": "sd1",
+    "sd_v2": "sd2",
+    "sd_v2_768_v": "sd2",
+    "sdxl_base_v1-0": "sdxl",
+    "sdxl_base_v0-9": "sdxl",
+}
+
+
+def declared_family(path: Path) -> str | None:
+    """The family a LoRA file's header declares (lorax's ``lorax_family`` or kohya's ``ss_base_model_version``)."""
+    from lorax.io.safetensors_io import read_header
+
+    if path.is_dir() or path.suffix.lower() != ".safetensors":
+        return None
+    meta = read_header(path).metadata
+    if meta.get("lorax_family"):
+        return meta["lorax_family"]
+    return KOHYA_FAMILIES.get(meta.get("ss_base_model_version", ""))
+
+
+def _check_plan(
+    config: MergeConfig, unmatched: list[str], mismatches: list[str], family: str | None, base: str
+) -> None:
+    if mismatches:
+        shown = "; ".join(mismatches[:3])
+        raise MismatchError(
+            f"{len(mismatches)} LoRA modules do not fit the {family} base {base}: {shown}"
+            + (" …" if len(mismatches) > 3 else "")
+        )
+    if unmatched and not config.allow_unmatched:
+        shown = ", ".join(unmatched[:3])
+        raise MismatchError(
+            f"{len(unmatched)} LoRA modules match no weight of the base {base}: {shown}"
+            + (" …" if len(unmatched) > 3 else "")
+            + "; is the LoRA for this model? pass --allow-unmatched to merge the rest"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Single-file base
+
+
+def single_file_locator(ckpt: SingleFileCheckpoint) -> Locator:
+    keymap = ckpt.keymap
+    src = ckpt.source
+
+    def locate(component: str, key: str) -> Slot | None:
+        found = keymap.locate(component, key)
+        if found is None:
+            return None
+        entry, i = found
+        if entry.reshape == "transpose":
+            return None
+        shape = src.shape(entry.single)
+        if len(entry.parts) > 1:
+            rows = part_shapes(entry, shape)[i][0]
+            return Slot(entry.single, i, len(entry.parts), (rows, *shape[1:]))
+        return Slot(entry.single, 0, 1, shape)
+
+    return locate
+
+
+def merge_single_file(
+    ckpt: SingleFileCheckpoint,
+    loras: list[tuple[str, LoraState, float, float, str]],
+    out: Path,
+    config: MergeConfig,
+    result: MergeResult,
+    progress: Progress,
+) -> None:
+    targets, unmatched, mismatches, matched = plan_targets(
+        [(p, s, a, at) for p, s, a, at, _ in loras], single_file_locator(ckpt)
+    )
+    _check_plan(config, unmatched, mismatches, ckpt.family, str(ckpt.path))
+    meta = dict(ckpt.metadata)
+    meta["lorax.merged"] = json.dumps([{"lora": p, "alpha": a, "alpha_text": at} for p, _, a, at, _ in loras])
+    target = DTYPES[config.dtype] if config.dtype else None
+    with progress.task(f"merging into {out.name}", total=len(ckpt.keys())) as task:
+        merged, copied = merge_tensor_file(ckpt.source, out, targets, dtype=target, metadata=meta, task=task)
+    _fill(result, loras, targets, unmatched, matched, merged, copied)
+
+
+def _fill(
+    result: MergeResult,
+    loras: list[tuple[str, LoraState, float, float, str]],
+    targets: dict[str, list[Contribution]],
+    unmatched: list[str],
+    matched: dict[str, int],
+    merged: int,
+    copied: int,
+) -> None:
+    result.loras = [LoraUsed(p, fmt, a, at, len(s.modules), matched.get(p, 0)) for p, s, a, at, fmt in loras]
+    result.modules_merged += sum(len(v) for v in targets.values())
+    result.unmatched += unmatched
+    result.tensors_merged += merged
+    result.tensors_copied += copied
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers-folder base
+
+
+def folder_locator(component: str, source: SafetensorsSource | PickleSource) -> Callable[[str], Slot | None]:
+    keys = set(source.keys())
+
+    def locate(key: str) -> Slot | None:
+        disk = key
+        if disk not in keys and component.startswith("text_encoder") and disk.startswith("text_model."):
+            disk = disk[len("text_model.") :]
+        if disk not in keys:
+            return None
+        return Slot(disk, 0, 1, source.shape(disk))
+
+    return locate
+
+
+def merge_folder(
+    ckpt: DiffusersCheckpoint,
+    loras: list[tuple[str, LoraState, float, float, str]],
+    out: Path,
+    config: MergeConfig,
+    result: MergeResult,
+    progress: Progress,
+) -> None:
+    """Merge into every weight file of every component (variants too); copy everything else."""
+    copy_tree_files(ckpt.path, out, skip_suffixes=(".safetensors", ".bin"))
+    sources = {c: ckpt.source(c) for c in ckpt.components()}
+    locators = {c: folder_locator(c, s) for c, s in sources.items()}
+
+    def locate(component: str, key: str) -> Slot | None:
+        loc = locators.get(component)
+        slot = loc(key) if loc else None
+        return None if slot is None else Slot(f"{component}/{slot.key}", 0, 1, slot.shape)
+
+    targets, unmatched, mismatches, matched = plan_targets(
+        [(p, s, a, at) for p, s, a, at, _ in loras], locate
+    )
+    _check_plan(config, unmatched, mismatches, ckpt.family, str(ckpt.path))
+    by_component: dict[str, dict[str, list[Contribution]]] = {}
+    for key, contributions in targets.items():
+        component, _, disk = key.partition("/")
+        by_component.setdefault(component, {})[disk] = contributions
+    target = DTYPES[config.dtype] if config.dtype else None
+    merged = copied = 0
+    for component in _component_dirs(ckpt.path):
+        files = _all_weight_files(ckpt.path / component)
+        for f in files:
+            src = open_source(f)
+            comp_targets = by_component.get(component, {})
+            file_targets = {k: v for k, v in comp_targets.items() if k in set(src.keys())}
+            name = f.name if f.suffix == ".safetensors" else f.with_suffix(".safetensors").name
+            meta = dict(getattr(src, "metadata", {}) or {}) or {"format": "pt"}
+            with progress.task(f"merging {component}/{name}", total=len(src.keys())) as task:
+                m, c = merge_tensor_file(
+                    src, out / component / name, file_targets, dtype=target, metadata=meta, task=task
+                )
+            merged += m
+            copied += c
+    _fill(result, loras, targets, unmatched, matched, merged, copied)
+
+
+def _component_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _all_weight_files(p))
+
+
+def _all_weight_files(folder: Path) -> list[Path]:
+    st = sorted(folder.glob("*.safetensors"))
+    if st:
+        return st
+    return weight_files(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token embeddings
+
+
+def add_embeddings_to_folder(
+    folder: Path, embeddings: dict[str, dict[str, torch.Tensor]], progress: Progress
+) -> list[str]:
+    """Add tokens to a diffusers folder's tokenizer(s) and text encoder(s) (multi-vector: ``tok``, ``tok_1`` …)."""
+    import torch
+    from transformers import CLIPTokenizer
+
+    added: list[str] = []
+    for component, tok_dir in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        wanted = {t: e[component] for t, e in embeddings.items() if component in e}
+        if not wanted:
+            continue
+        if not (folder / tok_dir).is_dir() or not (folder / component).is_dir():
+            raise MismatchError(f"the embeddings are for {component}, which the model does not have")
+        tokenizer = CLIPTokenizer.from_pretrained(folder / tok_dir)
+        files = _all_weight_files(folder / component)
+        names_by_token = {
+            t: [t] + [f"{t}_{j}" for j in range(1, e.reshape(-1, e.shape[-1]).shape[0])]
+            for t, e in wanted.items()
+        }
+        tokenizer.add_tokens([n for names in names_by_token.values() for n in names])
+        for f in files:
+            src = SafetensorsSource([f])
+            key = next((k for k in src if k.endswith("embeddings.token_embedding.weight")), None)
+            if key is None:
+                raise FormatError("the text encoder has no token embedding", path=f)
+            table = src.get(key).clone()
+            need = len(tokenizer)
+            if table.shape[0] < need:
+                table = torch.cat([table, table.new_zeros(need - table.shape[0], table.shape[1])])
+            for token, emb in wanted.items():
+                vectors = emb.reshape(-1, emb.shape[-1])
+                if vectors.shape[1] != table.shape[1]:
+                    raise MismatchError(
+                        f"token {token}: embedding width {vectors.shape[1]} does not fit {component} "
+                        f"(width {table.shape[1]})"
+                    )
+                ids = tokenizer.convert_tokens_to_ids(names_by_token[token])
+                table[ids] = vectors.to(table.dtype)
+            tmp = f.with_name(f.name + ".tmp")
+            merge_tensor_file(
+                src, tmp, {}, metadata=src.metadata or {"format": "pt"}, replacements={key: table}
+            )
+            tmp.replace(f)
+        cfg_path = folder / component / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["vocab_size"] = len(tokenizer)
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        shutil.rmtree(folder / tok_dir)
+        tokenizer.save_pretrained(folder / tok_dir)
+        added += [t for t in wanted if t not in added]
+    progress.log(f"added tokens {', '.join(added)} to the output's tokenizer and text encoder")
+    return added
+
+
+def write_embeddings_beside(
+    out: Path, embeddings: dict[str, dict[str, torch.Tensor]], family: str, force: bool, progress: Progress
+) -> list[str]:
+    """A1111 embedding files next to a single-file output (A1111 uses the file name as the prompt word)."""
+    from lorax.formats import save_embeddings
+
+    written = []
+    for token, comps in embeddings.items():
+        word = "".join(ch for ch in token if ch.isalnum() or ch in "-_") or "token"
+        path = out.parent / f"{out.stem}.{word}.safetensors"
+        fmt = "sdxl-embedding" if family == "sdxl" else "a1111-embedding"
+        save_embeddings({token: comps}, path, format=fmt, force=force)
+        progress.log(
+            f"token {token}: a single file cannot hold new tokens; wrote an A1111 embedding to {path} "
+            f"(copy it to the embeddings folder and write {path.stem} in prompts)"
+        )
+        written.append(str(path))
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def merge(config: MergeConfig, progress: Progress | None = None) -> MergeResult:
+    """Merge LoRAs into a model (or, when BASE is a LoRA, LoRAs into one LoRA); see docs/merge.md."""
+    progress = progress or NullProgress()
+    config.validate()
+    start = time.perf_counter()
+    base_path = Path(config.base)
+    if base_path.is_file() and not is_model_checkpoint(base_path):
+        result = merge_loras(config, progress)
+    else:
+        result = merge_model(config, progress)
+    result.seconds = time.perf_counter() - start
+    result.output_bytes = _size(result.output)
+    return result
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+@contextmanager
+def _work_dir(out: Path) -> Iterator[Path]:
+    """A scratch folder beside the output (same disk), removed on success, error and signal alike."""
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".work", dir=out.parent) as work:
+        yield Path(work)
+
+
+def merge_model(config: MergeConfig, progress: Progress) -> MergeResult:
+    ckpt = open_checkpoint(config.base)
+    layout = config.to or ckpt.kind
+    if layout not in MODEL_LAYOUTS:
+        raise ConfigError(f"--to {config.to} is a LoRA format; a model merge writes diffusers or single-file")
+    out = Path(config.output)
+    if layout == "single-file" and out.suffix.lower() != ".safetensors":
+        raise ConfigError(f"{out}: a single-file output is written as .safetensors; name it OUT.safetensors")
+    check_output(out, config.force)
+    loras = load_loras(config, ckpt.family, progress)
+    result = MergeResult(out, layout, ckpt.family, dtype=config.dtype)
+    embeddings: dict[str, dict[str, Any]] = {}
+    for _, state, *_ in loras:
+        embeddings.update(state.embeddings)
+    if layout == "single-file":
+        with atomic_path(out, config.force) as tmp:
+            if isinstance(ckpt, SingleFileCheckpoint):
+                merge_single_file(ckpt, loras, tmp, config, result, progress)
+            else:
+                with _work_dir(out) as work:
+                    merge_folder(ckpt, loras, work / "merged", config, result, progress)
+                    write_single_file(open_checkpoint(work / "merged"), tmp, progress=progress)  # type: ignore[arg-type]
+        if embeddings:
+            result.embedding_files = write_embeddings_beside(
+                out, embeddings, ckpt.family, config.force, progress
+            )
+    else:
+        with atomic_path(out, config.force, directory=True) as tmp:
+            if isinstance(ckpt, DiffusersCheckpoint):
+                merge_folder(ckpt, loras, tmp, config, result, progress)
+            else:
+                with _work_dir(out) as work:
+                    single = work / "merged.safetensors"
+                    merge_single_file(ckpt, loras, single, config, result, progress)
+                    merged_ckpt = open_checkpoint(single)
+                    assert isinstance(merged_ckpt, SingleFileCheckpoint)
+                    write_diffusers_folder(
+                        merged_ckpt, tmp, config_from=config.config_from, progress=progress
+                    )
+            if embeddings:
+                add_embeddings_to_folder(tmp, embeddings, progress)
+    result.embeddings = sorted(embeddings)
+    return result
+
+
+def merge_loras(config: MergeConfig, progress: Progress) -> MergeResult:
+    """LoRA with LoRA: BASE gets ``alpha`` (default 0.5), a second LoRA ``1 − alpha`` unless given as FILE:W."""
+    from lorax.adapters.svd import blend_states, join_tokens, mix_states, resize_state
+    from lorax.formats import LORA_WRITE_FORMATS, detect_format, load_lora, save_lora
+
+    alpha = 0.5 if config.alpha is None else config.alpha
+    base_fmt = detect_format(config.base)
+    states = [load_lora(config.base)]
+    weights = [alpha]
+    specs = [LoraSpec.parse(t) for t in config.loras]
+    for i, spec in enumerate(specs):
+        if not spec.path.exists():
+            raise InputError("no such file", path=spec.path)
+        states.append(load_lora(spec.path))
+        if spec.alpha is not None:
+            weights.append(spec.alpha)
+        elif len(specs) == 1:
+            weights.append(1.0 - alpha)
+        else:
+            raise ConfigError(
+                f"with several LoRAs give each a weight (FILE:W); {spec.path} (#{i + 2}) has none"
+            )
+    fmt = config.to or (base_fmt if base_fmt in LORA_WRITE_FORMATS else "kohya")
+    if fmt not in LORA_WRITE_FORMATS:
+        raise ConfigError(f"--to {fmt}: merging LoRAs writes a LoRA format ({', '.join(LORA_WRITE_FORMATS)})")
+    if config.mode == "seed-join":
+        states = join_tokens(states)
+    weighted = list(zip(states, weights, strict=True))
+    reports: list[Any] = []
+    if config.mode == "seed-blend":
+        merged = blend_states(weighted)
+        if config.rank is not None:
+            merged, reports = resize_state(merged, config.rank)
+    else:
+        merged, reports = mix_states(weighted, config.rank)
+    import torch
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(config.dtype or "")
+    out = save_lora(merged, config.output, format=fmt, dtype=dtype, force=config.force)
+    result = MergeResult(out, "lora", merged.family, dtype=config.dtype)
+    result.loras = [
+        LoraUsed(str(p), detect_format(p), w, w, len(s.modules), len(s.modules))
+        for p, s, w in zip([config.base] + [str(s.path) for s in specs], states, weights, strict=True)
+    ]
+    result.modules_merged = len(merged.modules)
+    result.embeddings = sorted(merged.embeddings)
+    if reports:
+        result.worst_energy = min(r.energy for r in reports)
+        result.mean_energy = sum(r.energy for r in reports) / len(reports)
+    return result
