@@ -169,6 +169,9 @@ def _delta_shape(module: LoraModule | DeltaModule) -> tuple[int, ...]:
     shape = getattr(module, "delta_shape", None)
     if callable(shape):
         return tuple(shape())
+    lora_delta = getattr(module, "lora_delta", None)  # DoRA: the delta proper needs the base weight
+    if callable(lora_delta):
+        return tuple(lora_delta().shape)
     return tuple(module.delta().shape)
 
 
@@ -213,9 +216,9 @@ def apply_contributions(weight: torch.Tensor, contributions: list[Contribution])
     for c in contributions:
         rows = w.shape[0] // c.parts
         view = w.narrow(0, c.part * rows, rows)
-        merge = getattr(c.module, "merge_weight", None)
-        if callable(merge):  # DoRA: the magnitude re-normalisation needs W0
-            view.copy_(merge(view, c.weight).to(torch.float32).reshape(view.shape))
+        if getattr(c.module, "kind", None) == "dora":  # the magnitude re-normalisation needs W0
+            adapted = c.module.apply(view.reshape(_delta_shape(c.module)), c.weight)  # type: ignore[union-attr]
+            view.copy_(adapted.to(torch.float32).reshape(view.shape))
         else:
             view.add_(c.module.delta(torch.float32).reshape(view.shape), alpha=c.weight)
     if not torch.isfinite(w).all():
