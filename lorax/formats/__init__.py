@@ -209,8 +209,13 @@ def save_lora(
     dtype: torch.dtype | None = None,
     force: bool = False,
     metadata: Mapping[str, str] | None = None,
+    model: Any = None,
 ) -> Path:
-    """Write ``state`` to ``path`` in ``format`` (atomic: the file appears whole or not at all)."""
+    """Write ``state`` to ``path`` in ``format`` (atomic: the file appears whole or not at all).
+
+    ``model`` (a pipeline or ``{component: module}``) gives lora_diffusion its index order; without it the family's
+    full-size model does.
+    """
     from lorax.io.atomic import atomic_path
     from lorax.io.safetensors_io import save_tensors
 
@@ -219,7 +224,10 @@ def save_lora(
             f"cannot write LoRA format {format!r}; choose one of {', '.join(LORA_WRITE_FORMATS)}"
         )
     module = FORMATS[format].load()
-    tensors, header = module.write(state, dtype=dtype)
+    if format == "lora_diffusion":
+        tensors, header = module.write(state, dtype=dtype, model=model)
+    else:
+        tensors, header = module.write(state, dtype=dtype)
     header = {**header, **lorax_metadata(state, format), **dict(metadata or {})}
     out = Path(path)
     with atomic_path(out, force) as tmp:
