@@ -1,0 +1,442 @@
+"""``lorax train``: LoRA fine-tuning and DreamBooth (with prior preservation) on a Stable Diffusion model.
+
+``train(config, progress)`` runs the whole job: read the images, load the model, generate missing class images,
+inject LoRA through PEFT, train with ``TrainingLoop``, and write the LoRA (kohya by default), the loss curve (CSV + PNG)
+and the resolved config beside it. Under ``accelerate launch -m lorax train …`` the same function runs on every
+process; only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorax.data.dataset import DataOptions, TrainData, derive_seed
+from lorax.data.images import ImageItem, load_image_folder
+from lorax.errors import ConfigError
+from lorax.io.atomic import atomic_path, check_output
+from lorax.progress import NullProgress, Progress
+from lorax.training.config import MEMORY_FLAGS, TrainConfig
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    format: str
+    steps: int
+    epochs: float  # epochs done (micro-batches / batches per epoch)
+    final_loss: float | None
+    seconds: float
+    num_images: int
+    num_class_images: int
+    loss_csv: Path
+    loss_png: Path
+    config_path: Path
+    file_bytes: int
+    base_model_bytes: int
+    resumed_from: Path | None = None
+    checkpoints: list[Path] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+    modules: dict[str, int] = field(default_factory=dict)
+
+
+def companion_paths(output: Path) -> dict[str, Path]:
+    """Files written beside the LoRA: loss curve, resolved config, validation samples."""
+    stem = output.with_name(output.stem)
+    return {
+        "loss_csv": stem.with_name(stem.name + ".loss.csv"),
+        "loss_png": stem.with_name(stem.name + ".loss.png"),
+        "config": stem.with_name(stem.name + ".toml"),
+        "samples": stem.with_name(stem.name + ".samples"),
+    }
+
+
+def total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
+    if config.steps is not None:
+        return config.steps
+    if config.epochs is not None:
+        return config.epochs * math.ceil(batches_per_epoch / config.grad_accum)
+    return TrainConfig.DEFAULT_STEPS
+
+
+def make_accelerator(config: TrainConfig) -> Any:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        AcceleratorState._reset_state(
+            reset_partial_state=True
+        )  # one process may run several trainings (tests)
+    cpu = config.device == "cpu"
+    try:
+        return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
+    except ValueError as err:
+        raise ConfigError(f"--mixed-precision {config.mixed_precision}: {err}") from None
+
+
+def _class_items(
+    config: TrainConfig, pipe: Any, resolution: int, accelerator: Any, progress: Progress
+) -> list[ImageItem]:
+    """The class images for prior preservation, generating the missing ones with the base model."""
+    import torch
+
+    from lorax.data.prior import class_cache_dir, ensure_class_images
+
+    assert config.class_prompt is not None
+    folder = (
+        Path(config.class_dir)
+        if config.class_dir is not None
+        else class_cache_dir(
+            config.model, config.class_prompt, resolution, config.sample_steps, config.guidance_scale
+        )
+    )
+    if accelerator.is_main_process:
+        pipe.to(accelerator.device)
+        pipe.set_progress_bar_config(disable=True)
+
+        def generate(i: int) -> Any:
+            generator = torch.Generator(device="cpu").manual_seed(derive_seed(config.seed, "class-image", i))
+            with torch.no_grad(), accelerator.autocast():
+                return pipe(
+                    config.class_prompt,
+                    num_inference_steps=config.sample_steps,
+                    guidance_scale=config.guidance_scale,
+                    height=resolution,
+                    width=resolution,
+                    generator=generator,
+                ).images[0]
+
+        with progress.task("class images", total=config.num_class_images) as task:
+            made = ensure_class_images(folder, config.num_class_images, generate, advance=task.advance)
+        if made:
+            progress.log(f"generated {made} class images in {folder}")
+    accelerator.wait_for_everyone()
+    items = load_image_folder(folder, instance_prompt=config.class_prompt, what="class", warn=progress.log)
+    return [ImageItem(it.path, config.class_prompt, it.size) for it in items[: config.num_class_images]]
+
+
+def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
+    """Train a LoRA as ``config`` says; returns where everything went and what it measured."""
+
+    progress = progress or NullProgress()
+    config.validate()
+    assert config.output is not None and config.data_dir is not None
+    output = Path(config.output)
+    check_output(output, config.force)
+    companions = companion_paths(output)
+    resume_ckpt = None
+    if config.resume is not None:
+        from lorax.training.checkpoint import load_checkpoint
+
+        resume_ckpt = load_checkpoint(config.resume)
+    items = load_image_folder(
+        config.data_dir,
+        instance_prompt=config.instance_prompt,
+        strict=config.strict,
+        recursive=config.recursive,
+        warn=progress.log,
+    )
+    started_at = time.time()
+
+    from lorax.training import base
+
+    pipe = base.load_base_pipeline(config.model)
+    family = base.family_of(pipe)
+    base.check_trainable(pipe, family)
+    base_bytes = base.model_bytes(pipe)
+    resolution = config.resolution or base.default_resolution(pipe)
+    accelerator = make_accelerator(config)
+
+    class_items: list[ImageItem] = []
+    if config.prior_preservation:
+        class_items = _class_items(config, pipe, resolution, accelerator, progress)
+
+    options = DataOptions(
+        resolution=resolution,
+        random_crop=config.random_crop,
+        flip=config.flip,
+        buckets=config.buckets,
+        repeats=config.repeats,
+        batch_size=config.batch_size,
+        caption_shuffle=config.caption_shuffle,
+        keep_tokens=config.keep_tokens,
+        caption_dropout=config.caption_dropout,
+        template=config.template,
+        seed=config.seed,
+    )
+    data = TrainData(
+        items,
+        options,
+        class_items=class_items,
+        class_prompt=config.class_prompt,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+    )
+    max_steps = total_steps(config, data.batches_per_epoch())
+
+    job, loop, prepared, modules = _build(
+        config, pipe, data, accelerator, resolution, max_steps, family, progress
+    )
+    if resume_ckpt is not None:
+        loop.restore(resume_ckpt)
+        if loop.state.global_step > max_steps:
+            raise ConfigError(
+                f"--resume: the checkpoint is at step {loop.state.global_step}, past this run's {max_steps} steps"
+            )
+        progress.log(f"resuming from {resume_ckpt.path} at step {loop.state.global_step}")
+    result = loop.run()
+    accelerator.wait_for_everyone()
+
+    file_bytes = 0
+    if accelerator.is_main_process:
+        file_bytes = _write_outputs(
+            config,
+            job,
+            loop,
+            output,
+            companions,
+            family,
+            prepared,
+            resolution,
+            data,
+            class_items,
+            started_at,
+            modules,
+        )
+    accelerator.wait_for_everyone()
+    losses = loop.state.losses
+    return TrainResult(
+        output=output,
+        format=config.format,
+        steps=loop.state.global_step,
+        epochs=round(loop.state.micro_step / data.batches_per_epoch(), 3),
+        final_loss=losses[-1][1] if losses else None,
+        seconds=loop.state.seconds,
+        num_images=len(items),
+        num_class_images=len(class_items),
+        loss_csv=companions["loss_csv"],
+        loss_png=companions["loss_png"],
+        config_path=companions["config"],
+        file_bytes=file_bytes,
+        base_model_bytes=base_bytes,
+        resumed_from=resume_ckpt.path if resume_ckpt is not None else None,
+        checkpoints=result.checkpoints,
+        samples=result.samples,
+        modules=modules,
+    )
+
+
+@dataclass
+class _Prepared:
+    prediction_type: str
+
+
+def _build(
+    config: TrainConfig,
+    pipe: Any,
+    data: TrainData,
+    accelerator: Any,
+    resolution: int,
+    max_steps: int,
+    family: str,
+    progress: Progress,
+) -> tuple[Any, Any, _Prepared, dict[str, int]]:
+    """Models on the device, LoRA injected, caches filled, optimizer and loop ready."""
+    import torch
+
+    from lorax.training.job import DiffusionBatches, LoraJob, Sampler
+    from lorax.training.latents import LatentCache
+    from lorax.training.loop import LoopSettings, TrainingLoop
+    from lorax.training.lora import inject_lora
+    from lorax.training.objective import DiffusionObjective
+    from lorax.training.optim import build_optimizer, build_scheduler
+    from lorax.training.targets import resolve_targets
+    from lorax.training.text import PromptEncoder
+
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+    if config.sdpa:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+    else:
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())
+
+    targets = resolve_targets(unet, text_encoder if config.train_text else None, config.targets)
+    modules = {k: len(v) for k, v in targets.items()}
+    lora_kwargs: dict[str, Any] = dict(
+        rank=config.rank, alpha=config.lora_alpha, dropout=config.lora_dropout, dora=config.dora
+    )
+    unet_params = inject_lora(
+        unet, targets["unet"], seed=derive_seed(config.seed, "init", "unet"), **lora_kwargs
+    )
+    groups: list[dict[str, Any]] = [{"params": unet_params, "lr": config.learning_rate}]
+    if config.train_text:
+        te_params = inject_lora(
+            text_encoder, targets["text_encoder"], seed=derive_seed(config.seed, "init", "te"), **lora_kwargs
+        )
+        groups.append({"params": te_params, "lr": config.text_lr})
+    unet.to(device, dtype=weight_dtype)
+    vae.to(device, dtype=torch.float32 if config.mixed_precision == "fp16" else weight_dtype)
+    text_encoder.to(device, dtype=weight_dtype)
+    for group in groups:  # trainable LoRA weights stay fp32 under mixed precision
+        for p in group["params"]:
+            p.data = p.data.float()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.train_text:
+            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    optimizer = build_optimizer(config.optimizer, groups, weight_decay=config.weight_decay)
+    scheduler = build_scheduler(
+        config.lr_scheduler, optimizer, warmup_steps=config.warmup_steps, total_steps=max_steps
+    )
+    if config.train_text:
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+
+    objective = DiffusionObjective(
+        pipe.scheduler.config,
+        prediction_type=config.prediction_type,
+        snr_gamma=config.snr_gamma,
+        noise_offset=config.noise_offset,
+    )
+    prompts = PromptEncoder(
+        tokenizer, text_encoder, device, cache=config.cache_text and not config.train_text
+    )
+    cache = None
+    if config.cache_latents:
+        cache = LatentCache()
+        keys = data.all_keys()
+        with progress.task("caching latents", total=len(keys)) as task:
+            cache.fill(vae, keys, data.load, advance=task.advance)
+        vae.to("cpu")  # the VAE is only needed again for validation samples
+    batches = DiffusionBatches(
+        data=data,
+        vae=vae,
+        unet=unet,
+        prompts=prompts,
+        objective=objective,
+        device=device,
+        prior_weight=config.prior_weight,
+        latent_cache=cache,
+    )
+
+    sampler = None
+    if config.validation_prompt and config.validation_every:
+        assert config.output is not None
+        folder = companion_paths(Path(config.output))["samples"]
+
+        def pipeline_factory() -> Any:
+            from diffusers import StableDiffusionPipeline
+
+            vae.to(device)
+            sample_pipe = StableDiffusionPipeline(
+                vae=vae,
+                text_encoder=accelerator.unwrap_model(text_encoder),
+                tokenizer=tokenizer,
+                unet=accelerator.unwrap_model(unet),
+                scheduler=pipe.scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            sample_pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
+            return sample_pipe
+
+        sampler = Sampler(
+            pipeline_factory,
+            list(config.validation_prompt),
+            folder,
+            resolution,
+            config.sample_steps,
+            config.guidance_scale,
+            config.seed,
+            is_main=accelerator.is_main_process,
+        )
+    job = LoraJob(
+        batches,
+        unet=unet,
+        text_encoder=text_encoder if config.train_text else None,
+        accelerator=accelerator,
+        sampler=sampler,
+    )
+    settings = LoopSettings(
+        max_steps=max_steps,
+        grad_accum=config.grad_accum,
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        checkpoint_every=config.checkpoint_every,
+        checkpoint_dir=config.checkpoints_path,
+        validation_every=config.validation_every,
+        memory_flags=MEMORY_FLAGS,
+        config_toml=config.to_toml(),
+        info={"model": config.model, "family": family, "rank": config.rank, "targets": config.targets},
+    )
+    loop = TrainingLoop(
+        job,
+        accelerator=accelerator,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        settings=settings,
+        progress=progress,
+    )
+    return job, loop, _Prepared(objective.prediction_type), modules
+
+
+def _write_outputs(
+    config: TrainConfig,
+    job: Any,
+    loop: Any,
+    output: Path,
+    companions: dict[str, Path],
+    family: str,
+    prepared: _Prepared,
+    resolution: int,
+    data: TrainData,
+    class_items: list[ImageItem],
+    started_at: float,
+    modules: dict[str, int],
+) -> int:
+    import torch
+
+    from lorax.formats import save_lora
+    from lorax.training.lora import trained_state
+    from lorax.training.metadata import training_metadata
+    from lorax.training.report import loss_csv, write_loss_png
+
+    state = trained_state(job.components(), rank=config.rank, alpha=config.lora_alpha, family=family)
+    metadata = training_metadata(
+        config,
+        family=family,
+        prediction_type=prepared.prediction_type,
+        resolution=resolution,
+        num_images=len(data.items),
+        num_class_images=len(class_items),
+        steps=loop.state.global_step,
+        epoch=loop.state.epoch,
+        batches_per_epoch=data.batches_per_epoch(),
+        started_at=started_at,
+        finished_at=time.time(),
+        seconds=loop.state.seconds,
+        modules=modules,
+    )
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_dtype]
+    save_lora(state, output, format=config.format, dtype=dtype, force=config.force, metadata=metadata)
+    with atomic_path(companions["loss_csv"], force=True) as tmp:
+        tmp.write_text(loss_csv(loop.state.losses), encoding="utf-8")
+    with atomic_path(companions["loss_png"], force=True) as tmp:
+        write_loss_png(loop.state.losses, tmp, title=f"lorax train: {output.name}")
+    with atomic_path(companions["config"], force=True) as tmp:
+        tmp.write_text(config.to_toml(), encoding="utf-8")
+    return output.stat().st_size

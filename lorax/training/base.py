@@ -1,0 +1,90 @@
+"""The base model a run trains on: pipeline loading, family, default resolution, memory settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lorax.errors import ConfigError, ModelNotFoundError
+
+
+def load_base_pipeline(spec: str) -> Any:
+    """A ``StableDiffusionPipeline`` (fp32, CPU) for ``spec``: ``shapes``, a diffusers folder, a Hub id or a single file."""
+    quiet_libraries()
+    try:
+        from lorax.models.pipeline import load_pipeline
+    except ImportError:
+        return _load_folder(spec)
+    return load_pipeline(spec)
+
+
+def quiet_libraries() -> None:
+    """diffusers/transformers warnings and progress bars would break lorax's one-line output."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _load_folder(spec: str) -> Any:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(spec)
+    if spec == "shapes":
+        from lorax.zoo import shapes
+
+        path = shapes.MODEL_DIR
+    if not (path / "model_index.json").is_file():
+        raise ModelNotFoundError(f"--model {spec}: not a diffusers model folder (no model_index.json)")
+    return StableDiffusionPipeline.from_pretrained(
+        str(path),
+        torch_dtype=torch.float32,
+        safety_checker=None,
+        requires_safety_checker=False,
+        local_files_only=True,
+    )
+
+
+def family_of(pipeline: Any) -> str:
+    """``sd1``, ``sd2`` or ``sdxl`` from the UNet's config."""
+    config = pipeline.unet.config
+    if getattr(config, "addition_embed_type", None) == "text_time" or hasattr(pipeline, "text_encoder_2"):
+        return "sdxl"
+    cross = config.cross_attention_dim
+    if cross == 1024 or getattr(config, "use_linear_projection", False):
+        return "sd2"
+    return "sd1"
+
+
+def check_trainable(pipeline: Any, family: str) -> None:
+    if family == "sdxl":
+        raise ConfigError("training SDXL models is not supported yet: use an SD1 or SD2 model")
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if getattr(pipeline, name, None) is None:
+            raise ModelNotFoundError(f"the model has no {name}; lorax trains Stable Diffusion pipelines")
+
+
+def default_resolution(pipeline: Any) -> int:
+    """The resolution the model was trained at: UNet sample size × the VAE's downscale factor."""
+    vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    return int(pipeline.unet.config.sample_size) * vae_scale
+
+
+def base_model_version(family: str, prediction_type: str) -> str:
+    """kohya's ``ss_base_model_version`` spelling."""
+    if family == "sd2":
+        return "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
+    return {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0"}.get(family, family)
+
+
+def count_parameters(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def model_bytes(pipeline: Any, dtype_bytes: int = 2) -> int:
+    """The base model's size in ``dtype_bytes`` per weight (UNet + VAE + text encoder)."""
+    return dtype_bytes * sum(count_parameters(getattr(pipeline, n)) for n in ("unet", "vae", "text_encoder"))

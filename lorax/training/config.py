@@ -1,0 +1,327 @@
+"""``TrainConfig``: every option of ``lorax train`` in one dataclass, validated in one place.
+
+Field names are the flag names (``learning_rate`` ⇄ ``--learning-rate``), and a TOML ``--config`` file uses the
+same keys (dashes or underscores). Flags given on the command line win over the file. ``validate()`` collects
+every problem into one ``ConfigError`` that names the flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from lorax.errors import ConfigError, InputError
+
+FORMATS = ("kohya", "diffusers")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+SCHEDULERS = ("constant", "linear", "cosine")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+SAVE_DTYPES = ("fp16", "bf16", "fp32")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+TEMPLATES = ("object", "style")
+TARGET_PRESETS = ("attn", "attn-ff", "all")
+# Memory levers, named in the out-of-memory message.
+MEMORY_FLAGS = (
+    "--batch-size 1 (with --grad-accum)",
+    "--gradient-checkpointing",
+    "--mixed-precision fp16/bf16",
+    "--cache-latents",
+    "--optimizer adamw8bit",
+    "a lower --resolution",
+    "a lower --rank",
+)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Defaults are tuned for the built-in ``shapes`` model on a CPU."""
+
+    data_dir: Path | None = None
+    output: Path | None = None
+    model: str = "shapes"
+    format: str = "kohya"
+    force: bool = False
+    # data
+    instance_prompt: str | None = None
+    template: str | None = None
+    resolution: int | None = None
+    random_crop: bool = False
+    flip: bool = False
+    buckets: bool = False
+    repeats: int = 1
+    caption_shuffle: bool = False
+    keep_tokens: int = 1
+    caption_dropout: float = 0.0
+    strict: bool = False
+    recursive: bool = False
+    # prior preservation
+    class_prompt: str | None = None
+    class_dir: Path | None = None
+    num_class_images: int = 100
+    prior_weight: float = 1.0
+    sample_steps: int = 20
+    guidance_scale: float = 7.5
+    # LoRA
+    rank: int = 4
+    alpha: float | None = None
+    targets: str = "attn"
+    train_text: bool = False
+    lora_dropout: float = 0.0
+    dora: bool = False
+    # optimisation
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-4
+    text_learning_rate: float | None = None
+    weight_decay: float = 1e-2
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    steps: int | None = None
+    epochs: int | None = None
+    batch_size: int = 1
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    prediction_type: str | None = None
+    seed: int = 0
+    # memory and speed
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    sdpa: bool = True
+    cache_latents: bool = False
+    cache_text: bool = True
+    device: str | None = None
+    # during training
+    checkpoint_every: int = 0
+    checkpoint_dir: Path | None = None
+    resume: Path | None = None
+    validation_prompt: list[str] = field(default_factory=list)
+    validation_every: int = 0
+    # output
+    save_dtype: str = "fp16"
+    output_name: str | None = None
+
+    DEFAULT_STEPS = 500
+
+    # ---------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_sources(
+        cls, flags: Mapping[str, Any], config_file: str | Path | None = None, *, validate: bool = True
+    ) -> TrainConfig:
+        """A config from a TOML file (optional) overlaid by ``flags`` (the options given on the command line)."""
+        values: dict[str, Any] = {}
+        if config_file is not None:
+            values.update(load_toml(config_file))
+        unknown = sorted(set(flags) - field_names())
+        if unknown:
+            raise ConfigError(f"unknown option(s): {', '.join(unknown)}")
+        values.update(flags)
+        config = cls(**_coerce(values))
+        if validate:
+            config.validate()
+        return config
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def text_lr(self) -> float:
+        return self.learning_rate if self.text_learning_rate is None else self.text_learning_rate
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def prior_preservation(self) -> bool:
+        return self.class_prompt is not None
+
+    @property
+    def checkpoints_path(self) -> Path:
+        if self.checkpoint_dir is not None:
+            return Path(self.checkpoint_dir)
+        assert self.output is not None
+        out = Path(self.output)
+        return out.with_name(out.stem + ".checkpoints")
+
+    def problems(self) -> list[str]:
+        """Every inconsistency, each naming its flag(s)."""
+        p: list[str] = []
+
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                p.append(f"{flag(name)} must be one of {', '.join(allowed)} (got {value!r})")
+
+        def positive(name: str, *, zero: bool = False) -> None:
+            value = getattr(self, name)
+            if value is not None and (value < 0 or (value == 0 and not zero)):
+                p.append(f"{flag(name)} must be {'≥ 0' if zero else '> 0'} (got {value})")
+
+        if self.data_dir is None:
+            p.append("DATA_DIR is required (a folder of training images)")
+        if self.output is None:
+            p.append("-o/--output is required (the LoRA file to write)")
+        elif self.format == "kohya" and Path(self.output).suffix != ".safetensors":
+            p.append(f"-o/--output must end in .safetensors (got {Path(self.output).name})")
+        choice("format", FORMATS)
+        choice("optimizer", OPTIMIZERS)
+        choice("lr_scheduler", SCHEDULERS)
+        choice("mixed_precision", MIXED_PRECISION)
+        choice("save_dtype", SAVE_DTYPES)
+        choice("prediction_type", PREDICTION_TYPES)
+        choice("template", TEMPLATES)
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            p.append(f"--resolution must be a positive multiple of 8 (got {self.resolution})")
+        for name in ("rank", "repeats", "batch_size", "grad_accum", "learning_rate", "num_class_images"):
+            positive(name)
+        for name in ("sample_steps", "steps", "epochs"):
+            positive(name)
+        for name in ("warmup_steps", "keep_tokens", "checkpoint_every", "validation_every", "weight_decay"):
+            positive(name, zero=True)
+        for name in ("max_grad_norm", "noise_offset", "prior_weight"):
+            positive(name, zero=True)
+        positive("snr_gamma")
+        positive("alpha")
+        positive("text_learning_rate", zero=True)
+        for name in ("caption_dropout", "lora_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                p.append(f"{flag(name)} must be in [0, 1) (got {value})")
+        if self.steps is not None and self.epochs is not None:
+            p.append("--steps and --epochs are exclusive: pass one")
+        if self.text_learning_rate is not None and not self.train_text:
+            p.append("--text-learning-rate needs --train-text (the text encoder is frozen without it)")
+        if self.class_dir is not None and self.class_prompt is None:
+            p.append(
+                "--class-dir needs --class-prompt (prior preservation is on when a class prompt is given)"
+            )
+        if self.cache_latents and self.random_crop:
+            p.append(
+                "--cache-latents and --random-crop are exclusive (a random crop changes the latents every step)"
+            )
+        if self.validation_every and not self.validation_prompt:
+            p.append("--validation-every needs at least one --validation-prompt")
+        if self.targets not in TARGET_PRESETS and not [t for t in self.targets.split(",") if t.strip()]:
+            p.append(f"--targets must be one of {', '.join(TARGET_PRESETS)} or module patterns")
+        if self.dora and self.format == "diffusers":
+            p.append("--dora files are written in kohya (LyCORIS dora_scale) format: drop --format diffusers")
+        if self.dora and self.targets == "all":
+            p.append("--dora covers Linear layers only with PEFT: use --targets attn or attn-ff")
+        return p
+
+    def validate(self) -> TrainConfig:
+        problems = self.problems()
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return self
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML, keys spelled like the flags (reloadable with ``--config``)."""
+        lines = ["# lorax train: the resolved configuration of this run", ""]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or f.name in ("force", "resume"):
+                continue
+            lines.append(f"{f.name.replace('_', '-')} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def field_names() -> set[str]:
+    return {f.name for f in fields(TrainConfig)}
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a ``--config`` TOML file: flag-named keys at the top level (or under ``[train]``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("config file not found", path=path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"not valid TOML ({err})", path=path) from None
+    if isinstance(data.get("train"), dict):
+        data = data["train"]
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if "validation_prompts" in values:
+        values["validation_prompt"] = values.pop("validation_prompts")
+    unknown = sorted(set(values) - field_names())
+    if unknown:
+        names = ", ".join(k.replace("_", "-") for k in unknown)
+        raise ConfigError(f"unknown key(s) {names}; keys are the flag names of `lorax train`", path=path)
+    # Relative paths in a config file are relative to the file's folder.
+    for name in ("data_dir", "output", "class_dir", "checkpoint_dir", "resume"):
+        if isinstance(values.get(name), str):
+            p = Path(values[name]).expanduser()
+            values[name] = p if p.is_absolute() else path.parent / p
+    return values
+
+
+_PATH_FIELDS = ("data_dir", "output", "class_dir", "checkpoint_dir", "resume")
+
+
+def _coerce(values: dict[str, Any]) -> dict[str, Any]:
+    types = {f.name: str(f.type) for f in fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, value in values.items():
+        kind = types[name]
+        try:
+            if value is None:
+                out[name] = None
+            elif name in _PATH_FIELDS:
+                out[name] = Path(value)
+            elif name == "validation_prompt":
+                out[name] = [value] if isinstance(value, str) else [str(v) for v in value]
+            elif kind.startswith("bool"):
+                if not isinstance(value, bool):
+                    raise TypeError("expected true or false")
+                out[name] = value
+            elif kind.startswith("int"):
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise TypeError("expected an integer")
+                out[name] = int(value)
+            elif kind.startswith("float"):
+                if isinstance(value, bool):
+                    raise TypeError("expected a number")
+                out[name] = float(value)
+            else:
+                out[name] = str(value)
+        except (TypeError, ValueError) as err:
+            problems.append(f"{flag(name)}: {err} (got {value!r})")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string

@@ -1,0 +1,258 @@
+"""The optimisation loop shared by ``train``, ``invert`` and ``pivot``.
+
+A job (the ``Job`` protocol) says what a micro-batch's loss is and which tensors make its state; the loop does the
+rest, the same way on one CPU or under ``accelerate launch`` on many GPUs: gradient accumulation (without DDP syncs
+between micro-batches), clipping, optimizer and LR-schedule steps, seeded randomness per micro-batch, NaN/inf stops
+that keep the last good state, out-of-memory messages that list the memory flags, checkpoints every N steps,
+validation every N steps, progress (step, smoothed loss, lr, it/s, ETA), and exact resume.
+
+Randomness: before micro-batch ``m`` the global torch RNG is seeded from ``(seed, m, process)`` and the job gets a
+generator seeded the same way for its noise and timesteps. A resumed run therefore draws exactly what an uninterrupted
+one would; the RNG states are checkpointed as well, for whatever else the job draws.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from lorax.data.dataset import derive_seed
+from lorax.errors import LoraxError, TrainingError
+from lorax.progress import NullProgress, Progress
+from lorax.training.checkpoint import Checkpoint, LoopState, save_checkpoint, set_rng_states
+
+
+class Job(Protocol):
+    """What the loop trains. ``loss`` is called once per micro-batch, inside autocast."""
+
+    def trainable_models(self) -> Sequence[Any]:
+        """The (prepared) modules holding trainable parameters."""
+
+    def parameters(self) -> list[Any]:
+        """Every trainable parameter (for clipping)."""
+
+    def loss(self, micro_step: int, generator: Any) -> Any:
+        """The scalar loss of micro-batch ``micro_step`` (draw randomness from ``generator``)."""
+
+    def epoch_of(self, micro_step: int) -> int: ...
+
+    def after_step(self, step: int) -> None:
+        """Called after each optimizer step (e.g. to restore frozen embedding rows)."""
+
+    def state_tensors(self) -> dict[str, Any]:
+        """The trainable state to checkpoint (flat name → tensor)."""
+
+    def load_state_tensors(self, tensors: dict[str, Any]) -> None: ...
+
+    def validate(self, step: int) -> list[Path]:
+        """Validation samples at ``step``; returns the files written."""
+
+
+@dataclass
+class LoopSettings:
+    max_steps: int
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 0
+    checkpoint_dir: Path | None = None
+    validation_every: int = 0
+    memory_flags: Sequence[str] = ()
+    config_toml: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    description: str = "training"
+
+
+@dataclass
+class LoopResult:
+    state: LoopState
+    checkpoints: list[Path]
+    samples: list[Path]
+    seconds_this_run: float
+    steps_this_run: int
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    if isinstance(err, MemoryError | torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+class TrainingLoop:
+    def __init__(
+        self,
+        job: Job,
+        *,
+        accelerator: Any,
+        optimizer: Any,
+        scheduler: Any,
+        settings: LoopSettings,
+        progress: Progress | None = None,
+    ) -> None:
+        self.job = job
+        self.accelerator = accelerator
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.settings = settings
+        self.progress = progress or NullProgress()
+        self.state = LoopState()
+        self.checkpoints: list[Path] = []
+        self.samples: list[Path] = []
+        self._last_saved_step: int | None = None
+
+    # ---------------------------------------------------------------------------------------------------------
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from ``checkpoint``: trainable tensors, optimizer, scheduler, scaler, RNG, counters, history."""
+        self.job.load_state_tensors(checkpoint.tensors)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.scheduler.load_state_dict(checkpoint.scheduler)
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and checkpoint.scaler is not None:
+            scaler.load_state_dict(checkpoint.scaler)
+        set_rng_states(checkpoint.rng)
+        self.state = checkpoint.state
+        self._last_saved_step = self.state.global_step
+
+    def save(self) -> Path | None:
+        if self.settings.checkpoint_dir is None:
+            return None
+        path: Path | None = None
+        if self.accelerator.is_main_process:
+            path = save_checkpoint(
+                self.settings.checkpoint_dir,
+                state=self.state,
+                tensors=self.job.state_tensors(),
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                scaler=getattr(self.accelerator, "scaler", None),
+                info=self.settings.info,
+                config_toml=self.settings.config_toml,
+            )
+            self.checkpoints.append(path)
+        self.accelerator.wait_for_everyone()
+        self._last_saved_step = self.state.global_step
+        return path
+
+    # ---------------------------------------------------------------------------------------------------------
+    def run(self) -> LoopResult:
+        start_step = self.state.global_step
+        started = time.perf_counter()
+        try:
+            self._run()
+        except LoraxError:
+            raise
+        except BaseException as err:
+            if not is_out_of_memory(err):
+                raise
+            flags = ", ".join(self.settings.memory_flags) or "a smaller batch"
+            raise TrainingError(
+                f"out of memory at step {self.state.global_step + 1}; lower memory with {flags}"
+            ) from None
+        elapsed = time.perf_counter() - started
+        return LoopResult(
+            self.state, self.checkpoints, self.samples, elapsed, self.state.global_step - start_step
+        )
+
+    def _micro_rng(self, micro: int) -> Any:
+        import torch
+
+        process = self.accelerator.process_index
+        torch.manual_seed(derive_seed(self.settings.seed, "global", micro, process))
+        generator = torch.Generator(device=self.accelerator.device)
+        generator.manual_seed(derive_seed(self.settings.seed, "noise", micro, process))
+        return generator
+
+    def _stop_non_finite(self, value: float) -> None:
+        kept = None
+        if self.state.global_step > 0 and self._last_saved_step != self.state.global_step:
+            kept = self.save()
+        elif self._last_saved_step is not None and self.settings.checkpoint_dir is not None:
+            from lorax.training.checkpoint import checkpoint_name
+
+            kept = self.settings.checkpoint_dir / checkpoint_name(self._last_saved_step)
+        where = (
+            f"the last good state is kept in {kept} (resume with --resume {kept})"
+            if kept is not None
+            else "no good state to keep yet"
+        )
+        raise TrainingError(
+            f"loss became {value} at step {self.state.global_step + 1}; {where}; "
+            "try a lower --learning-rate, --max-grad-norm 1, or --mixed-precision bf16 instead of fp16"
+        )
+
+    def _run(self) -> None:
+        s = self.settings
+        acc = self.accelerator
+        models = list(self.job.trainable_models())
+        for m in models:
+            m.train()
+        smoothed: float | None = None
+        session_start = last_tick = time.perf_counter()
+        session_steps = 0
+        with self.progress.task(s.description, total=s.max_steps) as task:
+            task.update(completed=self.state.global_step)
+            while self.state.global_step < s.max_steps:
+                step_loss = 0.0
+                for a in range(s.grad_accum):
+                    micro = self.state.micro_step
+                    generator = self._micro_rng(micro)
+                    with contextlib.ExitStack() as stack:
+                        if a < s.grad_accum - 1 and acc.num_processes > 1:
+                            for m in models:
+                                stack.enter_context(acc.no_sync(m))
+                        with acc.autocast():
+                            loss = self.job.loss(micro, generator)
+                        value = loss.detach()
+                        if acc.num_processes > 1:
+                            value = acc.reduce(value, "mean")
+                        value_f = float(value)
+                        if not math.isfinite(value_f):
+                            self._stop_non_finite(value_f)
+                        acc.backward(loss / s.grad_accum)
+                    step_loss += value_f / s.grad_accum
+                    self.state.micro_step += 1
+                if s.max_grad_norm and acc.sync_gradients:
+                    acc.clip_grad_norm_(self.job.parameters(), s.max_grad_norm)
+                self.optimizer.step()
+                lr = float(self.scheduler.get_last_lr()[0])
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.job.after_step(self.state.global_step)
+                self.state.global_step += 1
+                self.state.epoch = self.job.epoch_of(self.state.micro_step)
+                self.state.losses.append([self.state.global_step, step_loss, lr])
+                smoothed = step_loss if smoothed is None else 0.9 * smoothed + 0.1 * step_loss
+                session_steps += 1
+                now = time.perf_counter()
+                self.state.seconds += now - last_tick
+                last_tick = now
+                rate = session_steps / max(1e-9, now - session_start)
+                task.update(completed=self.state.global_step, loss=smoothed, lr=lr, **{"it/s": rate})
+                step = self.state.global_step
+                if s.validation_every and step % s.validation_every == 0:
+                    self._validate(step, models)
+                if s.checkpoint_every and step % s.checkpoint_every == 0 and step < s.max_steps:
+                    path = self.save()
+                    if path is not None:
+                        self.progress.log(f"checkpoint: {path}")
+
+    def _validate(self, step: int, models: list[Any]) -> None:
+        import torch
+
+        for m in models:
+            m.eval()
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            paths = self.job.validate(step)
+        for m in models:
+            m.train()
+        self.accelerator.wait_for_everyone()
+        for p in paths:
+            self.progress.log(f"sample at step {step}: {p}")
+        self.samples.extend(paths)
