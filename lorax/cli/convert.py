@@ -1,0 +1,95 @@
+"""``lorax convert``: LoRAs, embeddings and model layouts between formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from lorax.cli.common import ForceOption, JsonOption, cli_progress, print_json, stdout_console
+
+
+def convert_command(
+    input: Annotated[
+        str,
+        typer.Argument(
+            help="A LoRA or embedding file, or a model: diffusers folder, single file (.safetensors, .ckpt), "
+            "Hub id or built-in name."
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the result.")],
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            help="LoRA: kohya, diffusers or lora_diffusion (default: the input's). Embedding: a1111, sdxl-embedding "
+            "or diffusers (default: from OUT's name). Model: diffusers or single-file (default: single-file when OUT "
+            "ends in .safetensors).",
+        ),
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="Output precision: fp16, bf16 or fp32 (default: the input's).")
+    ] = None,
+    rank: Annotated[
+        int | None,
+        typer.Option(help="LoRA only: resize every module to this rank by SVD, reporting the kept energy."),
+    ] = None,
+    config_from: Annotated[
+        str | None,
+        typer.Option(
+            "--config-from",
+            help="Single file → diffusers for a file lorax did not write: a diffusers folder (or Hub id in the "
+            "local cache) of the same family to take configs and tokenizer from.",
+        ),
+    ] = None,
+    force: ForceOption = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Convert a LoRA between formats (optionally resized by SVD), an embedding between A1111 and diffusers, or a
+    model between a diffusers folder and a single-file checkpoint (SD1, SD2; .ckpt → .safetensors too).
+
+    Model conversions stream tensor by tensor and are exact: single file → diffusers → single file gives back every
+    tensor bit for bit.
+
+    Example: lorax convert lora.safetensors --to diffusers -o pytorch_lora_weights.safetensors
+    """
+    from lorax.services.convert import ConvertConfig, convert
+
+    config = ConvertConfig(input, output, to, dtype, rank, force, config_from)
+    with cli_progress() as progress:
+        result = convert(config, progress)
+    if json_out:
+        print_json(result)
+        return
+    render(result)
+
+
+def render(result: Any) -> None:
+    console = stdout_console()
+    lines = [
+        f"{result.kind}: {result.input_format} → {result.output_format}",
+        f"output: {result.output}",
+    ]
+    if result.kind == "model":
+        lines.append(f"family: {result.family}   tensors: {result.tensors}   time: {result.seconds:.2f} s")
+    elif result.kind == "lora":
+        lines.append(f"modules: {result.modules}   family: {result.family or 'unknown'}")
+    if result.tokens:
+        lines.append("tokens: " + ", ".join(result.tokens))
+    for line in lines:
+        console.print(line, markup=False, highlight=False)
+    if result.resized:
+        from rich.table import Table
+
+        table = Table(title=f"SVD resize to rank {result.rank}: the 5 modules that kept the least energy")
+        for col in ("module", "rank", "kept energy", "rel. error"):
+            table.add_column(col, justify="left" if col == "module" else "right")
+        for r in sorted(result.resized, key=lambda r: r.energy)[:5]:
+            table.add_row(r.module, f"{r.rank_in}→{r.rank_out}", f"{r.energy:.4f}", f"{r.error:.4f}")
+        console.print(table)
+        console.print(f"mean kept energy: {result.mean_energy:.4f}", markup=False, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="convert")(convert_command)

@@ -1,0 +1,131 @@
+"""``load_pipeline(spec)``: a diffusers pipeline from a diffusers folder, a Hub id, a built-in name or a single file.
+
+Single files are converted in memory with lorax's key tables and the configs the file carries (lorax writes them
+into the header), a ``config_from`` folder, or the family's reference model in the local Hugging Face cache; never
+through ``from_single_file`` (which would download configs).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lorax.errors import ConfigError, FormatError
+from lorax.io.checkpoint import DiffusersCheckpoint, SingleFileCheckpoint, open_checkpoint
+
+DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def torch_dtype(dtype: Any) -> Any:
+    """``"fp16"``/``"bf16"``/``"fp32"``, a torch dtype, or None → a torch dtype or None."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = DTYPE_NAMES.get(str(dtype), str(dtype).removeprefix("torch."))
+    found = getattr(torch, name, None)
+    if not isinstance(found, torch.dtype):
+        raise ConfigError(f"unknown dtype {dtype!r}; use fp16, bf16 or fp32")
+    return found
+
+
+def load_pipeline(
+    spec: str | Path, dtype: Any = None, device: Any = None, *, config_from: str | Path | None = None
+) -> Any:
+    """A ready ``StableDiffusionPipeline`` (or XL) for ``spec``; ``dtype`` and ``device`` applied when given."""
+    ckpt = open_checkpoint(spec)
+    dt = torch_dtype(dtype)
+    if isinstance(ckpt, DiffusersCheckpoint):
+        pipe = _from_folder(ckpt, dt)
+    else:
+        pipe = _from_single_file(ckpt, dt, config_from)
+    if device is not None:
+        pipe = pipe.to(device)
+    return pipe
+
+
+def _pipeline_class(family: str, index: dict[str, Any] | None) -> Any:
+    import diffusers
+
+    name = (index or {}).get("_class_name") or (
+        "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+    )
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise FormatError(f"unknown pipeline class {name}")
+    return cls
+
+
+def _from_folder(ckpt: DiffusersCheckpoint, dtype: Any) -> Any:
+    cls = _pipeline_class(ckpt.family, ckpt.model_index)
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    if "safety_checker" in ckpt.model_index and (ckpt.model_index["safety_checker"] or [None])[0] is None:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    return cls.from_pretrained(ckpt.path, **kwargs)
+
+
+def _from_single_file(ckpt: SingleFileCheckpoint, dtype: Any, config_from: str | Path | None) -> Any:
+    import diffusers
+    import transformers
+    from accelerate import init_empty_weights
+
+    from lorax.io.model_layout import single_file_configs, single_file_state_dicts
+
+    found = single_file_configs(ckpt, config_from)
+    configs, tokenizers = found["configs"], found["tokenizers"]
+    states = single_file_state_dicts(ckpt, configs)
+    components: dict[str, Any] = {}
+    for name, state in states.items():
+        config = {k: v for k, v in configs[name].items() if k != "architectures"}
+        if name in ("unet", "vae"):
+            cls = getattr(
+                diffusers,
+                config.get("_class_name", "UNet2DConditionModel" if name == "unet" else "AutoencoderKL"),
+            )
+            with init_empty_weights():
+                model = cls.from_config(config)
+        else:
+            arch = (configs[name].get("architectures") or ["CLIPTextModel"])[0]
+            cls = getattr(transformers, arch)
+            text_config = transformers.CLIPTextConfig(
+                **{k: v for k, v in config.items() if not k.startswith("_")}
+            )
+            with init_empty_weights():
+                model = cls(text_config)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            shown = ", ".join((missing + unexpected)[:3])
+            raise FormatError(
+                f"{name}: the single file does not fill the model ({len(missing)} missing, "
+                f"{len(unexpected)} unexpected: {shown})",
+                path=ckpt.path,
+            )
+        components[name] = model.eval()
+    for name in ("unet", "vae", "text_encoder"):
+        if name not in components:
+            raise FormatError(f"the single file has no {name}; a pipeline needs it", path=ckpt.path)
+    with tempfile.TemporaryDirectory() as tmp:
+        for tok_name, files in tokenizers.items():
+            folder = Path(tmp) / tok_name
+            folder.mkdir()
+            for fname, text in files.items():
+                (folder / fname).write_text(text)
+            components[tok_name] = transformers.CLIPTokenizer.from_pretrained(folder)
+    if "tokenizer" not in components:
+        raise FormatError(
+            "no tokenizer for this single file; pass config_from a diffusers folder", path=ckpt.path
+        )
+    sched_config = dict(configs.get("scheduler") or {})
+    sched_cls = getattr(diffusers, sched_config.get("_class_name", "DDIMScheduler"))
+    components["scheduler"] = sched_cls.from_config(sched_config)
+    cls = _pipeline_class(ckpt.family, configs.get("model_index"))
+    if ckpt.family != "sdxl":
+        components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = cls(**components)
+    if dtype is not None:
+        pipe = pipe.to(dtype=dtype)
+    return pipe
