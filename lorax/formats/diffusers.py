@@ -17,7 +17,6 @@ it), and a ``lora_adapter_metadata`` header that diffusers' ``load_lora_weights`
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -36,46 +35,8 @@ METADATA_KEY = "lora_adapter_metadata"
 parse_key = keys.diffusers_parse
 
 
-def component_configs(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """The per-component LoraConfig kwargs packed in diffusers' ``lora_adapter_metadata`` header."""
-    raw = metadata.get(METADATA_KEY)
-    if not raw:
-        return {}
-    try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError:
-        raise FormatError(f"header {METADATA_KEY} is not valid JSON") from None
-    out: dict[str, dict[str, Any]] = {}
-    for key, value in doc.items():
-        component, dot, field = key.partition(".")
-        if dot and component in ("unet", "text_encoder", "text_encoder_2"):
-            out.setdefault(component, {})[field] = value
-        else:  # an unprefixed config (a single model's adapter)
-            out.setdefault("", {})[key] = value
-    return out
-
-
-def _pattern_value(patterns: Mapping[str, Any], candidates: list[str]) -> Any:
-    """PEFT's ``get_pattern_key``: a pattern matches a module name that ends with ``.<pattern>`` or equals it."""
-    for pattern, value in patterns.items():
-        for name in candidates:
-            if re.match(rf"(.*\.)?({pattern})$", name):
-                return value
-    return None
-
-
-def module_alpha(config: Mapping[str, Any], module_path: str, rank: int) -> float:
-    """The effective alpha (``scale · r``) PEFT would use for one module under ``config``."""
-    candidates = [module_path]
-    if module_path.startswith("text_model."):
-        candidates.append(module_path[len("text_model.") :])
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, candidates)
-    if alpha is None:
-        alpha = config.get("lora_alpha", rank)
-    alpha = float(alpha)
-    if config.get("use_rslora"):
-        return alpha * math.sqrt(rank)  # rsLoRA scales by alpha / sqrt(r)
-    return alpha
+component_configs = keys.component_configs
+module_alpha = keys.module_alpha
 
 
 def read(
