@@ -226,6 +226,17 @@ def test_kohya_unknown_module_for_model_is_refused(tmp_path, pipe):
         load_lora(path, model=pipe)
 
 
+def test_diffusers_unknown_module_for_model_is_refused(tmp_path, pipe):
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    tensors = {f"{key}.lora_A.weight": torch.zeros(1, 4), f"{key}.lora_B.weight": torch.zeros(4, 1)}
+    tensors |= {k.replace("down_blocks.0", "down_blocks.7"): v for k, v in tensors.items()}
+    path = tmp_path / "other.safetensors"
+    save_tensors(tensors, path)
+    with pytest.raises(MismatchError, match=r"1 LoRA module.*down_blocks\.7"):
+        load_lora(path, model=pipe)
+    assert len(load_lora(path).modules) == 2
+
+
 def test_kohya_mismatched_pair_and_leftovers(tmp_path):
     path = tmp_path / "bad.safetensors"
     save_tensors(

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from lorax.adapters.state import LoraModule, LoraState
-from lorax.errors import FormatError
+from lorax.errors import FormatError, MismatchError
 from lorax.formats import keys
 from lorax.formats.kohya import check_pair
 from lorax.models import families
@@ -73,6 +73,8 @@ def read(
     family = (
         family or metadata.get("lorax_family") or families.detect_family_from_lora_keys(list(shapes), shapes)
     )
+    if model is not None:
+        _check_against_model(parts, model, path)
     state = LoraState(metadata=metadata, family=family)
     for module_path, slot in parts.items():
         if "down" not in slot or "up" not in slot:
@@ -97,6 +99,28 @@ def read(
         else:
             state.modules[module_path] = LoraModule(down, up, alpha)
     return state
+
+
+def _check_against_model(parts: Mapping[str, Any], model: Any, path: Any) -> None:
+    """Refuse modules the given model does not have (a LoRA for another model)."""
+    from lorax.formats.naming import components_of
+
+    live = components_of(model)
+    tables: dict[str, set[str]] = {}
+    missing = []
+    for module_path in parts:
+        component, _, inner = module_path.partition(".")
+        if component not in live:
+            raise MismatchError(
+                f"the LoRA has {component} modules but the model has no {component}", path=path
+            )
+        if component not in tables:
+            tables[component] = set(families.weight_table(live[component], component))
+        if inner not in tables[component]:
+            missing.append(module_path)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise MismatchError(f"{len(missing)} LoRA module(s) not found in the model: {shown}", path=path)
 
 
 def peft_config_kwargs(state: LoraState, component: str) -> dict[str, Any]:
