@@ -396,3 +396,37 @@ def test_diffusers_saved_peft_adapter_reads_with_same_deltas(tmp_path, pipe):
     assert_same_deltas(state, bridged, atol=1e-7)
     peft_names = to_peft_state_dict(bridged, "text_encoder", model=p.text_encoder, fold_alpha=False)
     assert set(peft_names) == {k.replace(".default", "") for k in get_peft_model_state_dict(p.text_encoder)}
+
+
+def test_dora_from_diffusers_and_back_through_diffusers(tmp_path, pipe):
+    """A PEFT DoRA adapter saved by diffusers reads as DoRA modules whose apply(W0) is PEFT's merged weight; lorax's
+    diffusers-format DoRA file loads in diffusers and fuses to the same weights."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    p = copy.deepcopy(pipe)
+    base = live_weights(pipe, "unet")
+    cfg = LoraConfig(
+        r=2, lora_alpha=3, init_lora_weights=False, target_modules=["to_q", "to_v"], use_dora=True
+    )
+    p.unet.add_adapter(cfg)
+    with torch.no_grad():
+        for name, param in p.unet.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1.5)  # a magnitude that is not just the base norm
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=get_peft_model_state_dict(p.unet), unet_lora_adapter_metadata=cfg.to_dict()
+    )
+    state = load_lora(tmp_path / "pytorch_lora_weights.safetensors")
+    for module in p.unet.modules():
+        if hasattr(module, "merge") and hasattr(module, "lora_A"):
+            module.merge(adapter_names=["default"])
+    merged = live_weights(p, "unet")
+    assert state.modules and all(type(m).__name__ == "DoraModule" for m in state.modules.values())
+    for key, module in state.component_modules("unet").items():
+        torch.testing.assert_close(module.apply(base[key]), merged[key], atol=1e-5, rtol=0, msg=key)
+    out = tmp_path / "dora.diffusers.safetensors"
+    save_lora(state, out, format="diffusers")
+    fused_weights = fused(pipe, str(out), 1.0)["unet"]
+    for key, module in state.component_modules("unet").items():
+        torch.testing.assert_close(fused_weights[key], module.apply(base[key]), atol=1e-5, rtol=0, msg=key)

@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from lorax.adapters.lycoris import DoraModule
 from lorax.adapters.state import LoraModule, LoraState
 from lorax.errors import FormatError
 from lorax.formats.diffusers import module_alpha
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 _ADAPTER_SUFFIX = re.compile(r"^(?P<p>.+)\.lora_(?P<ab>[AB])(?:\.(?P<name>[A-Za-z_][\w-]*))?\.weight$")
+_MAGNITUDE = re.compile(r"^(?P<p>.+)\.lora_magnitude_vector(?:\.(?P<name>[A-Za-z_][\w-]*))?(?:\.weight)?$")
 
 
 def to_peft_state_dict(
@@ -118,22 +120,31 @@ def lora_state_from_peft(
         for key, tensor in sd.items():
             body = key.removeprefix("base_model.model.")
             m = _ADAPTER_SUFFIX.match(body)
-            if m is None:
+            if m is not None:
+                pairs.setdefault(m.group("p"), {})[m.group("ab")] = tensor
+                continue
+            mag = _MAGNITUDE.match(body)
+            if mag is None:
                 raise FormatError(f"{component}: key {key!r} is not a PEFT LoRA weight")
-            pairs.setdefault(m.group("p"), {})[m.group("ab")] = tensor
+            pairs.setdefault(mag.group("p"), {})["M"] = tensor
         for live, ab in pairs.items():
-            if set(ab) != {"A", "B"}:
+            if not {"A", "B"} <= set(ab):
                 raise FormatError(f"{component}: module {live} lacks lora_{'B' if 'A' in ab else 'A'}")
             path = families.live_to_disk(component, live)
             rank = int(ab["A"].shape[0])
             alpha = module_alpha(config, path, rank) if config else float(rank)
-            state.modules[f"{component}.{path}"] = LoraModule(ab["A"], ab["B"], alpha)
+            if "M" in ab:  # DoRA: PEFT keeps one magnitude per output row
+                state.modules[f"{component}.{path}"] = DoraModule(
+                    ab["A"], ab["B"], alpha, ab["M"], wd_on_out=True
+                )
+            else:
+                state.modules[f"{component}.{path}"] = LoraModule(ab["A"], ab["B"], alpha)
     if state.family is None:
         keys = [k + ".lora_A.weight" for k in state.modules]
         shapes = {
             k + ".lora_A.weight": tuple(m.down.shape)
             for k, m in state.modules.items()
-            if isinstance(m, LoraModule)
+            if isinstance(m, LoraModule | DoraModule)
         }
         state.family = families.detect_family_from_lora_keys(keys, shapes)
     return state

@@ -127,11 +127,20 @@ def peft_config_kwargs(state: LoraState, component: str) -> dict[str, Any]:
     """LoraConfig kwargs (r, lora_alpha, rank_pattern, alpha_pattern, target_modules) for one component."""
     from collections import Counter
 
+    from lorax.adapters.lycoris import DoraModule
+
     modules = state.component_modules(component)
-    ranks = {p: m.rank for p, m in modules.items() if isinstance(m, LoraModule)}
-    alphas = {p: float(m.alpha) for p, m in modules.items() if isinstance(m, LoraModule)}  # type: ignore[arg-type]
+    pairs = {p: m for p, m in modules.items() if isinstance(m, LoraModule | DoraModule)}
+    ranks = {p: m.rank for p, m in pairs.items()}
+    alphas = {p: float(m.alpha) for p, m in pairs.items()}  # type: ignore[arg-type]
     if not ranks:
         return {}
+    dora = {p for p, m in pairs.items() if isinstance(m, DoraModule)}
+    if dora and len(dora) != len(pairs):
+        raise FormatError(
+            f"{component} mixes DoRA and plain LoRA modules; a diffusers/PEFT file has one use_dora per component "
+            "(use --format kohya)"
+        )
     r = Counter(ranks.values()).most_common(1)[0][0]
     lora_alpha = Counter(alphas.values()).most_common(1)[0][0]
 
@@ -145,6 +154,7 @@ def peft_config_kwargs(state: LoraState, component: str) -> dict[str, Any]:
         "rank_pattern": {pattern(p): v for p, v in ranks.items() if v != r},
         "alpha_pattern": {pattern(p): v for p, v in alphas.items() if v != lora_alpha},
         "target_modules": sorted(pattern(p).replace("\\", "") for p in ranks),
+        "use_dora": bool(dora),
     }
 
 
@@ -152,9 +162,15 @@ def write(
     state: LoraState, *, dtype: torch.dtype | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``LoraState`` → diffusers tensors (PEFT names) and a header whose ``lora_adapter_metadata`` holds the alphas."""
+    from lorax.adapters.lycoris import DoraModule
+
     tensors: dict[str, torch.Tensor] = {}
     for module_path, module in state.modules.items():
-        if not isinstance(module, LoraModule):
+        if isinstance(module, DoraModule) and not module.wd_on_out:
+            raise FormatError(
+                f"module {module_path}: DoRA magnitudes per input column have no PEFT form; use --format kohya"
+            )
+        if not isinstance(module, LoraModule | DoraModule):
             raise FormatError(
                 f"module {module_path} ({type(module).__name__}) cannot be written in diffusers format; "
                 "use --format kohya"
@@ -162,6 +178,11 @@ def write(
         down, up = (module.down, module.up) if dtype is None else (module.down.to(dtype), module.up.to(dtype))
         tensors[f"{module_path}.lora_A.weight"] = down.contiguous()
         tensors[f"{module_path}.lora_B.weight"] = up.contiguous()
+        if isinstance(module, DoraModule):
+            magnitude = module.magnitude.reshape(-1)
+            tensors[f"{module_path}.lora_magnitude_vector"] = (
+                magnitude if dtype is None else magnitude.to(dtype)
+            ).contiguous()
     packed: dict[str, Any] = {}
     for component in state.components():
         for field, value in peft_config_kwargs(state, component).items():
