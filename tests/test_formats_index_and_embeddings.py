@@ -344,3 +344,38 @@ def test_dora_against_hand_math(tmp_path):
     torch.testing.assert_close(module.delta(base_weight=w0), hand - w0)
     with pytest.raises(MismatchError, match="base weight"):
         module.delta()
+
+
+def test_lora_diffusion_any_to_any(tmp_path, pipe):
+    """kohya ⇄ lora_diffusion ⇄ diffusers keep every delta (and kohya ⇄ lora_diffusion every token)."""
+    from lorax.zoo.random_lora import random_lora
+
+    state = random_lora(pipe, kinds=("attention", "ff"), rank=3, alpha=1.5, seed=4, family="sd1")
+    allowed = {p for p, _ in lora_diffusion.traversal(pipe.unet, "unet", lora_diffusion.UNET_DEFAULT)}
+    allowed |= {
+        families.live_to_disk("text_encoder", p)
+        for p, _ in lora_diffusion.traversal(pipe.text_encoder, "text_encoder", lora_diffusion.TEXT_DEFAULT)
+    }
+    state.modules = {k: m for k, m in state.modules.items() if k.split(".", 1)[1] in allowed}
+    assert len(state.modules) > 20
+    state.embeddings = {
+        "<s1>": {"text_encoder": torch.randn(1, 32)},
+        "<s2>": {"text_encoder": torch.randn(1, 32)},
+    }
+    save_lora(state, tmp_path / "k.safetensors", format="kohya")
+    save_lora(
+        load_lora(tmp_path / "k.safetensors"),
+        tmp_path / "ld.safetensors",
+        format="lora_diffusion",
+        model=pipe,
+    )
+    ld = load_lora(tmp_path / "ld.safetensors", model=pipe)
+    tokenless = LoraState(dict(ld.modules), family="sd1")
+    save_lora(tokenless, tmp_path / "d.safetensors", format="diffusers")
+    save_lora(load_lora(tmp_path / "d.safetensors"), tmp_path / "k2.safetensors", format="kohya")
+    for back in (ld, load_lora(tmp_path / "k2.safetensors")):
+        assert set(back.modules) == set(state.modules)
+        for key, m in state.modules.items():
+            torch.testing.assert_close(back.modules[key].delta(), m.delta(), atol=1e-6, rtol=1e-5)
+    for token, per in state.embeddings.items():
+        assert torch.equal(ld.embeddings[token]["text_encoder"], per["text_encoder"])
