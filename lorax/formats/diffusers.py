@@ -71,7 +71,9 @@ def read(
         configs.setdefault("", dict(adapter_config))
     shapes = {k + ".lora_A.weight": tuple(v["down"].shape) for k, v in parts.items() if "down" in v}
     family = (
-        family or metadata.get("lorax_family") or families.detect_family_from_lora_keys(list(shapes), shapes)
+        family
+        or families.family_from_metadata(metadata)
+        or families.detect_family_from_lora_keys(list(shapes), shapes)
     )
     if model is not None:
         _check_against_model(parts, model, path)

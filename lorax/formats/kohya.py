@@ -93,7 +93,7 @@ def read(
         )
     family = (
         family
-        or metadata.get("lorax_family")
+        or families.family_from_metadata(metadata)
         or families.detect_family_from_lora_keys(names, {k: tuple(t.shape) for k, t in tensors.items()})
     )
     resolved = resolve_groups(groups, model=model, family=family, path=path)

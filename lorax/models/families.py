@@ -222,6 +222,20 @@ def sgm_to_diffusers(path: str, unet_config: Mapping[str, Any]) -> str | None:
 # Family detection from LoRA keys
 
 _CROSS_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_BASE_VERSIONS = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl": "sdxl"}
+
+
+def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
+    """A family a file's header states: lorax's ``lorax_family``, or kohya's ``ss_base_model_version``."""
+    if metadata.get("lorax_family") in FAMILIES:
+        return metadata["lorax_family"]
+    base = metadata.get("ss_base_model_version", "")
+    for prefix, family in _BASE_VERSIONS.items():
+        if base.startswith(prefix):
+            return family
+    return None
+
+
 _TEXT_DIM = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
 
 

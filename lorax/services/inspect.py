@@ -24,7 +24,6 @@ from lorax.progress import NullProgress, Progress
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 LORA_FORMATS = ("kohya", "lycoris", "diffusers", "lora_diffusion")
 EMBEDDING_FORMATS = ("a1111-embedding", "sdxl-embedding", "diffusers-embedding")
-_BASE_VERSIONS = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl": "sdxl"}
 _TD_KINDS = {"Attention": "attention", "CrossAttention": "attention", "CLIPAttention": "attention",
              "GEGLU": "ff", "ResnetBlock2D": "conv"}  # fmt: skip
 
@@ -216,13 +215,9 @@ def _describe(p: Path, fmt: str, info: _Tensors, metadata: dict[str, str]) -> Fi
 
 
 def _family(metadata: Mapping[str, str], info: _Tensors) -> str | None:
-    if metadata.get("lorax_family"):
-        return metadata["lorax_family"]
-    base = metadata.get("ss_base_model_version", "")
-    for prefix, family in _BASE_VERSIONS.items():
-        if base.startswith(prefix):
-            return family
-    return families.detect_family_from_lora_keys(list(info.shapes), info.shapes)
+    return families.family_from_metadata(metadata) or families.detect_family_from_lora_keys(
+        list(info.shapes), info.shapes
+    )
 
 
 def _check_pair(name: str, down: Sequence[int], up: Sequence[int], p: Path) -> None:
