@@ -1,0 +1,516 @@
+"""Apply LoRAs and learned tokens to a live diffusers pipeline, without touching any file.
+
+Each LoRA gets its own UNet scale and text-encoder scale (the seed's ``alpha_unet`` / ``alpha_text``) and optional
+block weights (``down`` / ``mid`` / ``up``). Plain low-rank modules go through PEFT (diffusers' own
+``load_lora_weights`` fed a PEFT-named state dict), so scales can change between images or between denoising steps
+at no cost; ``fuse`` merges them into the weights for speed. Modules that only produce a delta (LoHa, LoKr, DoRA …)
+are added to the weights directly and taken back out by :meth:`AppliedLoras.remove`.
+
+Learned tokens are added to the tokenizer(s) and their rows to the text encoder's input embeddings; a token of
+``n`` vectors becomes ``tok tok_1 … tok_{n-1}``, the convention diffusers' pipelines expand in prompts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorax.adapters.state import DeltaModule, LoraModule, LoraState
+from lorax.errors import ConfigError, MismatchError
+
+# Block weights: ``down`` / ``mid`` / ``up`` for every block of that side, ``down.N`` / ``up.N`` for one block.
+BlockWeights = Mapping[str, float]
+_BLOCK_KEY = re.compile(r"^(down|up)(?:\.(\d+))?$|^mid$")
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+
+
+@dataclass
+class LoraRequest:
+    """One LoRA to apply and how strongly.
+
+    ``text_scale`` ``None`` means the same as ``unet_scale``. ``name`` becomes the PEFT adapter name (made unique).
+    """
+
+    state: LoraState
+    name: str = "lora"
+    unet_scale: float = 1.0
+    text_scale: float | None = None
+    blocks: BlockWeights | None = None
+    source: Path | None = None
+
+    @property
+    def effective_text_scale(self) -> float:
+        return self.unet_scale if self.text_scale is None else self.text_scale
+
+
+def parse_blocks(spec: str) -> dict[str, float]:
+    """``"down=0.5,mid=1,up.1=0"`` → ``{"down": 0.5, "mid": 1.0, "up.1": 0.0}`` (``--blocks``)."""
+    blocks: dict[str, float] = {}
+    for item in spec.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip().lower()
+        if not sep or not _BLOCK_KEY.match(key):
+            raise ConfigError(
+                f"--blocks {spec!r}: {item.strip()!r} is not BLOCK=SCALE with BLOCK one of down, mid, up, down.N, up.N"
+            )
+        try:
+            blocks[key] = float(value)
+        except ValueError:
+            raise ConfigError(f"--blocks {spec!r}: {value.strip()!r} is not a number") from None
+    return blocks
+
+
+def block_weight(blocks: BlockWeights | None, module_path: str) -> float:
+    """The block multiplier of a UNet module path (``down_blocks.1.…``, ``mid_block.…``, ``up_blocks.0.…``).
+
+    The most specific key wins (``up.1`` over ``up``); modules outside the three block lists (``conv_in``,
+    ``time_embedding`` …) and sides not named keep 1.
+    """
+    if not blocks:
+        return 1.0
+    parts = module_path.split(".")
+    if parts[0] == "mid_block":
+        return float(blocks.get("mid", 1.0))
+    side = {"down_blocks": "down", "up_blocks": "up"}.get(parts[0])
+    if side is None or len(parts) < 2:
+        return 1.0
+    specific = f"{side}.{parts[1]}"
+    if specific in blocks:
+        return float(blocks[specific])
+    return float(blocks.get(side, 1.0))
+
+
+def diffusers_block_dict(blocks: BlockWeights, scale: float = 1.0) -> dict[str, Any]:
+    """The same block weights in the form ``pipe.set_adapters`` takes for the UNet (attention layers only there)."""
+    out: dict[str, Any] = {}
+    for key, value in blocks.items():
+        side, _, index = key.partition(".")
+        if index:
+            entry = out.setdefault(side, {})
+            if isinstance(entry, dict):
+                entry[f"block_{index}"] = scale * value
+        elif side == "mid":
+            out["mid"] = scale * value
+        else:
+            specific = out.get(side) if isinstance(out.get(side), dict) else None
+            out[side] = scale * value if specific is None else specific
+    return out
+
+
+def _live_path(component: str, model: Any, path: str) -> str:
+    """Map an on-disk text-encoder path (with ``text_model.``) to the live module path, and leave others alone."""
+    from lorax.models.families import disk_to_live
+
+    return disk_to_live(component, path, model)
+
+
+def _component(pipe: Any, name: str) -> Any:
+    """The component ``name`` of ``pipe`` if it is a torch module, else ``None``."""
+    model = getattr(pipe, name, None)
+    return model if isinstance(model, torch.nn.Module) else None
+
+
+def pipeline_family(pipe: Any) -> str:
+    """Guess a pipeline's model family from its components (``sd1``, ``sd2``, ``sdxl``)."""
+    family = getattr(pipe, "lorax_family", None) or getattr(
+        getattr(pipe, "config", None), "lorax_family", None
+    )
+    if isinstance(family, str):
+        return family
+    if _component(pipe, "text_encoder_2") is not None:
+        return "sdxl"
+    unet = _component(pipe, "unet")
+    config = getattr(unet, "config", None)
+    if config is not None and (
+        getattr(config, "cross_attention_dim", None) == 1024
+        or getattr(config, "use_linear_projection", False)
+    ):
+        return "sd2"
+    return "sd1"
+
+
+def check_fits(pipe: Any, request: LoraRequest) -> list[str]:
+    """Every module of the LoRA must name a weight of the model with the delta's shape; else one clear error.
+
+    Returns warnings (a family label that differs from the model's although every shape fits).
+    """
+    state = request.state
+    label = request.source or request.name
+    family = pipeline_family(pipe)
+    made_for = f"made for {state.family}, " if state.family else ""
+    missing: list[str] = []
+    wrong: list[str] = []
+    for key, module in state.modules.items():
+        component, _, path = key.partition(".")
+        model = _component(pipe, component)
+        if model is None:
+            missing.append(key)
+            continue
+        try:
+            target = model.get_submodule(_live_path(component, model, path))
+        except AttributeError:
+            missing.append(key)
+            continue
+        weight = getattr(target, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            missing.append(key)
+            continue
+        shape = tuple(weight.shape)
+        if isinstance(module, LoraModule):
+            if module.out_features != shape[0] or module.in_features != shape[1]:
+                wrong.append(f"{key} {tuple(module.delta_shape())} vs {shape}")
+        elif int(module.out_features) != shape[0]:
+            wrong.append(f"{key} out {module.out_features} vs {shape[0]}")
+    if missing:
+        extra = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise MismatchError(
+            f"does not fit this model ({made_for}the model is {family}): it targets {missing[0]}{extra}, "
+            "which the model does not have; use a LoRA made for this model",
+            path=label,
+        )
+    if wrong:
+        extra = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise MismatchError(
+            f"does not fit this model ({made_for}the model is {family}): shapes differ at {wrong[0]}{extra}; "
+            "use a LoRA made for this model",
+            path=label,
+        )
+    if state.family and state.family != family:
+        return [
+            f"{label}: labelled for {state.family} but every module fits this {family} model; applying it"
+        ]
+    return []
+
+
+def peft_state_dict(state: LoraState, pipe: Any) -> dict[str, torch.Tensor]:
+    """The low-rank modules of ``state`` as one diffusers/PEFT-named dict for ``pipe.load_lora_weights``.
+
+    Keys are ``<component>.<live module path>.lora_A.weight`` / ``.lora_B.weight`` (the PEFT bridge's naming) with
+    ``alpha / r`` folded into ``lora_B``, so diffusers' default ``lora_alpha = r`` reproduces each delta exactly.
+    A 2-D pair aimed at a 1×1 convolution (or the reverse) is reshaped to the layer it lands on.
+    """
+    from lorax.adapters.peft_bridge import to_pipeline_state_dict
+
+    low_rank = LoraState(
+        modules={k: m for k, m in state.modules.items() if isinstance(m, LoraModule)}, family=state.family
+    )
+    if not low_rank.modules:
+        return {}
+    out = to_pipeline_state_dict(low_rank, pipe)
+    for key, tensor in out.items():
+        component, _, rest = key.partition(".")
+        model = _component(pipe, component)
+        if model is None:
+            continue
+        target = model.get_submodule(rest.rsplit(".lora_", 1)[0])
+        if isinstance(target, torch.nn.Conv2d) and tensor.dim() == 2:
+            out[key] = tensor[:, :, None, None]
+        elif isinstance(target, torch.nn.Linear) and tensor.dim() == 4:
+            out[key] = tensor.flatten(1)
+    return out
+
+
+@contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """diffusers and transformers log load reports and warnings while adapters load: keep them off the terminal."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    d_level, t_level = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    t_bars = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(d_level)
+        tlog.set_verbosity(t_level)
+        if t_bars:
+            tlog.enable_progress_bar()
+
+
+@dataclass
+class _DeltaPatch:
+    """A weight with a delta added in place; ``original`` restores it."""
+
+    name: str
+    component: str
+    path: str
+    param: torch.nn.Parameter
+    original: torch.Tensor
+    delta: torch.Tensor
+    block: float
+
+
+@dataclass
+class AppliedLoras:
+    """LoRAs live on a pipeline. Change their strength with :meth:`set_scales`; take them off with :meth:`remove`."""
+
+    pipe: Any
+    requests: list[LoraRequest]
+    names: list[str]
+    fused: bool = False
+    warnings: list[str] = field(default_factory=list)
+    _peft_names: list[str] = field(default_factory=list)
+    _patches: list[_DeltaPatch] = field(default_factory=list)
+    _saved: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    _factors: tuple[float, float] = (1.0, 1.0)
+
+    def scales(self) -> dict[str, tuple[float, float]]:
+        """Each adapter's current (UNet, text-encoder) scale."""
+        fu, ft = self._factors
+        return {
+            name: (fu * r.unet_scale, ft * r.effective_text_scale)
+            for name, r in zip(self.names, self.requests, strict=True)
+        }
+
+    def set_scales(self, unet_factor: float = 1.0, text_factor: float = 1.0) -> None:
+        """Multiply every LoRA's requested UNet / text-encoder scales by these factors (1, 1 = as requested)."""
+        if self.fused and (unet_factor, text_factor) != self._factors:
+            raise ConfigError("the LoRAs are fused: their scales cannot change (leave out --fuse)")
+        self._factors = (unet_factor, text_factor)
+        by_name = dict(zip(self.names, self.requests, strict=True))
+        if self._peft_names:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for component in ("unet", *TEXT_COMPONENTS):
+                model = _component(self.pipe, component)
+                if model is None:
+                    continue
+                for module_path, module in model.named_modules():
+                    if not isinstance(module, BaseTunerLayer):
+                        continue
+                    present = [n for n in self._peft_names if n in getattr(module, "scaling", {})]
+                    if not present:
+                        continue
+                    layer: Any = module
+                    layer.set_adapter(present)
+                    for name in present:
+                        request = by_name[name]
+                        if component == "unet":
+                            weight = (
+                                unet_factor * request.unet_scale * block_weight(request.blocks, module_path)
+                            )
+                        else:
+                            weight = text_factor * request.effective_text_scale
+                        layer.set_scale(name, weight)
+        with torch.no_grad():
+            for patch in self._patches:
+                request = by_name[patch.name]
+                if patch.component == "unet":
+                    scale = unet_factor * request.unet_scale * patch.block
+                else:
+                    scale = text_factor * request.effective_text_scale
+                patch.param.copy_(patch.original)
+                if scale != 0.0:
+                    patch.param.add_(patch.delta.to(patch.param.dtype), alpha=scale)
+
+    def fuse(self) -> None:
+        """Merge the low-rank adapters into the weights at their current scales and drop the PEFT wrappers."""
+        if self.fused or not self._peft_names:
+            self.fused = True
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for component in ("unet", *TEXT_COMPONENTS):
+            model = _component(self.pipe, component)
+            if model is None:
+                continue
+            for module_path, module in model.named_modules():
+                if not isinstance(module, BaseTunerLayer):
+                    continue
+                present = [n for n in self._peft_names if n in getattr(module, "scaling", {})]
+                if present:
+                    layer: Any = module
+                    self._saved[(component, module_path)] = layer.get_base_layer().weight.detach().clone()
+                    layer.merge(adapter_names=present)
+        with _quiet_libraries():
+            self.pipe.unload_lora_weights()
+        self.fused = True
+
+    def remove(self) -> None:
+        """Take every LoRA off the pipeline: the weights are the base model's again."""
+        with torch.no_grad():
+            for patch in self._patches:
+                patch.param.copy_(patch.original)
+            self._patches.clear()
+            if self._saved:
+                for (component, path), original in self._saved.items():
+                    model = _component(self.pipe, component)
+                    if model is not None:
+                        model.get_submodule(path).weight.copy_(original)
+                self._saved.clear()
+            elif self._peft_names:
+                with _quiet_libraries():
+                    self.pipe.delete_adapters(self._peft_names)
+        self._peft_names = []
+
+
+def _unique_names(requests: Iterable[LoraRequest]) -> list[str]:
+    names: list[str] = []
+    for request in requests:
+        base = re.sub(r"[^A-Za-z0-9_-]+", "_", request.name).strip("_") or "lora"
+        name, i = base, 2
+        while name in names:
+            name, i = f"{base}_{i}", i + 1
+        names.append(name)
+    return names
+
+
+def apply_loras(pipe: Any, requests: list[LoraRequest], *, fuse: bool = False) -> AppliedLoras:
+    """Put ``requests`` on ``pipe`` at their scales; with ``fuse`` merge them into the weights.
+
+    Raises:
+        MismatchError: a LoRA targets modules the model lacks, or with other shapes (a LoRA for another family).
+    """
+    warnings: list[str] = []
+    for request in requests:
+        warnings += check_fits(pipe, request)
+    names = _unique_names(requests)
+    applied = AppliedLoras(pipe, list(requests), names, warnings=warnings)
+    for name, request in zip(names, requests, strict=True):
+        low_rank = peft_state_dict(request.state, pipe)
+        if low_rank:
+            with _quiet_libraries():
+                pipe.load_lora_weights(low_rank, adapter_name=name)
+            _check_loaded(pipe, name, low_rank, request)
+            applied._peft_names.append(name)
+        for key, module in request.state.modules.items():
+            if isinstance(module, LoraModule):
+                continue
+            component, _, path = key.partition(".")
+            model = _component(pipe, component)
+            assert model is not None  # checked by check_fits
+            live = _live_path(component, model, path)
+            param = model.get_submodule(live).weight
+            delta = _delta_of(module, param)
+            applied._patches.append(
+                _DeltaPatch(
+                    name=name,
+                    component=component,
+                    path=live,
+                    param=param,
+                    original=param.detach().clone(),
+                    delta=delta.to(param.device),
+                    block=block_weight(request.blocks, live) if component == "unet" else 1.0,
+                )
+            )
+    applied.set_scales(1.0, 1.0)
+    if fuse:
+        applied.fuse()
+    return applied
+
+
+def _delta_of(module: DeltaModule | LoraModule, param: torch.Tensor) -> torch.Tensor:
+    if hasattr(module, "apply"):  # DoRA: the delta depends on the base weight
+        delta = module.delta(torch.float32, base_weight=param.detach().float())  # type: ignore[call-arg]
+    else:
+        delta = module.delta(torch.float32)
+    if delta.numel() != param.numel():
+        raise MismatchError(
+            f"a delta of shape {tuple(delta.shape)} does not fit a weight {tuple(param.shape)}"
+        )
+    return delta.reshape(param.shape)
+
+
+def _check_loaded(pipe: Any, name: str, low_rank: Mapping[str, torch.Tensor], request: LoraRequest) -> None:
+    """diffusers only warns about keys it could not place: count the wrapped layers and refuse a partial load."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    expected = sum(1 for key in low_rank if key.endswith(".lora_A.weight"))
+    found = 0
+    for component in ("unet", *TEXT_COMPONENTS):
+        model = _component(pipe, component)
+        if model is None:
+            continue
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer) and name in getattr(module, "scaling", {}):
+                found += 1
+    if found != expected:
+        raise MismatchError(
+            f"only {found} of {expected} LoRA layers could be placed on the model",
+            path=request.source or request.name,
+        )
+
+
+# ---- learned tokens -----------------------------------------------------------------------------------------
+
+
+def _tokenizer_for(pipe: Any, component: str) -> Any:
+    return getattr(pipe, "tokenizer_2" if component == "text_encoder_2" else "tokenizer", None)
+
+
+def vector_tokens(token: str, n: int) -> list[str]:
+    """The tokenizer entries of an ``n``-vector token: ``tok``, ``tok_1``, … (diffusers' multi-vector convention)."""
+    return [token] + [f"{token}_{i}" for i in range(1, n)]
+
+
+def register_tokens(
+    pipe: Any, embeddings: Mapping[str, Mapping[str, torch.Tensor]], *, source: str | Path | None = None
+) -> list[str]:
+    """Add learned tokens to the tokenizer(s) and their vectors to the text encoder(s); returns the tokens added.
+
+    Raises:
+        MismatchError: a token already in the vocabulary, vectors of the wrong width, or a component the model lacks.
+    """
+    added: list[str] = []
+    for token, per_component in embeddings.items():
+        for component, vectors in per_component.items():
+            encoder = _component(pipe, component)
+            tokenizer = _tokenizer_for(pipe, component)
+            if encoder is None or tokenizer is None:
+                raise MismatchError(
+                    f"token {token} has vectors for {component}, which the model does not have", path=source
+                )
+            vectors = vectors.reshape(-1, vectors.shape[-1]) if vectors.dim() != 2 else vectors
+            table = encoder.get_input_embeddings()
+            if vectors.shape[1] != table.weight.shape[1]:
+                raise MismatchError(
+                    f"token {token} has {vectors.shape[1]}-wide vectors; the model's {component} uses "
+                    f"{table.weight.shape[1]}: the embedding is for another model",
+                    path=source,
+                )
+            names = vector_tokens(token, vectors.shape[0])
+            vocab = tokenizer.get_vocab()
+            clash = [n for n in names if n in vocab]
+            if clash:
+                raise MismatchError(
+                    f"token {clash[0]} is already in the model's vocabulary; rename the token", path=source
+                )
+            tokenizer.add_tokens(names)
+            ids = tokenizer.convert_tokens_to_ids(names)
+            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            table = encoder.get_input_embeddings()
+            with torch.no_grad():
+                for row, vector in zip(ids, vectors, strict=True):
+                    table.weight[row] = vector.to(table.weight.dtype)
+        added.append(token)
+    return added
+
+
+_PLACEHOLDER = re.compile(r"<[^<>\s]+>")
+
+
+def check_prompt_tokens(pipe: Any, prompts: Iterable[str]) -> None:
+    """A ``<token>`` in a prompt that no loaded embedding defines is an error, not a silent string of letters."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return
+    vocab = tokenizer.get_vocab()
+    known = {t for t in vocab if _PLACEHOLDER.fullmatch(t)}
+    for prompt in prompts:
+        for token in _PLACEHOLDER.findall(prompt):
+            if token not in vocab and token not in ("<|startoftext|>", "<|endoftext|>"):
+                have = ", ".join(sorted(known - {"<|startoftext|>", "<|endoftext|>"})) or "none"
+                raise MismatchError(
+                    f"the prompt uses {token}, which no --embedding or --lora file defines (learned tokens: {have})"
+                )

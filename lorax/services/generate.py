@@ -1,0 +1,605 @@
+"""``lorax generate``: images from a model with any number of LoRAs and learned tokens applied (no file changes).
+
+One call: read every LoRA, embedding and init image first (bad input fails before the model loads), plan every output
+name (existing files need ``force``), load the pipeline, register tokens, apply the LoRAs, then for each prompt
+generate a batch of ``n`` images — once, or once per ``sweep`` scale — and write each as a PNG whose ``parameters``
+text chunk (A1111's convention) records how it was made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorax import __version__
+from lorax.adapters.state import LoraState
+from lorax.errors import ConfigError, InputError, ModelNotFoundError, OutputExistsError
+from lorax.progress import NullProgress, Progress
+
+# --scheduler NAME → (diffusers class, A1111 sampler name, extra config)
+SCHEDULERS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", "DDIM", {}),
+    "pndm": ("PNDMScheduler", "PLMS", {}),
+    "euler": ("EulerDiscreteScheduler", "Euler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", "Euler a", {}),
+    "heun": ("HeunDiscreteScheduler", "Heun", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", "DPM++ 2M", {}),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", "DPM++ 2M Karras", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", "UniPC", {}),
+    "ddpm": ("DDPMScheduler", "DDPM", {}),
+}
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DEFAULT_OUT = Path("lorax-images")
+
+
+@dataclass
+class LoraSpec:
+    """One ``--lora FILE[:SCALE[:TEXT_SCALE]]``; library callers may pass an in-memory ``state`` instead of a file."""
+
+    path: Path | None = None
+    scale: float = 1.0
+    text_scale: float | None = None
+    state: LoraState | None = None
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return self.path.stem if self.path is not None else "lora"
+
+
+def parse_lora_arg(value: str) -> LoraSpec:
+    """``FILE``, ``FILE:SCALE`` or ``FILE:SCALE:TEXT_SCALE`` (a path that exists as written is taken whole)."""
+    if Path(value).exists():
+        return LoraSpec(Path(value))
+    head, numbers = value, list[float]()
+    for _ in range(2):
+        rest, sep, tail = head.rpartition(":")
+        if not sep or not rest:
+            break
+        try:
+            numbers.insert(0, float(tail))
+        except ValueError:
+            break
+        head = rest
+    if not numbers:
+        return LoraSpec(Path(value))
+    return LoraSpec(Path(head), numbers[0], numbers[1] if len(numbers) > 1 else None)
+
+
+def parse_size(value: str) -> tuple[int, int]:
+    """``WxH`` (or a single number for a square) → ``(width, height)``."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*", value)
+    if not match:
+        raise ConfigError(f"--size {value!r} is not WIDTHxHEIGHT, e.g. 512x512")
+    width = int(match.group(1))
+    return width, int(match.group(2) or width)
+
+
+def parse_scales(value: str) -> list[float]:
+    """``0,0.25,0.5`` → floats (``--sweep-scale``)."""
+    try:
+        scales = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--sweep-scale {value!r} is not a comma-separated list of numbers") from None
+    if not scales:
+        raise ConfigError("--sweep-scale is empty; give scales such as 0,0.5,1")
+    return scales
+
+
+def read_prompts(text: str) -> list[str]:
+    """One prompt per line; blank lines and lines starting with ``#`` are skipped."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+@dataclass
+class GenerateConfig:
+    """Everything ``lorax generate`` needs; :meth:`validate` names every bad flag at once."""
+
+    prompts: list[str]
+    model: str = "shapes"
+    loras: list[LoraSpec] = field(default_factory=list)
+    text_scale: float | None = None
+    embeddings: list[Path] = field(default_factory=list)
+    n: int = 1
+    seed: int | None = None
+    steps: int = 20
+    guidance: float = 7.5
+    negative: str = ""
+    scheduler: str | None = None
+    size: tuple[int, int] | None = None
+    out_dir: Path = DEFAULT_OUT
+    init_image: Path | None = None
+    strength: float = 0.75
+    sweep: list[float] | None = None
+    grid: bool = False
+    schedule: str | None = None
+    blocks: dict[str, float] | None = None
+    fuse: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    force: bool = False
+
+    def validate(self) -> None:
+        problems: list[str] = []
+        if not self.prompts:
+            problems.append("no prompt: give PROMPT, --prompts FILE, or - to read prompts from stdin")
+        if self.n < 1:
+            problems.append(f"-n must be at least 1 (got {self.n})")
+        if self.steps < 1:
+            problems.append(f"--steps must be at least 1 (got {self.steps})")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            problems.append(f"--seed must be a non-negative integer (got {self.seed})")
+        if self.scheduler is not None and self.scheduler.lower() not in SCHEDULERS:
+            problems.append(
+                f"--scheduler {self.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}"
+            )
+        if self.size is not None and (min(self.size) < 8 or self.size[0] % 8 or self.size[1] % 8):
+            problems.append(f"--size {self.size[0]}x{self.size[1]}: both sides must be multiples of 8")
+        if self.init_image is None and self.strength != 0.75:
+            problems.append("--strength only applies with --init-image")
+        if not 0.0 < self.strength <= 1.0:
+            problems.append(f"--strength must be in (0, 1] (got {self.strength})")
+        if self.sweep is not None and not self.loras:
+            problems.append("--sweep-scale needs at least one --lora")
+        if self.schedule is not None and not self.loras:
+            problems.append("--scale-schedule needs at least one --lora")
+        if self.blocks is not None and not self.loras:
+            problems.append("--blocks needs at least one --lora")
+        if self.fuse and self.sweep is not None:
+            problems.append("--fuse fixes the LoRA scales: it cannot be combined with --sweep-scale")
+        if self.fuse and self.schedule is not None:
+            problems.append("--fuse fixes the LoRA scales: it cannot be combined with --scale-schedule")
+        if self.device not in DEVICES:
+            problems.append(f"--device {self.device!r} is unknown; choose one of {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            problems.append(f"--dtype {self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+@dataclass
+class GeneratedImage:
+    """One written file. ``kind``: ``image``, ``sweep`` (one frame of a sweep), ``sweep-grid`` or ``grid``."""
+
+    path: Path
+    kind: str
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    scale: float | None = None
+    parameters: str = ""
+
+
+@dataclass
+class GenerateResult:
+    images: list[GeneratedImage]
+    device: str
+    dtype: str
+    seconds: float
+    seconds_per_image: float
+
+
+# ---- small helpers ------------------------------------------------------------------------------------------
+
+
+def slugify(prompt: str, limit: int = 40) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return slug[:limit].rstrip("-") or "image"
+
+
+def file_hash(path: Path, length: int = 12) -> str:
+    """The short SHA-256 A1111 prints for LoRA and embedding files."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:length]
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return "mps"
+        return "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    if name == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError("--device mps: Apple's MPS backend is not available; use --device cpu or auto")
+    return name
+
+
+def resolve_dtype(name: str, device: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device in ("cuda", "mps") else torch.float32
+    return getattr(torch, name)
+
+
+def load_model(spec: str, dtype: Any = None, device: str | None = None) -> Any:
+    """A diffusers pipeline for ``spec``: a built-in name (``shapes``), a diffusers folder, or what the models layer
+    resolves (Hub id, single file) when it is installed."""
+    try:
+        from lorax.models.pipeline import load_pipeline  # the checkpoint layer, when present
+    except ImportError:
+        load_pipeline = None
+    if load_pipeline is not None:
+        return load_pipeline(spec, dtype=dtype, device=device)
+
+    from lorax.models.registry import resolve_builtin
+
+    folder = resolve_builtin(spec) or Path(spec)
+    if not (folder / "model_index.json").is_file():
+        raise ModelNotFoundError(
+            "not a diffusers model folder (no model_index.json); give a folder or a built-in name such as shapes",
+            path=spec,
+        )
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(
+        str(folder),
+        torch_dtype=dtype,
+        local_files_only=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    return pipe.to(device) if device else pipe
+
+
+def _model_label(spec: str) -> str:
+    path = Path(spec)
+    return path.stem if path.suffix in (".safetensors", ".ckpt") else (path.name or spec)
+
+
+def sampler_name(pipe: Any) -> str:
+    cls = type(pipe.scheduler).__name__
+    for class_name, a1111, extra in SCHEDULERS.values():
+        if class_name == cls and all(pipe.scheduler.config.get(k) == v for k, v in extra.items()):
+            return a1111
+    return cls.removesuffix("Scheduler")
+
+
+def set_scheduler(pipe: Any, name: str) -> None:
+    import diffusers
+
+    class_name, _, extra = SCHEDULERS[name.lower()]
+    pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **extra)
+
+
+def default_size(pipe: Any) -> tuple[int, int]:
+    sample = pipe.unet.config.sample_size
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    if isinstance(sample, (list, tuple)):
+        return int(sample[1]) * factor, int(sample[0]) * factor
+    return int(sample) * factor, int(sample) * factor
+
+
+def read_init_image(path: Path) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise InputError("no such image file (--init-image)", path=path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise InputError(f"cannot read the init image: {' '.join(str(err).split())}", path=path) from None
+
+
+def _check_input_file(path: Path, flag: str) -> None:
+    """Exists and has a format lorax reads (header only: cheap, before the model loads)."""
+    from lorax.formats import detect_format
+
+    if not path.exists():
+        raise InputError(f"no such file ({flag})", path=path)
+    detect_format(path)
+
+
+def _load_lora_file(path: Path, pipe: Any) -> LoraState:
+    from lorax.formats import load_lora
+
+    state: LoraState = load_lora(path, model=pipe)
+    return state
+
+
+def _load_embedding_file(path: Path) -> dict[str, dict[str, Any]]:
+    from lorax.formats import load_embeddings
+
+    loaded = load_embeddings(path)
+    embeddings = loaded.embeddings if isinstance(loaded, LoraState) else loaded
+    if not embeddings:
+        raise InputError("holds no learned token embeddings (--embedding)", path=path)
+    return dict(embeddings)
+
+
+@dataclass
+class _Job:
+    """One pipeline call: a prompt, its seeds, and (for sweeps) the scale factor."""
+
+    prompt_index: int
+    prompt: str
+    seeds: list[int]
+    factor: float | None
+    names: list[Path]
+
+
+def _plan(config: GenerateConfig, seed: int) -> tuple[list[_Job], list[tuple[int, Path, str]]]:
+    """Every pipeline call and every file name, before anything runs; grids as (prompt index, path, kind)."""
+    out = config.out_dir
+    jobs: list[_Job] = []
+    grids: list[tuple[int, Path, str]] = []
+    seeds = [seed + i for i in range(config.n)]
+    for index, prompt in enumerate(config.prompts):
+        stem = slugify(prompt)
+        if len(config.prompts) > 1:
+            stem = f"{index + 1:03d}-{stem}"
+        if config.sweep is not None:
+            for factor in config.sweep:
+                names = [out / f"{stem}-{s}-s{factor:g}.png" for s in seeds]
+                jobs.append(_Job(index, prompt, seeds, factor, names))
+            grids.append((index, out / f"{stem}-{seed}-sweep.png", "sweep-grid"))
+        else:
+            jobs.append(_Job(index, prompt, seeds, None, [out / f"{stem}-{s}.png" for s in seeds]))
+            if config.grid:
+                grids.append((index, out / f"{stem}-{seed}-grid.png", "grid"))
+    return jobs, grids
+
+
+def _check_outputs(paths: Sequence[Path], force: bool) -> None:
+    seen: set[Path] = set()
+    for path in paths:
+        if path in seen:
+            raise ConfigError(f"two images would share the name {path}; give distinct prompts")
+        seen.add(path)
+    if force:
+        return
+    existing = [p for p in paths if p.exists()]
+    if existing:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise OutputExistsError(
+            f"already exists{more}; pass --force to overwrite, or choose another -o folder", path=existing[0]
+        )
+
+
+# ---- the service --------------------------------------------------------------------------------------------
+
+
+def generate(
+    config: GenerateConfig,
+    progress: Progress | None = None,
+    *,
+    on_image: Callable[[GeneratedImage], None] | None = None,
+    pipe: Any = None,
+) -> GenerateResult:
+    """Generate and write the images ``config`` asks for; ``on_image`` is called as each file lands.
+
+    ``pipe`` (a loaded diffusers pipeline) skips model loading; it is used as given and its LoRAs are taken off
+    again before returning.
+
+    Raises:
+        ConfigError, InputError, MismatchError, OutputExistsError, ModelNotFoundError: one line each.
+    """
+    import torch
+
+    from lorax.adapters.apply import LoraRequest, apply_loras, check_prompt_tokens, register_tokens
+    from lorax.gen.grid import make_grid
+    from lorax.gen.params import format_parameters, save_png
+    from lorax.gen.schedule import parse_schedule
+    from lorax.io.atomic import atomic_path
+
+    progress = progress or NullProgress()
+    config.validate()
+    schedule = parse_schedule(config.schedule) if config.schedule is not None else None
+    seed = config.seed if config.seed is not None else random.randrange(2**32)
+
+    # Check every input before the (slow) model load, so bad input fails fast.
+    for spec in config.loras:
+        if spec.state is None:
+            if spec.path is None:
+                raise ConfigError("a LoRA needs a file or an in-memory state")
+            _check_input_file(spec.path, "--lora")
+    for path in config.embeddings:
+        _check_input_file(path, "--embedding")
+    embeddings = [(path, _load_embedding_file(path)) for path in config.embeddings]
+    init = read_init_image(config.init_image) if config.init_image is not None else None
+    jobs, grids = _plan(config, seed)
+    _check_outputs([p for job in jobs for p in job.names] + [g[1] for g in grids], config.force)
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    own_pipe = pipe is None
+    if own_pipe:
+        progress.log(f"loading {config.model} on {device} ({str(dtype).removeprefix('torch.')})")
+        pipe = load_model(config.model, dtype=dtype, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    # kohya names and lora_diffusion indices resolve exactly against the live model
+    states = [
+        spec.state if spec.state is not None else _load_lora_file(spec.path, pipe)  # type: ignore[arg-type]
+        for spec in config.loras
+    ]
+    if config.scheduler:
+        set_scheduler(pipe, config.scheduler)
+
+    for path, embedding in embeddings:
+        register_tokens(pipe, embedding, source=path)
+    for spec, state in zip(config.loras, states, strict=True):
+        if state.embeddings:
+            register_tokens(pipe, state.embeddings, source=spec.path or spec.label)
+    check_prompt_tokens(pipe, [*config.prompts, config.negative])
+
+    requests = [
+        LoraRequest(
+            state=state,
+            name=spec.label,
+            unet_scale=spec.scale,
+            text_scale=spec.text_scale if spec.text_scale is not None else config.text_scale,
+            blocks=config.blocks,
+            source=spec.path,
+        )
+        for spec, state in zip(config.loras, states, strict=True)
+    ]
+    applied = apply_loras(pipe, requests, fuse=config.fuse) if requests else None
+    for warning in applied.warnings if applied is not None else []:
+        progress.log(f"warning: {warning}")
+
+    runner = pipe
+    if init is not None:
+        from diffusers import AutoPipelineForImage2Image
+
+        runner = AutoPipelineForImage2Image.from_pipe(pipe)
+        runner.set_progress_bar_config(disable=True)
+    width, height = config.size or (_round8(init.size) if init is not None else default_size(pipe))
+    if init is not None and init.size != (width, height):
+        init = init.resize((width, height))
+
+    hashes = {
+        name: file_hash(spec.path)
+        for name, spec in zip(applied.names if applied else [], config.loras, strict=True)
+        if spec.path is not None
+    }
+    ti_hashes = {path.stem: file_hash(path) for path, _ in embeddings}
+    fields_base: dict[str, object] = {
+        "Steps": config.steps,
+        "Sampler": sampler_name(pipe),
+        "CFG scale": f"{config.guidance:g}",
+    }
+
+    def fields_for(image_seed: int, factor: float | None) -> dict[str, object]:
+        fields = dict(fields_base)
+        fields["Seed"] = image_seed
+        fields["Size"] = f"{width}x{height}"
+        fields["Model"] = _model_label(config.model)
+        if init is not None:
+            fields["Denoising strength"] = f"{config.strength:g}"
+        if applied is not None:
+            if hashes:
+                fields["Lora hashes"] = ", ".join(f"{k}: {v}" for k, v in hashes.items())
+            f = 1.0 if factor is None else factor
+            fields["Lora scales"] = ", ".join(
+                f"{name}: {f * r.unet_scale:g}/{f * r.effective_text_scale:g}"
+                for name, r in zip(applied.names, applied.requests, strict=True)
+            )
+            if config.blocks:
+                fields["Lora blocks"] = ",".join(f"{k}={v:g}" for k, v in config.blocks.items())
+            if schedule is not None:
+                fields["Lora schedule"] = schedule.spec
+            if config.fuse:
+                fields["Lora fused"] = "true"
+        if ti_hashes:
+            fields["TI hashes"] = ", ".join(f"{k}: {v}" for k, v in ti_hashes.items())
+        fields["Version"] = f"lorax {__version__}"
+        return fields
+
+    steps_per_call = (
+        config.steps if init is None else max(1, min(int(config.steps * config.strength), config.steps))
+    )
+    written: list[GeneratedImage] = []
+    frames: dict[int, list[tuple[float | None, list[Any]]]] = {}
+    started = time.perf_counter()
+    n_images = 0
+    try:
+        with progress.task("generating", total=len(jobs) * steps_per_call) as task:
+            for job in jobs:
+                factor = 1.0 if job.factor is None else job.factor
+
+                def on_step_end(
+                    p: Any, step: int, timestep: Any, kwargs: dict[str, Any], factor: float = factor
+                ) -> dict[str, Any]:
+                    if schedule is not None and applied is not None:
+                        total = int(getattr(p, "num_timesteps", 0) or steps_per_call)
+                        applied.set_scales(factor * schedule.for_step(step + 1, total), factor)
+                    task.advance()
+                    return kwargs
+
+                if applied is not None and not applied.fused:
+                    first = schedule.for_step(0, steps_per_call) if schedule is not None else 1.0
+                    applied.set_scales(factor * first, factor)
+                generators = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
+                kwargs: dict[str, Any] = {
+                    "prompt": job.prompt,
+                    "negative_prompt": config.negative or None,
+                    "num_inference_steps": config.steps,
+                    "guidance_scale": config.guidance,
+                    "num_images_per_prompt": len(job.seeds),
+                    "generator": generators,
+                    "callback_on_step_end": on_step_end,
+                    "output_type": "pil",
+                }
+                if init is not None:
+                    kwargs.update(image=init, strength=config.strength)
+                else:
+                    kwargs.update(width=width, height=height)
+                with torch.inference_mode():
+                    images = runner(**kwargs).images
+                n_images += len(images)
+                frames.setdefault(job.prompt_index, []).append((job.factor, images))
+                for image, image_seed, path in zip(images, job.seeds, job.names, strict=True):
+                    text = format_parameters(job.prompt, config.negative, fields_for(image_seed, job.factor))
+                    with atomic_path(path, config.force) as tmp:
+                        save_png(image, tmp, text)
+                    record = GeneratedImage(
+                        path=path,
+                        kind="image" if job.factor is None else "sweep",
+                        prompt=job.prompt,
+                        seed=image_seed,
+                        width=image.width,
+                        height=image.height,
+                        scale=job.factor,
+                        parameters=text,
+                    )
+                    written.append(record)
+                    if on_image is not None:
+                        on_image(record)
+        elapsed = time.perf_counter() - started
+        for index, path, kind in grids:
+            columns = frames[index]
+            prompt = config.prompts[index]
+            if kind == "sweep-grid":
+                # rows are seeds, columns are scales
+                cells = [columns[c][1][r] for r in range(config.n) for c in range(len(columns))]
+                sheet = make_grid(cells, len(columns), col_labels=[f"{f:g}" for f, _ in columns])
+                extra = {"Lora sweep": ",".join(f"{f:g}" for f, _ in columns)}
+            else:
+                cells = columns[0][1]
+                sheet = make_grid(cells, math.ceil(math.sqrt(len(cells))))
+                extra = {}
+            text = format_parameters(prompt, config.negative, {**fields_for(seed, None), **extra})
+            with atomic_path(path, config.force) as tmp:
+                save_png(sheet, tmp, text)
+            record = GeneratedImage(path, kind, prompt, seed, sheet.width, sheet.height, None, text)
+            written.append(record)
+            if on_image is not None:
+                on_image(record)
+    finally:
+        if applied is not None and not own_pipe:
+            applied.remove()
+    return GenerateResult(
+        images=written,
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        seconds=elapsed,
+        seconds_per_image=elapsed / max(1, n_images),
+    )
+
+
+def _round8(size: tuple[int, int]) -> tuple[int, int]:
+    return max(8, size[0] // 8 * 8), max(8, size[1] // 8 * 8)
