@@ -20,7 +20,7 @@ from typing import Any
 
 from lorax import __version__
 from lorax.adapters.state import LoraState
-from lorax.errors import ConfigError, InputError, ModelNotFoundError, OutputExistsError
+from lorax.errors import ConfigError, InputError, OutputExistsError
 from lorax.progress import NullProgress, Progress
 
 # --scheduler NAME → (diffusers class, A1111 sampler name, extra config)
@@ -235,33 +235,11 @@ def resolve_dtype(name: str, device: str) -> Any:
 
 
 def load_model(spec: str, dtype: Any = None, device: str | None = None) -> Any:
-    """A diffusers pipeline for ``spec``: a built-in name (``shapes``), a diffusers folder, or what the models layer
-    resolves (Hub id, single file) when it is installed."""
-    try:
-        from lorax.models.pipeline import load_pipeline  # the checkpoint layer, when present
-    except ImportError:
-        load_pipeline = None
-    if load_pipeline is not None:
-        return load_pipeline(spec, dtype=dtype, device=device)
+    """A diffusers pipeline for ``spec``: a built-in name (``shapes``), a diffusers folder, a Hub id in the local
+    cache, or a single ``.safetensors`` / ``.ckpt`` file (the models layer's ``load_pipeline``)."""
+    from lorax.models.pipeline import load_pipeline
 
-    from lorax.models.registry import resolve_builtin
-
-    folder = resolve_builtin(spec) or Path(spec)
-    if not (folder / "model_index.json").is_file():
-        raise ModelNotFoundError(
-            "not a diffusers model folder (no model_index.json); give a folder or a built-in name such as shapes",
-            path=spec,
-        )
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(
-        str(folder),
-        torch_dtype=dtype,
-        local_files_only=True,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
-    return pipe.to(device) if device else pipe
+    return load_pipeline(spec, dtype=dtype, device=device)
 
 
 def _model_label(spec: str) -> str:
