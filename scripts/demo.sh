@@ -18,3 +18,18 @@ echo "wrote $OUT/demo-lora.inspect.json"
 echo "== lorax convert: kohya → diffusers, then inspect the result"
 lorax convert "$OUT/demo-lora.safetensors" --to diffusers -o "$OUT/demo-lora.diffusers.safetensors" --force
 lorax inspect "$OUT/demo-lora.diffusers.safetensors"
+
+echo "== lorax convert: the tiny model folder → one single-file checkpoint (original layout)"
+lorax convert "$OUT/tiny-sd1" -o "$OUT/tiny-sd1.safetensors" --force
+
+echo "== lorax merge: the LoRA into the single file (streaming) and into the diffusers folder"
+lorax merge "$OUT/tiny-sd1.safetensors" "$OUT/demo-lora.safetensors:0.8" -o "$OUT/tiny-sd1-merged.safetensors" --force
+lorax merge "$OUT/tiny-sd1" "$OUT/demo-lora.safetensors" --alpha 0.8 --alpha-text 0.5 -o "$OUT/tiny-sd1-merged" --force
+
+echo "== lorax mix: two LoRAs as one, exact and SVD-compressed to rank 2"
+lorax mix "$OUT/demo-lora.safetensors:0.7" "$OUT/demo-lora.diffusers.safetensors:0.3" -o "$OUT/mixed.safetensors" --force
+lorax mix "$OUT/demo-lora.safetensors:0.7" "$OUT/demo-lora.diffusers.safetensors:0.3" --rank 2 -o "$OUT/mixed-r2.safetensors" --force
+
+echo "== lorax extract: the LoRA back out of the merged model"
+lorax extract "$OUT/tiny-sd1.safetensors" "$OUT/tiny-sd1-merged.safetensors" --rank 4 --targets all \
+  -o "$OUT/extracted.safetensors" --force

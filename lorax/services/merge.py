@@ -212,7 +212,9 @@ def apply_contributions(weight: torch.Tensor, contributions: list[Contribution])
     """``W0 + Σ alpha·delta`` in fp32, each delta into its row slice (OpenCLIP's fused q;k;v)."""
     import torch
 
-    w = weight.to(torch.float32).clone()
+    w = weight.to(torch.float32)
+    if w.data_ptr() == weight.data_ptr():
+        w = w.clone()
     for c in contributions:
         rows = w.shape[0] // c.parts
         view = w.narrow(0, c.part * rows, rows)
@@ -221,7 +223,7 @@ def apply_contributions(weight: torch.Tensor, contributions: list[Contribution])
             view.copy_(adapted.to(torch.float32).reshape(view.shape))
         else:
             view.add_(c.module.delta(torch.float32).reshape(view.shape), alpha=c.weight)
-    if not torch.isfinite(w).all():
+    if not math.isfinite(float(w.sum(dtype=torch.float64))):  # NaN and inf survive a sum; one cheap pass
         raise MismatchError("merging produced NaN or infinite weights (check the LoRA and alpha)")
     return w
 
@@ -300,7 +302,10 @@ def load_loras(
         declared = declared_family(spec.path)
         if family and declared and declared != family:
             raise MismatchError(f"is a {declared} LoRA but the base model is {family}", path=spec.path)
-        state = load_lora(spec.path, family=family)
+        # kohya names resolve without the family's full-size module table (building it imports diffusers, which
+        # the streaming path avoids); the base's key map is the table that decides what matches.
+        state = load_lora(spec.path, family=family if fmt == "lora_diffusion" else None)
+        state.family = state.family or declared or family
         if family and state.family and state.family != family:
             raise MismatchError(f"is a {state.family} LoRA but the base model is {family}", path=spec.path)
         alpha = default_alpha if spec.alpha is None else spec.alpha
