@@ -261,10 +261,31 @@ def test_targets_all_trains_conv_layers_and_validation_samples(tiny_model, image
     assert len(result.samples) == 2 and all(p.exists() for p in result.samples)
 
 
-def test_dora_trains_and_writes_dora_scale(tiny_model, images, tmp_path):
-    result = run(config(tiny_model, images, tmp_path / "dora.safetensors", dora=True, steps=2))
-    keys = load_file(result.output).keys()
-    assert any(k.endswith(".dora_scale") for k in keys)
+def test_dora_with_buckets_epochs_and_templates(tiny_model, images, tmp_path):
+    """DoRA writes LyCORIS' dora_scale; 48×40 images in buckets, 2 epochs of batches of 2 (4 images): 4 steps."""
+    from lorax.formats import load_lora
+
+    result = run(
+        config(
+            tiny_model,
+            images,
+            tmp_path / "dora.safetensors",
+            dora=True,
+            steps=None,
+            epochs=2,
+            batch_size=2,
+            buckets=True,
+            template="object",
+            caption_shuffle=True,
+        )
+    )
+    assert result.steps == 4 and result.epochs == 2
+    tensors = load_file(result.output)
+    scales = {k: v for k, v in tensors.items() if k.endswith(".dora_scale")}
+    assert len(scales) == result.modules["unet"]
+    state = load_lora(result.output)
+    assert {type(m).__name__ for m in state.modules.values()} == {"DoraModule"}
+    assert header(result.output)["ss_enable_bucket"] == "True"
 
 
 def test_config_problems_are_collected_naming_flags(tmp_path):

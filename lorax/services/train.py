@@ -41,6 +41,7 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
     modules: dict[str, int] = field(default_factory=dict)
+    losses: list[list[float]] = field(default_factory=list)  # [step, loss, lr, training seconds so far]
 
 
 def companion_paths(output: Path) -> dict[str, Path]:
@@ -87,12 +88,11 @@ def _class_items(
     from lorax.data.prior import class_cache_dir, ensure_class_images
 
     assert config.class_prompt is not None
+    steps, guidance = config.sampling
     folder = (
         Path(config.class_dir)
         if config.class_dir is not None
-        else class_cache_dir(
-            config.model, config.class_prompt, resolution, config.sample_steps, config.guidance_scale
-        )
+        else class_cache_dir(config.model, config.class_prompt, resolution, steps, guidance)
     )
     if accelerator.is_main_process:
         pipe.to(accelerator.device)
@@ -103,8 +103,8 @@ def _class_items(
             with torch.no_grad(), accelerator.autocast():
                 return pipe(
                     config.class_prompt,
-                    num_inference_steps=config.sample_steps,
-                    guidance_scale=config.guidance_scale,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
                     height=resolution,
                     width=resolution,
                     generator=generator,
@@ -119,8 +119,12 @@ def _class_items(
     return [ImageItem(it.path, config.class_prompt, it.size) for it in items[: config.num_class_images]]
 
 
-def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
-    """Train a LoRA as ``config`` says; returns where everything went and what it measured."""
+def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: Any = None) -> TrainResult:
+    """Train a LoRA as ``config`` says; returns where everything went and what it measured.
+
+    ``pipeline``: an already loaded ``StableDiffusionPipeline`` to train on instead of loading ``config.model``
+    (benchmarks build random-weight models in memory; ``config.model`` is then only recorded).
+    """
 
     progress = progress or NullProgress()
     config.validate()
@@ -144,7 +148,8 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
 
     from lorax.training import base
 
-    pipe = base.load_base_pipeline(config.model)
+    base.quiet_libraries()
+    pipe = pipeline if pipeline is not None else base.load_base_pipeline(config.model)
     family = base.family_of(pipe)
     base.check_trainable(pipe, family)
     base_bytes = base.model_bytes(pipe)
@@ -227,6 +232,7 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
         checkpoints=result.checkpoints,
         samples=result.samples,
         modules=modules,
+        losses=losses,
     )
 
 
@@ -359,10 +365,10 @@ def _build(
             list(config.validation_prompt),
             folder,
             resolution,
-            config.sample_steps,
-            config.guidance_scale,
+            *config.sampling,
             config.seed,
             is_main=accelerator.is_main_process,
+            release=(lambda: vae.to("cpu")) if cache is not None else None,
         )
     job = LoraJob(
         batches,

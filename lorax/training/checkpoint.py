@@ -29,7 +29,7 @@ class LoopState:
     global_step: int = 0  # optimizer steps done
     micro_step: int = 0  # batches consumed (global_step × grad_accum)
     epoch: int = 0
-    losses: list[list[float]] = field(default_factory=list)  # [step, loss, lr]
+    losses: list[list[float]] = field(default_factory=list)  # [step, loss, lr, training seconds so far]
     seconds: float = 0.0
 
 

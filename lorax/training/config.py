@@ -69,8 +69,8 @@ class TrainConfig:
     class_dir: Path | None = None
     num_class_images: int = 100
     prior_weight: float = 1.0
-    sample_steps: int = 20
-    guidance_scale: float = 7.5
+    sample_steps: int | None = None
+    guidance_scale: float | None = None
     # LoRA
     rank: int = 4
     alpha: float | None = None
@@ -147,6 +147,19 @@ class TrainConfig:
         return self.class_prompt is not None
 
     @property
+    def sampling(self) -> tuple[int, float]:
+        """Denoising steps and guidance for class and validation images: the flags, else the model's defaults."""
+        steps, guidance = 20, 7.5
+        if self.model == "shapes":
+            from lorax.zoo.shapes.pipeline import GUIDANCE_SCALE, SAMPLE_STEPS
+
+            steps, guidance = SAMPLE_STEPS, GUIDANCE_SCALE
+        return (
+            self.sample_steps if self.sample_steps is not None else steps,
+            self.guidance_scale if self.guidance_scale is not None else guidance,
+        )
+
+    @property
     def checkpoints_path(self) -> Path:
         if self.checkpoint_dir is not None:
             return Path(self.checkpoint_dir)
@@ -192,6 +205,7 @@ class TrainConfig:
         for name in ("max_grad_norm", "noise_offset", "prior_weight"):
             positive(name, zero=True)
         positive("snr_gamma")
+        positive("guidance_scale", zero=True)
         positive("alpha")
         positive("text_learning_rate", zero=True)
         for name in ("caption_dropout", "lora_dropout"):

@@ -76,6 +76,7 @@ class Sampler:
     guidance: float
     seed: int
     is_main: bool = True
+    release: Any = None  # called after sampling (e.g. to move the VAE off the device again)
 
     def __call__(self, step: int, autocast: Any) -> list[Path]:
         import torch
@@ -99,6 +100,8 @@ class Sampler:
             path = self.folder / f"step-{step:06d}-{i}.png"
             image.save(path)
             paths.append(path)
+        if self.release is not None:
+            self.release()
         return paths
 
 

@@ -227,12 +227,14 @@ class TrainingLoop:
                 self.job.after_step(self.state.global_step)
                 self.state.global_step += 1
                 self.state.epoch = self.job.epoch_of(self.state.micro_step)
-                self.state.losses.append([self.state.global_step, step_loss, lr])
-                smoothed = step_loss if smoothed is None else 0.9 * smoothed + 0.1 * step_loss
-                session_steps += 1
                 now = time.perf_counter()
                 self.state.seconds += now - last_tick
                 last_tick = now
+                self.state.losses.append(
+                    [self.state.global_step, step_loss, lr, round(self.state.seconds, 4)]
+                )
+                smoothed = step_loss if smoothed is None else 0.9 * smoothed + 0.1 * step_loss
+                session_steps += 1
                 rate = session_steps / max(1e-9, now - session_start)
                 task.update(completed=self.state.global_step, loss=smoothed, lr=lr, **{"it/s": rate})
                 step = self.state.global_step
@@ -242,6 +244,7 @@ class TrainingLoop:
                     path = self.save()
                     if path is not None:
                         self.progress.log(f"checkpoint: {path}")
+                last_tick = time.perf_counter()  # samples and checkpoints are not optimisation time
 
     def _validate(self, step: int, models: list[Any]) -> None:
         import torch
