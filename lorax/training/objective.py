@@ -42,8 +42,12 @@ class DiffusionObjective:
         alphas_cumprod = self.scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
         return alphas_cumprod / (1.0 - alphas_cumprod)
 
-    def loss(self, unet: Any, latents: Any, cond: Any, generator: Any) -> Any:
-        """Per-example loss ``[B]`` (float32), drawing noise and timesteps from ``generator``."""
+    def loss(self, unet: Any, latents: Any, cond: Any, generator: Any, weight: Any = None) -> Any:
+        """Per-example loss ``[B]`` (float32), drawing noise and timesteps from ``generator``.
+
+        ``weight`` (broadcastable to the latents, e.g. ``[B, 1, h, w]``): a loss mask; prediction and target are both
+        multiplied by it (the seed's ``lora_pti`` masks).
+        """
         import torch
         import torch.nn.functional as F
 
@@ -62,8 +66,11 @@ class DiffusionObjective:
         else:
             target = self.scheduler.get_velocity(latents, noise, timesteps)
         dtype = next(unet.parameters()).dtype
-        pred = unet(noisy.to(dtype), timesteps, cond.to(dtype), return_dict=False)[0]
-        per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        pred = unet(noisy.to(dtype), timesteps, cond.to(dtype), return_dict=False)[0].float()
+        target = target.float()
+        if weight is not None:
+            pred, target = pred * weight, target * weight
+        per_example = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         if self.snr_gamma is not None:
             snr = self.snr(timesteps)
             weight = torch.clamp(snr, max=self.snr_gamma)
