@@ -112,6 +112,7 @@ class TrainConfig:
     output_name: str | None = None
 
     DEFAULT_STEPS = 500
+    COMMAND = "train"  # subclasses (invert, pivot) name their command: TOML section and messages
 
     # ---------------------------------------------------------------------------------------------------------
     @classmethod
@@ -121,12 +122,12 @@ class TrainConfig:
         """A config from a TOML file (optional) overlaid by ``flags`` (the options given on the command line)."""
         values: dict[str, Any] = {}
         if config_file is not None:
-            values.update(load_toml(config_file))
-        unknown = sorted(set(flags) - field_names())
+            values.update(load_toml(config_file, cls))
+        unknown = sorted(set(flags) - field_names(cls))
         if unknown:
             raise ConfigError(f"unknown option(s): {', '.join(unknown)}")
         values.update(flags)
-        config = cls(**_coerce(values))
+        config = cls(**_coerce(values, cls))
         if validate:
             config.validate()
         return config
@@ -242,7 +243,7 @@ class TrainConfig:
 
     def to_toml(self) -> str:
         """The resolved config as TOML, keys spelled like the flags (reloadable with ``--config``)."""
-        lines = ["# lorax train: the resolved configuration of this run", ""]
+        lines = [f"# lorax {self.COMMAND}: the resolved configuration of this run", ""]
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None or f.name in ("force", "resume"):
@@ -254,11 +255,15 @@ class TrainConfig:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
 
-def field_names() -> set[str]:
-    return {f.name for f in fields(TrainConfig)}
+def field_names(cls: type[TrainConfig] | None = None) -> set[str]:
+    return {f.name for f in fields(cls or TrainConfig)}
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
+def _path_fields(cls: type[TrainConfig]) -> set[str]:
+    return {f.name for f in fields(cls) if "Path" in str(f.type)}
+
+
+def load_toml(path: str | Path, cls: type[TrainConfig] | None = None) -> dict[str, Any]:
     """Read a ``--config`` TOML file: flag-named keys at the top level (or under ``[train]``)."""
     path = Path(path)
     if not path.is_file():
@@ -267,17 +272,20 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"not valid TOML ({err})", path=path) from None
-    if isinstance(data.get("train"), dict):
-        data = data["train"]
+    cls = cls or TrainConfig
+    if isinstance(data.get(cls.COMMAND), dict):
+        data = data[cls.COMMAND]
     values = {str(k).replace("-", "_"): v for k, v in data.items()}
     if "validation_prompts" in values:
         values["validation_prompt"] = values.pop("validation_prompts")
-    unknown = sorted(set(values) - field_names())
+    unknown = sorted(set(values) - field_names(cls))
     if unknown:
         names = ", ".join(k.replace("_", "-") for k in unknown)
-        raise ConfigError(f"unknown key(s) {names}; keys are the flag names of `lorax train`", path=path)
+        raise ConfigError(
+            f"unknown key(s) {names}; keys are the flag names of `lorax {cls.COMMAND}`", path=path
+        )
     # Relative paths in a config file are relative to the file's folder.
-    for name in ("data_dir", "output", "class_dir", "checkpoint_dir", "resume"):
+    for name in _path_fields(cls):
         if isinstance(values.get(name), str):
             p = Path(values[name]).expanduser()
             values[name] = p if p.is_absolute() else path.parent / p
@@ -287,8 +295,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 _PATH_FIELDS = ("data_dir", "output", "class_dir", "checkpoint_dir", "resume")
 
 
-def _coerce(values: dict[str, Any]) -> dict[str, Any]:
-    types = {f.name: str(f.type) for f in fields(TrainConfig)}
+def _coerce(values: dict[str, Any], cls: type[TrainConfig] | None = None) -> dict[str, Any]:
+    cls = cls or TrainConfig
+    types = {f.name: str(f.type) for f in fields(cls)}
+    path_fields = _path_fields(cls)
     out: dict[str, Any] = {}
     problems: list[str] = []
     for name, value in values.items():
@@ -296,7 +306,7 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
         try:
             if value is None:
                 out[name] = None
-            elif name in _PATH_FIELDS:
+            elif name in path_fields:
                 out[name] = Path(value)
             elif name == "validation_prompt":
                 out[name] = [value] if isinstance(value, str) else [str(v) for v in value]
