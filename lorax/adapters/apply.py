@@ -219,7 +219,7 @@ def peft_state_dict(state: LoraState, pipe: Any) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
-def _quiet_libraries() -> Iterator[None]:
+def quiet_libraries() -> Iterator[None]:
     """diffusers and transformers log load reports and warnings while adapters load: keep them off the terminal."""
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
@@ -227,13 +227,16 @@ def _quiet_libraries() -> Iterator[None]:
     d_level, t_level = dlog.get_verbosity(), tlog.get_verbosity()
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
-    t_bars = tlog.is_progress_bar_enabled()
+    d_bars, t_bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
     tlog.disable_progress_bar()
     try:
         yield
     finally:
         dlog.set_verbosity(d_level)
         tlog.set_verbosity(t_level)
+        if d_bars:
+            dlog.enable_progress_bar()
         if t_bars:
             tlog.enable_progress_bar()
 
@@ -333,7 +336,7 @@ class AppliedLoras:
                     layer: Any = module
                     self._saved[(component, module_path)] = layer.get_base_layer().weight.detach().clone()
                     layer.merge(adapter_names=present)
-        with _quiet_libraries():
+        with quiet_libraries():
             self.pipe.unload_lora_weights()
         self.fused = True
 
@@ -350,7 +353,7 @@ class AppliedLoras:
                         model.get_submodule(path).weight.copy_(original)
                 self._saved.clear()
             elif self._peft_names:
-                with _quiet_libraries():
+                with quiet_libraries():
                     self.pipe.delete_adapters(self._peft_names)
         self._peft_names = []
 
@@ -380,7 +383,7 @@ def apply_loras(pipe: Any, requests: list[LoraRequest], *, fuse: bool = False) -
     for name, request in zip(names, requests, strict=True):
         low_rank = peft_state_dict(request.state, pipe)
         if low_rank:
-            with _quiet_libraries():
+            with quiet_libraries():
                 pipe.load_lora_weights(low_rank, adapter_name=name)
             _check_loaded(pipe, name, low_rank, request)
             applied._peft_names.append(name)

@@ -13,6 +13,7 @@ import math
 import random
 import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,7 +379,13 @@ def generate(
     """
     import torch
 
-    from lorax.adapters.apply import LoraRequest, apply_loras, check_prompt_tokens, register_tokens
+    from lorax.adapters.apply import (
+        LoraRequest,
+        apply_loras,
+        check_prompt_tokens,
+        quiet_libraries,
+        register_tokens,
+    )
     from lorax.gen.grid import make_grid
     from lorax.gen.params import format_parameters, save_png
     from lorax.gen.schedule import parse_schedule
@@ -406,8 +413,11 @@ def generate(
     dtype = resolve_dtype(config.dtype, device)
     own_pipe = pipe is None
     if own_pipe:
-        progress.log(f"loading {config.model} on {device} ({str(dtype).removeprefix('torch.')})")
-        pipe = load_model(config.model, dtype=dtype, device=device)
+        with quiet_libraries(), warnings.catch_warnings():
+            warnings.simplefilter(
+                "ignore", FutureWarning
+            )  # diffusers' deprecation notes are not the user's business
+            pipe = load_model(config.model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     # kohya names and lora_diffusion indices resolve exactly against the live model
     states = [

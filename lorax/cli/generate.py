@@ -1,0 +1,217 @@
+"""``lorax generate``: images with any number of LoRAs and learned tokens (options only; the work is in the service)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lorax.cli.common import ForceOption, JsonOption, cli_progress
+from lorax.errors import InputError
+
+
+def generate(
+    prompt: Annotated[
+        str | None,
+        typer.Argument(help="The prompt. `-` reads prompts from stdin, one per line.", show_default=False),
+    ] = None,
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Built-in name (shapes), diffusers folder, Hub id in the cache, or single file.",
+        ),
+    ] = "shapes",
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora",
+            "-l",
+            help="A LoRA in any format lorax reads, as FILE, FILE:SCALE or FILE:SCALE:TEXT_SCALE. Repeat for more.",
+            show_default=False,
+        ),
+    ] = None,
+    text_scale: Annotated[
+        float | None,
+        typer.Option(
+            "--text-scale",
+            help="Text-encoder scale for every LoRA without its own (default: the LoRA's UNet scale).",
+            show_default=False,
+        ),
+    ] = None,
+    blocks: Annotated[
+        str | None,
+        typer.Option(
+            "--blocks",
+            help="UNet block weights for every LoRA, e.g. down=0.5,mid=1,up=1 (down.N / up.N for one block).",
+            show_default=False,
+        ),
+    ] = None,
+    embedding: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--embedding",
+            "-e",
+            help="Learned tokens (A1111, diffusers or SDXL embedding, or a LoRA bundling tokens). Repeatable.",
+            show_default=False,
+        ),
+    ] = None,
+    prompts_file: Annotated[
+        str | None,
+        typer.Option(
+            "--prompts",
+            help="A file of prompts, one per line (`-` for stdin; # comments).",
+            show_default=False,
+        ),
+    ] = None,
+    count: Annotated[
+        int, typer.Option("-n", "--count", help="Images per prompt (seeds SEED, SEED+1, …).")
+    ] = 1,
+    seed: Annotated[
+        int | None, typer.Option("--seed", "-s", help="First seed (default: random, recorded in each PNG).")
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Denoising steps.")] = 20,
+    guidance: Annotated[
+        float, typer.Option("--guidance", "-g", help="Classifier-free guidance scale.")
+    ] = 7.5,
+    negative: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler",
+            help="Sampler: ddim, pndm, euler, euler-a, heun, dpm++2m, dpm++2m-karras, unipc, ddpm "
+            "(default: the model's own).",
+            show_default=False,
+        ),
+    ] = None,
+    size: Annotated[
+        str | None,
+        typer.Option(
+            "--size",
+            help="WIDTHxHEIGHT, multiples of 8 (default: the model's native size).",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the PNGs.")] = Path(
+        "lorax-images"
+    ),
+    init_image: Annotated[
+        Path | None, typer.Option("--init-image", help="img2img: start from this image.", show_default=False)
+    ] = None,
+    strength: Annotated[
+        float, typer.Option("--strength", help="img2img: how much of the init image to repaint, in (0, 1].")
+    ] = 0.75,
+    sweep_scale: Annotated[
+        str | None,
+        typer.Option(
+            "--sweep-scale",
+            help="Generate once per scale factor, e.g. 0,0.25,0.5,0.75,1 (same seeds), plus one grid per prompt.",
+            show_default=False,
+        ),
+    ] = None,
+    grid: Annotated[
+        bool, typer.Option("--grid", help="Also write a contact sheet of each prompt's batch.")
+    ] = False,
+    scale_schedule: Annotated[
+        str | None,
+        typer.Option(
+            "--scale-schedule",
+            help="Vary the LoRAs' UNet scale over the steps: linear:A:B, cosine:A:B, step:F[:A:B] or a list A,B,….",
+            show_default=False,
+        ),
+    ] = None,
+    fuse: Annotated[bool, typer.Option("--fuse", help="Merge the LoRAs into the weights for speed.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cuda, mps or cpu.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="auto (fp16 on GPUs, fp32 on CPU), float32, float16 or bfloat16.")
+    ] = "auto",
+    force: ForceOption = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Generate images with any number of LoRAs and learned tokens applied (no file is changed).
+
+    Each PNG records how it was made in a "parameters" text chunk (AUTOMATIC1111's convention) and its path is printed on stdout (with --json, one JSON object per image). Files are named PROMPT-SEED.png and are never overwritten without --force.
+
+    Example: lorax generate "a red circle on a white background" --lora red.safetensors:0.8 -n 4 --seed 1 --grid
+    """
+    from lorax.adapters.apply import parse_blocks
+    from lorax.cli.common import to_json
+    from lorax.services.generate import (
+        GenerateConfig,
+        GeneratedImage,
+        parse_lora_arg,
+        parse_scales,
+        parse_size,
+        read_prompts,
+    )
+    from lorax.services.generate import (
+        generate as run_generate,
+    )
+
+    prompts: list[str] = []
+    if prompt == "-" or prompts_file == "-":
+        prompts += read_prompts(sys.stdin.read())
+    if prompt is not None and prompt != "-":
+        prompts.append(prompt)
+    if prompts_file is not None and prompts_file != "-":
+        path = Path(prompts_file)
+        try:
+            prompts += read_prompts(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"cannot read the prompts file ({err.__class__.__name__})", path=path) from None
+
+    config = GenerateConfig(
+        prompts=prompts,
+        model=model,
+        loras=[parse_lora_arg(v) for v in lora or []],
+        text_scale=text_scale,
+        embeddings=list(embedding or []),
+        n=count,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        negative=negative,
+        scheduler=scheduler,
+        size=parse_size(size) if size is not None else None,
+        out_dir=output,
+        init_image=init_image,
+        strength=strength,
+        sweep=parse_scales(sweep_scale) if sweep_scale is not None else None,
+        grid=grid,
+        schedule=scale_schedule,
+        blocks=parse_blocks(blocks) if blocks is not None else None,
+        fuse=fuse,
+        device=device,
+        dtype=dtype,
+        force=force,
+    )
+
+    def show(image: GeneratedImage) -> None:
+        if json_out:
+            record = {
+                "path": str(image.path),
+                "kind": image.kind,
+                "prompt": image.prompt,
+                "seed": image.seed,
+                "scale": image.scale,
+                "width": image.width,
+                "height": image.height,
+            }
+            sys.stdout.write(to_json(record) + "\n")
+        else:
+            sys.stdout.write(f"{image.path}\n")
+        sys.stdout.flush()
+
+    with cli_progress() as progress:
+        result = run_generate(config, progress, on_image=show)
+        progress.log(
+            f"{len(result.images)} file(s) in {result.seconds:.1f} s "
+            f"({result.seconds_per_image:.2f} s per image on {result.device}, {result.dtype})"
+        )
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="generate")(generate)
