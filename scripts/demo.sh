@@ -33,3 +33,11 @@ lorax mix "$OUT/demo-lora.safetensors:0.7" "$OUT/demo-lora.diffusers.safetensors
 echo "== lorax extract: the LoRA back out of the merged model"
 lorax extract "$OUT/tiny-sd1.safetensors" "$OUT/tiny-sd1-merged.safetensors" --rank 4 --targets all \
   -o "$OUT/extracted.safetensors" --force
+
+echo "== lorax train: a LoRA for a new concept ('a sks star', purple stars) with a checkpoint and a resume"
+python -c "from lorax.zoo.shapes import write_concept_dir; write_concept_dir('$OUT/sks-star', 'star', 'purple', 8, caption='a sks star')"
+lorax train "$OUT/sks-star" --model "$OUT/tiny-sd1" --resolution 32 --steps 40 --lr 1e-3 --checkpoint-every 20 \
+  -o "$OUT/sks-star.safetensors" --force
+lorax train "$OUT/sks-star" --model "$OUT/tiny-sd1" --resolution 32 --steps 60 --lr 1e-3 \
+  --resume "$OUT/sks-star.checkpoints" -o "$OUT/sks-star-60.safetensors" --force
+echo "loss curve: $OUT/sks-star.loss.png, resolved config: $OUT/sks-star.toml"
