@@ -122,3 +122,55 @@ def test_config_file_and_flags(cli, tmp_path, image_dir, model_dir):
     saved = (tmp_path / "flags.toml").read_text()
     assert "rank = 2" in saved and "steps = 2" in saved
     assert not (tmp_path / "from-config.safetensors").exists()
+
+
+def test_torchrun_two_processes_same_command(tmp_path, image_dir, model_dir):
+    """`accelerate launch`/`torchrun -m lorax train …` is the same code path: two CPU processes (gloo DDP) split
+    each epoch's batches, agree on the reduced loss, and only the main process writes and reports."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp.safetensors"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "lorax",
+            "--quiet",
+            "train",
+            str(image_dir),
+            "--model",
+            str(model_dir),
+            "--instance-prompt",
+            "x",
+            "--resolution",
+            "32",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "-o",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, proc.stdout
+    body = json.loads(lines[0])
+    assert body["processes"] == 2 and body["steps"] == 2
+    assert body["epochs"] == 2  # 2 images, 2 processes: one batch each per epoch
+    assert out.exists()

@@ -285,13 +285,13 @@ def train_command(
     cfg = TrainConfig.from_sources(given, config)
     with cli_progress() as progress:
         result = train(cfg, progress)
+    if not result.main_process:
+        return
     if json_out:
         print_json(result)
         return
     console = stdout_console()
     console.print(str(result.output), markup=False, highlight=False)
-    if not result.output.exists():  # another process wrote it
-        return
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
     summary = (
         f"{result.steps} steps, {result.epochs:g} epochs, {result.num_images} images, final loss {loss}, "

@@ -42,6 +42,8 @@ class TrainResult:
     samples: list[Path] = field(default_factory=list)
     modules: dict[str, int] = field(default_factory=dict)
     losses: list[list[float]] = field(default_factory=list)  # [step, loss, lr, training seconds so far]
+    processes: int = 1
+    main_process: bool = True  # under accelerate/torchrun only the main process writes and reports
 
 
 def companion_paths(output: Path) -> dict[str, Path]:
@@ -233,6 +235,8 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
         samples=result.samples,
         modules=modules,
         losses=losses,
+        processes=accelerator.num_processes,
+        main_process=accelerator.is_main_process,
     )
 
 
