@@ -1,0 +1,309 @@
+"""Textual inversion: new tokens in the tokenizer, their rows in the text encoder's input embeddings, and the rules
+that keep every other row untouched.
+
+``LearnedTokens.add`` registers placeholder tokens (``<s1>``; with ``n`` vectors ``<s1> <s1>_1 … <s1>_{n-1}``, the
+multi-vector convention diffusers' pipelines and ``lorax generate`` expand in prompts) and initialises their rows:
+from a word of any length (the mean of its tokens' embeddings), ``rand`` / ``<rand-σ>`` (normal noise, σ 0.017 by
+default, the seed's ``lora_pti``), or ``zero`` / ``<zero>``. During training a gradient hook zeroes the gradient of
+every other row and ``after_step`` copies the original rows back, bit for bit; with norm decay the new rows' norms
+are pulled toward ``target`` by ``λ = min(1, 100·lr)`` per step (the seed's ``clip_ti_decay``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorax.errors import ConfigError, InputError
+
+DEFAULT_SIGMA = 0.017  # the seed's initializer noise
+NORM_TARGET = 0.4  # the seed's clip_ti_decay target norm
+STATE_PREFIX = "embeddings."
+_RAND = re.compile(r"^<?rand(?:-(?P<sigma>[0-9.eE+-]+))?>?$")
+_ZERO = re.compile(r"^<?zero>?$")
+
+
+def parse_tokens(spec: str) -> list[str]:
+    """``"<s1>|<s2>"`` → ``["<s1>", "<s2>"]`` (the seed's ``placeholder_tokens``; order kept, duplicates refused)."""
+    tokens = [t.strip() for t in spec.split("|")]
+    if not all(tokens):
+        raise ConfigError(f"--token {spec!r}: empty token name (separate several with |, e.g. '<s1>|<s2>')")
+    bad = [t for t in tokens if any(c.isspace() for c in t)]
+    if bad:
+        raise ConfigError(f"--token {bad[0]!r}: a token cannot contain spaces")
+    if len(set(tokens)) != len(tokens):
+        raise ConfigError(f"--token {spec!r}: a token is named twice")
+    return tokens
+
+
+def parse_init(spec: str | None, tokens: Sequence[str]) -> list[str]:
+    """One initializer per token: ``None`` → random; one value for all; or ``|``-separated, one per token."""
+    if spec is None:
+        return ["rand"] * len(tokens)
+    parts = [p.strip() for p in spec.split("|")] if "|" in spec else [spec.strip()]
+    if len(parts) == 1:
+        return parts * len(tokens)
+    if len(parts) != len(tokens):
+        raise ConfigError(
+            f"--init-token {spec!r} names {len(parts)} initializers for {len(tokens)} tokens: give one, or one per token"
+        )
+    return parts
+
+
+def parse_replacements(spec: str | None, tokens: Sequence[str]) -> list[tuple[str, str]]:
+    """``--token-at-data "purple|<s1>"`` (the seed's ``placeholder_token_at_data``): caption literal → token(s)."""
+    if spec is None:
+        return []
+    pairs: list[tuple[str, str]] = []
+    for part in spec.split(","):
+        literal, sep, replacement = part.partition("|")
+        if not sep or not literal.strip() or not replacement.strip():
+            raise ConfigError(
+                f"--token-at-data {part!r}: write LITERAL|TOKENS, e.g. 'purple|<s1>' (several: comma-separated)"
+            )
+        unknown = [t for t in re.findall(r"<[^<>\s]+>", replacement) if t not in tokens]
+        if unknown:
+            raise ConfigError(
+                f"--token-at-data: {unknown[0]} is not one of the --token names ({'|'.join(tokens)})"
+            )
+        pairs.append((literal.strip(), replacement.strip()))
+    return pairs
+
+
+def replace_in_caption(caption: str, replacements: Sequence[tuple[str, str]]) -> str:
+    for literal, replacement in replacements:
+        caption = caption.replace(literal, replacement)
+    return caption
+
+
+def vector_names(token: str, n: int) -> list[str]:
+    """The tokenizer entries of an ``n``-vector token (same convention as ``lorax.adapters.apply.vector_tokens``)."""
+    return [token] + [f"{token}_{i}" for i in range(1, n)]
+
+
+@dataclass
+class LearnedTokens:
+    """The placeholder tokens of a run and the embedding rows they own.
+
+    ``rows[token]`` are the row indices (one per vector). ``original`` is a copy of the whole table taken when the
+    tokens were added; ``restore()`` puts every row that is not a learned row back from it, exactly.
+    """
+
+    tokenizer: Any
+    text_encoder: Any
+    rows: dict[str, list[int]]
+    original: Any
+    frozen: Any  # bool [vocab]: rows to keep
+    norm_target: float = NORM_TARGET
+    _hook: Any = field(default=None, repr=False)
+
+    # ---------------------------------------------------------------------------------------------------------
+    @classmethod
+    def add(
+        cls,
+        tokenizer: Any,
+        text_encoder: Any,
+        tokens: Sequence[str],
+        *,
+        vectors: int = 1,
+        init: Sequence[str] | None = None,
+        overwrite: bool = False,
+        seed: int = 0,
+        norm_target: float = NORM_TARGET,
+    ) -> LearnedTokens:
+        """Register ``tokens`` (``vectors`` rows each) and initialise their rows.
+
+        Raises:
+            InputError: a token already in the vocabulary (without ``overwrite``), or an init word the tokenizer
+                cannot encode.
+        """
+        import torch
+
+        init = list(init) if init is not None else ["rand"] * len(tokens)
+        names = {t: vector_names(t, vectors) for t in tokens}
+        existing = {n: existing_id(tokenizer, n) for t in tokens for n in names[t]}
+        clash = [n for n, i in existing.items() if i is not None]
+        if clash and not overwrite:
+            raise InputError(
+                f"--token {clash[0]} is already in the model's vocabulary; choose another token "
+                "(e.g. '<s1>') or pass --overwrite-token to train its row"
+            )
+        table = text_encoder.get_input_embeddings()
+        # Init vectors are computed from the table before anything changes (an init word may share rows).
+        starts = {
+            t: _init_vectors(spec, tokenizer, table.weight.detach(), vectors, tokens, seed=seed, index=i)
+            for i, (t, spec) in enumerate(zip(tokens, init, strict=True))
+        }
+        new = [n for n, i in existing.items() if i is None]
+        if new:
+            tokenizer.add_tokens(new)
+        needed = len(tokenizer)
+        if needed > table.weight.shape[0]:
+            text_encoder.resize_token_embeddings(needed, mean_resizing=False)
+            table = text_encoder.get_input_embeddings()
+        rows = {
+            t: [
+                int(existing[n] if existing[n] is not None else tokenizer.convert_tokens_to_ids(n))
+                for n in names[t]
+            ]
+            for t in tokens
+        }
+        with torch.no_grad():
+            for t in tokens:
+                table.weight[rows[t]] = starts[t].to(device=table.weight.device, dtype=table.weight.dtype)
+        frozen = torch.ones(table.weight.shape[0], dtype=torch.bool)
+        frozen[[r for t in tokens for r in rows[t]]] = False
+        return cls(
+            tokenizer,
+            text_encoder,
+            rows,
+            table.weight.detach().clone(),
+            frozen,
+            norm_target=norm_target,
+        )
+
+    # ---------------------------------------------------------------------------------------------------------
+    @property
+    def tokens(self) -> list[str]:
+        return list(self.rows)
+
+    @property
+    def all_rows(self) -> list[int]:
+        return [r for rows in self.rows.values() for r in rows]
+
+    @property
+    def weight(self) -> Any:
+        return self.text_encoder.get_input_embeddings().weight
+
+    def expand(self, caption: str) -> str:
+        """``"a <s1> square"`` → ``"a <s1> <s1>_1 square"`` for multi-vector tokens (single vectors unchanged)."""
+        for token, rows in self.rows.items():
+            if len(rows) > 1 and token in caption:
+                caption = caption.replace(token, " ".join(vector_names(token, len(rows))))
+        return caption
+
+    def make_trainable(self) -> Any:
+        """Let the embedding table train (fp32), with the gradient of every other row zeroed; returns the parameter."""
+        weight = self.weight
+        weight.data = weight.data.float()
+        weight.requires_grad_(True)
+        if self._hook is None:
+            keep = self.frozen.to(weight.device)
+
+            def only_new_rows(grad: Any) -> Any:
+                return grad.masked_fill(keep[:, None], 0.0)
+
+            self._hook = weight.register_hook(only_new_rows)
+        return weight
+
+    def freeze(self) -> None:
+        """Stop training the table (the rows keep their values)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.weight.requires_grad_(False)
+
+    def restore(self) -> None:
+        """Every row but the learned ones back to its original value, bit for bit."""
+        import torch
+
+        weight = self.weight
+        with torch.no_grad():
+            keep = self.frozen.to(weight.device)
+            weight[keep] = self.original.to(weight.device, weight.dtype)[keep]
+
+    def decay_norms(self, lr: float) -> None:
+        """The seed's ``clip_ti_decay``: ``e ← normalize(e) · (n + λ (target − n))`` with ``λ = min(1, 100·lr)``."""
+        import torch
+        import torch.nn.functional as F
+
+        lam = min(1.0, 100.0 * lr)
+        weight = self.weight
+        rows = self.all_rows
+        with torch.no_grad():
+            e = weight[rows].float()
+            norm = e.norm(dim=-1, keepdim=True)
+            weight[rows] = (F.normalize(e, dim=-1) * (norm + lam * (self.norm_target - norm))).to(
+                weight.dtype
+            )
+
+    def embeddings(self) -> dict[str, dict[str, Any]]:
+        """``{token: {"text_encoder": [n, dim]}}`` (fp32 CPU copies), as ``LoraState.embeddings`` holds them."""
+        weight = self.weight.detach()
+        return {t: {"text_encoder": weight[rows].float().cpu().clone()} for t, rows in self.rows.items()}
+
+    def state_tensors(self) -> dict[str, Any]:
+        return {STATE_PREFIX + t: v["text_encoder"] for t, v in self.embeddings().items()}
+
+    def load_state_tensors(self, tensors: Mapping[str, Any]) -> None:
+        """Put back rows saved by ``state_tensors``; the checkpoint must hold exactly this run's tokens."""
+        import torch
+
+        from lorax.errors import MismatchError
+
+        saved = {k[len(STATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
+        if set(saved) != set(self.rows):
+            raise MismatchError(
+                f"the checkpoint learns tokens {sorted(saved)}, this run {sorted(self.rows)}: resume with the same --token"
+            )
+        weight = self.weight
+        with torch.no_grad():
+            for token, rows in self.rows.items():
+                if tuple(saved[token].shape) != (len(rows), weight.shape[1]):
+                    raise MismatchError(
+                        f"the checkpoint's {token} has shape {tuple(saved[token].shape)}; resume with the same --vectors"
+                    )
+                weight[rows] = saved[token].to(weight.device, weight.dtype)
+
+    def set_embeddings(self, embeddings: Mapping[str, Mapping[str, Any]]) -> None:
+        """Put learned vectors (``{token: {"text_encoder": [n, dim]}}``) into the rows."""
+        self.load_state_tensors({STATE_PREFIX + t: v["text_encoder"] for t, v in embeddings.items()})
+
+
+def existing_id(tokenizer: Any, name: str) -> int | None:
+    """The row of ``name`` if the tokenizer already has it: an entry of its vocabulary, or a word it encodes as
+    exactly one token (CLIP's vocabulary spells whole words ``sks</w>``)."""
+    vocab = tokenizer.get_vocab()
+    if name in vocab:
+        return int(vocab[name])
+    ids = tokenizer(name, add_special_tokens=False).input_ids
+    if len(ids) == 1 and ids[0] != getattr(tokenizer, "unk_token_id", None):
+        return int(ids[0])
+    return None
+
+
+def _init_vectors(
+    spec: str, tokenizer: Any, weight: Any, n: int, placeholders: Sequence[str], *, seed: int, index: int
+) -> Any:
+    """``[n, dim]`` start vectors for one token."""
+    import torch
+
+    dim = weight.shape[1]
+    spec = spec.strip()
+    rand = _RAND.match(spec)
+    if rand:
+        try:
+            sigma = float(rand.group("sigma")) if rand.group("sigma") else DEFAULT_SIGMA
+        except ValueError:
+            raise InputError(f"--init-token {spec!r}: write rand, or <rand-σ> with a number σ") from None
+        generator = torch.Generator().manual_seed(seed * 1009 + index)
+        return torch.randn((n, dim), generator=generator) * sigma
+    if _ZERO.match(spec):
+        return torch.zeros((n, dim))
+    if any(p in spec for p in placeholders):
+        raise InputError(
+            f"--init-token {spec!r} uses a token being learned; start from a word the model knows"
+        )
+    ids = tokenizer(spec, add_special_tokens=False).input_ids
+    unk = getattr(tokenizer, "unk_token_id", None)
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    if not ids or (unk is not None and unk in ids) or any(i in special for i in ids):
+        raise InputError(
+            f"--init-token {spec!r}: the tokenizer cannot encode it into word tokens; use a plain word, rand or zero"
+        )
+    if max(ids) >= weight.shape[0]:
+        raise InputError(f"--init-token {spec!r}: its tokens lie outside the text encoder's embedding table")
+    mean = weight[ids].float().mean(dim=0)
+    return mean.expand(n, dim).clone()

@@ -1,0 +1,151 @@
+"""Loss masks: a weight per latent pixel from a mask image per training image (the seed's ``lora_pti`` masks).
+
+A mask is found by the image's file name in ``--mask-dir`` (same stem, any image extension), or computed with
+``--auto-mask`` (foreground = pixels far from the image's border colour: right for plain-background images such as
+the shapes world). It is cropped and flipped exactly like its image, resized to the latent size, mapped from [0, 1]
+to [0.5, 1.5], then weighted as the seed does: ``w = (m + 0.01) ** temperature / max``. Prediction and target are
+both multiplied by ``w`` (``DiffusionObjective.loss(..., weight=w)``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorax.data.images import IMAGE_EXTENSIONS, ImageItem
+from lorax.errors import InputError
+from lorax.training.job import DiffusionBatches
+
+AUTO_THRESHOLD = (
+    0.3  # RGB distance from the border colour that counts as foreground (the shapes scorers' value)
+)
+
+
+def find_masks(items: Sequence[ImageItem], mask_dir: Path) -> list[Path]:
+    """The mask of every image, by stem; raises naming the images that have none."""
+    mask_dir = Path(mask_dir)
+    if not mask_dir.is_dir():
+        raise InputError("--mask-dir is not a folder", path=mask_dir)
+    by_stem: dict[str, Path] = {}
+    for p in sorted(mask_dir.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            by_stem.setdefault(p.stem, p)
+    missing = [it.path.name for it in items if it.path.stem not in by_stem]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise InputError(
+            f"--mask-dir has no mask for {len(missing)} of {len(items)} images ({', '.join(missing[:3])}{more}); "
+            "give every image a mask of the same name",
+            path=mask_dir,
+        )
+    return [by_stem[it.path.stem] for it in items]
+
+
+def foreground_mask(pixels: Any) -> Any:
+    """``[H, W]`` in {0, 1}: pixels of ``[H, W, 3]`` (floats in [0, 1]) far from the median border colour."""
+    import numpy as np
+
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background = np.median(border, axis=0)
+    distance = np.sqrt(((pixels - background) ** 2).sum(axis=-1))
+    return (distance > AUTO_THRESHOLD).astype(np.float32)
+
+
+def load_mask(
+    mask_path: Path | None,
+    image_path: Path,
+    image_size: tuple[int, int],
+    target: tuple[int, int],
+    *,
+    random_crop: bool,
+    flip: bool,
+    rng: random.Random,
+) -> Any:
+    """The mask in [0, 1] as a ``[H, W]`` tensor, cropped and flipped as its image is (same ``rng`` state)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from lorax.data.transforms import crop_box
+
+    if mask_path is None:
+        with Image.open(image_path) as opened:
+            rgb = np.asarray(opened.convert("RGB"), dtype=np.float32) / 255.0
+        mask = Image.fromarray((foreground_mask(rgb) * 255).astype(np.uint8), mode="L")
+    else:
+        try:
+            with Image.open(mask_path) as opened:
+                mask = opened.convert("L")
+        except Exception as err:
+            raise InputError(f"unreadable mask ({type(err).__name__})", path=mask_path) from None
+        if mask.size != image_size:
+            mask = mask.resize(image_size, Image.Resampling.BILINEAR)
+    tw, th = target
+    scale, (left, top) = crop_box(image_size, target, random_crop=random_crop, rng=rng)
+    rw, rh = max(tw, round(image_size[0] * scale)), max(th, round(image_size[1] * scale))
+    if (rw, rh) != mask.size:
+        mask = mask.resize((rw, rh), Image.Resampling.BILINEAR)
+    mask = mask.crop((left, top, left + tw, top + th))
+    if flip:
+        mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
+
+
+def mask_weight(masks: Any, latent_size: tuple[int, int], temperature: float) -> Any:
+    """``[B, H, W]`` masks in [0, 1] → ``[B, 1, h, w]`` loss weights: to [0.5, 1.5], ``(m + 0.01)^T``, ``/ max``."""
+    import torch.nn.functional as F
+
+    m = F.interpolate(masks[:, None].float(), size=latent_size, mode="bilinear", align_corners=False)
+    m = (m + 0.5 + 0.01).pow(temperature)
+    return m / m.amax(dim=(1, 2, 3), keepdim=True)
+
+
+@dataclass
+class MaskedBatches(DiffusionBatches):
+    """``DiffusionBatches`` whose instance examples weight the loss by their masks (class examples: weight 1)."""
+
+    mask_paths: list[Path | None] = field(default_factory=list)  # per instance item; None → automatic mask
+    temperature: float = 1.0
+
+    def weights(self, epoch: int, indices: list[int], latent_size: tuple[int, int]) -> Any:
+        import torch
+
+        keys, _captions, rngs = self.data.batch_keys(
+            epoch, indices
+        )  # fresh generators: the images' own crops
+        opts = self.data.options
+        masks = []
+        for key, rng in zip(keys, rngs, strict=True):
+            if key.source != "instance":
+                masks.append(torch.ones(key.size[1], key.size[0]))
+                continue
+            item = self.data.items[key.item]
+            masks.append(
+                load_mask(
+                    self.mask_paths[key.item],
+                    item.path,
+                    item.size,
+                    key.size,
+                    random_crop=opts.random_crop,
+                    flip=key.flip,
+                    rng=rng,
+                )
+            )
+        weight = mask_weight(torch.stack(masks), latent_size, self.temperature)
+        for i, key in enumerate(keys):
+            if key.source != "instance":
+                weight[i] = 1.0
+        return weight
+
+    def loss(self, micro_step: int, generator: Any, unet: Any | None = None) -> Any:
+        epoch, indices = self.position(micro_step)
+        latents, captions, n = self.latents(epoch, indices)
+        cond = self.prompts(captions)
+        weight = self.weights(epoch, indices, tuple(latents.shape[-2:])).to(latents.device)
+        per_example = self.objective.loss(unet or self.unet, latents, cond, generator, weight=weight)
+        if per_example.shape[0] == n:
+            return per_example.mean()
+        return per_example[:n].mean() + self.prior_weight * per_example[n:].mean()

@@ -1,0 +1,159 @@
+"""``InvertConfig`` and ``PivotConfig``: ``TrainConfig`` plus the options of textual inversion and pivotal tuning.
+
+Same rules as ``TrainConfig``: field names are the flag names, a TOML ``--config`` file uses the same keys (at the
+top level or under ``[invert]`` / ``[pivot]``), and ``validate()`` reports every problem at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorax.training.config import TrainConfig, flag
+
+EMBEDDING_FORMATS = ("a1111", "diffusers")
+PIVOT_FORMATS = ("kohya", "lora_diffusion")
+
+
+@dataclass
+class InversionOptions(TrainConfig):
+    """The options shared by ``invert`` and ``pivot`` (their phase 1)."""
+
+    token: str = "<s1>"
+    vectors: int = 1
+    init_token: str | None = None
+    overwrite_token: bool = False
+    token_at_data: str | None = None
+    norm_decay: bool = True
+    norm_target: float = 0.4
+    mask_dir: Path | None = None
+    auto_mask: bool = False
+    mask_temperature: float = 1.0
+
+    COMMAND = "invert"
+
+    @property
+    def tokens(self) -> list[str]:
+        from lorax.training.inversion import parse_tokens
+
+        return parse_tokens(self.token)
+
+    @property
+    def inversion_lr(self) -> float:
+        return self.learning_rate
+
+    @property
+    def inversion_weight_decay(self) -> float:
+        return self.weight_decay
+
+    @property
+    def masked(self) -> bool:
+        return self.mask_dir is not None or self.auto_mask
+
+    def problems(self) -> list[str]:
+        p = [x for x in super().problems() if not x.startswith("-o/--output must end")]
+        try:
+            from lorax.training.inversion import parse_init, parse_replacements
+
+            tokens = self.tokens
+            parse_init(self.init_token, tokens)
+            parse_replacements(self.token_at_data, tokens)
+        except Exception as err:  # ConfigError: one problem among the others
+            p.append(str(err))
+        if self.vectors < 1 or self.vectors > 75:
+            p.append(f"--vectors must be between 1 and 75 (got {self.vectors})")
+        if self.norm_target <= 0:
+            p.append(f"--norm-target must be > 0 (got {self.norm_target})")
+        if self.mask_temperature <= 0:
+            p.append(f"--mask-temperature must be > 0 (got {self.mask_temperature})")
+        if self.mask_dir is not None and self.auto_mask:
+            p.append("--mask-dir and --auto-mask are exclusive: pass one")
+        return p
+
+
+@dataclass
+class InvertConfig(InversionOptions):
+    """``lorax invert``: learn token embeddings only. ``learning_rate`` and ``steps`` are the inversion's own."""
+
+    format: str = "a1111"
+    learning_rate: float = 5e-3
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant"
+
+    COMMAND = "invert"
+    DEFAULT_STEPS = 300
+
+    def problems(self) -> list[str]:
+        p = [x for x in super().problems() if not x.startswith(flag("format"))]
+        if self.format not in EMBEDDING_FORMATS:
+            p.append(f"--format must be one of {', '.join(EMBEDDING_FORMATS)} (got {self.format!r})")
+        if self.output is not None:
+            suffix = Path(self.output).suffix
+            if suffix not in (".pt", ".safetensors"):
+                p.append(f"-o/--output must end in .safetensors or .pt (got {Path(self.output).name})")
+            elif suffix == ".pt" and self.format != "a1111":
+                p.append(
+                    "-o/--output .pt files are A1111 embeddings: drop --format diffusers or use .safetensors"
+                )
+            elif self.format == "a1111" and len(self.tokens) > 1:
+                p.append("an A1111 embedding holds one token: use --format diffusers for several --token")
+        for name in ("train_text", "dora"):
+            if getattr(self, name):
+                p.append(f"{flag(name)} is a LoRA option: use lorax pivot")
+        return p
+
+
+@dataclass
+class PivotConfig(InversionOptions):
+    """``lorax pivot``: phase 1 inversion (``ti_*``), phase 2 LoRA (``learning_rate``, ``steps``, ``rank`` …)."""
+
+    ti_steps: int = 300
+    ti_learning_rate: float = 5e-3
+    ti_weight_decay: float = 0.0
+    continue_inversion: bool = False
+    continue_ti_learning_rate: float | None = None
+    train_text: bool = True
+    text_learning_rate: float | None = 1e-5
+    weight_decay: float = 1e-3
+    lr_scheduler: str = "linear"
+
+    COMMAND = "pivot"
+    DEFAULT_STEPS = 300
+
+    @property
+    def inversion_lr(self) -> float:
+        return self.ti_learning_rate
+
+    @property
+    def inversion_weight_decay(self) -> float:
+        return self.ti_weight_decay
+
+    @property
+    def continue_lr(self) -> float:
+        if self.continue_ti_learning_rate is not None:
+            return self.continue_ti_learning_rate
+        return self.ti_learning_rate / 10
+
+    def problems(self) -> list[str]:
+        p = [
+            x
+            for x in super().problems()
+            if not x.startswith(flag("format")) and not x.startswith("--text-learning-rate needs")
+        ]
+        if self.format not in PIVOT_FORMATS:
+            p.append(f"--format must be one of {', '.join(PIVOT_FORMATS)} (got {self.format!r})")
+        if self.output is not None and Path(self.output).suffix != ".safetensors":
+            p.append(f"-o/--output must end in .safetensors (got {Path(self.output).name})")
+        if self.ti_steps < 0:
+            p.append(f"--ti-steps must be ≥ 0 (got {self.ti_steps})")
+        for name in ("ti_learning_rate", "continue_ti_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                p.append(f"{flag(name)} must be > 0 (got {value})")
+        if self.ti_weight_decay < 0:
+            p.append(f"--ti-weight-decay must be ≥ 0 (got {self.ti_weight_decay})")
+        if self.continue_ti_learning_rate is not None and not self.continue_inversion:
+            p.append("--continue-ti-learning-rate needs --continue-inversion")
+        if self.dora and self.format == "lora_diffusion":
+            p.append("--dora cannot be written in the lora_diffusion format: use --format kohya")
+        return p
