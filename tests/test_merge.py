@@ -282,3 +282,17 @@ def test_signal_mid_merge_leaves_nothing(sig: signal.Signals) -> None:
     assert b"interrupted" in err
     assert not out.exists()
     assert not list(d.glob(".m.safetensors*"))
+
+
+def test_copy_fallback_without_copy_file_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel cannot copy between the files, plain reads and writes give the same bytes."""
+
+    def refuse(*args: object) -> int:
+        raise OSError("not supported here")
+
+    d = scratch("fallback")
+    lora = save(tiny_lora("sd2", seed=12), d / "l.safetensors")
+    merge(MergeConfig(str(tiny_single("sd2")), [str(lora)], d / "fast.safetensors"))
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    merge(MergeConfig(str(tiny_single("sd2")), [str(lora)], d / "slow.safetensors"))
+    assert (d / "fast.safetensors").read_bytes() == (d / "slow.safetensors").read_bytes()

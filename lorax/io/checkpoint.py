@@ -501,3 +501,64 @@ def is_model_checkpoint(path: str | Path) -> bool:
 def iter_component_tensors(ckpt: Checkpoint, component: str) -> Iterator[tuple[str, torch.Tensor]]:
     for key in ckpt.component_keys(component):
         yield key, ckpt.tensor(component, key)
+
+
+def model_skeleton(ckpt: Checkpoint, components: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")) -> dict[str, Any]:  # fmt: skip
+    """``{component: nn.Module}`` holding only meta-device ``Linear``/``Conv2d`` layers at the checkpoint's module
+    paths (and a UNet ``config`` with its block layout): enough for a LoRA reader to resolve names exactly against
+    this model, without building it (no diffusers import, no memory)."""
+    from torch import nn
+
+    out: dict[str, Any] = {}
+    for component in components:
+        if component not in ckpt.components():
+            continue
+        root = nn.Module()
+        for key in ckpt.component_keys(component):
+            if not key.endswith(".weight"):
+                continue
+            shape = _shape_of(ckpt, component, key)
+            if len(shape) == 2:
+                layer: nn.Module = nn.Linear(shape[1], shape[0], bias=False, device="meta")
+            elif len(shape) == 4:
+                layer = nn.Conv2d(shape[1], shape[0], tuple(shape[2:]), bias=False, device="meta")  # type: ignore[arg-type]
+            else:
+                continue
+            *parents, leaf = key[: -len(".weight")].split(".")
+            node = root
+            for name in parents:
+                child = node._modules.get(name)
+                if child is None:
+                    child = nn.Module()
+                    node.add_module(name, child)
+                node = child
+            if leaf not in node._modules:
+                node.add_module(leaf, layer)
+        if component == "unet":
+            root.config = _unet_layout_config(ckpt)  # type: ignore[assignment]
+        out[component] = root
+    return out
+
+
+def _shape_of(ckpt: Checkpoint, component: str, key: str) -> tuple[int, ...]:
+    if isinstance(ckpt, SingleFileCheckpoint):
+        from lorax.io.keymaps import part_shapes
+
+        found = ckpt.keymap.locate(component, key)
+        assert found is not None
+        entry, i = found
+        return part_shapes(entry, ckpt.source.shape(entry.single))[i]
+    return ckpt.source(component).shape(ckpt._disk_key(component, key))
+
+
+def _unet_layout_config(ckpt: Checkpoint) -> dict[str, Any]:
+    if isinstance(ckpt, DiffusersCheckpoint):
+        return ckpt.config("unet")
+    layout = ckpt.layouts().unet or UnetLayout.from_single_keys(
+        [k[len("model.diffusion_model.") :] for k in ckpt.source if k.startswith("model.diffusion_model.")]
+    )
+    return {
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in layout.down_attention],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in layout.up_attention],
+        "layers_per_block": layout.layers_per_block,
+    }

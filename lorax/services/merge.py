@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -26,6 +27,7 @@ from lorax.io.checkpoint import (
     SafetensorsSource,
     SingleFileCheckpoint,
     is_model_checkpoint,
+    model_skeleton,
     open_checkpoint,
     open_source,
     weight_files,
@@ -223,9 +225,49 @@ def apply_contributions(weight: torch.Tensor, contributions: list[Contribution])
             view.copy_(adapted.to(torch.float32).reshape(view.shape))
         else:
             view.add_(c.module.delta(torch.float32).reshape(view.shape), alpha=c.weight)
-    if not math.isfinite(float(w.sum(dtype=torch.float64))):  # NaN and inf survive a sum; one cheap pass
+    if not math.isfinite(float(w.sum())):  # NaN and inf survive a sum: one cheap pass over the merged weight
         raise MismatchError("merging produced NaN or infinite weights (check the LoRA and alpha)")
     return w
+
+
+class CopyingWriter(StreamingWriter):
+    """A ``StreamingWriter`` that can also copy a tensor's bytes from another file inside the kernel
+    (``copy_file_range``): no Python buffer, no resident memory, close to ``cp``."""
+
+    def copy_from(self, name: str, src_fd: int, offset: int) -> None:
+        expected, n = self._order[self._next]
+        if name != expected:
+            raise RuntimeError(f"CopyingWriter: expected tensor {expected!r}, got {name!r}")
+        self._f.flush()
+        out_fd = self._f.fileno()
+        start = os.lseek(out_fd, 0, os.SEEK_CUR)
+        done = 0
+        try:
+            while done < n:
+                step = os.copy_file_range(src_fd, out_fd, n - done, offset + done)
+                if step <= 0:
+                    raise OSError("copy_file_range made no progress")
+                done += step
+        except (OSError, AttributeError):  # another OS or file system: plain reads and writes
+            os.lseek(out_fd, start, os.SEEK_SET)
+            view = memoryview(os.pread(src_fd, n, offset))
+            while view:
+                view = view[os.write(out_fd, view) :]
+        self._next += 1
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Elementwise merges of one tensor gain nothing from threads, and on a busy machine torch's thread pool
+    spins: one thread is many times faster there."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def merge_tensor_file(
@@ -252,9 +294,10 @@ def merge_tensor_file(
         else:
             specs.append((k, out_dtype(source.dtype(k), dtype), source.shape(k)))
     merged = copied = 0
-    handles: dict[Path, Any] = {}
+    handles: dict[Path, int] = {}
     try:
-        with StreamingWriter(out, specs, metadata) as writer:
+        writer = CopyingWriter(out, specs, metadata)
+        with writer, single_thread():
             for k, dt, _ in specs:
                 if k in replacements:
                     t = replacements[k]
@@ -267,8 +310,8 @@ def merge_tensor_file(
                     if isinstance(source, SafetensorsSource):
                         f = source.file_of(k)
                         if f.path not in handles:
-                            handles[f.path] = open(f.path, "rb")  # noqa: SIM115 - closed below
-                        writer.write(k, f.raw(k, handles[f.path]))
+                            handles[f.path] = os.open(f.path, os.O_RDONLY)
+                        writer.copy_from(k, handles[f.path], f.info(k).start)
                     else:
                         writer.write(k, source.raw(k))
                     copied += 1
@@ -278,8 +321,8 @@ def merge_tensor_file(
                 if task is not None:
                     task.advance()
     finally:
-        for h in handles.values():
-            h.close()
+        for fd in handles.values():
+            os.close(fd)
     return merged, copied
 
 
@@ -288,8 +331,11 @@ def merge_tensor_file(
 
 
 def load_loras(
-    config: MergeConfig, family: str | None, progress: Progress
+    config: MergeConfig, family: str | None, progress: Progress, skeleton: dict[str, Any] | None = None
 ) -> list[tuple[str, LoraState, float, float, str]]:
+    """Read every LoRA. Names resolve against ``skeleton`` (the base's own module paths) when given; a LoRA with
+    modules the base lacks is read again by the family's tables, so that the plan can name what does not match."""
+    from lorax.errors import MismatchError as _Mismatch
     from lorax.formats import detect_format, load_lora
 
     default_alpha = 1.0 if config.alpha is None else config.alpha
@@ -302,9 +348,14 @@ def load_loras(
         declared = declared_family(spec.path)
         if family and declared and declared != family:
             raise MismatchError(f"is a {declared} LoRA but the base model is {family}", path=spec.path)
-        # kohya names resolve without the family's full-size module table (building it imports diffusers, which
-        # the streaming path avoids); the base's key map is the table that decides what matches.
-        state = load_lora(spec.path, family=family if fmt == "lora_diffusion" else None)
+        state = None
+        if skeleton and fmt != "lora_diffusion":
+            try:
+                state = load_lora(spec.path, model=skeleton, family=family)
+            except _Mismatch:
+                state = None
+        if state is None:
+            state = load_lora(spec.path, family=family)
         state.family = state.family or declared or family
         if family and state.family and state.family != family:
             raise MismatchError(f"is a {state.family} LoRA but the base model is {family}", path=spec.path)
@@ -611,7 +662,7 @@ def merge_model(config: MergeConfig, progress: Progress) -> MergeResult:
     if layout == "single-file" and out.suffix.lower() != ".safetensors":
         raise ConfigError(f"{out}: a single-file output is written as .safetensors; name it OUT.safetensors")
     check_output(out, config.force)
-    loras = load_loras(config, ckpt.family, progress)
+    loras = load_loras(config, ckpt.family, progress, model_skeleton(ckpt))
     result = MergeResult(out, layout, ckpt.family, dtype=config.dtype)
     embeddings: dict[str, dict[str, Any]] = {}
     for _, state, *_ in loras:
