@@ -41,3 +41,11 @@ lorax train "$OUT/sks-star" --model "$OUT/tiny-sd1" --resolution 32 --steps 40 -
 lorax train "$OUT/sks-star" --model "$OUT/tiny-sd1" --resolution 32 --steps 60 --lr 1e-3 \
   --resume "$OUT/sks-star.checkpoints" -o "$OUT/sks-star-60.safetensors" --force
 echo "loss curve: $OUT/sks-star.loss.png, resolved config: $OUT/sks-star.toml"
+
+echo "== lorax generate: before and after the trained LoRA (same seeds), and a scale sweep 0 → 1 as one grid"
+lorax generate "a sks star" --model "$OUT/tiny-sd1" --size 32x32 -n 2 --seed 1 --grid -o "$OUT/generate/before" --force
+lorax generate "a sks star" --model "$OUT/tiny-sd1" --size 32x32 -n 2 --seed 1 --grid -o "$OUT/generate/after" --force \
+  --lora "$OUT/sks-star-60.safetensors"
+lorax generate "a sks star" --model "$OUT/tiny-sd1" --size 32x32 -n 2 --seed 1 -o "$OUT/generate/sweep" --force \
+  --lora "$OUT/sks-star-60.safetensors" --sweep-scale 0,0.25,0.5,0.75,1
+echo "sweep grid: $OUT/generate/sweep/a-sks-star-1-sweep.png (rows: seeds, columns: LoRA scale)"
