@@ -102,7 +102,7 @@ def test_train_writes_kohya_lora_with_metadata_curve_and_config(tiny_model, imag
     assert Path(reloaded.data_dir) == images and reloaded.instance_prompt == "a sks star"
 
 
-def test_diffusers_loader_agrees_with_the_files(tiny_model, images, tmp_path):
+def test_diffusers_loader_agrees_with_the_files(tiny_model, images, tmp_path, cli):
     """The diffusers-format output loads in diffusers' load_lora_weights, whose fused deltas equal
     (alpha / r) · up @ down computed by hand from the file; the kohya file of the same (seeded) run reads back to
     the same deltas through lorax's reader."""
@@ -145,6 +145,20 @@ def test_diffusers_loader_agrees_with_the_files(tiny_model, images, tmp_path):
     assert set(kohya.modules) == set(hand)
     for module, delta in hand.items():
         torch.testing.assert_close(kohya.modules[module].delta().double(), delta, atol=1e-7, rtol=1e-5)
+
+    # lorax merge folds the kohya file into the model folder with the same deltas.
+    merged = tmp_path / "merged"
+    result = cli("merge", tiny_model, k_out, "-o", merged)
+    assert result.exit_code == 0, (result.stderr, result.stdout, result.exception)
+    merged_pipe = StableDiffusionPipeline.from_pretrained(
+        str(merged), safety_checker=None, requires_safety_checker=False
+    )
+    merged_params = {f"unet.{n}": p for n, p in merged_pipe.unet.named_parameters()}
+    merged_params |= {f"text_encoder.{n}": p for n, p in merged_pipe.text_encoder.named_parameters()}
+    for module, delta in hand.items():
+        live = module.replace("text_encoder.text_model.", "text_encoder.")
+        diff = merged_params[f"{live}.weight"].double() - before[f"{live}.weight"].double()
+        torch.testing.assert_close(diff, delta, atol=1e-6, rtol=1e-4)
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(tiny_model, images, tmp_path, monkeypatch):
