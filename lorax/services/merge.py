@@ -214,6 +214,8 @@ def apply_contributions(weight: torch.Tensor, contributions: list[Contribution])
     """``W0 + Σ alpha·delta`` in fp32, each delta into its row slice (OpenCLIP's fused q;k;v)."""
     import torch
 
+    from lorax.adapters.state import LoraModule
+
     w = weight.to(torch.float32)
     if w.data_ptr() == weight.data_ptr():
         w = w.clone()
@@ -223,6 +225,13 @@ def apply_contributions(weight: torch.Tensor, contributions: list[Contribution])
         if getattr(c.module, "kind", None) == "dora":  # the magnitude re-normalisation needs W0
             adapted = c.module.apply(view.reshape(_delta_shape(c.module)), c.weight)  # type: ignore[union-attr]
             view.copy_(adapted.to(torch.float32).reshape(view.shape))
+        elif isinstance(c.module, LoraModule):  # W += alpha·scale·up@down in one fused pass, no delta tensor
+            up = c.module.up.to(torch.float32).reshape(c.module.up.shape[0], -1)
+            down = c.module.down.to(torch.float32).reshape(c.module.rank, -1)
+            flat = view.view(view.shape[0], -1)
+            if flat.shape != (up.shape[0], down.shape[1]):
+                flat = view.view(up.shape[0], down.shape[1])
+            flat.addmm_(up, down, alpha=c.weight * c.module.scale)
         else:
             view.add_(c.module.delta(torch.float32).reshape(view.shape), alpha=c.weight)
     if not math.isfinite(float(w.sum())):  # NaN and inf survive a sum: one cheap pass over the merged weight
