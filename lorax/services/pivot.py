@@ -134,6 +134,12 @@ def pivot(config: PivotConfig, progress: Progress | None = None, *, pipeline: An
             result = loop.run()
             checkpoints += result.checkpoints
             samples += result.samples
+            every = config.checkpoint_every
+            if every and ti_steps % every == 0 and result.steps_this_run:  # the loop skips its last step
+                saved = loop.save()
+                if saved is not None:
+                    checkpoints.append(saved)
+                    progress.log(f"checkpoint: {saved}")
         state = loop.state
     session.tokens.freeze()
 
