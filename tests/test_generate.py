@@ -264,6 +264,54 @@ def test_delta_modules_are_patched_and_restored(pipe) -> None:
     assert np.abs(live - base).max() > 1e-3
 
 
+def test_loha_dora_and_full_difference_modules_match_their_definitions(tiny_dir: Path, pipe) -> None:
+    """LyCORIS-style modules through generate's weight patching equal their published deltas, computed here."""
+    from lorax.adapters.lycoris import DoraModule, FullDiffModule, LohaModule
+
+    g = torch.Generator().manual_seed(4)
+    loha_path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    dora_path = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    full_path = "mid_block.attentions.0.proj_out"
+    loha_w = pipe.unet.get_submodule(loha_path).weight
+    out_f, in_f = loha_w.shape
+    w1a, w1b = torch.randn(out_f, 2, generator=g) * 0.3, torch.randn(2, in_f, generator=g) * 0.3
+    w2a, w2b = torch.randn(out_f, 2, generator=g) * 0.3, torch.randn(2, in_f, generator=g) * 0.3
+    dora_w = pipe.unet.get_submodule(dora_path).weight
+    d_out, d_in = dora_w.shape
+    down, up = torch.randn(2, d_in, generator=g) * 0.3, torch.randn(d_out, 2, generator=g) * 0.3
+    magnitude = dora_w.detach().norm(dim=1) * (1 + 0.2 * torch.rand(d_out, generator=g))
+    full = pipe.unet.get_submodule(full_path)
+    diff = torch.randn(full.weight.shape, generator=g) * 0.05
+    diff_b = torch.randn(full.bias.shape, generator=g) * 0.05
+    state = LoraState(
+        {
+            f"unet.{loha_path}": LohaModule(w1a, w1b, w2a, w2b, alpha=1.0),
+            f"unet.{dora_path}": DoraModule(down, up, 2.0, magnitude),
+            f"unet.{full_path}": FullDiffModule(diff, diff_b),
+        }
+    )
+    base = images_np(pipe)
+    applied = apply_loras(pipe, [LoraRequest(state, "ly", 0.7)])
+    live = images_np(pipe)
+
+    merged = load_model(str(tiny_dir))
+    merged.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        w = merged.unet.get_submodule(loha_path).weight
+        w += 0.7 * (1.0 / 2) * (w1a @ w1b) * (w2a @ w2b)
+        w = merged.unet.get_submodule(dora_path).weight
+        v = w + (2.0 / 2) * (up @ down)
+        adapted = magnitude[:, None] * v / v.norm(dim=1, keepdim=True)
+        w.copy_(w + 0.7 * (adapted - w))
+        layer = merged.unet.get_submodule(full_path)
+        layer.weight += 0.7 * diff.reshape(layer.weight.shape)
+        layer.bias += 0.7 * diff_b
+    assert np.abs(live - base).max() > 0.01
+    np.testing.assert_allclose(live, images_np(merged), atol=2e-4)
+    applied.remove()
+    np.testing.assert_array_equal(images_np(pipe), base)
+
+
 def test_lora_for_another_family_is_refused(pipe) -> None:
     from lorax.models.families import module_table
 
@@ -300,6 +348,19 @@ def test_tokens_match_diffusers_textual_inversion(tiny_dir: Path, pipe) -> None:
         register_tokens(pipe, {"<s1>": {"text_encoder": vectors}})
     with pytest.raises(MismatchError, match="wide vectors"):
         register_tokens(pipe, {"<s9>": {"text_encoder": torch.zeros(1, dim + 1)}})
+
+
+def test_tokens_bundled_in_a_lora_are_registered(tiny_dir: Path, tmp_path: Path, pipe) -> None:
+    """A pivotal-tuning LoRA (modules + tokens) equals diffusers' textual-inversion loader plus hand-merged weights."""
+    state = make_lora(pipe, 13)
+    vectors = torch.randn(1, 32, generator=torch.Generator().manual_seed(5))
+    state.embeddings = {"<p1>": {"text_encoder": vectors}}
+    live = run(pipe, tmp_path / "live", [LoraSpec(state=state, scale=0.5)], prompt="a <p1> star", n=1)
+    oracle = load_model(str(tiny_dir))
+    oracle.load_textual_inversion(vectors[0], token="<p1>")
+    merge_by_hand(oracle, state, 0.5, 0.5)
+    reference = run(oracle, tmp_path / "ref", prompt="a <p1> star", n=1)
+    assert np.abs(png(live[0].path) - png(reference[0].path)).max() <= 1
 
 
 # ---- the service -------------------------------------------------------------------------------------------------

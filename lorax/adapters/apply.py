@@ -394,19 +394,28 @@ def apply_loras(pipe: Any, requests: list[LoraRequest], *, fuse: bool = False) -
             model = _component(pipe, component)
             assert model is not None  # checked by check_fits
             live = _live_path(component, model, path)
-            param = model.get_submodule(live).weight
-            delta = _delta_of(module, param)
-            applied._patches.append(
-                _DeltaPatch(
-                    name=name,
-                    component=component,
-                    path=live,
-                    param=param,
-                    original=param.detach().clone(),
-                    delta=delta.to(param.device),
-                    block=block_weight(request.blocks, live) if component == "unet" else 1.0,
+            target = model.get_submodule(live)
+            block = block_weight(request.blocks, live) if component == "unet" else 1.0
+            pairs = [(target.weight, _delta_of(module, target.weight))]
+            bias_delta = getattr(module, "diff_b", None)  # a full difference may carry the bias's too
+            if isinstance(bias_delta, torch.Tensor):
+                if target.bias is None or target.bias.numel() != bias_delta.numel():
+                    raise MismatchError(
+                        f"{key}: a bias difference for a layer without that bias", path=request.source
+                    )
+                pairs.append((target.bias, bias_delta.float().reshape(target.bias.shape)))
+            for param, delta in pairs:
+                applied._patches.append(
+                    _DeltaPatch(
+                        name=name,
+                        component=component,
+                        path=live,
+                        param=param,
+                        original=param.detach().clone(),
+                        delta=delta.to(param.device),
+                        block=block,
+                    )
                 )
-            )
     applied.set_scales(1.0, 1.0)
     if fuse:
         applied.fuse()
