@@ -181,6 +181,9 @@ def test_token_embeddings_go_into_the_tokenizer_or_beside_the_file() -> None:
     torch.testing.assert_close(table[ids], vec)
     base_table = tiny_pipe("sd1").text_encoder.get_input_embeddings().weight
     torch.testing.assert_close(table[: base_table.shape[0]], base_table)
+    with pytest.raises(MismatchError, match="<krk> is already in the model's tokenizer"):
+        merge(MergeConfig(str(d / "out"), [str(lora)], d / "twice"))
+    assert not (d / "twice").exists() and not list(d.glob(".twice*"))
 
     result = merge(MergeConfig(str(tiny_single("sd1")), [str(lora)], d / "m.safetensors"))
     assert len(result.embedding_files) == 1

@@ -575,6 +575,13 @@ def add_embeddings_to_folder(
             t: [t] + [f"{t}_{j}" for j in range(1, e.reshape(-1, e.shape[-1]).shape[0])]
             for t, e in wanted.items()
         }
+        vocab = tokenizer.get_vocab()
+        taken = [n for names in names_by_token.values() for n in names if n in vocab]
+        if taken:
+            raise MismatchError(
+                f"token {taken[0]} is already in the model's {tok_dir}; rename the token in the LoRA "
+                "rather than overwrite a token the model knows"
+            )
         tokenizer.add_tokens([n for names in names_by_token.values() for n in names])
         for f in files:
             src = SafetensorsSource([f])
