@@ -194,6 +194,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_model, images, tmp_pa
     monkeypatch.setattr(DiffusionBatches, "loss", original)
     checkpoints = tmp_path / "resumed.checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000003"]
+    with pytest.raises(ConfigError, match=r"--seed 0 \(now 1\)"):
+        run(config(tiny_model, images, out, resume=checkpoints, **{**settings, "seed": 1}))
     resumed = run(config(tiny_model, images, out, resume=checkpoints, **settings))
     assert resumed.resumed_from == checkpoints / "step-000003"
     assert resumed.steps == straight.steps == 6

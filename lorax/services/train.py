@@ -57,6 +57,42 @@ def companion_paths(output: Path) -> dict[str, Path]:
     }
 
 
+# Settings a resumed run must share with the run that wrote the checkpoint (else it would not continue it).
+RESUME_KEYS = (
+    "model",
+    "rank",
+    "alpha",
+    "targets",
+    "train_text",
+    "dora",
+    "seed",
+    "batch_size",
+    "grad_accum",
+    "resolution",
+    "repeats",
+    "buckets",
+    "optimizer",
+)
+
+
+def resume_identity(config: TrainConfig) -> dict[str, Any]:
+    return {k: getattr(config, k) for k in RESUME_KEYS}
+
+
+def check_resume_fits(config: TrainConfig, info: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a checkpoint written with other values of the settings that define the run."""
+    from lorax.training.config import flag
+
+    mine = resume_identity(config)
+    differ = [
+        f"{flag(k)} {info[k]!r} (now {mine[k]!r})" for k in RESUME_KEYS if k in info and info[k] != mine[k]
+    ]
+    if differ:
+        raise ConfigError(
+            f"--resume {path}: the checkpoint was trained with " + ", ".join(differ) + "; pass the same"
+        )
+
+
 def total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
     if config.steps is not None:
         return config.steps
@@ -189,6 +225,7 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
         config, pipe, data, accelerator, resolution, max_steps, family, progress
     )
     if resume_ckpt is not None:
+        check_resume_fits(config, resume_ckpt.info, resume_ckpt.path)
         loop.restore(resume_ckpt)
         if loop.state.global_step > max_steps:
             raise ConfigError(
@@ -391,7 +428,7 @@ def _build(
         validation_every=config.validation_every,
         memory_flags=MEMORY_FLAGS,
         config_toml=config.to_toml(),
-        info={"model": config.model, "family": family, "rank": config.rank, "targets": config.targets},
+        info={"family": family, **resume_identity(config)},
     )
     loop = TrainingLoop(
         job,
