@@ -176,3 +176,33 @@ def test_existing_outputs_need_force(cli, model_dir: Path, tmp_path: Path) -> No
     assert "--force" in line
     again = gen(cli, model_dir, tmp_path, PROMPT, "--force")
     assert again.exit_code == 0 and again.stdout == first.stdout
+
+
+def test_scheduler_blocks_and_schedule_are_recorded(
+    cli, model_dir: Path, lora_file: tuple[Path, LoraState], tmp_path: Path
+) -> None:
+    path, _ = lora_file
+    result = gen(
+        cli,
+        model_dir,
+        tmp_path,
+        PROMPT,
+        "--lora",
+        f"{path}:0.9",
+        "--scheduler",
+        "dpm++2m-karras",
+        "--blocks",
+        "down=0.5,up.1=0",
+        "--scale-schedule",
+        "cosine:0:1",
+        "--negative",
+        "blurry",
+    )
+    assert result.exit_code == 0, result.output
+    params = read_png_parameters(result.stdout.strip())
+    assert params.negative_prompt == "blurry"
+    assert params.fields["Sampler"] == "DPM++ 2M Karras"
+    assert params.fields["Lora blocks"] == "down=0.5,up.1=0"
+    assert params.fields["Lora schedule"] == "cosine:0:1"
+    line = error_line(gen(cli, model_dir, tmp_path / "x", PROMPT, "--lora", path, "--blocks", "side=1"))
+    assert "--blocks" in line

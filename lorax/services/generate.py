@@ -250,7 +250,7 @@ def _model_label(spec: str) -> str:
 
 def sampler_name(pipe: Any) -> str:
     cls = type(pipe.scheduler).__name__
-    for class_name, a1111, extra in SCHEDULERS.values():
+    for class_name, a1111, extra in sorted(SCHEDULERS.values(), key=lambda e: -len(e[2])):  # most specific first
         if class_name == cls and all(pipe.scheduler.config.get(k) == v for k, v in extra.items()):
             return a1111
     return cls.removesuffix("Scheduler")
@@ -409,9 +409,12 @@ def generate(
     jobs, grids = _plan(config, seed)
     _check_outputs([p for job in jobs for p in job.names] + [g[1] for g in grids], config.force)
 
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
     own_pipe = pipe is None
+    if own_pipe:
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+    else:  # a pipeline the caller holds keeps its device and precision
+        device, dtype = str(pipe.device.type), pipe.unet.dtype
     if own_pipe:
         with quiet_libraries(), warnings.catch_warnings():
             warnings.simplefilter(
