@@ -250,7 +250,8 @@ def _model_label(spec: str) -> str:
 
 def sampler_name(pipe: Any) -> str:
     cls = type(pipe.scheduler).__name__
-    for class_name, a1111, extra in sorted(SCHEDULERS.values(), key=lambda e: -len(e[2])):  # most specific first
+    most_specific_first = sorted(SCHEDULERS.values(), key=lambda entry: -len(entry[2]))
+    for class_name, a1111, extra in most_specific_first:
         if class_name == cls and all(pipe.scheduler.config.get(k) == v for k, v in extra.items()):
             return a1111
     return cls.removesuffix("Scheduler")
