@@ -181,6 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"lorax merge: {wall:.2f} s wall, peak RSS {rss:.2f} GB   [runs: {', '.join(f'{w:.2f}' for w, _ in runs)}]"
     )
+    imports = min(run_measured([sys.executable, "-c", "import torch, lorax.formats"])[0] for _ in range(2))
+    print(
+        f"  of which starting Python and importing torch: {imports:.2f} s; the merge proper {wall - imports:.2f} s "
+        f"({(wall - imports) / cp_wall:.2f} × cp)"
+    )
     print(
         f"  ratio to cp: {wall / cp_wall:.2f} (target ≤ {WALL_TARGET})   peak RSS target ≤ {RSS_TARGET_GB} GB: "
         f"{'met' if rss <= RSS_TARGET_GB else 'MISSED'}"
