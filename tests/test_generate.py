@@ -532,3 +532,40 @@ def test_colour_lora_raises_the_concept_score_with_scale(pipe) -> None:
         scores.append(redness(images_np(pipe, seed=0)))
     assert scores[0] < scores[1] < scores[2]
     assert scores[2] - scores[0] > 0.005
+
+
+BLUE = "a blue circle on a white background"
+RED = "a red circle on a white background"
+
+
+def test_concept_lora_on_the_shapes_model_raises_the_concept_score_with_scale(tmp_path: Path) -> None:
+    """On the built-in shapes model, a LoRA whose concept is "blue circles are red" (a closed-form cross-attention
+    edit): through a --sweep-scale run, the scorer sees red more often, and blue less, as the scale rises."""
+    from PIL import Image
+
+    from lorax.gen.concept import concept_edit_lora
+    from lorax.zoo.shapes.scorers import score_images
+
+    shapes = load_model("shapes")
+    shapes.set_progress_bar_config(disable=True)
+    state = concept_edit_lora(shapes, BLUE, RED)
+    images = run(
+        shapes,
+        tmp_path,
+        [LoraSpec(state=state)],
+        prompt=BLUE,
+        n=8,
+        seed=0,
+        steps=15,
+        guidance=5.0,
+        sweep=[0, 0.5, 1],
+    )
+    red, blue = [], []
+    for scale in (0.0, 0.5, 1.0):
+        frames = [Image.open(i.path).convert("RGB") for i in images if i.kind == "sweep" and i.scale == scale]
+        assert len(frames) == 8
+        red.append(score_images(frames, RED)["colour"])
+        blue.append(score_images(frames, BLUE)["colour"])
+    assert red[0] <= red[1] <= red[2], red
+    assert red[2] - red[0] >= 0.4, red
+    assert blue[2] < blue[0], blue
