@@ -264,6 +264,37 @@ def test_delta_modules_are_patched_and_restored(pipe) -> None:
     assert np.abs(live - base).max() > 1e-3
 
 
+def test_several_loras_on_one_weight_patch_and_fuse_together(pipe) -> None:
+    """Two delta-only LoRAs and a low-rank one on the same weight: scales change, fusing adds all three, and
+    removing gives the base weight back bit for bit."""
+    target = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v"
+    weight = pipe.unet.get_submodule(target).weight
+    w0 = weight.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    d1, d2 = torch.randn(weight.shape, generator=g) * 0.1, torch.randn(weight.shape, generator=g) * 0.1
+    low_rank = make_lora(pipe, 14, unet=(target,), text=())
+    m = low_rank.modules[f"unet.{target}"]
+    lr_delta = (m.alpha / m.rank) * (m.up @ m.down)
+    requests = [
+        LoraRequest(LoraState({f"unet.{target}": _FullDelta(d1)}), "one", 0.5),
+        LoraRequest(LoraState({f"unet.{target}": _FullDelta(d2)}), "two", 0.3),
+        LoraRequest(low_rank, "three", 0.7),
+    ]
+    applied = apply_loras(pipe, requests)
+    torch.testing.assert_close(pipe.unet.get_submodule(target).weight, w0 + 0.5 * d1 + 0.3 * d2)
+    applied.set_scales(2.0, 2.0)
+    torch.testing.assert_close(pipe.unet.get_submodule(target).weight, w0 + 1.0 * d1 + 0.6 * d2)
+    applied.remove()
+    assert torch.equal(pipe.unet.get_submodule(target).weight, w0)
+
+    fused = apply_loras(pipe, requests, fuse=True)
+    torch.testing.assert_close(
+        pipe.unet.get_submodule(target).weight, w0 + 0.5 * d1 + 0.3 * d2 + 0.7 * lr_delta
+    )
+    fused.remove()
+    assert torch.equal(pipe.unet.get_submodule(target).weight, w0)
+
+
 def test_loha_dora_and_full_difference_modules_match_their_definitions(tiny_dir: Path, pipe) -> None:
     """LyCORIS-style modules through generate's weight patching equal their published deltas, computed here."""
     from lorax.adapters.lycoris import DoraModule, FullDiffModule, LohaModule

@@ -243,13 +243,12 @@ def quiet_libraries() -> Iterator[None]:
 
 @dataclass
 class _DeltaPatch:
-    """A weight with a delta added in place; ``original`` restores it."""
+    """A delta added in place to a weight (or bias); the weight's original lives in ``AppliedLoras._originals``."""
 
     name: str
     component: str
     path: str
     param: torch.nn.Parameter
-    original: torch.Tensor
     delta: torch.Tensor
     block: float
 
@@ -265,6 +264,7 @@ class AppliedLoras:
     warnings: list[str] = field(default_factory=list)
     _peft_names: list[str] = field(default_factory=list)
     _patches: list[_DeltaPatch] = field(default_factory=list)
+    _originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=dict)
     _saved: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
     _factors: tuple[float, float] = (1.0, 1.0)
 
@@ -307,13 +307,15 @@ class AppliedLoras:
                             weight = text_factor * request.effective_text_scale
                         layer.set_scale(name, weight)
         with torch.no_grad():
+            # every patched tensor from its original, then every delta on it (several LoRAs may share a weight)
+            for param, original in self._originals.values():
+                param.copy_(original)
             for patch in self._patches:
                 request = by_name[patch.name]
                 if patch.component == "unet":
                     scale = unet_factor * request.unet_scale * patch.block
                 else:
                     scale = text_factor * request.effective_text_scale
-                patch.param.copy_(patch.original)
                 if scale != 0.0:
                     patch.param.add_(patch.delta.to(patch.param.dtype), alpha=scale)
 
@@ -343,10 +345,7 @@ class AppliedLoras:
     def remove(self) -> None:
         """Take every LoRA off the pipeline: the weights are the base model's again."""
         with torch.no_grad():
-            for patch in self._patches:
-                patch.param.copy_(patch.original)
-            self._patches.clear()
-            if self._saved:
+            if self._saved:  # fused: the weights as they were before merging (patches still on them)
                 for (component, path), original in self._saved.items():
                     model = _component(self.pipe, component)
                     if model is not None:
@@ -355,6 +354,10 @@ class AppliedLoras:
             elif self._peft_names:
                 with quiet_libraries():
                     self.pipe.delete_adapters(self._peft_names)
+            for param, original in self._originals.values():
+                param.copy_(original)
+            self._originals.clear()
+            self._patches.clear()
         self._peft_names = []
 
 
@@ -405,13 +408,13 @@ def apply_loras(pipe: Any, requests: list[LoraRequest], *, fuse: bool = False) -
                     )
                 pairs.append((target.bias, bias_delta.float().reshape(target.bias.shape)))
             for param, delta in pairs:
+                applied._originals.setdefault(id(param), (param, param.detach().clone()))
                 applied._patches.append(
                     _DeltaPatch(
                         name=name,
                         component=component,
                         path=live,
                         param=param,
-                        original=param.detach().clone(),
                         delta=delta.to(param.device),
                         block=block,
                     )
