@@ -137,6 +137,7 @@ def png(path: Path) -> np.ndarray:
 def run(pipe, out: Path, loras=(), **overrides) -> list:
     config = GenerateConfig(
         prompts=[overrides.pop("prompt", PROMPT)],
+        model=overrides.pop("model", "tiny-sd1"),  # a label here: the pipeline is given
         loras=list(loras),
         n=overrides.pop("n", 2),
         seed=overrides.pop("seed", 11),
@@ -585,10 +586,10 @@ def test_concept_lora_on_the_shapes_model_raises_the_concept_score_with_scale(tm
         tmp_path,
         [LoraSpec(state=state)],
         prompt=BLUE,
+        model="shapes",  # its own sampling defaults: guidance 5
         n=8,
         seed=0,
         steps=15,
-        guidance=5.0,
         sweep=[0, 0.5, 1],
     )
     red, blue = [], []

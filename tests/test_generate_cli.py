@@ -100,10 +100,11 @@ def test_kohya_lora_file_equals_hand_merged_model(
     merged = load_model(str(model_dir))
     merge_by_hand(merged, state, 0.6, 0.3)
     reference = generate(
-        GenerateConfig(prompts=[PROMPT], seed=5, steps=3, out_dir=tmp_path / "ref"), pipe=merged
+        GenerateConfig(prompts=[PROMPT], model=str(model_dir), seed=5, steps=3, out_dir=tmp_path / "ref"),
+        pipe=merged,
     ).images[0]
     base = generate(
-        GenerateConfig(prompts=[PROMPT], seed=5, steps=3, out_dir=tmp_path / "base"),
+        GenerateConfig(prompts=[PROMPT], model=str(model_dir), seed=5, steps=3, out_dir=tmp_path / "base"),
         pipe=load_model(str(model_dir)),
     ).images[0]
     assert np.abs(png(out) - png(base.path)).max() > 10

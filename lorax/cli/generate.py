@@ -73,10 +73,21 @@ def generate(
     seed: Annotated[
         int | None, typer.Option("--seed", "-s", help="First seed (default: random, recorded in each PNG).")
     ] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Denoising steps.")] = 20,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps", help="Denoising steps (default: the model's; 20 for most).", show_default=False
+        ),
+    ] = None,
     guidance: Annotated[
-        float, typer.Option("--guidance", "-g", help="Classifier-free guidance scale.")
-    ] = 7.5,
+        float | None,
+        typer.Option(
+            "--guidance",
+            "-g",
+            help="Classifier-free guidance scale (default: the model's; 7.5 for most, 5 for shapes).",
+            show_default=False,
+        ),
+    ] = None,
     negative: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
     scheduler: Annotated[
         str | None,

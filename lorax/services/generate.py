@@ -113,8 +113,8 @@ class GenerateConfig:
     embeddings: list[Path] = field(default_factory=list)
     n: int = 1
     seed: int | None = None
-    steps: int = 20
-    guidance: float = 7.5
+    steps: int | None = None  # None: the model's own default (see sampling_defaults)
+    guidance: float | None = None
     negative: str = ""
     scheduler: str | None = None
     size: tuple[int, int] | None = None
@@ -136,7 +136,7 @@ class GenerateConfig:
             problems.append("no prompt: give PROMPT, --prompts FILE, or - to read prompts from stdin")
         if self.n < 1:
             problems.append(f"-n must be at least 1 (got {self.n})")
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             problems.append(f"--steps must be at least 1 (got {self.steps})")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             problems.append(f"--seed must be a non-negative integer (got {self.seed})")
@@ -206,6 +206,16 @@ def file_hash(path: Path, length: int = 12) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()[:length]
+
+
+def sampling_defaults(model: str) -> tuple[int, float]:
+    """Denoising steps and guidance scale when the flags leave them out: the shapes model's own (those its model
+    card was scored with), else Stable Diffusion's usual 20 and 7.5."""
+    if model == "shapes":
+        from lorax.zoo.shapes.pipeline import GUIDANCE_SCALE, SAMPLE_STEPS
+
+        return SAMPLE_STEPS, GUIDANCE_SCALE
+    return 20, 7.5
 
 
 def resolve_device(name: str) -> str:
@@ -394,6 +404,9 @@ def generate(
 
     progress = progress or NullProgress()
     config.validate()
+    default_steps, default_guidance = sampling_defaults(config.model)
+    steps = config.steps if config.steps is not None else default_steps
+    guidance = config.guidance if config.guidance is not None else default_guidance
     schedule = parse_schedule(config.schedule) if config.schedule is not None else None
     seed = config.seed if config.seed is not None else random.randrange(2**32)
 
@@ -470,9 +483,9 @@ def generate(
     }
     ti_hashes = {path.stem: file_hash(path) for path, _ in embeddings}
     fields_base: dict[str, object] = {
-        "Steps": config.steps,
+        "Steps": steps,
         "Sampler": sampler_name(pipe),
-        "CFG scale": f"{config.guidance:g}",
+        "CFG scale": f"{guidance:g}",
     }
 
     def fields_for(image_seed: int, factor: float | None) -> dict[str, object]:
@@ -501,9 +514,7 @@ def generate(
         fields["Version"] = f"lorax {__version__}"
         return fields
 
-    steps_per_call = (
-        config.steps if init is None else max(1, min(int(config.steps * config.strength), config.steps))
-    )
+    steps_per_call = steps if init is None else max(1, min(int(steps * config.strength), steps))
     written: list[GeneratedImage] = []
     frames: dict[int, list[tuple[float | None, list[Any]]]] = {}
     started = time.perf_counter()
@@ -529,8 +540,8 @@ def generate(
                 kwargs: dict[str, Any] = {
                     "prompt": job.prompt,
                     "negative_prompt": config.negative or None,
-                    "num_inference_steps": config.steps,
-                    "guidance_scale": config.guidance,
+                    "num_inference_steps": steps,
+                    "guidance_scale": guidance,
                     "num_images_per_prompt": len(job.seeds),
                     "generator": generators,
                     "callback_on_step_end": on_step_end,
