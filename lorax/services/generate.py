@@ -427,14 +427,12 @@ def generate(
     if own_pipe:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        # diffusers' load reports and deprecation notes are not the user's business
+        with quiet_libraries(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = load_model(config.model, dtype=dtype, device=device)
     else:  # a pipeline the caller holds keeps its device and precision
         device, dtype = str(pipe.device.type), pipe.unet.dtype
-    if own_pipe:
-        with quiet_libraries(), warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore", FutureWarning
-            )  # diffusers' deprecation notes are not the user's business
-            pipe = load_model(config.model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     # kohya names and lora_diffusion indices resolve exactly against the live model
     states = [
@@ -517,6 +515,7 @@ def generate(
     steps_per_call = steps if init is None else max(1, min(int(steps * config.strength), steps))
     written: list[GeneratedImage] = []
     frames: dict[int, list[tuple[float | None, list[Any]]]] = {}
+    gridded = {index for index, _, _ in grids}
     started = time.perf_counter()
     n_images = 0
     try:
@@ -554,7 +553,8 @@ def generate(
                 with torch.inference_mode():
                     images = runner(**kwargs).images
                 n_images += len(images)
-                frames.setdefault(job.prompt_index, []).append((job.factor, images))
+                if job.prompt_index in gridded:  # hold images only for the contact sheets asked for
+                    frames.setdefault(job.prompt_index, []).append((job.factor, images))
                 for image, image_seed, path in zip(images, job.seeds, job.names, strict=True):
                     text = format_parameters(job.prompt, config.negative, fields_for(image_seed, job.factor))
                     with atomic_path(path, config.force) as tmp:
