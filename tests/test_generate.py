@@ -395,6 +395,31 @@ def test_tokens_bundled_in_a_lora_are_registered(tiny_dir: Path, tmp_path: Path,
     assert np.abs(png(live[0].path) - png(reference[0].path)).max() <= 1
 
 
+def test_two_pivot_loras_with_the_same_token_are_told_apart(tiny_dir: Path, tmp_path: Path, pipe) -> None:
+    """Both files bring ``<s1>``: the second file's token becomes ``<s2-0>`` and ``<1>`` / ``<2>`` in a prompt name
+    each file's tokens (the seed's LoRAManager convention)."""
+    a, b = make_lora(pipe, 15), make_lora(pipe, 16)
+    va = torch.randn(1, 32, generator=torch.Generator().manual_seed(6))
+    vb = torch.randn(1, 32, generator=torch.Generator().manual_seed(7))
+    a.embeddings = {"<s1>": {"text_encoder": va}}
+    b.embeddings = {"<s1>": {"text_encoder": vb}}
+    live = run(
+        pipe,
+        tmp_path / "live",
+        [LoraSpec(state=a, scale=0.5), LoraSpec(state=b, scale=0.5)],
+        prompt="<1> and <2>",
+        n=1,
+    )
+    assert read_png_parameters(live[0].path).prompt == "<s1> and <s2-0>"
+    oracle = load_model(str(tiny_dir))
+    oracle.load_textual_inversion(va[0], token="<s1>")
+    oracle.load_textual_inversion(vb[0], token="<s2-0>")
+    merge_by_hand(oracle, a, 0.5, 0.5)
+    merge_by_hand(oracle, b, 0.5, 0.5)
+    reference = run(oracle, tmp_path / "ref", prompt="<s1> and <s2-0>", n=1)
+    assert np.abs(png(live[0].path) - png(reference[0].path)).max() <= 1
+
+
 # ---- the service -------------------------------------------------------------------------------------------------
 
 

@@ -97,6 +97,13 @@ def parse_scales(value: str) -> list[float]:
     return scales
 
 
+def expand_lora_tokens(prompt: str, lora_tokens: dict[int, list[str]]) -> str:
+    """``<N>`` in a prompt → the learned tokens bundled in the N-th ``--lora`` file (the seed's LoRAManager)."""
+    for number, tokens in lora_tokens.items():
+        prompt = prompt.replace(f"<{number}>", " ".join(tokens))
+    return prompt
+
+
 def read_prompts(text: str) -> list[str]:
     """One prompt per line; blank lines and lines starting with ``#`` are skipped."""
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
@@ -442,12 +449,21 @@ def generate(
     if config.scheduler:
         set_scheduler(pipe, config.scheduler)
 
+    taken: set[str] = set()
     for path, embedding in embeddings:
-        register_tokens(pipe, embedding, source=path)
-    for spec, state in zip(config.loras, states, strict=True):
-        if state.embeddings:
-            register_tokens(pipe, state.embeddings, source=spec.path or spec.label)
-    check_prompt_tokens(pipe, [*config.prompts, config.negative])
+        taken |= set(register_tokens(pipe, embedding, source=path))
+    lora_tokens: dict[int, list[str]] = {}
+    for number, (spec, state) in enumerate(zip(config.loras, states, strict=True), start=1):
+        if not state.embeddings:
+            continue
+        bundled = dict(state.embeddings)
+        if taken & set(bundled):  # the seed's LoRAManager naming: file N's j-th token becomes <sN-j>
+            bundled = {f"<s{number}-{j}>": vectors for j, vectors in enumerate(bundled.values())}
+        taken |= set(register_tokens(pipe, bundled, source=spec.path or spec.label))
+        lora_tokens[number] = list(bundled)
+    prompts = [expand_lora_tokens(p, lora_tokens) for p in config.prompts]
+    negative = expand_lora_tokens(config.negative, lora_tokens)
+    check_prompt_tokens(pipe, [*prompts, negative])
 
     requests = [
         LoraRequest(
@@ -537,8 +553,8 @@ def generate(
                     applied.set_scales(factor * first, factor)
                 generators = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
                 kwargs: dict[str, Any] = {
-                    "prompt": job.prompt,
-                    "negative_prompt": config.negative or None,
+                    "prompt": prompts[job.prompt_index],
+                    "negative_prompt": negative or None,
                     "num_inference_steps": steps,
                     "guidance_scale": guidance,
                     "num_images_per_prompt": len(job.seeds),
@@ -556,13 +572,15 @@ def generate(
                 if job.prompt_index in gridded:  # hold images only for the contact sheets asked for
                     frames.setdefault(job.prompt_index, []).append((job.factor, images))
                 for image, image_seed, path in zip(images, job.seeds, job.names, strict=True):
-                    text = format_parameters(job.prompt, config.negative, fields_for(image_seed, job.factor))
+                    text = format_parameters(
+                        prompts[job.prompt_index], negative, fields_for(image_seed, job.factor)
+                    )
                     with atomic_path(path, config.force) as tmp:
                         save_png(image, tmp, text)
                     record = GeneratedImage(
                         path=path,
                         kind="image" if job.factor is None else "sweep",
-                        prompt=job.prompt,
+                        prompt=prompts[job.prompt_index],
                         seed=image_seed,
                         width=image.width,
                         height=image.height,
@@ -575,7 +593,7 @@ def generate(
         elapsed = time.perf_counter() - started
         for index, path, kind in grids:
             columns = frames[index]
-            prompt = config.prompts[index]
+            prompt = prompts[index]
             if kind == "sweep-grid":
                 # rows are seeds, columns are scales
                 cells = [columns[c][1][r] for r in range(config.n) for c in range(len(columns))]
@@ -585,7 +603,7 @@ def generate(
                 cells = columns[0][1]
                 sheet = make_grid(cells, math.ceil(math.sqrt(len(cells))))
                 extra = {}
-            text = format_parameters(prompt, config.negative, {**fields_for(seed, None), **extra})
+            text = format_parameters(prompt, negative, {**fields_for(seed, None), **extra})
             with atomic_path(path, config.force) as tmp:
                 save_png(sheet, tmp, text)
             record = GeneratedImage(path, kind, prompt, seed, sheet.width, sheet.height, None, text)
