@@ -207,3 +207,21 @@ def test_scheduler_blocks_and_schedule_are_recorded(
     assert params.fields["Lora schedule"] == "cosine:0:1"
     line = error_line(gen(cli, model_dir, tmp_path / "x", PROMPT, "--lora", path, "--blocks", "side=1"))
     assert "--blocks" in line
+
+
+def test_pivot_file_tokens_from_the_cli(cli, model_dir: Path, tmp_path: Path) -> None:
+    """A kohya file bundling a token (what `lorax pivot` writes): `<1>` in the prompt names it."""
+    from lorax.formats import save_lora
+    from lorax.services.generate import load_model
+
+    state = make_lora(load_model(str(model_dir)), 22)
+    state.embeddings = {
+        "<krk>": {"text_encoder": torch.randn(2, 32, generator=torch.Generator().manual_seed(1))}
+    }
+    path = save_lora(state, tmp_path / "pivot.safetensors", format="kohya")
+    result = gen(cli, model_dir, tmp_path / "a", "a <1> circle", "--lora", path)
+    assert result.exit_code == 0, result.output
+    assert read_png_parameters(result.stdout.strip()).prompt == "a <krk> circle"
+    direct = gen(cli, model_dir, tmp_path / "b", "a <krk> circle", "--lora", path)
+    assert direct.exit_code == 0, direct.output
+    assert np.array_equal(png(Path(result.stdout.strip())), png(Path(direct.stdout.strip())))
