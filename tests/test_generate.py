@@ -97,6 +97,8 @@ def _hand_block(path: str, blocks: dict[str, float] | None) -> float:
         return 1.0
     head = path.split(".")[0]
     side = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(head)
+    if side in ("down", "up") and f"{side}.{path.split('.')[1]}" in blocks:
+        return blocks[f"{side}.{path.split('.')[1]}"]
     return blocks.get(side, 1.0) if side else 1.0
 
 
@@ -206,7 +208,7 @@ def test_fused_equals_unfused_and_removes_cleanly(pipe) -> None:
 def test_block_weights_match_diffusers_set_adapters(tiny_dir: Path, pipe) -> None:
     """For attention-only LoRAs, lorax's down/mid/up weights are diffusers' own ``set_adapters`` dict."""
     state = make_lora(pipe, 6, text=())
-    blocks = {"down": 0.0, "mid": 2.0, "up": 0.5}
+    blocks = {"down": 0.0, "mid": 2.0, "up": 0.5, "up.1": 1.5}
     apply_loras(pipe, [LoraRequest(state, "a", 0.9, blocks=blocks)])
     ours = images_np(pipe)
 
@@ -215,7 +217,7 @@ def test_block_weights_match_diffusers_set_adapters(tiny_dir: Path, pipe) -> Non
     oracle = load_model(str(tiny_dir))
     oracle.set_progress_bar_config(disable=True)
     oracle.load_lora_weights(peft_state_dict(state, oracle), adapter_name="a")
-    oracle.set_adapters(["a"], [{"unet": diffusers_block_dict(blocks, scale=0.9)}])
+    oracle.set_adapters(["a"], [{"unet": diffusers_block_dict(oracle.unet, blocks, scale=0.9)}])
     np.testing.assert_allclose(ours, images_np(oracle), atol=1e-5)
 
     merged = load_model(str(tiny_dir))

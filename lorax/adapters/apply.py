@@ -88,20 +88,19 @@ def block_weight(blocks: BlockWeights | None, module_path: str) -> float:
     return float(blocks.get(side, 1.0))
 
 
-def diffusers_block_dict(blocks: BlockWeights, scale: float = 1.0) -> dict[str, Any]:
-    """The same block weights in the form ``pipe.set_adapters`` takes for the UNet (attention layers only there)."""
-    out: dict[str, Any] = {}
-    for key, value in blocks.items():
-        side, _, index = key.partition(".")
-        if index:
-            entry = out.setdefault(side, {})
-            if isinstance(entry, dict):
-                entry[f"block_{index}"] = scale * value
-        elif side == "mid":
-            out["mid"] = scale * value
-        else:
-            specific = out.get(side) if isinstance(out.get(side), dict) else None
-            out[side] = scale * value if specific is None else specific
+def diffusers_block_dict(unet: Any, blocks: BlockWeights, scale: float = 1.0) -> dict[str, Any]:
+    """The same block weights, times ``scale``, in the form ``pipe.set_adapters`` takes for ``unet``.
+
+    diffusers applies such a dict to the attention layers of each block only (other modules keep 1), so the two
+    agree exactly for LoRAs on attention layers.
+    """
+    out: dict[str, Any] = {"mid": scale * float(blocks.get("mid", 1.0))}
+    for side, attr in (("down", "down_blocks"), ("up", "up_blocks")):
+        out[side] = {
+            f"block_{i}": scale * block_weight(blocks, f"{attr}.{i}")
+            for i, block in enumerate(getattr(unet, attr))
+            if hasattr(block, "attentions")
+        }
     return out
 
 
