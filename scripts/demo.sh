@@ -49,3 +49,6 @@ lorax generate "a sks star" --model "$OUT/tiny-sd1" --size 32x32 -n 2 --seed 1 -
 lorax generate "a sks star" --model "$OUT/tiny-sd1" --size 32x32 -n 2 --seed 1 -o "$OUT/generate/sweep" --force \
   --lora "$OUT/sks-star-60.safetensors" --sweep-scale 0,0.25,0.5,0.75,1
 echo "sweep grid: $OUT/generate/sweep/a-sks-star-1-sweep.png (rows: seeds, columns: LoRA scale)"
+
+echo "== lorax merge: the trained LoRA folded into the model (a plain diffusers folder any SD tool loads)"
+lorax merge "$OUT/tiny-sd1" "$OUT/sks-star-60.safetensors" -o "$OUT/tiny-sd1-sks-star" --force
