@@ -361,6 +361,10 @@ def test_lora_for_another_family_is_refused(pipe) -> None:
     wrong_path = LoraState({"unet.down_blocks.9.attn.to_q": LoraModule(torch.zeros(1, 4), torch.zeros(4, 1))})
     with pytest.raises(MismatchError, match="does not have"):
         apply_loras(pipe, [LoraRequest(wrong_path, "y")])
+    # a linear pair aimed at the 3×3 output convolution
+    wrong_kernel = LoraState({"unet.conv_out": LoraModule(torch.zeros(1, 32), torch.zeros(4, 1))})
+    with pytest.raises(MismatchError, match="shapes differ at unet.conv_out"):
+        apply_loras(pipe, [LoraRequest(wrong_kernel, "z")])
 
 
 # ---- learned tokens ----------------------------------------------------------------------------------------------

@@ -164,7 +164,9 @@ def check_fits(pipe: Any, request: LoraRequest) -> list[str]:
             continue
         shape = tuple(weight.shape)
         if isinstance(module, LoraModule):
-            if module.out_features != shape[0] or module.in_features != shape[1]:
+            kernel = tuple(module.down.shape[2:]) or (1, 1)
+            target_kernel = tuple(shape[2:]) or (1, 1)
+            if module.out_features != shape[0] or module.in_features != shape[1] or kernel != target_kernel:
                 wrong.append(f"{key} {tuple(module.delta_shape())} vs {shape}")
         elif int(module.out_features) != shape[0]:
             wrong.append(f"{key} out {module.out_features} vs {shape[0]}")
@@ -398,7 +400,7 @@ def apply_loras(pipe: Any, requests: list[LoraRequest], *, fuse: bool = False) -
             live = _live_path(component, model, path)
             target = model.get_submodule(live)
             block = block_weight(request.blocks, live) if component == "unet" else 1.0
-            pairs = [(target.weight, _delta_of(module, target.weight))]
+            pairs = [(target.weight, _delta_of(module, target.weight, key, request.source or request.name))]
             bias_delta = getattr(module, "diff_b", None)  # a full difference may carry the bias's too
             if isinstance(bias_delta, torch.Tensor):
                 if target.bias is None or target.bias.numel() != bias_delta.numel():
@@ -424,14 +426,16 @@ def apply_loras(pipe: Any, requests: list[LoraRequest], *, fuse: bool = False) -
     return applied
 
 
-def _delta_of(module: DeltaModule | LoraModule, param: torch.Tensor) -> torch.Tensor:
+def _delta_of(module: DeltaModule | LoraModule, param: torch.Tensor, key: str, source: Any) -> torch.Tensor:
     if hasattr(module, "apply"):  # DoRA: the delta depends on the base weight
         delta = module.delta(torch.float32, base_weight=param.detach().float())  # type: ignore[call-arg]
     else:
         delta = module.delta(torch.float32)
     if delta.numel() != param.numel():
         raise MismatchError(
-            f"a delta of shape {tuple(delta.shape)} does not fit a weight {tuple(param.shape)}"
+            f"{key}: a delta of shape {tuple(delta.shape)} does not fit the weight {tuple(param.shape)}; "
+            "use a LoRA made for this model",
+            path=source,
         )
     return delta.reshape(param.shape)
 
