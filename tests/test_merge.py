@@ -246,6 +246,17 @@ def test_cli_merge_table_and_json(cli) -> None:  # type: ignore[no-untyped-def]
     assert again.exit_code == 1 and "already exists" in again.stderr and "--force" in again.stderr
     table = cli("merge", tiny_single("sd1"), lora, "-o", out, "--force")
     assert table.exit_code == 0 and "modules merged" in table.stdout
+    for args, message in [
+        ((d / "missing.safetensors", lora), "missing.safetensors: no such file"),
+        ((tiny_single("sd1"), d / "nope.safetensors"), "nope.safetensors: no such file"),
+        ((tiny_single("sd1"), lora, "--to", "kohya"), "--to kohya is a LoRA format"),
+        ((tiny_single("sd1"), lora, "--mode", "lpl"), "--mode must be one of"),
+    ]:
+        bad = cli("merge", *args, "-o", d / "bad.safetensors")
+        assert bad.exit_code == 1, args
+        assert bad.stderr.startswith("lorax: error: ") and message in bad.stderr, bad.stderr
+        assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    assert not (d / "bad.safetensors").exists()
 
 
 @lru_cache(maxsize=1)
