@@ -363,7 +363,7 @@ def test_lora_for_another_family_is_refused(pipe) -> None:
         apply_loras(pipe, [LoraRequest(wrong_path, "y")])
     # a linear pair aimed at the 3×3 output convolution
     wrong_kernel = LoraState({"unet.conv_out": LoraModule(torch.zeros(1, 32), torch.zeros(4, 1))})
-    with pytest.raises(MismatchError, match="shapes differ at unet.conv_out"):
+    with pytest.raises(MismatchError, match=r"shapes differ at unet\.conv_out"):
         apply_loras(pipe, [LoraRequest(wrong_kernel, "z")])
 
 
