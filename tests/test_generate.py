@@ -632,3 +632,36 @@ def test_concept_lora_on_the_shapes_model_raises_the_concept_score_with_scale(tm
     assert red[0] <= red[1] <= red[2], red
     assert red[2] - red[0] >= 0.4, red
     assert blue[2] < blue[0], blue
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fp16_same_seed_same_images_and_scale_zero_is_base(tiny_dir: Path, tmp_path: Path) -> None:
+    cpu_pipe = load_model(str(tiny_dir))
+    state = make_lora(cpu_pipe, 17)
+
+    def images(out: str, loras=(), **kw) -> list[np.ndarray]:
+        config = GenerateConfig(
+            prompts=[PROMPT],
+            model=str(tiny_dir),
+            loras=list(loras),
+            n=2,
+            seed=3,
+            steps=STEPS,
+            device="cuda",
+            out_dir=tmp_path / out,
+            **kw,
+        )
+        result = generate(config)
+        assert (result.device, result.dtype) == ("cuda", "float16")
+        return [png(i.path) for i in result.images]
+
+    base, again = images("base"), images("again")
+    zero = images("zero", [LoraSpec(state=state, scale=0.0)])
+    unfused = images("unfused", [LoraSpec(state=state)])
+    fused = images("fused", [LoraSpec(state=state)], fuse=True)
+    for b, a, z, u, f in zip(base, again, zero, unfused, fused, strict=True):
+        np.testing.assert_array_equal(b, a)
+        np.testing.assert_array_equal(b, z)
+        assert np.abs(u - b).max() > 10
+        assert np.abs(u - f).max() <= 2  # fp16 rounding of merged weights
