@@ -116,3 +116,17 @@ def test_loha_lokr_dora_merge_by_their_definitions() -> None:
     vv = w0(v) + (4.0 / 4) * (up @ down)
     adapted = magnitude * vv / vv.norm(dim=1, keepdim=True)
     torch.testing.assert_close(w(v), w0(v) + alpha * (adapted - w0(v)), atol=1e-6, rtol=1e-5)
+
+
+def test_full_difference_module_merges_weight_and_bias() -> None:
+    d = scratch("diff")
+    q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
+    diff, diff_b = torch.randn(32, 32) * 0.01, torch.randn(32) * 0.01
+    path = d / "diff.safetensors"
+    save_tensors({f"{_kohya(q)}.diff": diff, f"{_kohya(q)}.diff_b": diff_b}, path)
+    out = d / "merged.safetensors"
+    merge(MergeConfig(str(tiny_single("sd1")), [str(path)], out, alpha=0.5))
+    merged, base = open_checkpoint(out), tiny_pipe("sd1").unet.state_dict()
+    key = q.removeprefix("unet.")
+    torch.testing.assert_close(merged.tensor("unet", key + ".weight"), base[key + ".weight"] + 0.5 * diff)
+    torch.testing.assert_close(merged.tensor("unet", key + ".bias"), base[key + ".bias"] + 0.5 * diff_b)

@@ -177,6 +177,21 @@ def _delta_shape(module: LoraModule | DeltaModule) -> tuple[int, ...]:
     return tuple(module.delta().shape)
 
 
+@dataclass
+class _BiasDelta:
+    """A bias difference as a delta module (LyCORIS ``diff_b``)."""
+
+    diff_b: torch.Tensor
+    kind = "bias"
+
+    @property
+    def out_features(self) -> int:
+        return int(self.diff_b.shape[0])
+
+    def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.diff_b if dtype is None else self.diff_b.to(dtype)
+
+
 def _fits(delta: tuple[int, ...], slot: tuple[int, ...]) -> bool:
     if delta == slot:
         return True
@@ -207,6 +222,15 @@ def plan_targets(
             weight = alpha_text if component.startswith("text_encoder") else alpha
             targets.setdefault(slot.key, []).append(Contribution(name, module, weight, slot.part, slot.parts))
             matched[label] += 1
+            bias = getattr(module, "diff_b", None)  # LyCORIS full-difference modules may carry a bias delta
+            if bias is not None:
+                bias_slot = locate(component, path + ".bias")
+                if bias_slot is None or math.prod(bias_slot.shape) != bias.numel():
+                    mismatches.append(f"{name} bias (LoRA {list(bias.shape)}, model has no matching bias)")
+                    continue
+                targets.setdefault(bias_slot.key, []).append(
+                    Contribution(name + ".bias", _BiasDelta(bias), weight, bias_slot.part, bias_slot.parts)
+                )
     return targets, unmatched, mismatches, matched
 
 
