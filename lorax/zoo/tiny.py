@@ -2,7 +2,11 @@
 
 Used by the tests (random weights, real component types and key layouts) and as the architecture of the built-in
 ``shapes`` model. ``family`` picks the layout: ``sd1`` (CLIP ViT-L style text encoder, 768-like cross attention
-with ``attention_head_dim`` 8) or ``sd2`` (OpenCLIP-style: linear projections in transformers, gelu text encoder).
+with ``attention_head_dim`` 8), ``sd2`` (OpenCLIP-style: linear projections in transformers, gelu text encoder) or
+``sdxl`` (two text encoders, ``CLIPTextModel`` + ``CLIPTextModelWithProjection``, whose penultimate hidden states are
+concatenated as the context; ``text_time`` added conditioning from the pooled projection and the six size/crop ids).
+The tiny SDXL UNet keeps the full-size model's first and last levels (a plain ``DownBlock2D`` level, then cross
+attention with two transformer layers), so its module paths name the same original (SGM) blocks as the real one.
 """
 
 from __future__ import annotations
@@ -114,8 +118,73 @@ def tiny_text_config(family: str = "sd1", vocab_size: int = 1000, hidden_size: i
     }
 
 
+# Tiny SDXL sizes: text encoder 1 is 32 wide, text encoder 2 is 64 wide with a 32-wide projection, so the context
+# is 96 wide and the added conditioning takes 6 * 8 time features + 32 pooled features.
+SDXL_TEXT_WIDTHS = (32, 64)
+SDXL_PROJECTION_DIM = 32
+SDXL_TIME_EMBED_DIM = 8
+
+
+def tiny_sdxl_unet_config(sample_size: int = 8) -> dict[str, Any]:
+    return {
+        "sample_size": sample_size,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 2,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "cross_attention_dim": sum(SDXL_TEXT_WIDTHS),
+        "attention_head_dim": [2, 4],
+        "transformer_layers_per_block": [1, 2],
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+        "projection_class_embeddings_input_dim": 6 * SDXL_TIME_EMBED_DIM + SDXL_PROJECTION_DIM,
+        "norm_num_groups": 32,
+    }
+
+
+def tiny_sdxl_components(seed: int = 0, words: Iterable[str] = ()) -> dict[str, Any]:
+    """Random-weight components of a tiny SDXL pipeline, deterministic in ``seed``."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = build_tokenizer(words)
+    tokenizer_2 = build_tokenizer(words)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_sdxl_unet_config())
+    vae = AutoencoderKL(**tiny_vae_config(), scaling_factor=0.13025, force_upcast=False)
+    config_1 = tiny_text_config("sd1", vocab_size=len(tokenizer), hidden_size=SDXL_TEXT_WIDTHS[0])
+    config_2 = tiny_text_config("sd2", vocab_size=len(tokenizer_2), hidden_size=SDXL_TEXT_WIDTHS[1])
+    config_2["projection_dim"] = SDXL_PROJECTION_DIM
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config_1))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config_2))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        "scheduler": scheduler,
+    }
+
+
 def tiny_components(family: str = "sd1", seed: int = 0, words: Iterable[str] = ()) -> dict[str, Any]:
-    """Random-weight components of a tiny SD pipeline of ``family`` (``sd1`` or ``sd2``), deterministic in ``seed``."""
+    """Random-weight components of a tiny SD pipeline of ``family`` (``sd1``, ``sd2`` or ``sdxl``), deterministic in
+    ``seed``."""
+    if family == "sdxl":
+        return tiny_sdxl_components(seed, words)
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -144,8 +213,14 @@ def tiny_components(family: str = "sd1", seed: int = 0, words: Iterable[str] = (
 
 
 def tiny_pipeline(family: str = "sd1", seed: int = 0, words: Iterable[str] = ()) -> Any:
-    """A ``StableDiffusionPipeline`` of random tiny components (no safety checker)."""
+    """A ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline`` for ``sdxl``) of random tiny components (no safety
+    checker)."""
     from diffusers import StableDiffusionPipeline
+
+    if family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(**tiny_sdxl_components(seed, words))
 
     return StableDiffusionPipeline(
         **tiny_components(family, seed, words),
