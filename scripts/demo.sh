@@ -52,3 +52,10 @@ echo "sweep grid: $OUT/generate/sweep/a-sks-star-1-sweep.png (rows: seeds, colum
 
 echo "== lorax merge: the trained LoRA folded into the model (a plain diffusers folder any SD tool loads)"
 lorax merge "$OUT/tiny-sd1" "$OUT/sks-star-60.safetensors" -o "$OUT/tiny-sd1-sks-star" --force
+
+echo "== lorax invert / pivot: a new token <s1> for the same stars (textual inversion, then pivotal tuning)"
+lorax invert "$OUT/sks-star" --model "$OUT/tiny-sd1" --resolution 32 --token '<s1>' --token-at-data 'sks star|<s1>' \
+  --init-token star --steps 10 -o "$OUT/s1-star.pt" --force
+lorax pivot "$OUT/sks-star" --model "$OUT/tiny-sd1" --resolution 32 --token '<s1>' --token-at-data 'sks star|<s1>' \
+  --init-token star --ti-steps 5 --steps 5 -o "$OUT/s1-star-pivot.safetensors" --force
+echo "learned token: $OUT/s1-star.pt; LoRA + token in one file: $OUT/s1-star-pivot.safetensors"
