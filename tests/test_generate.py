@@ -367,6 +367,42 @@ def test_lora_for_another_family_is_refused(pipe) -> None:
         apply_loras(pipe, [LoraRequest(wrong_kernel, "z")])
 
 
+def test_sdxl_lora_on_unet_and_both_text_encoders_equals_hand_merged(tmp_path: Path) -> None:
+    import copy
+
+    from lorax.zoo.tiny import tiny_pipeline
+
+    xl = tiny_pipeline("sdxl", seed=0)
+    xl.set_progress_bar_config(disable=True)
+    merged = copy.deepcopy(xl)
+    g = torch.Generator().manual_seed(0)
+    modules: dict[str, LoraModule] = {}
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        for name, m in getattr(xl, component).named_modules():
+            if name.endswith(("to_q", "to_v", "q_proj", "v_proj")) and isinstance(m, torch.nn.Linear):
+                disk = name if component == "unet" or name.startswith("text_model.") else f"text_model.{name}"
+                modules[f"{component}.{disk}"] = LoraModule(
+                    torch.randn(2, m.in_features, generator=g),
+                    torch.randn(m.out_features, 2, generator=g) * 0.1,
+                )
+    state = LoraState(modules, family="sdxl")
+    assert {k.split(".")[0] for k in modules} == {"unet", "text_encoder", "text_encoder_2"}
+    live = run(
+        xl, tmp_path / "live", [LoraSpec(state=state, scale=0.7, text_scale=0.4)], model="tiny-sdxl", n=1
+    )
+    base = run(xl, tmp_path / "base", model="tiny-sdxl", n=1)  # the LoRA is off again after the first run
+    with torch.no_grad():
+        for key, m in modules.items():
+            component, _, path = key.partition(".")
+            model = getattr(merged, component)
+            if not hasattr(model, "text_model"):
+                path = path.removeprefix("text_model.")
+            model.get_submodule(path).weight += (0.7 if component == "unet" else 0.4) * (m.up @ m.down)
+    reference = run(merged, tmp_path / "merged", model="tiny-sdxl", n=1)
+    assert np.abs(png(live[0].path) - png(base[0].path)).max() > 10
+    assert np.abs(png(live[0].path) - png(reference[0].path)).max() <= 1
+
+
 # ---- learned tokens ----------------------------------------------------------------------------------------------
 
 
