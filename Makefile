@@ -40,5 +40,10 @@ bench: install
 docs: install
 	$(PY) -m lorax.cli.docgen docs/cli.md
 
+# Retrain the built-in shapes model (docs/model-card.md) into SHAPES_OUT; copy it over lorax/zoo/shapes/model to ship it.
+SHAPES_OUT ?= shapes-model-out
+shapes-model: install
+	nice -n 10 $(PY) -m lorax.zoo.shapes.train_base --out $(SHAPES_OUT) --seed 0
+
 clean:
 	rm -rf $(VENV) demo-out bench/out .pytest_cache .ruff_cache .mypy_cache

@@ -118,10 +118,12 @@ def train_denoiser(
     device: str,
     ema_decay: float = 0.999,
     deadline: float | None = None,
+    stop_after: int | None = None,
 ) -> tuple[float, int, dict[str, Any]]:
     """Train UNet and text encoder jointly; returns the final loss, the steps done and the EMA copies of both.
 
-    With a ``deadline`` (a ``time.time()`` value), training stops early there; the steps done are reported.
+    With a ``deadline`` (a ``time.time()`` value) or ``stop_after`` steps, training stops early, part-way through
+    the learning-rate schedule planned for ``steps``; the steps done are reported.
     """
     import torch
 
@@ -181,6 +183,8 @@ def train_denoiser(
         if deadline is not None and time.time() > deadline:
             _log(f"time limit reached after {step} steps")
             break
+        if stop_after is not None and step >= stop_after:
+            break
         idx = torch.randint(0, len(mean), (batch,), generator=gen)
         noise_z = torch.randn(mean[idx].shape, generator=gen)
         z0 = ((mean[idx] + std[idx] * noise_z) * scaling).to(device)
@@ -227,6 +231,7 @@ def train(
     time_limit: float | None = None,
     ema_decay: float = 0.999,
     resume: Path | None = None,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Train the shapes model and write it, with ``training.json``, to the folder ``out``.
 
@@ -281,6 +286,7 @@ def train(
         device,
         ema_decay=ema_decay,
         deadline=deadline,
+        stop_after=stop_after,
     )
     unet_seconds = time.time() - t0
     components.update(ema)
@@ -352,6 +358,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop the UNet phase after this many steps of its schedule",
+    )
     parser.add_argument("--resume", type=Path, default=None, help="continue from a folder this script wrote")
     parser.add_argument(
         "--time-limit",
@@ -374,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         time_limit=args.time_limit,
         ema_decay=args.ema_decay,
         resume=args.resume,
+        stop_after=args.stop_after,
     )
 
 

@@ -1,0 +1,70 @@
+"""Figures for the model card: a PNG grid of samples and the scores (``python -m lorax.zoo.shapes.card``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from lorax.zoo.shapes.pipeline import evaluate, load_shapes_pipeline, sample
+from lorax.zoo.shapes.world import BACKGROUNDS, BASE_COLOURS, BASE_SHAPES, caption
+
+
+def grid_prompts() -> list[list[str]]:
+    """Rows of the sample grid: each base shape in every base colour (backgrounds in turn), then held-out prompts."""
+    backgrounds = list(BACKGROUNDS)
+    rows = [
+        [
+            caption(shape, colour, backgrounds[(i + j) % len(backgrounds)])
+            for j, colour in enumerate(BASE_COLOURS)
+        ]
+        for i, shape in enumerate(BASE_SHAPES)
+    ]
+    rows.append(
+        [
+            caption("star", "red", "white"),
+            caption("heart", "blue", "gray"),
+            caption("circle", "purple", "white"),
+            caption("square", "orange", "black"),
+            caption("star", "purple", "gray"),
+        ]
+    )
+    return rows
+
+
+def sample_grid(pipe: object, rows: Sequence[Sequence[str]], seed: int = 0, scale: int = 3) -> np.ndarray:
+    """One image per prompt, laid out in rows (1-pixel gaps), upscaled ``scale``× by pixel repetition."""
+    flat = [p for row in rows for p in row]
+    images = sample(pipe, flat, seed=seed)
+    size = images[0].shape[0]
+    cols = max(len(r) for r in rows)
+    canvas = np.full(((size + 1) * len(rows) - 1, (size + 1) * cols - 1, 3), 255, dtype=np.uint8)
+    k = 0
+    for r, row in enumerate(rows):
+        for c in range(len(row)):
+            canvas[r * (size + 1) : r * (size + 1) + size, c * (size + 1) : c * (size + 1) + size] = images[k]
+            k += 1
+    return canvas.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--model", type=Path, default=None, help="diffusers folder (default: the packaged model)"
+    )
+    parser.add_argument("--png", type=Path, default=Path("docs/img/shapes-samples.png"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from PIL import Image
+
+    pipe = load_shapes_pipeline(args.model)
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(sample_grid(pipe, grid_prompts(), seed=args.seed)).save(args.png, optimize=True)
+    print(json.dumps(evaluate(pipe, seed=args.seed), indent=2))
+
+
+if __name__ == "__main__":
+    main()
