@@ -307,8 +307,11 @@ def _build(
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
+    # SDXL: the second text encoder conditions (and, with --train-text, trains) alongside the first
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None) if family == "sdxl" else None
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        if module is not None:
+            module.requires_grad_(False)
     if config.sdpa:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -319,6 +322,10 @@ def _build(
         unet.set_attn_processor(AttnProcessor())
 
     targets = resolve_targets(unet, text_encoder if config.train_text else None, config.targets)
+    if text_encoder_2 is not None and config.train_text:
+        from lorax.training.targets import find_targets
+
+        targets["text_encoder_2"] = find_targets(text_encoder_2, config.targets, "text_encoder_2")
     modules = {k: len(v) for k, v in targets.items()}
     lora_kwargs: dict[str, Any] = dict(
         rank=config.rank, alpha=config.lora_alpha, dropout=config.lora_dropout, dora=config.dora
@@ -332,9 +339,19 @@ def _build(
             text_encoder, targets["text_encoder"], seed=derive_seed(config.seed, "init", "te"), **lora_kwargs
         )
         groups.append({"params": te_params, "lr": config.text_lr})
+        if text_encoder_2 is not None:
+            te2_params = inject_lora(
+                text_encoder_2,
+                targets["text_encoder_2"],
+                seed=derive_seed(config.seed, "init", "te2"),
+                **lora_kwargs,
+            )
+            groups.append({"params": te2_params, "lr": config.text_lr})
     unet.to(device, dtype=weight_dtype)
     vae.to(device, dtype=torch.float32 if config.mixed_precision == "fp16" else weight_dtype)
     text_encoder.to(device, dtype=weight_dtype)
+    if text_encoder_2 is not None:
+        text_encoder_2.to(device, dtype=weight_dtype)
     for group in groups:  # trainable LoRA weights stay fp32 under mixed precision
         for p in group["params"]:
             p.data = p.data.float()
@@ -342,12 +359,20 @@ def _build(
         unet.enable_gradient_checkpointing()
         if config.train_text:
             text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if text_encoder_2 is not None:
+                text_encoder_2.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
 
     optimizer = build_optimizer(config.optimizer, groups, weight_decay=config.weight_decay)
     scheduler = build_scheduler(
         config.lr_scheduler, optimizer, warmup_steps=config.warmup_steps, total_steps=max_steps
     )
-    if config.train_text:
+    if config.train_text and text_encoder_2 is not None:
+        unet, text_encoder, text_encoder_2, optimizer = accelerator.prepare(
+            unet, text_encoder, text_encoder_2, optimizer
+        )
+    elif config.train_text:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -358,9 +383,20 @@ def _build(
         snr_gamma=config.snr_gamma,
         noise_offset=config.noise_offset,
     )
-    prompts = PromptEncoder(
+    prompts: Any = PromptEncoder(
         tokenizer, text_encoder, device, cache=config.cache_text and not config.train_text
     )
+    batches_class: Any = DiffusionBatches
+    if text_encoder_2 is not None:
+        from lorax.training.sdxl import SdxlBatches, SdxlPromptEncoder
+
+        prompts = SdxlPromptEncoder(
+            [tokenizer, pipe.tokenizer_2],
+            [text_encoder, text_encoder_2],
+            device,
+            cache=config.cache_text and not config.train_text,
+        )
+        batches_class = SdxlBatches
     cache = None
     if config.cache_latents:
         cache = LatentCache()
@@ -368,7 +404,7 @@ def _build(
         with progress.task("caching latents", total=len(keys)) as task:
             cache.fill(vae, keys, data.load, advance=task.advance)
         vae.to("cpu")  # the VAE is only needed again for validation samples
-    batches = DiffusionBatches(
+    batches = batches_class(
         data=data,
         vae=vae,
         unet=unet,
@@ -385,9 +421,21 @@ def _build(
         folder = companion_paths(Path(config.output))["samples"]
 
         def pipeline_factory() -> Any:
-            from diffusers import StableDiffusionPipeline
+            from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
             vae.to(device)
+            if text_encoder_2 is not None:
+                xl_pipe = StableDiffusionXLPipeline(
+                    vae=vae,
+                    text_encoder=accelerator.unwrap_model(text_encoder),
+                    text_encoder_2=accelerator.unwrap_model(text_encoder_2),
+                    tokenizer=tokenizer,
+                    tokenizer_2=pipe.tokenizer_2,
+                    unet=accelerator.unwrap_model(unet),
+                    scheduler=pipe.scheduler,
+                )
+                xl_pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
+                return xl_pipe
             sample_pipe = StableDiffusionPipeline(
                 vae=vae,
                 text_encoder=accelerator.unwrap_model(text_encoder),
@@ -417,6 +465,7 @@ def _build(
         text_encoder=text_encoder if config.train_text else None,
         accelerator=accelerator,
         sampler=sampler,
+        text_encoder_2=text_encoder_2 if config.train_text else None,
     )
     settings = LoopSettings(
         max_steps=max_steps,

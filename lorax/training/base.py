@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorax.errors import ConfigError, ModelNotFoundError
+from lorax.errors import ModelNotFoundError
 
 
 def load_base_pipeline(spec: str) -> Any:
@@ -61,9 +61,10 @@ def family_of(pipeline: Any) -> str:
 
 
 def check_trainable(pipeline: Any, family: str) -> None:
+    names = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
     if family == "sdxl":
-        raise ConfigError("training SDXL models is not supported yet: use an SD1 or SD2 model")
-    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        names += ["text_encoder_2", "tokenizer_2"]
+    for name in names:
         if getattr(pipeline, name, None) is None:
             raise ModelNotFoundError(f"the model has no {name}; lorax trains Stable Diffusion pipelines")
 

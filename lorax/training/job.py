@@ -116,8 +116,10 @@ class LoraJob:
         text_encoder: Any | None,
         accelerator: Any,
         sampler: Sampler | None = None,
+        text_encoder_2: Any | None = None,
     ) -> None:
         self.batches = batches
+        self.text_encoder_2 = text_encoder_2  # SDXL's second text encoder, prepared, or None
         self.unet = unet  # prepared (maybe DDP-wrapped)
         self.text_encoder = text_encoder  # prepared, or None when frozen
         self.accelerator = accelerator
@@ -128,10 +130,12 @@ class LoraJob:
         out = {"unet": self.accelerator.unwrap_model(self.unet)}
         if self.text_encoder is not None:
             out["text_encoder"] = self.accelerator.unwrap_model(self.text_encoder)
+        if self.text_encoder_2 is not None:
+            out["text_encoder_2"] = self.accelerator.unwrap_model(self.text_encoder_2)
         return out
 
     def trainable_models(self) -> list[Any]:
-        return [m for m in (self.unet, self.text_encoder) if m is not None]
+        return [m for m in (self.unet, self.text_encoder, self.text_encoder_2) if m is not None]
 
     def parameters(self) -> list[Any]:
         return [p for m in self.components().values() for p in lora_parameters(m)]

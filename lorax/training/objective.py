@@ -66,7 +66,14 @@ class DiffusionObjective:
         else:
             target = self.scheduler.get_velocity(latents, noise, timesteps)
         dtype = next(unet.parameters()).dtype
-        pred = unet(noisy.to(dtype), timesteps, cond.to(dtype), return_dict=False)[0].float()
+        added = getattr(cond, "added_cond_kwargs", None)  # SDXL: pooled text embeddings and size/crop ids
+        if added is not None:
+            added = {k: v.to(dtype) for k, v in added.items()}
+            pred = unet(
+                noisy.to(dtype), timesteps, cond.to(dtype), added_cond_kwargs=added, return_dict=False
+            )[0].float()
+        else:
+            pred = unet(noisy.to(dtype), timesteps, cond.to(dtype), return_dict=False)[0].float()
         target = target.float()
         if weight is not None:
             pred, target = pred * weight, target * weight
