@@ -2,6 +2,7 @@
 held-out shape scores at least as high as plain DreamBooth LoRA with the same total step budget.
 
 Run with ``pytest -m slow tests/test_invert_shapes.py -s`` (prints the figures). Both train on CPU for minutes.
+The invert test holds the issue's target (≥ 70% purple); on the packaged model it measures about 21% (docs/invert.md).
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def test_invert_learns_a_held_out_colour(tmp_path):
         token_at_data="purple|<s1>",
         init_token="red blue",
         norm_decay=False,
-        learning_rate=1e-2,
-        steps=200,
+        learning_rate=3e-2,
+        auto_mask=True,
+        steps=300,
         batch_size=4,
         device="cpu",
     )
