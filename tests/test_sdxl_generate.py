@@ -76,3 +76,40 @@ def test_generate_with_an_sdxl_lora_equals_the_merged_model(cli) -> None:  # typ
     assert b.shape == (32, 32, 3)
     assert np.abs(lv - b).max() > 10  # the LoRA changes the image
     assert np.abs(lv - w).max() <= 1  # 8-bit rounding of fp-equal images
+
+
+def test_sdxl_embedding_matches_diffusers_textual_inversion() -> None:
+    """An SDXL embedding (clip_l + clip_g) through lorax generate gives the image diffusers' own
+    load_textual_inversion (once per text encoder, as its docs show for SDXL) gives."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from lorax.formats import save_embeddings
+    from lorax.models.pipeline import load_pipeline
+    from lorax.services.generate import GenerateConfig, generate
+
+    d = scratch("sdxl-embedding")
+    gen = torch.Generator().manual_seed(4)
+    vectors = {
+        "text_encoder": torch.randn(1, 32, generator=gen),
+        "text_encoder_2": torch.randn(1, 64, generator=gen),
+    }
+    path = save_embeddings({"xlstyle": vectors}, d / "xlstyle.safetensors", format="sdxl-embedding")
+    prompt = "a xlstyle circle"  # an SDXL embedding file names its token by its file name, as in A1111
+    config = GenerateConfig([prompt], str(tiny_folder("sdxl")), embeddings=[path], steps=2, size=(32, 32), seed=3,
+                            out_dir=d / "lorax", device="cpu")  # fmt: skip
+    (image,) = generate(config, pipe=load_pipeline(tiny_folder("sdxl"))).images
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_folder("sdxl"))
+    pipe.load_textual_inversion(vectors["text_encoder"], token="xlstyle", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)  # fmt: skip
+    pipe.load_textual_inversion(vectors["text_encoder_2"], token="xlstyle", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)  # fmt: skip
+    # the same generate call on diffusers' TI-loaded pipeline (only the embedding loading differs)
+    config_want = GenerateConfig([prompt], "diffusers-ti", steps=2, size=(32, 32), seed=3, out_dir=d / "want",
+                                 device="cpu")  # fmt: skip
+    (want,) = generate(config_want, pipe=pipe).images
+    config_plain = GenerateConfig([prompt], "plain", steps=2, size=(32, 32), seed=3, out_dir=d / "plain",
+                                  device="cpu")  # fmt: skip
+    (plain,) = generate(config_plain, pipe=load_pipeline(tiny_folder("sdxl"))).images
+    assert np.abs(_png(image.path) - _png(want.path)).max() <= 1
+    assert np.abs(_png(image.path) - _png(plain.path)).max() > 10  # without the embedding the word is letters
