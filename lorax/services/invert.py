@@ -145,6 +145,10 @@ def prepare(config: InversionOptions, progress: Progress, pipeline: Any = None) 
     pipe = pipeline if pipeline is not None else base.load_base_pipeline(config.model)
     family = base.family_of(pipe)
     base.check_trainable(pipe, family)
+    if family == "sdxl":  # lorax train handles SDXL; inversion learns one text encoder's embeddings so far
+        raise ConfigError(
+            "inverting an SDXL model (clip_l/clip_g embeddings) is not supported yet: use an SD1 or SD2 model"
+        )
     resolution = config.resolution or base.default_resolution(pipe)
     accelerator = make_accelerator(config)
     class_items: list[ImageItem] = []
