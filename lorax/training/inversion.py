@@ -143,13 +143,12 @@ class LearnedTokens:
         if needed > table.weight.shape[0]:
             text_encoder.resize_token_embeddings(needed, mean_resizing=False)
             table = text_encoder.get_input_embeddings()
-        rows = {
-            t: [
-                int(existing[n] if existing[n] is not None else tokenizer.convert_tokens_to_ids(n))
-                for n in names[t]
-            ]
-            for t in tokens
-        }
+
+        def row(name: str) -> int:
+            known = existing[name]
+            return int(known) if known is not None else int(tokenizer.convert_tokens_to_ids(name))
+
+        rows = {t: [row(n) for n in names[t]] for t in tokens}
         with torch.no_grad():
             for t in tokens:
                 table.weight[rows[t]] = starts[t].to(device=table.weight.device, dtype=table.weight.dtype)
