@@ -42,6 +42,12 @@ lorax train "$OUT/sks-star" --model "$OUT/tiny-sd1" --resolution 32 --steps 60 -
   --resume "$OUT/sks-star.checkpoints" -o "$OUT/sks-star-60.safetensors" --force
 echo "loss curve: $OUT/sks-star.loss.png, resolved config: $OUT/sks-star.toml"
 
+echo "== lorax train on the built-in shapes model: a colour it never saw ('a sks circle' = purple circles)"
+python -c "from lorax.zoo.shapes import write_concept_dir; write_concept_dir('$OUT/sks-circle', 'circle', 'purple', 8, caption='a sks circle')"
+lorax train "$OUT/sks-circle" --model shapes --steps 200 --batch-size 4 --lr 5e-3 --snr-gamma 5 \
+  --validation-prompt "a sks circle" --validation-every 100 -o "$OUT/sks-circle.safetensors" --force
+echo "loss curve: $OUT/sks-circle.loss.png, samples: $OUT/sks-circle.samples/, resolved config: $OUT/sks-circle.toml"
+
 echo "== lorax generate: before and after the trained LoRA (same seeds), and a scale sweep 0 → 1 as one grid"
 lorax generate "a sks star" --model "$OUT/tiny-sd1" --size 32x32 -n 2 --seed 1 --grid -o "$OUT/generate/before" --force
 lorax generate "a sks star" --model "$OUT/tiny-sd1" --size 32x32 -n 2 --seed 1 --grid -o "$OUT/generate/after" --force \
