@@ -252,3 +252,18 @@ def test_round_trips_are_exact(fmt: str) -> None:
     first, second = load_file(path), load_file(again)
     assert set(first) == set(second)
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_convert_cli_kohya_to_diffusers_and_back(cli) -> None:  # type: ignore[no-untyped-def]
+    state = sdxl_lora(seed=9, conv=True)
+    d = scratch("sdxl-convert-lora")
+    kohya = save(state, d / "k.safetensors", fmt="kohya")
+    r = cli("convert", kohya, "--to", "diffusers", "-o", d / "d.safetensors")
+    assert r.exit_code == 0, r.stderr
+    keys = set(load_file(d / "d.safetensors"))
+    assert any(k.startswith("text_encoder_2.") for k in keys)
+    assert any(k.startswith("unet.down_blocks.1.attentions.0.") for k in keys)
+    r = cli("convert", d / "d.safetensors", "--to", "kohya", "-o", d / "k2.safetensors")
+    assert r.exit_code == 0, r.stderr
+    a, b = load_file(kohya), load_file(d / "k2.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
