@@ -6,7 +6,7 @@ the text encoder run on every step, ``F.mse_loss`` on epsilon, ``accelerator.bac
 train the same random-weight model (SD1.5's UNet / VAE / text-encoder configs), on the same images, batch size, rank
 and precision. Each case runs in its own process so its peak RSS (or peak CUDA memory) is its own.
 
-    python -m bench.train                         # 512 px, 3 steps per case (CPU: slow, minutes per case)
+    python -m bench.train                         # 512 px, 2 steps per case (CPU: minutes per case)
     python -m bench.train --resolution 256 --steps 3
     python -m bench.train --tiny                  # the tiny test model: a smoke run in seconds
 
@@ -286,7 +286,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--device", default="cpu")
