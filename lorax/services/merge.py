@@ -303,6 +303,29 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def read_owned(source: SafetensorsSource | PickleSource, name: str, handles: dict[Path, int]) -> torch.Tensor:
+    """A float tensor read with ``pread`` into memory of its own, not memory-mapped: the mapped pages of a
+    multi-GB checkpoint stay resident and count against the merge's peak memory (SDXL: 2.6 GB mapped vs 0.4 GB)."""
+    if not isinstance(source, SafetensorsSource) or source.dtype(name) not in FLOAT_DTYPES:
+        return source.get(name)
+    import torch
+
+    f = source.file_of(name)
+    info = f.info(name)
+    if info.nbytes == 0:
+        return source.get(name)
+    if f.path not in handles:
+        handles[f.path] = os.open(f.path, os.O_RDONLY)
+    buf = bytearray(info.nbytes)
+    view, done = memoryview(buf), 0
+    while done < info.nbytes:
+        n = os.preadv(handles[f.path], [view[done:]], info.start + done)
+        if n <= 0:
+            raise FormatError(f"tensor {name} ends past the end of the file", path=f.path)
+        done += n
+    return torch.frombuffer(buf, dtype=st_to_torch(info.dtype)).reshape(info.shape)
+
+
 def merge_tensor_file(
     source: SafetensorsSource | PickleSource,
     out: Path,
@@ -336,7 +359,7 @@ def merge_tensor_file(
                     t = replacements[k]
                     writer.write(k, t.to(st_to_torch(dt)) if dt in FLOAT_DTYPES else t)
                 elif k in targets:
-                    w = apply_contributions(source.get(k), targets[k])
+                    w = apply_contributions(read_owned(source, k, handles), targets[k])
                     writer.write(k, w.to(st_to_torch(dt)))
                     merged += 1
                 elif source.dtype(k) == dt:
