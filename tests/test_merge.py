@@ -283,6 +283,8 @@ def test_signal_mid_merge_leaves_nothing(sig: signal.Signals) -> None:
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # A shell's background job inherits SIGINT ignored; give the child the default, as an interactive user has.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 60
     while time.time() < deadline and not list(d.glob(".m.safetensors.*")) and proc.poll() is None:

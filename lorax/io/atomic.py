@@ -6,9 +6,9 @@ On any exception, SIGINT or SIGTERM the temp file is removed and nothing is left
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,14 +55,15 @@ def atomic_path(path: str | Path, force: bool = False, *, directory: bool = Fals
     """
     out = check_output(path, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        tmp = Path(name)
-    try:
-        with _TermAsInterrupt():
+    # The name is chosen before anything exists, so a signal at any point finds it for cleanup; SIGTERM is turned
+    # into KeyboardInterrupt before the file is created, so the default handler never kills us with it in place.
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
+    with _TermAsInterrupt():
+        try:
+            if directory:
+                tmp.mkdir()
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             yield tmp
             if out.is_dir() and not out.is_symlink():
                 backup = out.with_name(f".{out.name}.old")
@@ -75,13 +76,13 @@ def atomic_path(path: str | Path, force: bool = False, *, directory: bool = Fals
                     out.unlink()
                 os.replace(tmp, out)
             if not directory:
-                os.chmod(out, 0o644 & ~_umask())
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
+                os.chmod(out, 0o666 & ~_umask())
+        except BaseException:
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            raise
 
 
 def _umask() -> int:
