@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # lorax end to end on a tiny model, offline: `make demo` runs this with the venv's bin first on PATH.
-# Everything lands in demo-out/. Later stages (train → generate → merge) are added as the commands land.
+# Part 1 tours the file tools on a tiny random model; part 2 is the main story on the built-in `shapes` model:
+# teach it a colour it never saw, generate before/after and a scale sweep, merge the LoRA in. Everything lands in demo-out/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=demo-out
@@ -34,34 +35,41 @@ echo "== lorax extract: the LoRA back out of the merged model"
 lorax extract "$OUT/tiny-sd1.safetensors" "$OUT/tiny-sd1-merged.safetensors" --rank 4 --targets all \
   -o "$OUT/extracted.safetensors" --force
 
-echo "== lorax train: a LoRA for a new concept ('a sks star', purple stars) with a checkpoint and a resume"
-python -c "from lorax.zoo.shapes import write_concept_dir; write_concept_dir('$OUT/sks-star', 'star', 'purple', 8, caption='a sks star')"
-lorax train "$OUT/sks-star" --model "$OUT/tiny-sd1" --resolution 32 --steps 40 --lr 1e-3 --checkpoint-every 20 \
-  -o "$OUT/sks-star.safetensors" --force
-lorax train "$OUT/sks-star" --model "$OUT/tiny-sd1" --resolution 32 --steps 60 --lr 1e-3 \
-  --resume "$OUT/sks-star.checkpoints" -o "$OUT/sks-star-60.safetensors" --force
-echo "loss curve: $OUT/sks-star.loss.png, resolved config: $OUT/sks-star.toml"
-
-echo "== lorax train on the built-in shapes model: a colour it never saw ('a sks circle' = purple circles)"
+echo
+echo "== part 2: teach the built-in shapes model a colour it never saw ('a sks circle' = purple circles)"
 python -c "from lorax.zoo.shapes import write_concept_dir; write_concept_dir('$OUT/sks-circle', 'circle', 'purple', 8, caption='a sks circle')"
-lorax train "$OUT/sks-circle" --model shapes --steps 200 --batch-size 4 --lr 5e-3 --snr-gamma 5 \
-  --validation-prompt "a sks circle" --validation-every 100 -o "$OUT/sks-circle.safetensors" --force
+echo "training images: $OUT/sks-circle/"
+
+echo "== lorax generate: the base model before training (same seeds as after)"
+lorax generate "a sks circle" --model shapes -n 8 --seed 1 --grid -o "$OUT/before" --force > /dev/null
+echo "before: $OUT/before/a-sks-circle-1-grid.png"
+
+echo "== lorax train: DreamBooth LoRA with prior preservation, a checkpoint halfway, loss curve and validation samples"
+lorax train "$OUT/sks-circle" --model shapes --steps 300 --batch-size 4 --lr 5e-3 --snr-gamma 5 \
+  --class-prompt "a circle" --num-class-images 24 --checkpoint-every 150 \
+  --validation-prompt "a sks circle" --validation-every 150 -o "$OUT/sks-circle.safetensors" --force
 echo "loss curve: $OUT/sks-circle.loss.png, samples: $OUT/sks-circle.samples/, resolved config: $OUT/sks-circle.toml"
+lorax inspect "$OUT/sks-circle.safetensors"
 
-echo "== lorax generate: before and after the trained LoRA (same seeds), and a scale sweep 0 → 1 as one grid"
-lorax generate "a sks star" --model "$OUT/tiny-sd1" --size 32x32 -n 2 --seed 1 --grid -o "$OUT/generate/before" --force
-lorax generate "a sks star" --model "$OUT/tiny-sd1" --size 32x32 -n 2 --seed 1 --grid -o "$OUT/generate/after" --force \
-  --lora "$OUT/sks-star-60.safetensors"
-lorax generate "a sks star" --model "$OUT/tiny-sd1" --size 32x32 -n 2 --seed 1 -o "$OUT/generate/sweep" --force \
-  --lora "$OUT/sks-star-60.safetensors" --sweep-scale 0,0.25,0.5,0.75,1
-echo "sweep grid: $OUT/generate/sweep/a-sks-star-1-sweep.png (rows: seeds, columns: LoRA scale)"
+echo "== lorax generate: after training, and a LoRA scale sweep 0 → 1 as one grid"
+lorax generate "a sks circle" --model shapes -n 8 --seed 1 --grid -o "$OUT/after" --force \
+  --lora "$OUT/sks-circle.safetensors" > /dev/null
+lorax generate "a sks circle" --model shapes -n 3 --seed 1 -o "$OUT/sweep" --force \
+  --lora "$OUT/sks-circle.safetensors" --sweep-scale 0,0.25,0.5,0.75,1 > /dev/null
+echo "after: $OUT/after/a-sks-circle-1-grid.png; sweep: $OUT/sweep/a-sks-circle-1-sweep.png (columns: LoRA scale)"
 
-echo "== lorax merge: the trained LoRA folded into the model (a plain diffusers folder any SD tool loads)"
-lorax merge "$OUT/tiny-sd1" "$OUT/sks-star-60.safetensors" -o "$OUT/tiny-sd1-sks-star" --force
+echo "== lorax merge: the LoRA baked into the shapes model (a plain diffusers folder any SD tool loads)"
+lorax merge shapes "$OUT/sks-circle.safetensors" -o "$OUT/shapes-sks-circle" --force
+lorax generate "a sks circle" --model "$OUT/shapes-sks-circle" -n 8 --seed 1 --grid -o "$OUT/merged" --force > /dev/null
 
-echo "== lorax invert / pivot: a new token <s1> for the same stars (textual inversion, then pivotal tuning)"
-lorax invert "$OUT/sks-star" --model "$OUT/tiny-sd1" --resolution 32 --token '<s1>' --token-at-data 'sks star|<s1>' \
-  --init-token star --steps 10 -o "$OUT/s1-star.pt" --force
-lorax pivot "$OUT/sks-star" --model "$OUT/tiny-sd1" --resolution 32 --token '<s1>' --token-at-data 'sks star|<s1>' \
-  --init-token star --ti-steps 5 --steps 5 -o "$OUT/s1-star-pivot.safetensors" --force
-echo "learned token: $OUT/s1-star.pt; LoRA + token in one file: $OUT/s1-star-pivot.safetensors"
+echo "== how purple circles score (the shapes world's colour and shape readers)"
+python scripts/demo_score.py "a purple circle" "$OUT/before" "$OUT/after" "$OUT/merged"
+
+echo "== lorax invert / pivot: a new token <s1> for the same concept (short runs, to show the commands)"
+lorax invert "$OUT/sks-circle" --model shapes --token '<s1>' --token-at-data 'sks|<s1>' \
+  --init-token 'red blue' --steps 30 -o "$OUT/s1.safetensors" --force
+lorax pivot "$OUT/sks-circle" --model shapes --token '<s1>' --token-at-data 'sks|<s1>' \
+  --init-token 'red blue' --ti-steps 20 --steps 20 -o "$OUT/s1-pivot.safetensors" --force
+echo "learned token: $OUT/s1.safetensors; LoRA + token in one file: $OUT/s1-pivot.safetensors"
+echo
+echo "demo done: open the PNGs under $OUT/ (before/, after/, sweep/, merged/, sks-circle.loss.png)"
