@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from lorax.data.buckets import make_buckets, nearest_bucket
@@ -42,6 +42,14 @@ class DataOptions:
     caption_dropout: float = 0.0
     template: str | None = None
     seed: int = 0
+
+    @classmethod
+    def from_config(cls, config: Any, resolution: int) -> DataOptions:
+        """The data fields of a training config (train, invert and pivot configs share their names)."""
+        return cls(
+            resolution=resolution,
+            **{f.name: getattr(config, f.name) for f in fields(cls) if f.name != "resolution"},
+        )
 
 
 @dataclass(frozen=True)

@@ -88,22 +88,6 @@ def steps_of(config: InversionOptions, batches_per_epoch: int) -> int:
     return total_steps(config, batches_per_epoch)
 
 
-def data_options(config: InversionOptions, resolution: int) -> DataOptions:
-    return DataOptions(
-        resolution=resolution,
-        random_crop=config.random_crop,
-        flip=config.flip,
-        buckets=config.buckets,
-        repeats=config.repeats,
-        batch_size=config.batch_size,
-        caption_shuffle=config.caption_shuffle,
-        keep_tokens=config.keep_tokens,
-        caption_dropout=config.caption_dropout,
-        template=config.template,
-        seed=config.seed,
-    )
-
-
 def read_items(config: InversionOptions, progress: Progress) -> list[ImageItem]:
     """Training images with captions: files' own captions with ``--token-at-data`` applied, else the tokens."""
     from lorax.training.inversion import parse_replacements, replace_in_caption
@@ -166,7 +150,7 @@ def prepare(config: InversionOptions, progress: Progress, pipeline: Any = None) 
     )
     data = TrainData(
         items,
-        data_options(config, resolution),
+        DataOptions.from_config(config, resolution),
         class_items=class_items,
         class_prompt=config.class_prompt,
         process_index=accelerator.process_index,

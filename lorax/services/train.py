@@ -198,19 +198,7 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
     if config.prior_preservation:
         class_items = _class_items(config, pipe, resolution, accelerator, progress)
 
-    options = DataOptions(
-        resolution=resolution,
-        random_crop=config.random_crop,
-        flip=config.flip,
-        buckets=config.buckets,
-        repeats=config.repeats,
-        batch_size=config.batch_size,
-        caption_shuffle=config.caption_shuffle,
-        keep_tokens=config.keep_tokens,
-        caption_dropout=config.caption_dropout,
-        template=config.template,
-        seed=config.seed,
-    )
+    options = DataOptions.from_config(config, resolution)
     data = TrainData(
         items,
         options,
