@@ -45,9 +45,9 @@ lorax generate "a sks circle" --model shapes -n 8 --seed 1 --grid -o "$OUT/befor
 echo "before: $OUT/before/a-sks-circle-1-grid.png"
 
 echo "== lorax train: DreamBooth LoRA with prior preservation, a checkpoint halfway, loss curve and validation samples"
-lorax train "$OUT/sks-circle" --model shapes --steps 300 --batch-size 4 --lr 5e-3 --snr-gamma 5 \
-  --class-prompt "a circle" --num-class-images 24 --checkpoint-every 150 \
-  --validation-prompt "a sks circle" --validation-every 150 -o "$OUT/sks-circle.safetensors" --force
+lorax train "$OUT/sks-circle" --model shapes --steps 500 --batch-size 4 --lr 5e-3 --snr-gamma 5 \
+  --class-prompt "a circle" --num-class-images 24 --checkpoint-every 250 \
+  --validation-prompt "a sks circle" --validation-every 250 -o "$OUT/sks-circle.safetensors" --force
 echo "loss curve: $OUT/sks-circle.loss.png, samples: $OUT/sks-circle.samples/, resolved config: $OUT/sks-circle.toml"
 lorax inspect "$OUT/sks-circle.safetensors"
 
