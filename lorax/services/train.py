@@ -455,16 +455,10 @@ def _build(
         sampler=sampler,
         text_encoder_2=text_encoder_2 if config.train_text else None,
     )
-    settings = LoopSettings(
-        max_steps=max_steps,
-        grad_accum=config.grad_accum,
-        max_grad_norm=config.max_grad_norm,
-        seed=config.seed,
-        checkpoint_every=config.checkpoint_every,
-        checkpoint_dir=config.checkpoints_path,
-        validation_every=config.validation_every,
+    settings = LoopSettings.from_config(
+        config,
+        max_steps,
         memory_flags=MEMORY_FLAGS,
-        config_toml=config.to_toml(),
         info={"family": family, **resume_identity(config)},
     )
     loop = TrainingLoop(

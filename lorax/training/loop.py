@@ -67,6 +67,21 @@ class LoopSettings:
     info: dict[str, Any] = field(default_factory=dict)
     description: str = "training"
 
+    @classmethod
+    def from_config(cls, config: Any, max_steps: int, **extra: Any) -> LoopSettings:
+        """The loop fields of a training config (train, invert and pivot configs share their names)."""
+        return cls(
+            max_steps=max_steps,
+            grad_accum=config.grad_accum,
+            max_grad_norm=config.max_grad_norm,
+            seed=config.seed,
+            checkpoint_every=config.checkpoint_every,
+            checkpoint_dir=config.checkpoints_path,
+            validation_every=config.validation_every,
+            config_toml=config.to_toml(),
+            **extra,
+        )
+
 
 @dataclass
 class LoopResult:
