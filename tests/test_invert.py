@@ -130,6 +130,21 @@ def test_initialisers_word_mean_rand_zero_and_clashes(tiny_ti_model):
     assert torch.equal(over.embeddings()["sks"]["text_encoder"], torch.zeros(1, weight.shape[1]))
 
 
+def test_a_word_of_one_token_per_vector_starts_each_vector_from_its_own_token(tiny_ti_model):
+    from lorax.training.inversion import LearnedTokens
+
+    pipe = load(tiny_ti_model)
+    weight = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    ids = pipe.tokenizer("red sks", add_special_tokens=False).input_ids
+    assert len(ids) == 2
+    tokens = LearnedTokens.add(pipe.tokenizer, pipe.text_encoder, ["<p>", "<q>"], vectors=2, init=["red sks"] * 2)
+    emb = tokens.embeddings()
+    assert torch.equal(emb["<p>"]["text_encoder"], weight[ids].float())
+    assert torch.equal(emb["<q>"]["text_encoder"], weight[ids].float())
+    single = LearnedTokens.add(pipe.tokenizer, pipe.text_encoder, ["<r>"], vectors=1, init=["red sks"])
+    assert torch.allclose(single.embeddings()["<r>"]["text_encoder"][0], weight[ids].mean(dim=0))
+
+
 def test_norm_decay_is_the_seeds_formula(tiny_ti_model):
     from lorax.training.inversion import LearnedTokens
 

@@ -52,8 +52,8 @@ VectorsOpt = Annotated[
 InitOpt = Annotated[
     str | None,
     typer.Option(
-        help="Start from a word (any length: its tokens' mean), rand / <rand-σ> (noise, σ 0.017) or zero; "
-        "one per token as 'red|shape'. Default: rand.",
+        help="Start from a word (any length: its tokens' mean; as many tokens as --vectors: one each), "
+        "rand / <rand-σ> (noise, σ 0.017) or zero; one per token as 'red|shape'. Default: rand.",
         rich_help_panel=TOKENS,
     ),
 ]

@@ -3,7 +3,8 @@ that keep every other row untouched.
 
 ``LearnedTokens.add`` registers placeholder tokens (``<s1>``; with ``n`` vectors ``<s1> <s1>_1 … <s1>_{n-1}``, the
 multi-vector convention diffusers' pipelines and ``lorax generate`` expand in prompts) and initialises their rows:
-from a word of any length (the mean of its tokens' embeddings), ``rand`` / ``<rand-σ>`` (normal noise, σ 0.017 by
+from a word of any length (the mean of its tokens' embeddings; a word of exactly one token per vector starts each
+vector from its own token, so ``"red blue"`` with two vectors starts as red, blue), ``rand`` / ``<rand-σ>`` (normal noise, σ 0.017 by
 default, the seed's ``lora_pti``), or ``zero`` / ``<zero>``. During training a gradient hook zeroes the gradient of
 every other row and ``after_step`` copies the original rows back, bit for bit; with norm decay the new rows' norms
 are pulled toward ``target`` by ``λ = min(1, 100·lr)`` per step (the seed's ``clip_ti_decay``).
@@ -304,5 +305,7 @@ def _init_vectors(
         )
     if max(ids) >= weight.shape[0]:
         raise InputError(f"--init-token {spec!r}: its tokens lie outside the text encoder's embedding table")
+    if n > 1 and len(ids) == n:  # one word token per vector: "red blue" with --vectors 2 starts as red, blue
+        return weight[ids].float().clone()
     mean = weight[ids].float().mean(dim=0)
     return mean.expand(n, dim).clone()
