@@ -43,6 +43,17 @@ def convert_command(
             "local cache) of the same family to take configs and tokenizer from.",
         ),
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="LoRA only: the model it belongs to (built-in name such as shapes, diffusers folder, Hub id in the "
+            "cache, or single file). Resolves names exactly and gives lora_diffusion files their module order; "
+            "needed for lora_diffusion with any model but full-size SD1/SD2/SDXL. Only its configs are read.",
+            show_default=False,
+        ),
+    ] = None,
     force: ForceOption = False,
     json_out: JsonOption = False,
 ) -> None:
@@ -50,13 +61,25 @@ def convert_command(
     model between a diffusers folder and a single-file checkpoint (SD1, SD2; .ckpt → .safetensors too).
 
     Model conversions stream tensor by tensor and are exact: single file → diffusers → single file gives back every
-    tensor bit for bit.
+    tensor bit for bit. A LoRA with bundled token embeddings (lorax pivot) converted to diffusers gets its tokens
+    written beside it, one file per token: OUT_STEM.TOKEN.safetensors.
 
     Example: lorax convert lora.safetensors --to diffusers -o pytorch_lora_weights.safetensors
+
+    Example: lorax convert pivot.safetensors --to lora_diffusion --model shapes -o pivot.ld.safetensors
     """
     from lorax.services.convert import ConvertConfig, convert
 
-    config = ConvertConfig(input, output, to, dtype, rank, force, config_from)
+    config = ConvertConfig(
+        input,
+        output,
+        to=to,
+        dtype=dtype,
+        rank=rank,
+        force=force,
+        config_from=config_from,
+        model=model,
+    )
     with cli_progress() as progress:
         result = convert(config, progress)
     if json_out:
@@ -71,10 +94,13 @@ def render(result: Any) -> None:
         f"{result.kind}: {result.input_format} → {result.output_format}",
         f"output: {result.output}",
     ]
+    lines += [f"embedding: {path}   token: {token}" for token, path in result.embedding_files.items()]
     if result.kind == "model":
         lines.append(f"family: {result.family}   tensors: {result.tensors}   time: {result.seconds:.2f} s")
     elif result.kind == "lora":
         lines.append(f"modules: {result.modules}   family: {result.family or 'unknown'}")
+        if result.model:
+            lines.append(f"model: {result.model}")
     if result.tokens:
         lines.append("tokens: " + ", ".join(result.tokens))
     for line in lines:

@@ -1,14 +1,22 @@
 """``lorax convert``: LoRAs between formats (with optional SVD rank resize), embeddings between formats, and model
-layouts (diffusers folder ⇄ single file, ``.ckpt`` → ``.safetensors``), all written atomically."""
+layouts (diffusers folder ⇄ single file, ``.ckpt`` → ``.safetensors``), all written atomically.
+
+LoRA conversions take ``model`` (``--model``): the model the LoRA belongs to, as a built-in name, diffusers folder,
+Hub id or single file. Its weightless skeleton (``lorax.models.skeleton``) resolves names exactly and gives the
+lora_diffusion format its index order; without it the family's full-size tables do, and a LoRA that does not fit them
+is refused with a message naming ``--model``. A diffusers LoRA holds no token embeddings, so bundled ones are written
+beside it, one file per token (``embedding_paths``).
+"""
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorax.errors import ConfigError
+from lorax.errors import ConfigError, MismatchError
 from lorax.io.atomic import atomic_path, check_output
 from lorax.io.checkpoint import (
     DiffusersCheckpoint,
@@ -38,6 +46,7 @@ class ConvertConfig:
     rank: int | None = None
     force: bool = False
     config_from: str | None = None
+    model: str | None = None
 
     def validate(self) -> None:
         problems = []
@@ -74,6 +83,11 @@ class ConvertResult:
     mean_energy: float | None = None
     resized: list[ModuleReport] = field(default_factory=list)
     seconds: float = 0.0
+    model: str | None = None
+    outputs: list[Path] = field(default_factory=list)  # every file written, the main output first
+    embedding_files: dict[str, Path] = field(
+        default_factory=dict
+    )  # token → file written beside a diffusers LoRA
 
 
 def _looks_like_model(spec: str) -> bool:
@@ -89,15 +103,21 @@ def convert(config: ConvertConfig, progress: Progress | None = None) -> ConvertR
     config.validate()
     start = time.perf_counter()
     if _looks_like_model(config.input):
+        if config.model is not None:
+            raise ConfigError("--model applies to LoRA conversions; the input is a model")
         result = convert_model(config, progress)
     else:
         from lorax.formats import EMBEDDING_FORMATS, detect_format
 
         fmt = detect_format(config.input)
         if fmt in EMBEDDING_FORMATS:
+            if config.model is not None:
+                raise ConfigError("--model applies to LoRA conversions; the input is an embedding")
             result = convert_embeddings(config, fmt, progress)
         else:
             result = convert_lora(config, fmt, progress)
+    if not result.outputs:
+        result.outputs = [result.output]
     result.seconds = time.perf_counter() - start
     return result
 
@@ -161,16 +181,124 @@ def _torch_dtype(name: str | None) -> Any:
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
+def embedding_paths(output: str | Path, tokens: list[str]) -> dict[str, Path]:
+    """Where the tokens of a diffusers LoRA ``output`` go: ``<output stem>.<token>.safetensors`` beside it, the token
+    reduced to letters, digits, ``-`` and ``_`` (``<s1>`` → ``s1``), numbered when two tokens reduce alike."""
+    out = Path(output)
+    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
+    paths: dict[str, Path] = {}
+    taken: set[str] = set()
+    for i, token in enumerate(tokens):
+        name = re.sub(r"[^A-Za-z0-9_-]+", "_", token).strip("_-") or f"token{i}"
+        unique, n = name, 1
+        while unique.lower() in taken:
+            n += 1
+            unique = f"{name}-{n}"
+        taken.add(unique.lower())
+        paths[token] = out.with_name(f"{stem}.{unique}.safetensors")
+    return paths
+
+
+def _shape_of(module: Any) -> tuple[int, ...] | None:
+    from lorax.adapters.state import LoraModule
+
+    if not isinstance(module, LoraModule):
+        return None
+    return (int(module.up.shape[0]), *(int(d) for d in module.down.shape[1:]))
+
+
+def _full_size_misfit(state: Any) -> str | None:
+    """Why ``state`` does not fit its family's full-size model (``None`` when every module does)."""
+    from lorax.models import families
+
+    if state.family not in families.FAMILIES:
+        return "its model family is unknown"
+    for name, module in state.modules.items():
+        component, _, path = name.partition(".")
+        if component not in families.FAMILIES[state.family]:
+            return f"the full-size {state.family} model has no {component}"
+        want = families.module_table(state.family, component).get(path)
+        if want is None:
+            return f"the full-size {state.family} model has no module {name}"
+        shape = _shape_of(module)
+        if shape is not None and shape != tuple(want):
+            return f"{name} is {list(shape)}, the full-size {state.family} model's {list(want)}"
+    return None
+
+
+def _read_lora(config: ConvertConfig, fmt: str, skeleton: dict[str, Any] | None, family: str | None) -> Any:
+    from lorax.formats import load_lora
+
+    if skeleton is None:
+        try:
+            return load_lora(config.input)
+        except MismatchError as err:
+            if fmt != "lora_diffusion":
+                raise
+            raise MismatchError(
+                "a lora_diffusion file names modules by index and fits no full-size model; pass --model with the "
+                "model it was trained for",
+                path=config.input,
+            ) from err
+    try:
+        state = load_lora(config.input, model=skeleton, family=family)
+    except MismatchError as err:
+        text = str(err)
+        if err.path is not None:
+            text = text.removeprefix(f"{err.path}: ")
+        raise MismatchError(f"does not fit --model {config.model}: {text}", path=config.input) from None
+    if family and state.family and state.family != family:
+        raise MismatchError(f"is a {state.family} LoRA but --model is {family}", path=config.input)
+    state.family = state.family or family
+    return state
+
+
+def _drop_zero_pairs(state: Any) -> int:
+    """Remove modules whose ``up`` or ``down`` is all zeros (no effect): an index file fills every target module the
+    LoRA lacked with such pairs, and they would otherwise turn up as extra modules in kohya or diffusers files."""
+    from lorax.adapters.state import LoraModule
+
+    zero = [
+        name
+        for name, m in state.modules.items()
+        if isinstance(m, LoraModule) and (not m.up.any() or not m.down.any())
+    ]
+    for name in zero:
+        del state.modules[name]
+    return len(zero)
+
+
 def convert_lora(config: ConvertConfig, fmt: str, progress: Progress) -> ConvertResult:
     from lorax.adapters.svd import resize_state
-    from lorax.formats import LORA_WRITE_FORMATS, load_lora, save_lora
+    from lorax.formats import LORA_WRITE_FORMATS
 
     target = config.to or fmt
     if target not in LORA_WRITE_FORMATS:
         raise ConfigError(f"--to {target}: a LoRA converts to {', '.join(LORA_WRITE_FORMATS)}")
     check_output(config.output, config.force)
-    state = load_lora(config.input)
+    skeleton, family = None, None
+    if config.model is not None:
+        from lorax.models.skeleton import load_skeleton
+
+        with progress.task(f"reading {config.model}'s configs", total=None):
+            skeleton, family = load_skeleton(config.model, config.config_from)
+    state = _read_lora(config, fmt, skeleton, family)
+    if fmt == "lora_diffusion":
+        dropped = _drop_zero_pairs(state)
+        if dropped:
+            progress.log(
+                f"left out {dropped} zero pairs (lora_diffusion's fill for target modules the LoRA lacks)"
+            )
     result = ConvertResult(Path(config.output), "lora", fmt, target, state.family, dtype=config.dtype)
+    result.model = config.model
+    if target == "lora_diffusion" and skeleton is None:
+        misfit = _full_size_misfit(state)
+        if misfit is not None:
+            raise MismatchError(
+                f"lora_diffusion orders modules by the model, and this LoRA does not fit the full-size table "
+                f"({misfit}); pass --model with the model it was trained for",
+                path=config.input,
+            )
     if config.rank is not None:
         with progress.task("resizing by SVD", total=None):
             state, reports = resize_state(state, config.rank)
@@ -186,10 +314,53 @@ def convert_lora(config: ConvertConfig, fmt: str, progress: Progress) -> Convert
                 f"resized {len(reports)} modules to rank {config.rank}: mean kept energy {result.mean_energy:.4f}, "
                 f"worst {worst.energy:.4f} ({worst.module})"
             )
-    save_lora(state, config.output, format=target, dtype=_torch_dtype(config.dtype), force=config.force)
+    dtype = _torch_dtype(config.dtype)
+    if target == "diffusers" and state.embeddings:
+        result.embedding_files = _save_diffusers_with_embeddings(
+            state, Path(config.output), dtype, config.force
+        )
+        result.outputs = [Path(config.output), *result.embedding_files.values()]
+    else:
+        from lorax.formats import save_lora
+
+        save_lora(state, config.output, format=target, dtype=dtype, force=config.force, model=skeleton)
     result.modules = len(state.modules)
     result.tokens = sorted(state.embeddings)
     return result
+
+
+def _save_diffusers_with_embeddings(state: Any, output: Path, dtype: Any, force: bool) -> dict[str, Path]:
+    """The LoRA as diffusers/PEFT at ``output`` and each token beside it (``embedding_paths``): diffusers'
+    ``learned_embeds`` ``{token: [n, dim]}`` for one text encoder, ``clip_l``/``clip_g`` for SDXL's two. Every path is
+    checked before anything is written, and all files appear together or none does."""
+    from contextlib import ExitStack
+    from dataclasses import replace
+
+    from lorax.formats import save_embeddings, save_lora
+
+    paths = embedding_paths(output, list(state.embeddings))
+    clash = [p for p in paths.values() if p == output]
+    if clash:
+        raise ConfigError(f"{output}: the embeddings would overwrite the LoRA; give OUT a .safetensors name")
+    for path in [output, *paths.values()]:
+        check_output(path, force)
+    lora_only = replace(state, embeddings={})
+    with ExitStack() as stack:
+        tmp = stack.enter_context(atomic_path(output, force))
+        save_lora(lora_only, tmp, format="diffusers", dtype=dtype, force=True)
+        for token, path in paths.items():
+            per = state.embeddings[token]
+            if dtype is not None:
+                per = {c: v.to(dtype) for c, v in per.items()}
+            fmt = "sdxl-embedding" if "text_encoder_2" in per else "diffusers-embedding"
+            save_embeddings(
+                {token: per},
+                stack.enter_context(atomic_path(path, force)),
+                format=fmt,
+                force=True,
+                metadata={"lorax_token": token, "lorax_lora": output.name},
+            )
+    return paths
 
 
 def convert_embeddings(config: ConvertConfig, fmt: str, progress: Progress) -> ConvertResult:
