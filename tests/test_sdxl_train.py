@@ -101,16 +101,3 @@ def test_train_sdxl_with_both_text_encoders(images: Path, cli) -> None:  # type:
     gen = cli("generate", "a sks star", "-m", tiny_folder("sdxl"), "-o", out.parent / "img", "--steps", "1",
               "--size", "32x32", "--seed", "1", "--device", "cpu", "--lora", out)  # fmt: skip
     assert gen.exit_code == 0, gen.stderr
-
-
-def test_invert_refuses_sdxl_with_a_clear_error(images: Path) -> None:
-    from lorax.errors import ConfigError
-    from lorax.services.invert import invert
-    from lorax.training.pivot_config import InvertConfig
-
-    out = scratch("sdxl-invert") / "e.pt"
-    cfg = InvertConfig(data_dir=images, output=out, model=str(tiny_folder("sdxl")), resolution=32, steps=1,
-                       device="cpu")  # fmt: skip
-    with pytest.raises(ConfigError, match="SDXL"):
-        invert(cfg, NullProgress())
-    assert not out.exists()

@@ -480,6 +480,8 @@ def register_tokens(
     Raises:
         MismatchError: a token already in the vocabulary, vectors of the wrong width, or a component the model lacks.
     """
+    from lorax.training.inversion import pool_at_eos
+
     added: list[str] = []
     for token, per_component in embeddings.items():
         for component, vectors in per_component.items():
@@ -507,6 +509,7 @@ def register_tokens(
             tokenizer.add_tokens(names)
             ids = tokenizer.convert_tokens_to_ids(names)
             encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            pool_at_eos(encoder, tokenizer)  # pooled output (SDXL's text_embeds) at EOS, not at new ids
             table = encoder.get_input_embeddings()
             with torch.no_grad():
                 for row, vector in zip(ids, vectors, strict=True):

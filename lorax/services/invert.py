@@ -4,7 +4,9 @@
 registers the placeholder tokens (``lorax.training.inversion``) and trains only their rows through the shared
 ``TrainingLoop`` (checkpoints, exact resume, validation images, progress, NaN/OOM stops), then writes an A1111
 (``.pt`` ``string_to_param`` / ``.safetensors`` ``emb_params``) or diffusers (``learned_embeds``) embedding, with the
-loss curve and resolved config beside it. ``lorax pivot`` runs the same phase first (``prepare`` and
+loss curve and resolved config beside it. On SDXL the tokens train in both text encoders (``LearnedTokenSet``), the
+batches carry SDXL's pooled embeddings and size/crop ids (``lorax.training.sdxl``, as ``lorax train``), and the output
+is an SDXL embedding (``.safetensors`` with ``clip_l`` / ``clip_g``). ``lorax pivot`` runs the same phase first (``prepare`` and
 ``build_inversion`` are shared).
 """
 
@@ -24,7 +26,9 @@ from lorax.io.atomic import atomic_path, check_output
 from lorax.progress import NullProgress, Progress
 from lorax.services.train import companion_paths, make_accelerator, total_steps
 from lorax.training.config import MEMORY_FLAGS
+from lorax.training.masks import MaskedBatches
 from lorax.training.pivot_config import InversionOptions, InvertConfig
+from lorax.training.sdxl import SdxlBatches
 
 
 @dataclass
@@ -45,6 +49,7 @@ class InvertResult:
     checkpoints: list[Path] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
     norms: dict[str, list[float]] = field(default_factory=dict)  # learned vectors' norms per token
+    norms_2: dict[str, list[float]] = field(default_factory=dict)  # SDXL: the same in text_encoder_2 (clip_g)
     losses: list[list[float]] = field(default_factory=list)
 
 
@@ -64,7 +69,7 @@ class Session:
     items: list[ImageItem]
     class_items: list[ImageItem]
     data: TrainData
-    tokens: Any  # LearnedTokens
+    tokens: Any  # LearnedTokens, or LearnedTokenSet on SDXL
     mask_paths: list[Path | None] | None
     base_bytes: int
     started_at: float
@@ -116,7 +121,7 @@ def prepare(config: InversionOptions, progress: Progress, pipeline: Any = None) 
     """Images, model, accelerator, class images, the placeholder tokens and the batch plan."""
     from lorax.services.train import _class_items
     from lorax.training import base
-    from lorax.training.inversion import LearnedTokens, parse_init
+    from lorax.training.inversion import learn_tokens, parse_init
     from lorax.training.masks import find_masks
 
     items = read_items(config, progress)
@@ -129,18 +134,17 @@ def prepare(config: InversionOptions, progress: Progress, pipeline: Any = None) 
     pipe = pipeline if pipeline is not None else base.load_base_pipeline(config.model)
     family = base.family_of(pipe)
     base.check_trainable(pipe, family)
-    if family == "sdxl":  # lorax train handles SDXL; inversion learns one text encoder's embeddings so far
-        raise ConfigError(
-            "inverting an SDXL model (clip_l/clip_g embeddings) is not supported yet: use an SD1 or SD2 model"
-        )
+    problems = config.family_problems(family)
+    if problems:
+        raise ConfigError(f"{config.model} is an {family.upper()} model: " + "; ".join(problems))
     resolution = config.resolution or base.default_resolution(pipe)
     accelerator = make_accelerator(config)
     class_items: list[ImageItem] = []
     if config.prior_preservation:
         class_items = _class_items(config, pipe, resolution, accelerator, progress)
-    tokens = LearnedTokens.add(
-        pipe.tokenizer,
-        pipe.text_encoder,
+    tokens = learn_tokens(
+        pipe,
+        family,
         config.tokens,
         vectors=config.vectors,
         init=parse_init(config.init_token, config.tokens),
@@ -176,22 +180,61 @@ def make_batches(session: Session, batches: Any) -> Any:
     """``batches`` with prompts that expand the tokens, and with loss masks when the run has them."""
     import dataclasses
 
-    from lorax.training.masks import MaskedBatches
-
     batches.prompts = ExpandingPrompts(batches.prompts, session.tokens.expand)
     if session.mask_paths is None:
         return batches
     values = {f.name: getattr(batches, f.name) for f in dataclasses.fields(batches) if f.init}
-    return MaskedBatches(**values, mask_paths=session.mask_paths, temperature=session.config.mask_temperature)
+    masked = MaskedSdxlBatches if isinstance(batches, SdxlBatches) else MaskedBatches
+    return masked(**values, mask_paths=session.mask_paths, temperature=session.config.mask_temperature)
 
 
-def pipeline_factory(pipe: Any, accelerator: Any, unet: Any, text_encoder: Any) -> Callable[[], Any]:
-    """A sampling pipeline over the live (training) modules, for validation images."""
+class MaskedSdxlBatches(MaskedBatches, SdxlBatches):
+    """Masked losses on SDXL: ``MaskedBatches.loss`` with the batch's size/crop ids in its conditioning."""
+
+    def loss(self, micro_step: int, generator: Any, unet: Any | None = None) -> Any:
+        epoch, indices = self.position(micro_step)
+        prompts = self.prompts
+        self.prompts = _TimedPrompts(prompts, self.time_ids(epoch, indices))  # type: ignore[assignment]
+        try:
+            return MaskedBatches.loss(self, micro_step, generator, unet)
+        finally:
+            self.prompts = prompts
+
+
+class _TimedPrompts:
+    """A prompt encoder whose SDXL conditioning carries given ``time_ids``."""
+
+    def __init__(self, encoder: Any, time_ids: Any) -> None:
+        self.encoder = encoder
+        self.time_ids = time_ids
+
+    def __call__(self, prompts: Sequence[str]) -> Any:
+        cond = self.encoder(prompts)
+        cond.time_ids = self.time_ids
+        return cond
+
+
+def pipeline_factory(
+    pipe: Any, accelerator: Any, unet: Any, text_encoder: Any, text_encoder_2: Any = None
+) -> Callable[[], Any]:
+    """A sampling pipeline over the live (training) modules, for validation images (SDXL's with ``text_encoder_2``)."""
 
     def factory() -> Any:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         pipe.vae.to(accelerator.device)
+        if text_encoder_2 is not None:
+            xl_pipe = StableDiffusionXLPipeline(
+                vae=pipe.vae,
+                text_encoder=accelerator.unwrap_model(text_encoder),
+                text_encoder_2=accelerator.unwrap_model(text_encoder_2),
+                tokenizer=pipe.tokenizer,
+                tokenizer_2=pipe.tokenizer_2,
+                unet=accelerator.unwrap_model(unet),
+                scheduler=pipe.scheduler,
+            )
+            xl_pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
+            return xl_pipe
         sample_pipe = StableDiffusionPipeline(
             vae=pipe.vae,
             text_encoder=accelerator.unwrap_model(text_encoder),
@@ -221,20 +264,22 @@ class InversionJob:
         scheduler: Any,
         norm_decay: bool,
         sampler: Any = None,
+        text_encoder_2: Any = None,
     ) -> None:
         self.batches = batches
         self.tokens = tokens
         self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2  # SDXL: its table trains too
         self.accelerator = accelerator
         self.scheduler = scheduler
         self.norm_decay = norm_decay
         self.sampler = sampler
 
     def trainable_models(self) -> list[Any]:
-        return [self.text_encoder]
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
 
     def parameters(self) -> list[Any]:
-        return [self.tokens.weight]
+        return list(self.tokens.parameters())
 
     def loss(self, micro_step: int, generator: Any) -> Any:
         return self.batches.loss(micro_step, generator)
@@ -274,33 +319,42 @@ def build_inversion(
     from lorax.training.loop import LoopSettings, TrainingLoop
     from lorax.training.objective import DiffusionObjective
     from lorax.training.optim import build_optimizer, build_scheduler
+    from lorax.training.sdxl import SdxlPromptEncoder
     from lorax.training.text import PromptEncoder
 
     config, pipe, accelerator = session.config, session.pipe, session.accelerator
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-    for module in (unet, vae, text_encoder):
+    # SDXL: the second text encoder conditions, and its table trains the same tokens
+    text_encoder_2 = pipe.text_encoder_2 if session.family == "sdxl" else None
+    encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]
+    for module in (unet, vae, *encoders):
         module.requires_grad_(False)
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     unet.set_attn_processor(AttnProcessor2_0() if config.sdpa else AttnProcessor())
     unet.to(device, dtype=weight_dtype)
     vae.to(device, dtype=torch.float32 if config.mixed_precision == "fp16" else weight_dtype)
-    text_encoder.to(device, dtype=weight_dtype)
-    weight = session.tokens.make_trainable()
+    for encoder in encoders:
+        encoder.to(device, dtype=weight_dtype)
+    params = session.tokens.make_trainable()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for encoder in encoders:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = build_optimizer(
         config.optimizer,
-        [{"params": [weight], "lr": config.inversion_lr}],
+        [{"params": params, "lr": config.inversion_lr}],
         weight_decay=config.inversion_weight_decay,
     )
     scheduler = build_scheduler(
         config.lr_scheduler, optimizer, warmup_steps=config.warmup_steps, total_steps=max_steps
     )
-    text_encoder, optimizer = accelerator.prepare(text_encoder, optimizer)
+    if text_encoder_2 is not None:
+        text_encoder, text_encoder_2, optimizer = accelerator.prepare(text_encoder, text_encoder_2, optimizer)
+    else:
+        text_encoder, optimizer = accelerator.prepare(text_encoder, optimizer)
     objective = DiffusionObjective(
         pipe.scheduler.config,
         prediction_type=config.prediction_type,
@@ -314,13 +368,20 @@ def build_inversion(
         with progress.task("caching latents", total=len(keys)) as task:
             cache.fill(vae, keys, session.data.load, advance=task.advance)
         vae.to("cpu")
+    batches_class: Any = DiffusionBatches
+    prompts: Any = PromptEncoder(pipe.tokenizer, text_encoder, device, cache=False)
+    if text_encoder_2 is not None:  # as lorax train: both encoders' context, pooled embeddings, size/crop ids
+        batches_class = SdxlBatches
+        prompts = SdxlPromptEncoder(
+            [pipe.tokenizer, pipe.tokenizer_2], [text_encoder, text_encoder_2], device, cache=False
+        )
     batches = make_batches(
         session,
-        DiffusionBatches(
+        batches_class(
             data=session.data,
             vae=vae,
             unet=unet,
-            prompts=PromptEncoder(pipe.tokenizer, text_encoder, device, cache=False),
+            prompts=prompts,
             objective=objective,
             device=device,
             prior_weight=config.prior_weight,
@@ -331,7 +392,7 @@ def build_inversion(
     if config.validation_prompt and config.validation_every:
         assert config.output is not None
         sampler = Sampler(
-            pipeline_factory(pipe, accelerator, unet, text_encoder),
+            pipeline_factory(pipe, accelerator, unet, text_encoder, text_encoder_2),
             list(config.validation_prompt),
             companion_paths(Path(config.output))["samples"],
             session.resolution,
@@ -348,6 +409,7 @@ def build_inversion(
         scheduler=scheduler,
         norm_decay=config.norm_decay,
         sampler=sampler,
+        text_encoder_2=text_encoder_2,
     )
     settings = LoopSettings.from_config(
         config,
@@ -436,9 +498,11 @@ def write_companions(config: InversionOptions, losses: list[list[float]], output
     return companions
 
 
-def _norms(embeddings: dict[str, dict[str, Any]]) -> dict[str, list[float]]:
+def _norms(embeddings: dict[str, dict[str, Any]], component: str = "text_encoder") -> dict[str, list[float]]:
     return {
-        t: [round(float(n), 4) for n in v["text_encoder"].float().norm(dim=-1)] for t, v in embeddings.items()
+        t: [round(float(n), 4) for n in v[component].float().norm(dim=-1)]
+        for t, v in embeddings.items()
+        if component in v
     }
 
 
@@ -448,7 +512,8 @@ def _norms(embeddings: dict[str, dict[str, Any]]) -> dict[str, list[float]]:
 def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: Any = None) -> InvertResult:
     """Learn ``config.token``'s embedding(s) from ``config.data_dir``; returns where everything went.
 
-    ``pipeline``: an already loaded ``StableDiffusionPipeline`` instead of ``config.model`` (tests, benchmarks).
+    ``pipeline``: an already loaded ``StableDiffusionPipeline`` (or ``StableDiffusionXLPipeline``) instead of
+    ``config.model`` (tests, benchmarks).
     """
     import torch
 
@@ -479,9 +544,15 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_dtype]
     stored = {t: {c: v.to(dtype) for c, v in per.items()} for t, per in embeddings.items()}
     fmt = "a1111-embedding" if config.format == "a1111" else "diffusers-embedding"
+    if session.family == "sdxl":  # family_problems refused the rest: clip_l / clip_g .safetensors
+        fmt = "sdxl-embedding"
     file_bytes = 0
     if session.accelerator.is_main_process:
-        if fmt == "a1111-embedding" and output.suffix == ".safetensors" and output.stem != config.tokens[0]:
+        if (
+            fmt != "diffusers-embedding"
+            and output.suffix == ".safetensors"
+            and output.stem != config.tokens[0]
+        ):
             progress.log(
                 f"note: A1111 .safetensors embeddings are named by their file: prompts use '{output.stem}' "
                 f"(lorax generate --embedding {output.name}), not '{config.tokens[0]}'"
@@ -515,5 +586,6 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
         checkpoints=result.checkpoints,
         samples=result.samples,
         norms=_norms(embeddings),
+        norms_2=_norms(embeddings, "text_encoder_2"),
         losses=losses,
     )

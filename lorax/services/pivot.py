@@ -9,7 +9,8 @@ the run, and ``--resume`` picks the phase from the checkpoint.
 
 The output is one file holding the LoRA and the tokens: kohya with the embeddings bundled
 (``bundle_emb.<token>.string_to_param.*``, loaded by A1111/ComfyUI and ``lorax generate --lora``), or the seed's own
-``lora_diffusion`` format.
+``lora_diffusion`` format. On SDXL the tokens live in both text encoders (``bundle_emb.<token>.clip_l`` / ``.clip_g``,
+``lora_te1_`` / ``lora_te2_`` with ``--train-text``); ``lora_diffusion`` has no SDXL layout and is refused.
 """
 
 from __future__ import annotations
@@ -62,29 +63,36 @@ class PivotResult:
 
 
 class PivotJob(LoraJob):
-    """``LoraJob`` plus the learned tokens: checkpointed with the LoRA, trained on with ``--continue-inversion``."""
+    """``LoraJob`` plus the learned tokens: checkpointed with the LoRA, trained on with ``--continue-inversion``.
 
-    def __init__(self, job: LoraJob, tokens: Any, *, continue_inversion: bool, text_encoder: Any) -> None:
+    ``text_encoders``: the encoders whose tables hold the tokens (SDXL: both), in training mode while the tokens train.
+    """
+
+    def __init__(
+        self, job: LoraJob, tokens: Any, *, continue_inversion: bool, text_encoders: list[Any]
+    ) -> None:
         super().__init__(
             job.batches,
             unet=job.unet,
             text_encoder=job.text_encoder,
             accelerator=job.accelerator,
             sampler=job.sampler,
+            text_encoder_2=job.text_encoder_2,
         )
         self.tokens = tokens
         self.continue_inversion = continue_inversion
-        self.prompt_encoder = text_encoder
+        self.prompt_encoders = list(text_encoders)
 
     def trainable_models(self) -> list[Any]:
         models = super().trainable_models()
-        if self.continue_inversion and self.text_encoder is None:
-            models.append(self.prompt_encoder)
+        if self.continue_inversion:
+            unwrapped = [self.accelerator.unwrap_model(m) for m in models]
+            models += [m for m in self.prompt_encoders if not any(m is u for u in unwrapped)]
         return models
 
     def parameters(self) -> list[Any]:
         params = super().parameters()
-        return [*params, self.tokens.weight] if self.continue_inversion else params
+        return [*params, *self.tokens.parameters()] if self.continue_inversion else params
 
     def after_step(self, step: int) -> None:
         if self.continue_inversion:
@@ -94,10 +102,10 @@ class PivotJob(LoraJob):
         return {**super().state_tensors(), **self.tokens.state_tensors()}
 
     def load_state_tensors(self, tensors: dict[str, Any]) -> None:
-        from lorax.training.inversion import STATE_PREFIX
+        from lorax.training.inversion import is_state_key
 
-        self.tokens.load_state_tensors({k: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)})
-        super().load_state_tensors({k: v for k, v in tensors.items() if not k.startswith(STATE_PREFIX)})
+        self.tokens.load_state_tensors({k: v for k, v in tensors.items() if is_state_key(k)})
+        super().load_state_tensors({k: v for k, v in tensors.items() if not is_state_key(k)})
 
 
 def pivot(config: PivotConfig, progress: Progress | None = None, *, pipeline: Any = None) -> PivotResult:
@@ -211,15 +219,18 @@ def _build_tuning(
         progress,
     )
     job.batches = make_batches(session, job.batches)
+    pipe = session.pipe
     pivot_job = PivotJob(
         job,
         session.tokens,
         continue_inversion=config.continue_inversion,
-        text_encoder=session.pipe.text_encoder,
+        text_encoders=[pipe.text_encoder, pipe.text_encoder_2]
+        if session.family == "sdxl"
+        else [pipe.text_encoder],
     )
     if config.continue_inversion:
-        weight = session.tokens.make_trainable()
-        _add_param_group(loop.optimizer, loop.scheduler, weight, config.continue_lr, config.ti_weight_decay)
+        params = session.tokens.make_trainable()
+        _add_param_group(loop.optimizer, loop.scheduler, params, config.continue_lr, config.ti_weight_decay)
     loop.job = pivot_job
     loop.settings.max_steps = ti_steps + lora_steps
     loop.settings.info = {**info, "phase": "tuning", "rank": config.rank, "targets": config.targets}
@@ -227,13 +238,15 @@ def _build_tuning(
     return loop, pivot_job, prepared.prediction_type, modules
 
 
-def _add_param_group(optimizer: Any, scheduler: Any, weight: Any, lr: float, weight_decay: float) -> None:
-    """Add the embedding table to an optimizer whose LambdaLR schedule is already built (same schedule)."""
+def _add_param_group(
+    optimizer: Any, scheduler: Any, params: list[Any], lr: float, weight_decay: float
+) -> None:
+    """Add the embedding table(s) to an optimizer whose LambdaLR schedule is already built (same schedule)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     factor = scheduler.lr_lambdas[0]
     inner.add_param_group(
         {
-            "params": [weight],
+            "params": list(params),
             "lr": lr * factor(scheduler.last_epoch),
             "initial_lr": lr,
             "weight_decay": weight_decay,

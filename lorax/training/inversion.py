@@ -8,6 +8,15 @@ vector from its own token, so ``"red blue"`` with two vectors starts as red, blu
 default, the seed's ``lora_pti``), or ``zero`` / ``<zero>``. During training a gradient hook zeroes the gradient of
 every other row and ``after_step`` copies the original rows back, bit for bit; with norm decay the new rows' norms
 are pulled toward ``target`` by ``λ = min(1, 100·lr)`` per step (the seed's ``clip_ti_decay``).
+
+SDXL learns the same tokens in both text encoders (``text_encoder`` = CLIP ViT-L, "clip_l"; ``text_encoder_2`` =
+OpenCLIP bigG, "clip_g"): ``LearnedTokenSet`` holds one ``LearnedTokens`` per encoder behind the same interface, and
+``learn_tokens(pipe, family, …)`` picks the one a model needs. The second table's norm-decay target is
+``target × mean‖row‖₂ / mean‖row‖₁`` over the two tables' original rows: the seed's 0.4 is about the mean norm of
+CLIP ViT-L's token embeddings, so each table is pulled toward its own typical word norm, in the same proportion.
+
+Adding tokens also moves the text encoders' pooling to the tokenizer's real end-of-text id (``pool_at_eos``): CLIP
+configs with ``eos_token_id: 2`` pool at ``argmax(input_ids)``, which a new (higher) id would capture.
 """
 
 from __future__ import annotations
@@ -21,7 +30,10 @@ from lorax.errors import ConfigError, InputError
 
 DEFAULT_SIGMA = 0.017  # the seed's initializer noise
 NORM_TARGET = 0.4  # the seed's clip_ti_decay target norm
-STATE_PREFIX = "embeddings."
+STATE_PREFIX = (
+    "embeddings."  # checkpoint keys of the first text encoder's rows (SD1/SD2 checkpoints: the only ones)
+)
+STATE_PREFIX_2 = "embeddings_2."  # SDXL: the second text encoder's rows
 _RAND = re.compile(r"^<?rand(?:-(?P<sigma>[0-9.eE+-]+))?>?$")
 _ZERO = re.compile(r"^<?zero>?$")
 
@@ -98,6 +110,8 @@ class LearnedTokens:
     original: Any
     frozen: Any  # bool [vocab]: rows to keep
     norm_target: float = NORM_TARGET
+    component: str = "text_encoder"  # the key of these rows in ``embeddings()`` (``LoraState.embeddings``)
+    prefix: str = STATE_PREFIX  # of the checkpoint keys in ``state_tensors()``
     _hook: Any = field(default=None, repr=False)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -113,8 +127,14 @@ class LearnedTokens:
         overwrite: bool = False,
         seed: int = 0,
         norm_target: float = NORM_TARGET,
+        component: str = "text_encoder",
+        prefix: str = STATE_PREFIX,
+        stream: int = 0,
     ) -> LearnedTokens:
         """Register ``tokens`` (``vectors`` rows each) and initialise their rows.
+
+        ``component`` / ``prefix`` name the rows in ``embeddings()`` and checkpoints; ``stream`` separates the random
+        initialisers of several encoders learning the same tokens (0: the first encoder's, as SD1/SD2 always had).
 
         Raises:
             InputError: a token already in the vocabulary (without ``overwrite``), or an init word the tokenizer
@@ -134,7 +154,9 @@ class LearnedTokens:
         table = text_encoder.get_input_embeddings()
         # Init vectors are computed from the table before anything changes (an init word may share rows).
         starts = {
-            t: _init_vectors(spec, tokenizer, table.weight.detach(), vectors, tokens, seed=seed, index=i)
+            t: _init_vectors(
+                spec, tokenizer, table.weight.detach(), vectors, tokens, seed=seed, index=i, stream=stream
+            )
             for i, (t, spec) in enumerate(zip(tokens, init, strict=True))
         }
         new = [n for n, i in existing.items() if i is None]
@@ -144,6 +166,7 @@ class LearnedTokens:
         if needed > table.weight.shape[0]:
             text_encoder.resize_token_embeddings(needed, mean_resizing=False)
             table = text_encoder.get_input_embeddings()
+        pool_at_eos(text_encoder, tokenizer)
 
         def row(name: str) -> int:
             known = existing[name]
@@ -162,6 +185,8 @@ class LearnedTokens:
             table.weight.detach().clone(),
             frozen,
             norm_target=norm_target,
+            component=component,
+            prefix=prefix,
         )
 
     # ---------------------------------------------------------------------------------------------------------
@@ -184,8 +209,18 @@ class LearnedTokens:
                 caption = caption.replace(token, " ".join(vector_names(token, len(rows))))
         return caption
 
-    def make_trainable(self) -> Any:
-        """Let the embedding table train (fp32), with the gradient of every other row zeroed; returns the parameter."""
+    @property
+    def mean_row_norm(self) -> float:
+        """The mean L2 norm of the table's original (not learned) rows."""
+        return float(self.original[self.frozen.to(self.original.device)].float().norm(dim=-1).mean())
+
+    def parameters(self) -> list[Any]:
+        """The parameters an optimizer updates: the embedding table."""
+        return [self.weight]
+
+    def make_trainable(self) -> list[Any]:
+        """Let the embedding table train (fp32), with the gradient of every other row zeroed; returns
+        ``parameters()``."""
         weight = self.weight
         weight.data = weight.data.float()
         weight.requires_grad_(True)
@@ -196,7 +231,7 @@ class LearnedTokens:
                 return grad.masked_fill(keep[:, None], 0.0)
 
             self._hook = weight.register_hook(only_new_rows)
-        return weight
+        return [weight]
 
     def freeze(self) -> None:
         """Stop training the table (the rows keep their values)."""
@@ -230,12 +265,12 @@ class LearnedTokens:
             )
 
     def embeddings(self) -> dict[str, dict[str, Any]]:
-        """``{token: {"text_encoder": [n, dim]}}`` (fp32 CPU copies), as ``LoraState.embeddings`` holds them."""
+        """``{token: {component: [n, dim]}}`` (fp32 CPU copies), as ``LoraState.embeddings`` holds them."""
         weight = self.weight.detach()
-        return {t: {"text_encoder": weight[rows].float().cpu().clone()} for t, rows in self.rows.items()}
+        return {t: {self.component: weight[rows].float().cpu().clone()} for t, rows in self.rows.items()}
 
     def state_tensors(self) -> dict[str, Any]:
-        return {STATE_PREFIX + t: v["text_encoder"] for t, v in self.embeddings().items()}
+        return {self.prefix + t: v[self.component] for t, v in self.embeddings().items()}
 
     def load_state_tensors(self, tensors: Mapping[str, Any]) -> None:
         """Put back rows saved by ``state_tensors``; the checkpoint must hold exactly this run's tokens."""
@@ -243,7 +278,7 @@ class LearnedTokens:
 
         from lorax.errors import MismatchError
 
-        saved = {k[len(STATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
+        saved = {k[len(self.prefix) :]: v for k, v in tensors.items() if k.startswith(self.prefix)}
         if set(saved) != set(self.rows):
             raise MismatchError(
                 f"the checkpoint learns tokens {sorted(saved)}, this run {sorted(self.rows)}: resume with the same --token"
@@ -258,8 +293,158 @@ class LearnedTokens:
                 weight[rows] = saved[token].to(weight.device, weight.dtype)
 
     def set_embeddings(self, embeddings: Mapping[str, Mapping[str, Any]]) -> None:
-        """Put learned vectors (``{token: {"text_encoder": [n, dim]}}``) into the rows."""
-        self.load_state_tensors({STATE_PREFIX + t: v["text_encoder"] for t, v in embeddings.items()})
+        """Put learned vectors (``{token: {component: [n, dim]}}``) into the rows."""
+        self.load_state_tensors({self.prefix + t: v[self.component] for t, v in embeddings.items()})
+
+
+def is_state_key(key: str) -> bool:
+    """Whether a checkpoint tensor holds learned token rows (of either text encoder)."""
+    return key.startswith((STATE_PREFIX, STATE_PREFIX_2))
+
+
+@dataclass
+class LearnedTokenSet:
+    """The same placeholder tokens learned in several text encoders (SDXL: ``text_encoder`` and ``text_encoder_2``),
+    one ``LearnedTokens`` each, behind ``LearnedTokens``' interface."""
+
+    parts: dict[str, LearnedTokens]  # by component, the first text encoder first
+
+    @classmethod
+    def add(
+        cls,
+        encoders: Sequence[tuple[str, Any, Any]],
+        tokens: Sequence[str],
+        *,
+        vectors: int = 1,
+        init: Sequence[str] | None = None,
+        overwrite: bool = False,
+        seed: int = 0,
+        norm_target: float = NORM_TARGET,
+    ) -> LearnedTokenSet:
+        """Register ``tokens`` in each ``(component, tokenizer, text_encoder)`` (two at most); the first table sets
+        ``norm_target``, the others scale it by their mean row norm over the first's (see the module's doc)."""
+        parts: dict[str, LearnedTokens] = {}
+        first: LearnedTokens | None = None
+        seen: list[Any] = []
+        for i, (component, tokenizer, encoder) in enumerate(encoders):
+            part = LearnedTokens.add(
+                tokenizer,
+                encoder,
+                tokens,
+                vectors=vectors,
+                init=init,
+                # a tokenizer shared with an earlier encoder already has the tokens: take their rows
+                overwrite=overwrite or any(tokenizer is t for t in seen),
+                seed=seed,
+                norm_target=norm_target,
+                component=component,
+                prefix=(STATE_PREFIX, STATE_PREFIX_2)[i],
+                stream=i,
+            )
+            seen.append(tokenizer)
+            if first is None:
+                first = part
+            else:
+                part.norm_target = norm_target * part.mean_row_norm / first.mean_row_norm
+            parts[component] = part
+        return cls(parts)
+
+    @property
+    def first(self) -> LearnedTokens:
+        return next(iter(self.parts.values()))
+
+    @property
+    def tokens(self) -> list[str]:
+        return self.first.tokens
+
+    @property
+    def rows(self) -> dict[str, list[int]]:
+        """The first encoder's rows (``parts[component].rows`` for the others)."""
+        return self.first.rows
+
+    def expand(self, caption: str) -> str:
+        return self.first.expand(caption)
+
+    def parameters(self) -> list[Any]:
+        return [p for part in self.parts.values() for p in part.parameters()]
+
+    def make_trainable(self) -> list[Any]:
+        return [p for part in self.parts.values() for p in part.make_trainable()]
+
+    def freeze(self) -> None:
+        for part in self.parts.values():
+            part.freeze()
+
+    def restore(self) -> None:
+        for part in self.parts.values():
+            part.restore()
+
+    def decay_norms(self, lr: float) -> None:
+        for part in self.parts.values():
+            part.decay_norms(lr)
+
+    def embeddings(self) -> dict[str, dict[str, Any]]:
+        """``{token: {"text_encoder": [n, d1], "text_encoder_2": [n, d2]}}``."""
+        out: dict[str, dict[str, Any]] = {t: {} for t in self.tokens}
+        for part in self.parts.values():
+            for token, per in part.embeddings().items():
+                out[token].update(per)
+        return out
+
+    def state_tensors(self) -> dict[str, Any]:
+        return {k: v for part in self.parts.values() for k, v in part.state_tensors().items()}
+
+    def load_state_tensors(self, tensors: Mapping[str, Any]) -> None:
+        from lorax.errors import MismatchError
+
+        for part in self.parts.values():
+            if not any(k.startswith(part.prefix) for k in tensors):
+                raise MismatchError(
+                    f"the checkpoint holds no {part.component} rows for the tokens: it was written for another model"
+                )
+            part.load_state_tensors(tensors)  # the prefixes are disjoint: each part takes its own keys
+
+    def set_embeddings(self, embeddings: Mapping[str, Mapping[str, Any]]) -> None:
+        for part in self.parts.values():
+            part.set_embeddings(embeddings)
+
+
+def learn_tokens(
+    pipe: Any, family: str, tokens: Sequence[str], **options: Any
+) -> LearnedTokens | LearnedTokenSet:
+    """The tokens ``pipe`` learns: one table (SD1/SD2), or both of SDXL's text encoders (``LearnedTokenSet``).
+    ``options``: those of ``LearnedTokens.add``."""
+    if family == "sdxl":
+        return LearnedTokenSet.add(
+            [
+                ("text_encoder", pipe.tokenizer, pipe.text_encoder),
+                ("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2),
+            ],
+            tokens,
+            **options,
+        )
+    return LearnedTokens.add(pipe.tokenizer, pipe.text_encoder, tokens, **options)
+
+
+def pool_at_eos(text_encoder: Any, tokenizer: Any) -> None:
+    """Make ``text_encoder`` pool at ``tokenizer``'s end-of-text token, whatever ids were added after it.
+
+    transformers' CLIP text model pools at ``argmax(input_ids)`` when its config says ``eos_token_id: 2`` (the
+    original CLIP and SDXL configs; correct only while EOS is the highest id), else at the first ``eos_token_id``
+    (transformers PR #24773). With added tokens (ids above EOS) the argmax would pool at a placeholder: SDXL's
+    ``text_embeds`` conditioning would change, unlike A1111/ComfyUI, which pool at the real EOS. Setting the
+    tokenizer's EOS id makes both rules agree for every prompt without added tokens.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return
+    models = [text_encoder, getattr(text_encoder, "text_model", None)]
+    for model in models:
+        if model is not None and "eos_token_id" in vars(model) and model.eos_token_id != eos:
+            model.eos_token_id = int(eos)
+    config = getattr(text_encoder, "config", None)
+    if config is not None and getattr(config, "eos_token_id", None) != eos:
+        config.eos_token_id = int(eos)
 
 
 def existing_id(tokenizer: Any, name: str) -> int | None:
@@ -275,7 +460,15 @@ def existing_id(tokenizer: Any, name: str) -> int | None:
 
 
 def _init_vectors(
-    spec: str, tokenizer: Any, weight: Any, n: int, placeholders: Sequence[str], *, seed: int, index: int
+    spec: str,
+    tokenizer: Any,
+    weight: Any,
+    n: int,
+    placeholders: Sequence[str],
+    *,
+    seed: int,
+    index: int,
+    stream: int = 0,
 ) -> Any:
     """``[n, dim]`` start vectors for one token."""
     import torch
@@ -288,7 +481,7 @@ def _init_vectors(
             sigma = float(rand.group("sigma")) if rand.group("sigma") else DEFAULT_SIGMA
         except ValueError:
             raise InputError(f"--init-token {spec!r}: write rand, or <rand-σ> with a number σ") from None
-        generator = torch.Generator().manual_seed(seed * 1009 + index)
+        generator = torch.Generator().manual_seed(seed * 1009 + index + stream * 7919)
         return torch.randn((n, dim), generator=generator) * sigma
     if _ZERO.match(spec):
         return torch.zeros((n, dim))

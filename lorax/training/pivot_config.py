@@ -70,6 +70,10 @@ class InversionOptions(TrainConfig):
             p.append("--mask-dir and --auto-mask are exclusive: pass one")
         return p
 
+    def family_problems(self, family: str) -> list[str]:
+        """What this config cannot do on a model of ``family`` (checked once the model is loaded, before training)."""
+        return []
+
 
 @dataclass
 class InvertConfig(InversionOptions):
@@ -100,6 +104,27 @@ class InvertConfig(InversionOptions):
         for name in ("train_text", "dora"):
             if getattr(self, name):
                 p.append(f"{flag(name)} is a LoRA option: use lorax pivot")
+        return p
+
+    def family_problems(self, family: str) -> list[str]:
+        """SDXL embeddings exist in one format: ``.safetensors`` with ``clip_l`` / ``clip_g`` (A1111, ComfyUI)."""
+        p = super().family_problems(family)
+        if family != "sdxl":
+            return p
+        if self.format == "diffusers":
+            p.append(
+                "--format diffusers holds one text encoder's vectors; an SDXL model needs clip_l and clip_g: "
+                + (
+                    "drop --format (the default writes an SDXL .safetensors embedding)"
+                    if len(self.tokens) == 1
+                    else "an SDXL embedding holds one token, so learn one --token per file (or several with lorax pivot)"
+                )
+            )
+        elif self.output is not None and Path(self.output).suffix == ".pt":
+            p.append(
+                "-o/--output .pt embeddings hold one text encoder's vectors; an SDXL model needs clip_l and clip_g: "
+                f"write {Path(self.output).with_suffix('.safetensors').name}"
+            )
         return p
 
 
@@ -156,4 +181,12 @@ class PivotConfig(InversionOptions):
             p.append("--continue-ti-learning-rate needs --continue-inversion")
         if self.dora and self.format == "lora_diffusion":
             p.append("--dora cannot be written in the lora_diffusion format: use --format kohya")
+        return p
+
+    def family_problems(self, family: str) -> list[str]:
+        p = super().family_problems(family)
+        if family == "sdxl" and self.format == "lora_diffusion":
+            p.append(
+                "--format lora_diffusion has no SDXL layout (one text encoder, no clip_g tokens): use --format kohya"
+            )
         return p
