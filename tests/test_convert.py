@@ -271,6 +271,10 @@ def test_diffusers_output_writes_bundled_tokens_beside_it(cli, shapes) -> None: 
     assert doc["outputs"] == [str(out), *map(str, files.values())]
     assert doc["embedding_files"] == {t: str(p) for t, p in files.items()}
     assert sorted(p.name for p in d.iterdir()) == sorted([out.name, *(p.name for p in files.values())])
+    from lorax.io.safetensors_io import read_header
+
+    beside = json.loads(read_header(out).metadata["lorax_embedding_files"])
+    assert beside == {t: p.name for t, p in files.items()}
     text = cli("convert", kohya, "--to", "diffusers", "-o", out, "--force")
     assert all(str(p) in text.stdout for p in [out, *files.values()])
 

@@ -10,6 +10,7 @@ beside it, one file per token (``embedding_paths``).
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -339,15 +340,20 @@ def _save_diffusers_with_embeddings(state: Any, output: Path, dtype: Any, force:
     from lorax.formats import save_embeddings, save_lora
 
     paths = embedding_paths(output, list(state.embeddings))
-    clash = [p for p in paths.values() if p == output]
-    if clash:
-        raise ConfigError(f"{output}: the embeddings would overwrite the LoRA; give OUT a .safetensors name")
     for path in [output, *paths.values()]:
         check_output(path, force)
     lora_only = replace(state, embeddings={})
     with ExitStack() as stack:
         tmp = stack.enter_context(atomic_path(output, force))
-        save_lora(lora_only, tmp, format="diffusers", dtype=dtype, force=True)
+        beside = json.dumps({token: path.name for token, path in paths.items()})
+        save_lora(
+            lora_only,
+            tmp,
+            format="diffusers",
+            dtype=dtype,
+            force=True,
+            metadata={"lorax_embedding_files": beside},
+        )
         for token, path in paths.items():
             per = state.embeddings[token]
             if dtype is not None:
