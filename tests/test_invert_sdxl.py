@@ -282,3 +282,41 @@ def test_formats_without_an_sdxl_layout_are_one_line_errors(cli, xl_model, conce
     assert not out.exists() and not list(
         tmp_path.glob("x.*")
     )  # refused before training: no loss curve either
+
+
+def test_loss_masks_on_sdxl_keep_the_size_and_crop_ids(xl_model, concept, tmp_path):  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    from PIL import Image
+
+    from lorax.services.invert import MaskedSdxlBatches, build_inversion, prepare
+    from lorax.training.sdxl import SdxlBatches
+
+    def batches_for(masks: dict[str, Image.Image]):  # type: ignore[no-untyped-def]
+        folder = tmp_path / f"masks-{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        for name, mask in masks.items():
+            mask.save(folder / name)
+        cfg = InvertConfig(**common(xl_model, concept, tmp_path / "m.safetensors"), steps=1, mask_dir=folder)
+        session = prepare(cfg, NullProgress(), load(xl_model))
+        loop, _ = build_inversion(session, max_steps=1, info={}, progress=NullProgress())
+        masked = loop.job.batches
+        assert isinstance(masked, MaskedSdxlBatches)
+        plain = SdxlBatches(
+            **{f.name: getattr(masked, f.name) for f in dataclasses.fields(SdxlBatches) if f.init}
+        )
+        with torch.no_grad():
+            return [(b.loss(m, torch.Generator().manual_seed(7)), b) for m in (0, 1) for b in (masked, plain)]
+
+    white = Image.new("L", (64, 64), 255)
+    half = Image.new("L", (64, 64), 0)
+    half.paste(255, (0, 0, 32, 64))
+    # white masks weigh every latent pixel 1: the masked loss is the plain SDXL loss (time ids included)
+    losses = batches_for({"0000.png": white, "0001.png": white})
+    for (masked_loss, _), (plain_loss, _) in zip(losses[::2], losses[1::2], strict=True):
+        torch.testing.assert_close(masked_loss, plain_loss)
+    # a half mask changes the loss of its image only
+    losses = batches_for({"0000.png": half, "0001.png": white})
+    values = [float(v) for v, _ in losses]
+    assert {values[0], values[2]} != {values[1], values[3]}
+    assert sum(abs(a - b) > 1e-6 for a, b in zip(values[::2], values[1::2], strict=True)) == 1

@@ -214,7 +214,7 @@ def invert_command(
             "--output",
             "-o",
             help="The embedding to write: .pt (A1111 string_to_param) or .safetensors (A1111 emb_params, or "
-            "diffusers learned_embeds with --format diffusers).",
+            "diffusers learned_embeds with --format diffusers; SDXL models: clip_l + clip_g, .safetensors only).",
             rich_help_panel=OUT,
         ),
     ] = None,
@@ -224,7 +224,8 @@ def invert_command(
         str,
         typer.Option(
             "--format",
-            help="a1111 (one token; .safetensors files are named by their file) or diffusers ({token: vectors}).",
+            help="a1111 (one token; .safetensors files are named by their file; on SDXL the clip_l/clip_g "
+            "embedding A1111 and ComfyUI load) or diffusers ({token: vectors}; SD1/SD2).",
             rich_help_panel=OUT,
         ),
     ] = "a1111",
@@ -271,6 +272,8 @@ def invert_command(
 ) -> None:
     """Learn new token embeddings (textual inversion); everything else in the model stays as it was.
 
+    On SDXL the token is learned in both text encoders (clip_l and clip_g, one .safetensors file).
+
     Writes OUTPUT, its loss curve (OUTPUT's stem + .loss.csv / .loss.png) and the resolved config (.toml) beside
     it. Every option can also come from --config (TOML; any `lorax train` data/optimisation key works too).
 
@@ -289,6 +292,10 @@ def invert_command(
         print_json(result)
         return
     norms = ", ".join(f"{t} |v| {'/'.join(f'{n:.3f}' for n in ns)}" for t, ns in result.norms.items())
+    if result.norms_2:  # SDXL: clip_l's norms above, clip_g's here
+        norms += "; clip_g " + ", ".join(
+            f"{t} |v| {'/'.join(f'{n:.3f}' for n in ns)}" for t, ns in result.norms_2.items()
+        )
     print_summary(result, f"{result.steps} steps, {result.num_images} images; {norms}")
 
 

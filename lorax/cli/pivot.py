@@ -73,7 +73,8 @@ def pivot_command(
         str,
         typer.Option(
             "--format",
-            help="kohya (tokens bundled as bundle_emb.<token>.string_to_param.*) or lora_diffusion (the seed's).",
+            help="kohya (tokens bundled as bundle_emb.<token>.string_to_param.*, on SDXL .clip_l/.clip_g) or "
+            "lora_diffusion (the seed's; SD1/SD2).",
             rich_help_panel=OUT,
         ),
     ] = "kohya",
@@ -179,6 +180,8 @@ def pivot_command(
     json_out: JsonOption = False,
 ) -> None:
     """Pivotal tuning: learn new tokens (phase 1), then a LoRA around them (phase 2), saved in one file.
+
+    On SDXL the tokens are learned in both text encoders and --train-text trains LoRA on both.
 
     Steps count on across the phases, so one folder of checkpoints and one loss curve (OUTPUT's stem +
     .loss.csv / .loss.png) cover the run; the resolved config (.toml) goes beside OUTPUT. Every option can also come
