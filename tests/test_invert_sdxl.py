@@ -320,3 +320,22 @@ def test_loss_masks_on_sdxl_keep_the_size_and_crop_ids(xl_model, concept, tmp_pa
     values = [float(v) for v, _ in losses]
     assert {values[0], values[2]} != {values[1], values[3]}
     assert sum(abs(a - b) > 1e-6 for a, b in zip(values[::2], values[1::2], strict=True)) == 1
+
+
+def test_pivot_resume_inside_tuning_matches_the_uninterrupted_run(xl_model, concept, tmp_path):  # type: ignore[no-untyped-def]
+    from lorax.formats import load_lora
+    from lorax.services.pivot import pivot
+
+    def cfg(name: str, **changes) -> PivotConfig:  # type: ignore[no-untyped-def]
+        return PivotConfig(**common(xl_model, concept, tmp_path / name), ti_steps=2, steps=2, rank=2,
+                           continue_inversion=True, auto_mask=True, train_text=False, **changes)  # fmt: skip
+
+    full = pivot(cfg("full.safetensors", checkpoint_every=3), NullProgress())
+    assert [p.name for p in full.checkpoints] == ["step-000003"]  # inside tuning: LoRA + both tables' rows
+    resumed = pivot(cfg("resumed.safetensors", resume=full.checkpoints[0]), NullProgress())
+    assert [r[:3] for r in resumed.losses] == [r[:3] for r in full.losses]
+    a, b = load_lora(tmp_path / "full.safetensors"), load_lora(tmp_path / "resumed.safetensors")
+    assert set(a.embeddings["<s1>"]) == {"text_encoder", "text_encoder_2"}
+    assert all(torch.equal(a.embeddings["<s1>"][c], b.embeddings["<s1>"][c]) for c in a.embeddings["<s1>"])
+    assert set(a.modules) == set(b.modules) and all(k.startswith("unet.") for k in a.modules)
+    assert all(torch.equal(a.modules[k].up, b.modules[k].up) for k in a.modules)

@@ -100,7 +100,10 @@ class InvertConfig(InversionOptions):
                     "-o/--output .pt files are A1111 embeddings: drop --format diffusers or use .safetensors"
                 )
             elif self.format == "a1111" and len(self.tokens) > 1:
-                p.append("an A1111 embedding holds one token: use --format diffusers for several --token")
+                p.append(
+                    "an A1111 embedding holds one token: use --format diffusers for several --token "
+                    "(SD1/SD2; on SDXL, learn several with lorax pivot)"
+                )
         for name in ("train_text", "dora"):
             if getattr(self, name):
                 p.append(f"{flag(name)} is a LoRA option: use lorax pivot")
