@@ -1,7 +1,8 @@
 """Model families (sd1, sd2, sdxl): their full-size configs, module tables and name conventions.
 
-The configs ship as small JSON files in ``lorax/models/configs/`` (``<family>_<component>.json``). Module tables are
-read off the full-size model built on the meta device (no memory, no download) and cached per process.
+The configs ship as small JSON files in ``lorax/models/configs/`` (``<family>_<component>.json``), and so do the
+module tables (``lorax/models/tables/``: every Linear/Conv2d path and weight shape, in traversal order), read off the
+full-size model built on the meta device and checked against it by a test.
 
 Path conventions (DESIGN.md): lorax keys text-encoder modules the on-disk way, ``text_model.encoder.layers.0…``.
 transformers ≥ 5 builds ``CLIPTextModel`` without the ``text_model`` level (live path ``encoder.layers.0…``) but
@@ -18,6 +19,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorax.errors import ConfigError
@@ -116,8 +118,30 @@ def weight_table(model: nn.Module, component: str) -> dict[str, tuple[int, ...]]
 
 @cache
 def module_table(family: str, component: str) -> dict[str, tuple[int, ...]]:
-    """``{on-disk path: weight shape}`` of the full-size model's Linear/Conv2d modules (cached; do not mutate)."""
+    """``{on-disk path: weight shape}`` of the full-size model's Linear/Conv2d modules (cached; do not mutate).
+
+    Read from the table shipped in ``lorax/models/tables/`` (written by ``write_module_tables``; a test checks it
+    against the meta model), so that naming a kohya LoRA's modules needs neither diffusers nor transformers: their
+    import and the meta model cost seconds on every ``convert``, ``mix``, ``extract`` and ``merge``.
+    """
+    _check(family, component)
+    shipped = resources.files("lorax.models") / "tables" / f"{family}_{component}.json"
+    if shipped.is_file():
+        return {k: tuple(v) for k, v in json.loads(shipped.read_text()).items()}
     return weight_table(meta_model(family, component), component)
+
+
+def write_module_tables(folder: Path) -> list[Path]:
+    """Write every family's module tables (``{path: shape}`` in traversal order) as JSON into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for family, components in FAMILIES.items():
+        for component in components:
+            table = weight_table(meta_model(family, component), component)
+            path = folder / f"{family}_{component}.json"
+            path.write_text(json.dumps({k: list(v) for k, v in table.items()}, indent=0) + "\n")
+            written.append(path)
+    return written
 
 
 def module_paths(family: str, component: str) -> frozenset[str]:
