@@ -104,7 +104,7 @@ def test_one_kohya_file_holds_lora_and_bundled_tokens(pivot_file, pivot_model):
 
 def test_round_trips_kohya_and_lora_diffusion_keep_deltas_and_tokens(pivot_file, pivot_model, tmp_path):
     from lorax.formats import load_lora, save_lora
-    from lorax.services.pivot import skeleton
+    from lorax.models.skeleton import skeleton
 
     out, _ = pivot_file
     pipe = load(pivot_model)

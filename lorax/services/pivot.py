@@ -22,6 +22,7 @@ from typing import Any
 
 from lorax.errors import ConfigError
 from lorax.io.atomic import check_output
+from lorax.models.skeleton import skeleton
 from lorax.progress import NullProgress, Progress
 from lorax.services.invert import (
     Session,
@@ -254,16 +255,6 @@ def _add_param_group(
     )
     scheduler.base_lrs.append(lr)
     scheduler.lr_lambdas.append(factor)
-
-
-def skeleton(pipe: Any) -> dict[str, Any]:
-    """Meta-device copies of the UNet and text encoder (no weights, no LoRA layers): lora_diffusion's index order."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        unet = type(pipe.unet).from_config(pipe.unet.config)
-        text_encoder = type(pipe.text_encoder)(pipe.text_encoder.config)
-    return {"unet": unet, "text_encoder": text_encoder}
 
 
 def _write(
