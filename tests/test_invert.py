@@ -137,7 +137,9 @@ def test_a_word_of_one_token_per_vector_starts_each_vector_from_its_own_token(ti
     weight = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
     ids = pipe.tokenizer("red sks", add_special_tokens=False).input_ids
     assert len(ids) == 2
-    tokens = LearnedTokens.add(pipe.tokenizer, pipe.text_encoder, ["<p>", "<q>"], vectors=2, init=["red sks"] * 2)
+    tokens = LearnedTokens.add(
+        pipe.tokenizer, pipe.text_encoder, ["<p>", "<q>"], vectors=2, init=["red sks"] * 2
+    )
     emb = tokens.embeddings()
     assert torch.equal(emb["<p>"]["text_encoder"], weight[ids].float())
     assert torch.equal(emb["<q>"]["text_encoder"], weight[ids].float())
