@@ -7,57 +7,16 @@ from typing import Annotated
 
 import typer
 
+from lorax.cli import training_options as opts
 from lorax.cli.common import ForceOption, JsonOption, cli_progress, print_json
-from lorax.cli.invert import (
-    OPTIM,
-    OUT,
-    PRIOR,
-    TOKENS,
-    AccumOpt,
-    AutoMaskOpt,
-    BatchOpt,
-    CacheLatentsOpt,
-    CheckpointDirOpt,
-    CheckpointEveryOpt,
-    CheckpointingOpt,
-    ConfigOpt,
-    DataDirArg,
-    DeviceOpt,
-    EpochsOpt,
-    FlipOpt,
-    InitOpt,
-    InstancePromptOpt,
-    MaskDirOpt,
-    MaskTempOpt,
-    ModelOpt,
-    NormDecayOpt,
-    NormTargetOpt,
-    OverwriteOpt,
-    PrecisionOpt,
-    RepeatsOpt,
-    ResolutionOpt,
-    ResumeOpt,
-    SaveDtypeOpt,
-    SchedulerOpt,
-    SeedOpt,
-    TemplateOpt,
-    TokenAtDataOpt,
-    TokenOpt,
-    ValidationEveryOpt,
-    ValidationPromptOpt,
-    VectorsOpt,
-    WarmupOpt,
-    config_params,
-    given_flags,
-    print_summary,
-)
+from lorax.cli.training_options import OPTIM, OUT, PRIOR, TOKENS
 
 LORA = "LoRA (phase 2)"
 
 
 def pivot_command(
     ctx: typer.Context,
-    data_dir: DataDirArg = None,
+    data_dir: opts.TokenDataDirArg = None,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -67,8 +26,8 @@ def pivot_command(
             rich_help_panel=OUT,
         ),
     ] = None,
-    config: ConfigOpt = None,
-    model: ModelOpt = "shapes",
+    config: opts.ConfigOpt = None,
+    model: opts.ModelOpt = "shapes",
     format: Annotated[
         str,
         typer.Option(
@@ -78,13 +37,13 @@ def pivot_command(
             rich_help_panel=OUT,
         ),
     ] = "kohya",
-    token: TokenOpt = "<s1>",
-    vectors: VectorsOpt = 1,
-    init_token: InitOpt = None,
-    overwrite_token: OverwriteOpt = False,
-    token_at_data: TokenAtDataOpt = None,
-    norm_decay: NormDecayOpt = True,
-    norm_target: NormTargetOpt = 0.4,
+    token: opts.TokenOpt = "<s1>",
+    vectors: opts.VectorsOpt = 1,
+    init_token: opts.InitOpt = None,
+    overwrite_token: opts.OverwriteOpt = False,
+    token_at_data: opts.TokenAtDataOpt = None,
+    norm_decay: opts.NormDecayOpt = True,
+    norm_target: opts.NormTargetOpt = 0.4,
     ti_steps: Annotated[
         int, typer.Option(help="Phase 1 (inversion) steps; 0 skips it.", rich_help_panel=TOKENS)
     ] = 300,
@@ -106,38 +65,26 @@ def pivot_command(
             rich_help_panel=TOKENS,
         ),
     ] = None,
-    instance_prompt: InstancePromptOpt = None,
-    template: TemplateOpt = None,
-    resolution: ResolutionOpt = None,
-    flip: FlipOpt = False,
-    repeats: RepeatsOpt = 1,
-    mask_dir: MaskDirOpt = None,
-    auto_mask: AutoMaskOpt = False,
-    mask_temperature: MaskTempOpt = 1.0,
+    instance_prompt: opts.TokenInstancePromptOpt = None,
+    template: opts.TemplateOpt = None,
+    resolution: opts.ResolutionOpt = None,
+    flip: opts.FlipOpt = False,
+    repeats: opts.RepeatsOpt = 1,
+    mask_dir: opts.MaskDirOpt = None,
+    auto_mask: opts.AutoMaskOpt = False,
+    mask_temperature: opts.MaskTempOpt = 1.0,
     class_prompt: Annotated[
         str | None,
         typer.Option(
-            help="Turns on prior preservation with this class prompt, e.g. 'a shape'.", rich_help_panel=PRIOR
-        ),
-    ] = None,
-    class_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="Class images folder (missing ones are generated; default: a cache folder).",
+            help="Turns on prior preservation with this class prompt, e.g. 'a shape'.",
             rich_help_panel=PRIOR,
         ),
     ] = None,
-    num_class_images: Annotated[
-        int, typer.Option(help="Class images to use (generated if missing).", rich_help_panel=PRIOR)
-    ] = 100,
-    prior_weight: Annotated[
-        float, typer.Option(help="Weight of the class-image loss.", rich_help_panel=PRIOR)
-    ] = 1.0,
-    rank: Annotated[int, typer.Option(help="LoRA rank.", rich_help_panel=LORA)] = 4,
-    alpha: Annotated[
-        float | None,
-        typer.Option(help="LoRA alpha (scale alpha/rank; default: the rank).", rich_help_panel=LORA),
-    ] = None,
+    class_dir: opts.ClassDirOpt = None,
+    num_class_images: opts.NumClassImagesOpt = 100,
+    prior_weight: opts.PriorWeightOpt = 1.0,
+    rank: Annotated[int, opts.rank_option(LORA)] = 4,
+    alpha: Annotated[float | None, opts.alpha_option(LORA)] = None,
     targets: Annotated[
         str,
         typer.Option(
@@ -150,32 +97,30 @@ def pivot_command(
             "--train-text/--no-train-text", help="Train a text-encoder LoRA too.", rich_help_panel=LORA
         ),
     ] = True,
-    learning_rate: Annotated[
-        float, typer.Option("--learning-rate", "--lr", help="UNet LoRA learning rate.", rich_help_panel=OPTIM)
-    ] = 1e-4,
+    learning_rate: opts.UnetLearningRateOpt = 1e-4,
     text_learning_rate: Annotated[
         float | None, typer.Option(help="Text-encoder LoRA learning rate.", rich_help_panel=OPTIM)
     ] = 1e-5,
-    lr_scheduler: SchedulerOpt = "linear",
-    warmup_steps: WarmupOpt = 0,
+    lr_scheduler: opts.SchedulerOpt = "linear",
+    warmup_steps: opts.WarmupOpt = 0,
     steps: Annotated[
         int | None,
         typer.Option(help="Phase 2 (LoRA) steps (default 300 unless --epochs).", rich_help_panel=OPTIM),
     ] = None,
-    epochs: EpochsOpt = None,
-    batch_size: BatchOpt = 1,
-    grad_accum: AccumOpt = 1,
-    seed: SeedOpt = 0,
-    mixed_precision: PrecisionOpt = "no",
-    gradient_checkpointing: CheckpointingOpt = False,
-    cache_latents: CacheLatentsOpt = False,
-    device: DeviceOpt = None,
-    checkpoint_every: CheckpointEveryOpt = 0,
-    checkpoint_dir: CheckpointDirOpt = None,
-    resume: ResumeOpt = None,
-    validation_prompt: ValidationPromptOpt = None,
-    validation_every: ValidationEveryOpt = 0,
-    save_dtype: SaveDtypeOpt = "fp16",
+    epochs: opts.EpochsOpt = None,
+    batch_size: opts.BatchOpt = 1,
+    grad_accum: opts.AccumOpt = 1,
+    seed: opts.SeedOpt = 0,
+    mixed_precision: opts.PrecisionOpt = "no",
+    gradient_checkpointing: opts.CheckpointingOpt = False,
+    cache_latents: opts.CacheLatentsOpt = False,
+    device: opts.DeviceOpt = None,
+    checkpoint_every: opts.CheckpointEveryOpt = 0,
+    checkpoint_dir: opts.CheckpointDirOpt = None,
+    resume: opts.ResumeOpt = None,
+    validation_prompt: opts.TokenValidationPromptOpt = None,
+    validation_every: opts.ValidationEveryOpt = 0,
+    save_dtype: opts.SaveDtypeOpt = "fp16",
     force: ForceOption = False,
     json_out: JsonOption = False,
 ) -> None:
@@ -189,7 +134,7 @@ def pivot_command(
 
     Example: lorax pivot ./purple-stars --token-at-data 'purple star|<s1>' --auto-mask -o s1.safetensors
     """
-    given = given_flags(ctx, locals(), _PIVOT_PARAMS)
+    given = opts.given_flags(ctx, locals(), _PIVOT_PARAMS)
 
     from lorax.services.pivot import pivot
     from lorax.training.pivot_config import PivotConfig
@@ -201,14 +146,14 @@ def pivot_command(
     if json_out:
         print_json(result)
         return
-    print_summary(
+    opts.print_summary(
         result,
         f"{result.ti_steps} inversion + {result.steps} LoRA steps, {result.num_images} images, "
         f"tokens {' '.join(result.tokens)}",
     )
 
 
-_PIVOT_PARAMS = config_params(pivot_command)
+_PIVOT_PARAMS = opts.config_params(pivot_command)
 
 
 def register(app: typer.Typer) -> None:

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from lorax.cli import training_options as opts
 from lorax.cli.common import ForceOption, JsonOption, cli_progress, print_json, stdout_console
+from lorax.cli.training_options import DATA, DURING, OPTIM, OUT, PRIOR, SPEED
 
-DATA, PRIOR, LORA, OPTIM, SPEED, DURING, OUT = (
-    "Data",
-    "Prior preservation (DreamBooth)",
-    "LoRA",
-    "Optimisation",
-    "Memory and speed",
-    "During training",
-    "Output",
-)
+LORA = "LoRA"
 
 
 def train_command(
@@ -34,16 +28,8 @@ def train_command(
         Path | None,
         typer.Option("--output", "-o", help="The LoRA file to write (.safetensors).", rich_help_panel=OUT),
     ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config", "-c", help="A TOML file with the same keys as these flags (flags given here win)."
-        ),
-    ] = None,
-    model: Annotated[
-        str,
-        typer.Option(help="Base model: shapes (built in), a diffusers folder, a Hub id or a single file."),
-    ] = "shapes",
+    config: opts.ConfigOpt = None,
+    model: opts.ModelOpt = "shapes",
     format: Annotated[
         str,
         typer.Option(
@@ -54,34 +40,19 @@ def train_command(
         str | None,
         typer.Option(help="Caption for images without their own, e.g. 'a sks star'.", rich_help_panel=DATA),
     ] = None,
-    template: Annotated[
-        str | None,
-        typer.Option(
-            help="Wrap each caption in a random template: object ('a photo of a {}') or style.",
-            rich_help_panel=DATA,
-        ),
-    ] = None,
-    resolution: Annotated[
-        int | None,
-        typer.Option(
-            help="Training size in pixels, a multiple of 8 (default: the model's).", rich_help_panel=DATA
-        ),
-    ] = None,
+    template: opts.TemplateOpt = None,
+    resolution: opts.ResolutionOpt = None,
     random_crop: Annotated[
         bool, typer.Option("--random-crop", help="Random instead of centre crops.", rich_help_panel=DATA)
     ] = False,
-    flip: Annotated[
-        bool, typer.Option("--flip", help="Random horizontal flips.", rich_help_panel=DATA)
-    ] = False,
+    flip: opts.FlipOpt = False,
     buckets: Annotated[
         bool,
         typer.Option(
             "--buckets", help="Aspect-ratio bucketing: keep each image's shape.", rich_help_panel=DATA
         ),
     ] = False,
-    repeats: Annotated[
-        int, typer.Option(help="Times each image appears per epoch.", rich_help_panel=DATA)
-    ] = 1,
+    repeats: opts.RepeatsOpt = 1,
     caption_shuffle: Annotated[
         bool,
         typer.Option("--caption-shuffle", help="Shuffle comma-separated caption tags.", rich_help_panel=DATA),
@@ -107,19 +78,9 @@ def train_command(
             help="Turns on prior preservation with this class prompt, e.g. 'a star'.", rich_help_panel=PRIOR
         ),
     ] = None,
-    class_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="Class images folder (missing ones are generated; default: a cache folder).",
-            rich_help_panel=PRIOR,
-        ),
-    ] = None,
-    num_class_images: Annotated[
-        int, typer.Option(help="Class images to use (generated if missing).", rich_help_panel=PRIOR)
-    ] = 100,
-    prior_weight: Annotated[
-        float, typer.Option(help="Weight of the class-image loss.", rich_help_panel=PRIOR)
-    ] = 1.0,
+    class_dir: opts.ClassDirOpt = None,
+    num_class_images: opts.NumClassImagesOpt = 100,
+    prior_weight: opts.PriorWeightOpt = 1.0,
     sample_steps: Annotated[
         int, typer.Option(help="Denoising steps for class and validation images.", rich_help_panel=PRIOR)
     ] = 20,
@@ -127,11 +88,8 @@ def train_command(
         float,
         typer.Option(help="Classifier-free guidance for class and validation images.", rich_help_panel=PRIOR),
     ] = 7.5,
-    rank: Annotated[int, typer.Option(help="LoRA rank.", rich_help_panel=LORA)] = 4,
-    alpha: Annotated[
-        float | None,
-        typer.Option(help="LoRA alpha (scale alpha/rank; default: the rank).", rich_help_panel=LORA),
-    ] = None,
+    rank: Annotated[int, opts.rank_option(LORA)] = 4,
+    alpha: Annotated[float | None, opts.alpha_option(LORA)] = None,
     targets: Annotated[
         str,
         typer.Option(
@@ -153,9 +111,7 @@ def train_command(
         str,
         typer.Option(help="adamw, adamw8bit (bitsandbytes) or prodigy (prodigyopt).", rich_help_panel=OPTIM),
     ] = "adamw",
-    learning_rate: Annotated[
-        float, typer.Option("--learning-rate", "--lr", help="UNet LoRA learning rate.", rich_help_panel=OPTIM)
-    ] = 1e-4,
+    learning_rate: opts.UnetLearningRateOpt = 1e-4,
     text_learning_rate: Annotated[
         float | None,
         typer.Option(
@@ -163,23 +119,14 @@ def train_command(
         ),
     ] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.", rich_help_panel=OPTIM)] = 1e-2,
-    lr_scheduler: Annotated[
-        str, typer.Option(help="constant, linear or cosine (after --warmup-steps).", rich_help_panel=OPTIM)
-    ] = "constant",
-    warmup_steps: Annotated[
-        int, typer.Option(help="Linear learning-rate warm-up steps.", rich_help_panel=OPTIM)
-    ] = 0,
+    lr_scheduler: opts.SchedulerOpt = "constant",
+    warmup_steps: opts.WarmupOpt = 0,
     steps: Annotated[
         int | None, typer.Option(help="Optimizer steps (default 500 unless --epochs).", rich_help_panel=OPTIM)
     ] = None,
-    epochs: Annotated[
-        int | None, typer.Option(help="Train for whole epochs instead.", rich_help_panel=OPTIM)
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per micro-batch.", rich_help_panel=OPTIM)] = 1,
-    grad_accum: Annotated[
-        int,
-        typer.Option(help="Micro-batches per optimizer step (gradient accumulation).", rich_help_panel=OPTIM),
-    ] = 1,
+    epochs: opts.EpochsOpt = None,
+    batch_size: opts.BatchOpt = 1,
+    grad_accum: opts.AccumOpt = 1,
     max_grad_norm: Annotated[
         float, typer.Option(help="Gradient-norm clipping (0: off).", rich_help_panel=OPTIM)
     ] = 1.0,
@@ -193,30 +140,14 @@ def train_command(
         str | None,
         typer.Option(help="epsilon or v_prediction (default: the model's scheduler).", rich_help_panel=OPTIM),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of every random choice.", rich_help_panel=OPTIM)] = 0,
-    mixed_precision: Annotated[
-        str, typer.Option(help="no, fp16 or bf16 (through accelerate).", rich_help_panel=SPEED)
-    ] = "no",
-    gradient_checkpointing: Annotated[
-        bool,
-        typer.Option(
-            "--gradient-checkpointing",
-            help="Recompute activations: less memory, slower.",
-            rich_help_panel=SPEED,
-        ),
-    ] = False,
+    seed: opts.SeedOpt = 0,
+    mixed_precision: opts.PrecisionOpt = "no",
+    gradient_checkpointing: opts.CheckpointingOpt = False,
     sdpa: Annotated[
         bool,
         typer.Option("--sdpa/--no-sdpa", help="PyTorch scaled-dot-product attention.", rich_help_panel=SPEED),
     ] = True,
-    cache_latents: Annotated[
-        bool,
-        typer.Option(
-            "--cache-latents",
-            help="Encode images once; the VAE then leaves the device.",
-            rich_help_panel=SPEED,
-        ),
-    ] = False,
+    cache_latents: opts.CacheLatentsOpt = False,
     cache_text: Annotated[
         bool,
         typer.Option(
@@ -225,37 +156,16 @@ def train_command(
             rich_help_panel=SPEED,
         ),
     ] = True,
-    device: Annotated[
-        str | None,
-        typer.Option(help="cpu to force the CPU (default: the accelerator's choice).", rich_help_panel=SPEED),
-    ] = None,
-    checkpoint_every: Annotated[
-        int,
-        typer.Option(help="Save a resumable checkpoint every N steps (0: never).", rich_help_panel=DURING),
-    ] = 0,
-    checkpoint_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="Where checkpoints go (default: OUTPUT's stem + .checkpoints).", rich_help_panel=DURING
-        ),
-    ] = None,
-    resume: Annotated[
-        Path | None,
-        typer.Option(
-            help="Continue from a checkpoint folder (or the latest in a folder of them).",
-            rich_help_panel=DURING,
-        ),
-    ] = None,
+    device: opts.DeviceOpt = None,
+    checkpoint_every: opts.CheckpointEveryOpt = 0,
+    checkpoint_dir: opts.CheckpointDirOpt = None,
+    resume: opts.ResumeOpt = None,
     validation_prompt: Annotated[
         list[str] | None,
         typer.Option(help="Prompt to sample during training (repeatable).", rich_help_panel=DURING),
     ] = None,
-    validation_every: Annotated[
-        int, typer.Option(help="Sample the validation prompts every N steps.", rich_help_panel=DURING)
-    ] = 0,
-    save_dtype: Annotated[
-        str, typer.Option(help="Output precision: fp16, bf16 or fp32.", rich_help_panel=OUT)
-    ] = "fp16",
+    validation_every: opts.ValidationEveryOpt = 0,
+    save_dtype: opts.SaveDtypeOpt = "fp16",
     output_name: Annotated[
         str | None,
         typer.Option(help="Name recorded as ss_output_name (default: OUTPUT's stem).", rich_help_panel=OUT),
@@ -270,14 +180,7 @@ def train_command(
 
     Example: lorax train ./star-photos --instance-prompt "a sks star" --steps 300 -o sks-star.safetensors
     """
-    given: dict[str, Any] = {}
-    local = locals()
-    for name in _CONFIG_PARAMS:
-        source = ctx.get_parameter_source(name)
-        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT"):
-            given[name] = local[name]
-    if given.get("validation_prompt") is None:
-        given.pop("validation_prompt", None)
+    given = opts.given_flags(ctx, locals(), _TRAIN_PARAMS)
 
     from lorax.services.train import train
     from lorax.training.config import TrainConfig
@@ -305,11 +208,7 @@ def train_command(
         stderr_console().print(summary, markup=False, highlight=False)
 
 
-_CONFIG_PARAMS = [
-    n
-    for n in train_command.__code__.co_varnames[: train_command.__code__.co_argcount]
-    if n not in ("ctx", "config", "json_out")
-]
+_TRAIN_PARAMS = opts.config_params(train_command)
 
 
 def register(app: typer.Typer) -> None:

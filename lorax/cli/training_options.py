@@ -1,0 +1,244 @@
+"""The options ``lorax train``, ``lorax invert`` and ``lorax pivot`` share, defined once as ``Annotated`` aliases.
+
+Each alias carries the flag's help and help panel; the default stays at the command's parameter, so commands may
+differ in it (``--lr-scheduler`` is constant for invert, linear for pivot). ``--rank`` and ``--alpha`` are factories
+taking the command's LoRA panel. Options whose help differs between the commands (OUTPUT, ``--format``,
+``--steps``, the example in ``--instance-prompt`` / ``--class-prompt``, ``--targets``, ...) stay in their command.
+Also here: the helpers that turn a command's flags into its config and print its summary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+DATA, TOKENS, PRIOR, OPTIM, MASKS, SPEED, DURING, OUT = (
+    "Data",
+    "Tokens",
+    "Prior preservation (DreamBooth)",
+    "Optimisation",
+    "Loss masks",
+    "Memory and speed",
+    "During training",
+    "Output",
+)
+
+# --- all three commands -------------------------------------------------------------------------------------
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="A TOML file with the same keys as these flags (flags given here win)."
+    ),
+]
+ModelOpt = Annotated[
+    str, typer.Option(help="Base model: shapes (built in), a diffusers folder, a Hub id or a single file.")
+]
+TemplateOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Wrap each caption in a random template: object ('a photo of a {}') or style.",
+        rich_help_panel=DATA,
+    ),
+]
+ResolutionOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Training size in pixels, a multiple of 8 (default: the model's).", rich_help_panel=DATA
+    ),
+]
+FlipOpt = Annotated[bool, typer.Option("--flip", help="Random horizontal flips.", rich_help_panel=DATA)]
+RepeatsOpt = Annotated[int, typer.Option(help="Times each image appears per epoch.", rich_help_panel=DATA)]
+SchedulerOpt = Annotated[
+    str, typer.Option(help="constant, linear or cosine (after --warmup-steps).", rich_help_panel=OPTIM)
+]
+WarmupOpt = Annotated[int, typer.Option(help="Linear learning-rate warm-up steps.", rich_help_panel=OPTIM)]
+EpochsOpt = Annotated[int | None, typer.Option(help="Train for whole epochs instead.", rich_help_panel=OPTIM)]
+BatchOpt = Annotated[int, typer.Option(help="Images per micro-batch.", rich_help_panel=OPTIM)]
+AccumOpt = Annotated[
+    int, typer.Option(help="Micro-batches per optimizer step (gradient accumulation).", rich_help_panel=OPTIM)
+]
+SeedOpt = Annotated[int, typer.Option(help="Seed of every random choice.", rich_help_panel=OPTIM)]
+PrecisionOpt = Annotated[
+    str, typer.Option(help="no, fp16 or bf16 (through accelerate).", rich_help_panel=SPEED)
+]
+CheckpointingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--gradient-checkpointing", help="Recompute activations: less memory, slower.", rich_help_panel=SPEED
+    ),
+]
+CacheLatentsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--cache-latents", help="Encode images once; the VAE then leaves the device.", rich_help_panel=SPEED
+    ),
+]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(help="cpu to force the CPU (default: the accelerator's choice).", rich_help_panel=SPEED),
+]
+CheckpointEveryOpt = Annotated[
+    int, typer.Option(help="Save a resumable checkpoint every N steps (0: never).", rich_help_panel=DURING)
+]
+CheckpointDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Where checkpoints go (default: OUTPUT's stem + .checkpoints).", rich_help_panel=DURING
+    ),
+]
+ResumeOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Continue from a checkpoint folder (or the latest in a folder of them).", rich_help_panel=DURING
+    ),
+]
+ValidationEveryOpt = Annotated[
+    int, typer.Option(help="Sample the validation prompts every N steps.", rich_help_panel=DURING)
+]
+SaveDtypeOpt = Annotated[str, typer.Option(help="Output precision: fp16, bf16 or fp32.", rich_help_panel=OUT)]
+
+# --- train and pivot (LoRA, prior preservation) -------------------------------------------------------------
+
+ClassDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Class images folder (missing ones are generated; default: a cache folder).",
+        rich_help_panel=PRIOR,
+    ),
+]
+NumClassImagesOpt = Annotated[
+    int, typer.Option(help="Class images to use (generated if missing).", rich_help_panel=PRIOR)
+]
+PriorWeightOpt = Annotated[float, typer.Option(help="Weight of the class-image loss.", rich_help_panel=PRIOR)]
+UnetLearningRateOpt = Annotated[
+    float, typer.Option("--learning-rate", "--lr", help="UNet LoRA learning rate.", rich_help_panel=OPTIM)
+]
+
+
+def rank_option(panel: str) -> Any:
+    """``--rank`` in the command's LoRA help panel (train's "LoRA", pivot's "LoRA (phase 2)")."""
+    return typer.Option(help="LoRA rank.", rich_help_panel=panel)
+
+
+def alpha_option(panel: str) -> Any:
+    """``--alpha`` in the command's LoRA help panel."""
+    return typer.Option(help="LoRA alpha (scale alpha/rank; default: the rank).", rich_help_panel=panel)
+
+
+# --- invert and pivot (new tokens) --------------------------------------------------------------------------
+
+TokenDataDirArg = Annotated[
+    Path | None,
+    typer.Argument(
+        help="Folder of training images; captions from <image>.txt or metadata.jsonl (see --token-at-data), "
+        "else the token itself. May come from --config instead.",
+        show_default=False,
+    ),
+]
+TokenOpt = Annotated[
+    str, typer.Option(help="The new token(s) to learn; several as '<s1>|<s2>'.", rich_help_panel=TOKENS)
+]
+VectorsOpt = Annotated[
+    int,
+    typer.Option(
+        help="Embedding vectors per token (tok, tok_1, … in the tokenizer).", rich_help_panel=TOKENS
+    ),
+]
+InitOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Start from a word (any length: its tokens' mean; as many tokens as --vectors: one each), "
+        "rand / <rand-σ> (noise, σ 0.017) or zero; one per token as 'red|shape'. Default: rand.",
+        rich_help_panel=TOKENS,
+    ),
+]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite-token",
+        help="Train a token that already exists in the vocabulary.",
+        rich_help_panel=TOKENS,
+    ),
+]
+TokenAtDataOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Replace a caption word by the token(s): 'purple|<s1>' (several: comma-separated).",
+        rich_help_panel=TOKENS,
+    ),
+]
+NormDecayOpt = Annotated[
+    bool,
+    typer.Option(
+        "--norm-decay/--no-norm-decay",
+        help="Pull the new vectors' norms toward --norm-target each step (λ = min(1, 100·lr)).",
+        rich_help_panel=TOKENS,
+    ),
+]
+NormTargetOpt = Annotated[float, typer.Option(help="Target norm of --norm-decay.", rich_help_panel=TOKENS)]
+TokenInstancePromptOpt = Annotated[
+    str | None,
+    typer.Option(help="Caption for images without their own, e.g. '<s1>'.", rich_help_panel=DATA),
+]
+MaskDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Folder of loss masks named like the images (white = subject); every image needs one.",
+        rich_help_panel=MASKS,
+    ),
+]
+AutoMaskOpt = Annotated[
+    bool,
+    typer.Option(
+        "--auto-mask",
+        help="Foreground masks computed from plain backgrounds (the shapes world).",
+        rich_help_panel=MASKS,
+    ),
+]
+MaskTempOpt = Annotated[
+    float, typer.Option(help="Mask weight (m + 0.01)^T, T this temperature.", rich_help_panel=MASKS)
+]
+TokenValidationPromptOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Prompt to sample during training, e.g. 'a <s1> square' (repeatable).", rich_help_panel=DURING
+    ),
+]
+
+
+def config_params(fn: Any) -> list[str]:
+    """The parameters of command ``fn`` that are config keys (all but ctx, --config and --json)."""
+    code = fn.__code__
+    return [n for n in code.co_varnames[: code.co_argcount] if n not in ("ctx", "config", "json_out")]
+
+
+def given_flags(ctx: typer.Context, values: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The options the user actually gave (so a --config file's values are not overridden by defaults)."""
+    given: dict[str, Any] = {}
+    for name in names:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT"):
+            given[name] = values[name]
+    if given.get("validation_prompt") is None:
+        given.pop("validation_prompt", None)
+    return given
+
+
+def print_summary(result: Any, what: str) -> None:
+    """OUTPUT on stdout; on stderr (unless --quiet) ``what``, the final loss, time, size and the loss curve."""
+    from lorax.cli.app import STATE
+    from lorax.cli.common import stderr_console, stdout_console
+
+    stdout_console().print(str(result.output), markup=False, highlight=False)
+    if STATE.quiet or not result.output.exists():
+        return
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
+    stderr_console().print(
+        f"{what}; final loss {loss}, {result.seconds:.1f}s; {result.file_bytes / 1e3:.1f} kB; "
+        f"loss curve {result.loss_png}",
+        markup=False,
+        highlight=False,
+    )
