@@ -81,6 +81,7 @@ def test_only_new_rows_train_and_every_other_row_is_restored_exactly(tiny_ti_mod
     cfg = config(tiny_ti_model, concept, tmp_path / "s1.pt", weight_decay=0.5, learning_rate=0.05, vectors=2)
     result = run(cfg, pipeline=pipe)
     assert result.steps == 3
+    assert result.format == "a1111-embedding"
     table = pipe.text_encoder.get_input_embeddings().weight.detach()
     rows = pipe.tokenizer.convert_tokens_to_ids(["<s1>", "<s1>_1"])
     assert rows == [len(pipe.tokenizer) - 2, len(pipe.tokenizer) - 1]

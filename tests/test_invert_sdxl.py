@@ -169,6 +169,7 @@ def test_invert_trains_only_the_new_rows_of_both_tables_and_the_file_loads_back(
                        learning_rate=0.05)  # fmt: skip
     result = invert(cfg, NullProgress(), pipeline=pipe)
     assert result.steps == 2 and set(result.norms) == set(result.norms_2) == {"<s1>"}
+    assert result.format == "sdxl-embedding"
     for component, before in tables.items():
         table = getattr(pipe, component).get_input_embeddings().weight.detach()
         tokenizer = pipe.tokenizer if component == "text_encoder" else pipe.tokenizer_2

@@ -571,7 +571,7 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
     losses = loop.state.losses
     return InvertResult(
         output=output,
-        format=config.format,
+        format=fmt,  # the file's format: a1111-embedding, diffusers-embedding or sdxl-embedding
         tokens=session.tokens.tokens,
         vectors=config.vectors,
         steps=loop.state.global_step,
