@@ -67,9 +67,9 @@ python scripts/demo_score.py "a purple circle" "$OUT/before" "$OUT/after" "$OUT/
 
 echo "== lorax invert / pivot: a new token <s1> for the same concept (short runs, to show the commands)"
 lorax invert "$OUT/sks-circle" --model shapes --token '<s1>' --token-at-data 'sks|<s1>' \
-  --init-token 'red blue' --steps 30 -o "$OUT/s1.safetensors" --force
+  --init-token 'red blue' --steps 30 -o "$OUT/s1.pt" --force
 lorax pivot "$OUT/sks-circle" --model shapes --token '<s1>' --token-at-data 'sks|<s1>' \
   --init-token 'red blue' --ti-steps 20 --steps 20 -o "$OUT/s1-pivot.safetensors" --force
-echo "learned token: $OUT/s1.safetensors; LoRA + token in one file: $OUT/s1-pivot.safetensors"
+echo "learned token: $OUT/s1.pt; LoRA + token in one file: $OUT/s1-pivot.safetensors"
 echo
 echo "demo done: open the PNGs under $OUT/ (before/, after/, sweep/, merged/, sks-circle.loss.png)"
