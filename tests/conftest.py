@@ -33,3 +33,15 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], input=input)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module's tests: the tiny models run fastest that way, and the CI machine's two
+    cores are shared by everything (two threads spinning against each other are several times slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

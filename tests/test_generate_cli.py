@@ -17,12 +17,7 @@ from lorax.gen.params import parse_scales, read_png_parameters
 PROMPT = "a red circle on a white background"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

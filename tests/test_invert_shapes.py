@@ -12,23 +12,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from lorax.progress import NullProgress
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 BACKGROUNDS = ("white", "black", "gray")
 PER_BACKGROUND = 8
 SEED = 5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def shapes_pipe():

@@ -19,14 +19,7 @@ from lorax.progress import NullProgress
 from lorax.training.config import TrainConfig
 from lorax.training.sdxl import SdxlPromptEncoder, time_ids_of
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    # two CPU cores shared with other jobs: one intra-op thread is faster than two spinning
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,7 @@ from lorax.errors import ConfigError, TrainingError
 from lorax.progress import NullProgress
 from lorax.training.config import TrainConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two CPU cores shared with other jobs: one intra-op thread is several times faster than two spinning.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

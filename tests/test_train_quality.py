@@ -6,19 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 CONCEPT_PROMPT, TRUTH = "a sks circle", "a purple circle"
 OTHERS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
 N = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def concept_score(pipe) -> float:
