@@ -59,7 +59,7 @@ def invert_command(
     warmup_steps: opts.WarmupOpt = 0,
     steps: Annotated[
         int | None,
-        typer.Option(help="Optimizer steps (default 300 unless --epochs).", rich_help_panel=OPTIM),
+        typer.Option(help="Optimizer steps (default 1000 unless --epochs).", rich_help_panel=OPTIM),
     ] = None,
     epochs: opts.EpochsOpt = None,
     batch_size: opts.BatchOpt = 1,

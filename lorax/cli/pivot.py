@@ -46,7 +46,7 @@ def pivot_command(
     norm_target: opts.NormTargetOpt = 0.4,
     ti_steps: Annotated[
         int, typer.Option(help="Phase 1 (inversion) steps; 0 skips it.", rich_help_panel=TOKENS)
-    ] = 300,
+    ] = 1000,
     ti_learning_rate: Annotated[
         float, typer.Option(help="Phase 1 embedding learning rate.", rich_help_panel=TOKENS)
     ] = 5e-3,
