@@ -215,9 +215,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model, images, tmp_p
     original = DiffusionObjective.loss
     calls = {"n": 0}
 
-    def poisoned(self, unet, latents, cond, generator):
+    def poisoned(self, unet, latents, cond, generator, weight=None):
         calls["n"] += 1
-        loss = original(self, unet, latents, cond, generator)
+        loss = original(self, unet, latents, cond, generator, weight)
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(DiffusionObjective, "loss", poisoned)

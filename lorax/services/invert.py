@@ -189,66 +189,7 @@ def make_batches(session: Session, batches: Any) -> Any:
 
 
 class MaskedSdxlBatches(MaskedBatches, SdxlBatches):
-    """Masked losses on SDXL: ``MaskedBatches.loss`` with the batch's size/crop ids in its conditioning."""
-
-    def loss(self, micro_step: int, generator: Any, unet: Any | None = None) -> Any:
-        epoch, indices = self.position(micro_step)
-        prompts = self.prompts
-        self.prompts = _TimedPrompts(prompts, self.time_ids(epoch, indices))  # type: ignore[assignment]
-        try:
-            return MaskedBatches.loss(self, micro_step, generator, unet)
-        finally:
-            self.prompts = prompts
-
-
-class _TimedPrompts:
-    """A prompt encoder whose SDXL conditioning carries given ``time_ids``."""
-
-    def __init__(self, encoder: Any, time_ids: Any) -> None:
-        self.encoder = encoder
-        self.time_ids = time_ids
-
-    def __call__(self, prompts: Sequence[str]) -> Any:
-        cond = self.encoder(prompts)
-        cond.time_ids = self.time_ids
-        return cond
-
-
-def pipeline_factory(
-    pipe: Any, accelerator: Any, unet: Any, text_encoder: Any, text_encoder_2: Any = None
-) -> Callable[[], Any]:
-    """A sampling pipeline over the live (training) modules, for validation images (SDXL's with ``text_encoder_2``)."""
-
-    def factory() -> Any:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        pipe.vae.to(accelerator.device)
-        if text_encoder_2 is not None:
-            xl_pipe = StableDiffusionXLPipeline(
-                vae=pipe.vae,
-                text_encoder=accelerator.unwrap_model(text_encoder),
-                text_encoder_2=accelerator.unwrap_model(text_encoder_2),
-                tokenizer=pipe.tokenizer,
-                tokenizer_2=pipe.tokenizer_2,
-                unet=accelerator.unwrap_model(unet),
-                scheduler=pipe.scheduler,
-            )
-            xl_pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
-            return xl_pipe
-        sample_pipe = StableDiffusionPipeline(
-            vae=pipe.vae,
-            text_encoder=accelerator.unwrap_model(text_encoder),
-            tokenizer=pipe.tokenizer,
-            unet=accelerator.unwrap_model(unet),
-            scheduler=pipe.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        sample_pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
-        return sample_pipe
-
-    return factory
+    """Masked losses on SDXL: ``MaskedBatches``' loss weights, ``SdxlBatches``' conditioning with size/crop ids."""
 
 
 class InversionJob:
@@ -312,32 +253,18 @@ def build_inversion(
     progress: Progress,
 ) -> Any:
     """Phase 1 ready to run: models on the device, the table trainable, optimizer, batches, loop."""
-    import torch
-
-    from lorax.training.job import DiffusionBatches, Sampler
-    from lorax.training.latents import LatentCache
+    from lorax.training import setup
+    from lorax.training.job import Sampler
     from lorax.training.loop import LoopSettings, TrainingLoop
-    from lorax.training.objective import DiffusionObjective
     from lorax.training.optim import build_optimizer, build_scheduler
-    from lorax.training.sdxl import SdxlPromptEncoder
-    from lorax.training.text import PromptEncoder
 
     config, pipe, accelerator = session.config, session.pipe, session.accelerator
     device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    unet, vae = pipe.unet, pipe.vae
     # SDXL: the second text encoder conditions, and its table trains the same tokens
-    text_encoder_2 = pipe.text_encoder_2 if session.family == "sdxl" else None
-    encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]
-    for module in (unet, vae, *encoders):
-        module.requires_grad_(False)
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-    unet.set_attn_processor(AttnProcessor2_0() if config.sdpa else AttnProcessor())
-    unet.to(device, dtype=weight_dtype)
-    vae.to(device, dtype=torch.float32 if config.mixed_precision == "fp16" else weight_dtype)
-    for encoder in encoders:
-        encoder.to(device, dtype=weight_dtype)
+    encoders = setup.text_encoders(pipe, session.family)
+    setup.freeze(unet, vae, encoders, sdpa=config.sdpa)
+    setup.place(unet, vae, encoders, device, config.mixed_precision)
     params = session.tokens.make_trainable()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -351,48 +278,29 @@ def build_inversion(
     scheduler = build_scheduler(
         config.lr_scheduler, optimizer, warmup_steps=config.warmup_steps, total_steps=max_steps
     )
-    if text_encoder_2 is not None:
-        text_encoder, text_encoder_2, optimizer = accelerator.prepare(text_encoder, text_encoder_2, optimizer)
-    else:
-        text_encoder, optimizer = accelerator.prepare(text_encoder, optimizer)
-    objective = DiffusionObjective(
-        pipe.scheduler.config,
-        prediction_type=config.prediction_type,
-        snr_gamma=config.snr_gamma,
-        noise_offset=config.noise_offset,
-    )
-    cache = None
-    if config.cache_latents:
-        cache = LatentCache()
-        keys = session.data.all_keys()
-        with progress.task("caching latents", total=len(keys)) as task:
-            cache.fill(vae, keys, session.data.load, advance=task.advance)
-        vae.to("cpu")
-    batches_class: Any = DiffusionBatches
-    prompts: Any = PromptEncoder(pipe.tokenizer, text_encoder, device, cache=False)
-    if text_encoder_2 is not None:  # as lorax train: both encoders' context, pooled embeddings, size/crop ids
-        batches_class = SdxlBatches
-        prompts = SdxlPromptEncoder(
-            [pipe.tokenizer, pipe.tokenizer_2], [text_encoder, text_encoder_2], device, cache=False
-        )
+    *encoders, optimizer = accelerator.prepare(*encoders, optimizer)
+    objective = setup.objective_for(pipe, config)
+    cache = setup.cache_latents(vae, session.data, progress) if config.cache_latents else None
     batches = make_batches(
         session,
-        batches_class(
-            data=session.data,
-            vae=vae,
+        setup.diffusion_batches(
+            pipe,
+            session.data,
             unet=unet,
-            prompts=prompts,
+            vae=vae,
+            encoders=encoders,
             objective=objective,
             device=device,
             prior_weight=config.prior_weight,
             latent_cache=cache,
+            cache_text=False,  # the tables train
         ),
     )
     sampler = None
     if config.validation_prompt and config.validation_every:
         assert config.output is not None
         sampler = Sampler(
-            pipeline_factory(pipe, accelerator, unet, text_encoder, text_encoder_2),
+            setup.sampling_pipeline(pipe, accelerator, unet, encoders),
             list(config.validation_prompt),
             companion_paths(Path(config.output))["samples"],
             session.resolution,
@@ -401,6 +309,7 @@ def build_inversion(
             is_main=accelerator.is_main_process,
             release=(lambda: vae.to("cpu")) if cache is not None else None,
         )
+    text_encoder, text_encoder_2 = encoders[0], (encoders[1] if len(encoders) == 2 else None)
     job = InversionJob(
         batches,
         session.tokens,

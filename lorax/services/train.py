@@ -281,33 +281,20 @@ def _build(
     progress: Progress,
 ) -> tuple[Any, Any, _Prepared, dict[str, int]]:
     """Models on the device, LoRA injected, caches filled, optimizer and loop ready."""
-    import torch
 
-    from lorax.training.job import DiffusionBatches, LoraJob, Sampler
-    from lorax.training.latents import LatentCache
+    from lorax.training import setup
+    from lorax.training.job import LoraJob, Sampler
     from lorax.training.loop import LoopSettings, TrainingLoop
     from lorax.training.lora import inject_lora
-    from lorax.training.objective import DiffusionObjective
     from lorax.training.optim import build_optimizer, build_scheduler
     from lorax.training.targets import resolve_targets
-    from lorax.training.text import PromptEncoder
 
     device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    unet, vae = pipe.unet, pipe.vae
     # SDXL: the second text encoder conditions (and, with --train-text, trains) alongside the first
-    text_encoder_2 = getattr(pipe, "text_encoder_2", None) if family == "sdxl" else None
-    for module in (unet, vae, text_encoder, text_encoder_2):
-        if module is not None:
-            module.requires_grad_(False)
-    if config.sdpa:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        unet.set_attn_processor(AttnProcessor2_0())
-    else:
-        from diffusers.models.attention_processor import AttnProcessor
-
-        unet.set_attn_processor(AttnProcessor())
+    encoders = setup.text_encoders(pipe, family)
+    text_encoder, text_encoder_2 = encoders[0], (encoders[1] if len(encoders) == 2 else None)
+    setup.freeze(unet, vae, encoders, sdpa=config.sdpa)
 
     targets = resolve_targets(unet, text_encoder if config.train_text else None, config.targets)
     if text_encoder_2 is not None and config.train_text:
@@ -335,11 +322,7 @@ def _build(
                 **lora_kwargs,
             )
             groups.append({"params": te2_params, "lr": config.text_lr})
-    unet.to(device, dtype=weight_dtype)
-    vae.to(device, dtype=torch.float32 if config.mixed_precision == "fp16" else weight_dtype)
-    text_encoder.to(device, dtype=weight_dtype)
-    if text_encoder_2 is not None:
-        text_encoder_2.to(device, dtype=weight_dtype)
+    setup.place(unet, vae, encoders, device, config.mixed_precision)
     for group in groups:  # trainable LoRA weights stay fp32 under mixed precision
         for p in group["params"]:
             p.data = p.data.float()
@@ -365,80 +348,30 @@ def _build(
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
 
-    objective = DiffusionObjective(
-        pipe.scheduler.config,
-        prediction_type=config.prediction_type,
-        snr_gamma=config.snr_gamma,
-        noise_offset=config.noise_offset,
-    )
-    prompts: Any = PromptEncoder(
-        tokenizer, text_encoder, device, cache=config.cache_text and not config.train_text
-    )
-    batches_class: Any = DiffusionBatches
-    if text_encoder_2 is not None:
-        from lorax.training.sdxl import SdxlBatches, SdxlPromptEncoder
-
-        prompts = SdxlPromptEncoder(
-            [tokenizer, pipe.tokenizer_2],
-            [text_encoder, text_encoder_2],
-            device,
-            cache=config.cache_text and not config.train_text,
-        )
-        batches_class = SdxlBatches
-    cache = None
-    if config.cache_latents:
-        cache = LatentCache()
-        keys = data.all_keys()
-        with progress.task("caching latents", total=len(keys)) as task:
-            cache.fill(vae, keys, data.load, advance=task.advance)
-        vae.to("cpu")  # the VAE is only needed again for validation samples
-    batches = batches_class(
-        data=data,
-        vae=vae,
+    live_encoders = [
+        m for m in (text_encoder, text_encoder_2) if m is not None
+    ]  # accelerate's wrappers when trained
+    objective = setup.objective_for(pipe, config)
+    cache = setup.cache_latents(vae, data, progress) if config.cache_latents else None
+    batches = setup.diffusion_batches(
+        pipe,
+        data,
         unet=unet,
-        prompts=prompts,
+        vae=vae,
+        encoders=live_encoders,
         objective=objective,
         device=device,
         prior_weight=config.prior_weight,
         latent_cache=cache,
+        cache_text=config.cache_text and not config.train_text,
     )
 
     sampler = None
     if config.validation_prompt and config.validation_every:
         assert config.output is not None
         folder = companion_paths(Path(config.output))["samples"]
-
-        def pipeline_factory() -> Any:
-            from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-            vae.to(device)
-            if text_encoder_2 is not None:
-                xl_pipe = StableDiffusionXLPipeline(
-                    vae=vae,
-                    text_encoder=accelerator.unwrap_model(text_encoder),
-                    text_encoder_2=accelerator.unwrap_model(text_encoder_2),
-                    tokenizer=tokenizer,
-                    tokenizer_2=pipe.tokenizer_2,
-                    unet=accelerator.unwrap_model(unet),
-                    scheduler=pipe.scheduler,
-                )
-                xl_pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
-                return xl_pipe
-            sample_pipe = StableDiffusionPipeline(
-                vae=vae,
-                text_encoder=accelerator.unwrap_model(text_encoder),
-                tokenizer=tokenizer,
-                unet=accelerator.unwrap_model(unet),
-                scheduler=pipe.scheduler,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
-            sample_pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
-            return sample_pipe
-
         sampler = Sampler(
-            pipeline_factory,
+            setup.sampling_pipeline(pipe, accelerator, unet, live_encoders),
             list(config.validation_prompt),
             folder,
             resolution,

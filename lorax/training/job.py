@@ -54,11 +54,20 @@ class DiffusionBatches:
             latents = vae_encode(self.vae, pixels.to(self.device))
         return latents, captions, len(indices)
 
+    def conditioning(self, epoch: int, indices: list[int], captions: list[str]) -> Any:
+        """The UNet's text conditioning for a batch (``SdxlBatches`` adds its size/crop ids)."""
+        return self.prompts(captions)
+
+    def loss_weight(self, epoch: int, indices: list[int], latents: Any) -> Any:
+        """Per-pixel loss weights broadcastable to ``latents`` (``MaskedBatches``), or ``None``: plain MSE."""
+        return None
+
     def loss(self, micro_step: int, generator: Any, unet: Any | None = None) -> Any:
         epoch, indices = self.position(micro_step)
         latents, captions, n = self.latents(epoch, indices)
-        cond = self.prompts(captions)
-        per_example = self.objective.loss(unet or self.unet, latents, cond, generator)
+        cond = self.conditioning(epoch, indices, captions)
+        weight = self.loss_weight(epoch, indices, latents)
+        per_example = self.objective.loss(unet or self.unet, latents, cond, generator, weight=weight)
         if per_example.shape[0] == n:
             return per_example.mean()
         return per_example[:n].mean() + self.prior_weight * per_example[n:].mean()

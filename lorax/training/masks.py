@@ -140,12 +140,5 @@ class MaskedBatches(DiffusionBatches):
                 weight[i] = 1.0
         return weight
 
-    def loss(self, micro_step: int, generator: Any, unet: Any | None = None) -> Any:
-        epoch, indices = self.position(micro_step)
-        latents, captions, n = self.latents(epoch, indices)
-        cond = self.prompts(captions)
-        weight = self.weights(epoch, indices, tuple(latents.shape[-2:])).to(latents.device)
-        per_example = self.objective.loss(unet or self.unet, latents, cond, generator, weight=weight)
-        if per_example.shape[0] == n:
-            return per_example.mean()
-        return per_example[:n].mean() + self.prior_weight * per_example[n:].mean()
+    def loss_weight(self, epoch: int, indices: list[int], latents: Any) -> Any:
+        return self.weights(epoch, indices, tuple(latents.shape[-2:])).to(latents.device)

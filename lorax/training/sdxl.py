@@ -112,13 +112,7 @@ class SdxlBatches(DiffusionBatches):
             )
         return torch.tensor(rows, dtype=torch.float32, device=self.device)
 
-    def loss(self, micro_step: int, generator: Any, unet: Any | None = None) -> Any:
-        epoch, indices = self.position(micro_step)
-        time_ids = self.time_ids(epoch, indices)
-        latents, captions, n = self.latents(epoch, indices)
+    def conditioning(self, epoch: int, indices: list[int], captions: list[str]) -> Any:
         cond = self.prompts(captions)
-        cond.time_ids = time_ids
-        per_example = self.objective.loss(unet or self.unet, latents, cond, generator)
-        if per_example.shape[0] == n:
-            return per_example.mean()
-        return per_example[:n].mean() + self.prior_weight * per_example[n:].mean()
+        cond.time_ids = self.time_ids(epoch, indices)
+        return cond

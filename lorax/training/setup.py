@@ -1,0 +1,142 @@
+"""What every training run (``train``, ``invert``, ``pivot``) does to the base pipeline before its own job starts:
+freeze it, place it on the device in the run's precision, build the denoising objective, cache latents, assemble the
+batches (SD1/SD2 or SDXL conditioning) and a sampling pipeline over the live modules for validation images.
+
+Each command adds only what is its own: ``train`` injects LoRA layers between ``freeze`` and ``place`` (so their
+initialisation does not depend on the device), ``invert`` makes its embedding rows trainable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lorax.data.dataset import TrainData
+from lorax.progress import Progress
+
+
+def text_encoders(pipe: Any, family: str) -> list[Any]:
+    """The text encoders that condition the UNet: SDXL's two, else one."""
+    second = getattr(pipe, "text_encoder_2", None) if family == "sdxl" else None
+    return [m for m in (pipe.text_encoder, second) if m is not None]
+
+
+def weight_dtype(mixed_precision: str) -> Any:
+    """The dtype frozen weights take under ``--mixed-precision`` (trainable ones stay fp32)."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def freeze(unet: Any, vae: Any, encoders: Sequence[Any], *, sdpa: bool) -> None:
+    """No gradients anywhere yet, and the UNet's attention processor: PyTorch SDPA or the plain one."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    for module in (unet, vae, *encoders):
+        module.requires_grad_(False)
+    unet.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
+
+
+def place(unet: Any, vae: Any, encoders: Sequence[Any], device: Any, mixed_precision: str) -> None:
+    """Models on ``device`` in the run's precision; the VAE stays fp32 under fp16 (its decoder overflows)."""
+    import torch
+
+    dtype = weight_dtype(mixed_precision)
+    unet.to(device, dtype=dtype)
+    vae.to(device, dtype=torch.float32 if mixed_precision == "fp16" else dtype)
+    for encoder in encoders:
+        encoder.to(device, dtype=dtype)
+
+
+def objective_for(pipe: Any, config: Any) -> Any:
+    """The denoising objective of ``config`` (prediction type, min-SNR-γ, noise offset) on the model's scheduler."""
+    from lorax.training.objective import DiffusionObjective
+
+    return DiffusionObjective(
+        pipe.scheduler.config,
+        prediction_type=config.prediction_type,
+        snr_gamma=config.snr_gamma,
+        noise_offset=config.noise_offset,
+    )
+
+
+def cache_latents(vae: Any, data: TrainData, progress: Progress) -> Any:
+    """Every image's latents encoded once; the VAE then leaves the device (needed again only for samples)."""
+    from lorax.training.latents import LatentCache
+
+    cache = LatentCache()
+    keys = data.all_keys()
+    with progress.task("caching latents", total=len(keys)) as task:
+        cache.fill(vae, keys, data.load, advance=task.advance)
+    vae.to("cpu")
+    return cache
+
+
+def diffusion_batches(
+    pipe: Any,
+    data: TrainData,
+    *,
+    unet: Any,
+    vae: Any,
+    encoders: Sequence[Any],
+    objective: Any,
+    device: Any,
+    prior_weight: float,
+    latent_cache: Any,
+    cache_text: bool,
+) -> Any:
+    """The run's batches: ``DiffusionBatches`` over one text encoder, ``SdxlBatches`` (both encoders' context,
+    pooled embeddings, size/crop ids) over two. ``cache_text``: encode each distinct prompt once (frozen encoders)."""
+    from lorax.training.job import DiffusionBatches
+    from lorax.training.text import PromptEncoder
+
+    batches_class: Any = DiffusionBatches
+    prompts: Any
+    if len(encoders) == 2:
+        from lorax.training.sdxl import SdxlBatches, SdxlPromptEncoder
+
+        batches_class = SdxlBatches
+        prompts = SdxlPromptEncoder([pipe.tokenizer, pipe.tokenizer_2], encoders, device, cache=cache_text)
+    else:
+        prompts = PromptEncoder(pipe.tokenizer, encoders[0], device, cache=cache_text)
+    return batches_class(
+        data=data,
+        vae=vae,
+        unet=unet,
+        prompts=prompts,
+        objective=objective,
+        device=device,
+        prior_weight=prior_weight,
+        latent_cache=latent_cache,
+    )
+
+
+def sampling_pipeline(pipe: Any, accelerator: Any, unet: Any, encoders: Sequence[Any]) -> Callable[[], Any]:
+    """A factory of sampling pipelines over the live (training) modules, for validation images: SDXL's with two
+    text encoders."""
+
+    def factory() -> Any:
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        live = [accelerator.unwrap_model(m) for m in encoders]
+        pipe.vae.to(accelerator.device)
+        common = dict(
+            vae=pipe.vae,
+            text_encoder=live[0],
+            tokenizer=pipe.tokenizer,
+            unet=accelerator.unwrap_model(unet),
+            scheduler=pipe.scheduler,
+        )
+        sample_pipe: Any
+        if len(live) == 2:
+            sample_pipe = StableDiffusionXLPipeline(
+                **common, text_encoder_2=live[1], tokenizer_2=pipe.tokenizer_2
+            )
+        else:
+            sample_pipe = StableDiffusionPipeline(
+                **common, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            )
+        sample_pipe.set_progress_bar_config(disable=True)
+        return sample_pipe
+
+    return factory
