@@ -35,33 +35,35 @@ SD_VAE = {
 }
 
 
-def _meta_shapes() -> tuple[dict[str, dict[str, tuple[int, ...]]], dict[str, dict]]:
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _meta_shapes(family: str) -> tuple[dict[str, dict[str, tuple[int, ...]]], dict[str, dict]]:
+    """Every component's ``{on-disk key: shape}`` (no weights) and config, for a full-size ``family`` model."""
     import torch
     from diffusers import AutoencoderKL
 
-    from lorax.models.families import family_config, meta_model
+    from lorax.models.families import FAMILIES, TEXT_COMPONENTS, family_config, live_to_disk, meta_model
 
-    shapes = {
-        "unet": {k: tuple(v.shape) for k, v in meta_model("sd1", "unet").state_dict().items()},
-        "text_encoder": {
-            ("text_model." + k if not k.startswith("text_model.") else k): tuple(v.shape)
-            for k, v in meta_model("sd1", "text_encoder").state_dict().items()
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for component in FAMILIES[family]:
+        state = meta_model(family, component).state_dict()
+        shapes[component] = {
+            (live_to_disk(component, k) if component in TEXT_COMPONENTS else k): tuple(v.shape)
+            for k, v in state.items()
             if not k.endswith("position_ids")
-        },
-    }
+        }
     with torch.device("meta"):
         vae = AutoencoderKL(**{k: v for k, v in SD_VAE.items() if not k.startswith("_")})
     shapes["vae"] = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
-    configs = {
-        "unet": family_config("sd1", "unet"),
-        "vae": SD_VAE,
-        "text_encoder": family_config("sd1", "text_encoder"),
-    }
+    configs = {c: family_config(family, c) for c in FAMILIES[family]}
+    configs["vae"] = SD_VAE
     return shapes, configs
 
 
-def build_checkpoint(path: Path) -> int:
-    """Write the random fp16 checkpoint tensor by tensor (bounded memory); returns its size in bytes."""
+def build_checkpoint(path: Path, family: str = "sd1") -> int:
+    """Write a random fp16 single-file checkpoint of ``family`` (original layout) tensor by tensor (bounded memory);
+    returns its size in bytes."""
     import torch
 
     from lorax.io.keymaps import (
@@ -73,46 +75,71 @@ def build_checkpoint(path: Path) -> int:
         single_shape,
     )
     from lorax.io.safetensors_io import StreamingWriter
+    from lorax.models.families import TEXT_COMPONENTS
 
-    shapes, configs = _meta_shapes()
+    shapes, configs = _meta_shapes(family)
     layouts = Layouts(
         UnetLayout.from_config(configs["unet"]),
         VaeLayout.from_config(configs["vae"]),
-        {"text_encoder": TextLayout.from_config(configs["text_encoder"])},
+        {c: TextLayout.from_config(configs[c]) for c in TEXT_COMPONENTS if c in configs},
     )
-    keymap = keymap_from_diffusers({c: list(s) for c, s in shapes.items()}, "sd1", layouts)
+    keymap = keymap_from_diffusers({c: list(s) for c, s in shapes.items()}, family, layouts)
     specs = [
         (e.single, "F16", single_shape(e, [shapes[e.component][p] for p in e.parts])) for e in keymap.entries
     ]
     gen = torch.Generator().manual_seed(0)
     tmp = path.with_suffix(".tmp")
-    with StreamingWriter(tmp, specs, {"lorax.family": "sd1"}) as writer:
+    with StreamingWriter(tmp, specs, {"lorax.family": family}) as writer:
         for name, _, shape in specs:
             writer.write(name, (torch.randn(shape, generator=gen) * 0.02).to(torch.float16))
     tmp.replace(path)
     return path.stat().st_size
 
 
-def build_lora(path: Path, rank: int = 16) -> int:
+def build_lora(path: Path, family: str = "sd1", rank: int = 16) -> int:
+    """A random rank-``rank`` kohya LoRA on every attention projection of the UNet and text encoder(s)."""
     import torch
 
     from lorax.adapters.state import LoraModule, LoraState
     from lorax.formats import save_lora
-    from lorax.models.families import module_table
+    from lorax.models.families import FAMILIES, module_table
 
     gen = torch.Generator().manual_seed(1)
     modules = {}
-    for component in ("unet", "text_encoder"):
-        for name, shape in module_table("sd1", component).items():
-            if name.endswith(("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")):
+    for component in FAMILIES[family]:
+        for name, shape in module_table(family, component).items():
+            if name.endswith(PROJECTIONS):
                 out, inp = shape[0], shape[1]
                 modules[f"{component}.{name}"] = LoraModule(
                     torch.randn(rank, inp, generator=gen) * 0.01,
                     torch.randn(out, rank, generator=gen) * 0.01,
                     rank,
                 )
-    save_lora(LoraState(modules, family="sd1"), path, format="kohya", dtype=torch.float16, force=True)
+    save_lora(LoraState(modules, family=family), path, format="kohya", dtype=torch.float16, force=True)
     return len(modules)
+
+
+def time_cp(base: Path, copy: Path, runs: int) -> float:
+    """Best wall time of ``cp base copy`` over ``runs`` (the first one usually fills the page cache)."""
+    walls = []
+    for _ in range(runs):
+        copy.unlink(missing_ok=True)
+        walls.append(run_measured(["cp", str(base), str(copy)])[0])
+    copy.unlink(missing_ok=True)
+    print(f"cp (best of {runs}): {min(walls):.2f} s  [all: {', '.join(f'{w:.2f}' for w in walls)}]")
+    return min(walls)
+
+
+def time_merge(base: Path, lora: Path, merged: Path, runs: int = 2) -> tuple[float, float]:
+    """Best (wall seconds, peak RSS GB) of ``lorax merge base lora -o merged`` in a fresh interpreter."""
+    cmd = [sys.executable, "-m", "lorax", "-q", "merge", str(base), str(lora), "-o", str(merged), "--force"]
+    results = [run_measured(cmd) for _ in range(runs)]
+    wall, rss = min(results)
+    print(
+        f"lorax merge: {wall:.2f} s wall, peak RSS {rss:.2f} GB   "
+        f"[runs: {', '.join(f'{w:.2f} s / {r:.2f} GB' for w, r in results)}]"
+    )
+    return wall, rss
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float]:
@@ -152,35 +179,9 @@ def main(argv: list[str] | None = None) -> None:
         f"checkpoint: {base} ({size / 1e9:.2f} GB fp16); LoRA rank 16, {n} modules (built in {time.perf_counter() - t:.0f} s)"
     )
 
-    copy = OUT / "copy.safetensors"
-    walls = []
-    for _ in range(3):
-        copy.unlink(missing_ok=True)
-        walls.append(run_measured(["cp", str(base), str(copy)])[0])
-    copy.unlink(missing_ok=True)
-    cp_wall = min(walls)
-    print(f"cp (warm, best of 3): {cp_wall:.2f} s  [all: {', '.join(f'{w:.2f}' for w in walls)}]")
-
+    cp_wall = time_cp(base, OUT / "copy.safetensors", runs=3)
     merged = OUT / "merged.safetensors"
-    runs = []
-    for _ in range(2):
-        cmd = [
-            sys.executable,
-            "-m",
-            "lorax",
-            "-q",
-            "merge",
-            str(base),
-            str(lora),
-            "-o",
-            str(merged),
-            "--force",
-        ]
-        runs.append(run_measured(cmd))
-    wall, rss = min(runs)
-    print(
-        f"lorax merge: {wall:.2f} s wall, peak RSS {rss:.2f} GB   [runs: {', '.join(f'{w:.2f}' for w, _ in runs)}]"
-    )
+    wall, rss = time_merge(base, lora, merged)
     imports = min(run_measured([sys.executable, "-c", "import torch, lorax.formats"])[0] for _ in range(2))
     print(
         f"  of which starting Python and importing torch: {imports:.2f} s; the merge proper {wall - imports:.2f} s "
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (folder / "model_index.json").is_file():
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
-            _, configs = _meta_shapes()
+            _, configs = _meta_shapes("sd1")
             ckpt = open_checkpoint(base)
             configs["text_encoder"] = {**configs["text_encoder"], "architectures": ["CLIPTextModel"]}
             configs["scheduler"] = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear",
