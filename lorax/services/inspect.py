@@ -269,9 +269,13 @@ def _kohya(report: FileReport, info: _Tensors, p: Path) -> None:
             rank = down[0]
         elif "diff" in parts:
             algorithm, rank = "full", None
+        elif {"weight", "on_input"} <= set(parts):
+            algorithm, rank = "ia3", None
         else:
             raise FormatError(f"module {component}.{path}: unknown tensors {sorted(parts)}", path=p)
-        if alpha is None and rank is not None and algorithm in ("lora", "dora", "loha"):
+        if "dora_scale" in parts and algorithm in ("loha", "lokr"):
+            algorithm += "+dora"  # LyCORIS weight_decompose on LoHa / LoKr
+        if alpha is None and rank is not None and algorithm in ("lora", "dora", "loha", "loha+dora"):
             alpha = float(rank)
         _add_module(report, algorithm, rank, alpha, path)
     tokens = [k for k in rest if k.startswith(K.BUNDLE)]

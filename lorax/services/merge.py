@@ -199,6 +199,22 @@ def _fits(delta: tuple[int, ...], slot: tuple[int, ...]) -> bool:
     return math.prod(delta) == math.prod(slot) and strip(delta) == strip(slot)
 
 
+def module_fits(module: LoraModule | DeltaModule, slot: tuple[int, ...]) -> bool:
+    """Whether a module's delta lands on a weight of shape ``slot`` (modules that scale or re-normalise the base
+    weight, IA3 and DoRA, say so themselves: ``fits``)."""
+    fits = getattr(module, "fits", None)
+    if callable(fits):
+        return bool(fits(slot))
+    return _fits(_delta_shape(module), slot)
+
+
+def _described_shape(module: LoraModule | DeltaModule) -> str:
+    if getattr(module, "kind", None) == "ia3":
+        side = "input columns" if getattr(module, "on_input", False) else "output rows"
+        return f"IA3 over {module.out_features} {side}"
+    return str(list(_delta_shape(module)))
+
+
 def plan_targets(
     loras: list[tuple[str, LoraState, float, float]], locate: Locator
 ) -> tuple[dict[str, list[Contribution]], list[str], list[str], dict[str, int]]:
@@ -215,9 +231,9 @@ def plan_targets(
             if slot is None:
                 unmatched.append(name)
                 continue
-            shape = _delta_shape(module)
-            if not _fits(shape, slot.shape):
-                mismatches.append(f"{name} (LoRA {list(shape)}, model {list(slot.shape)})")
+            if not module_fits(module, slot.shape):
+                shape = _described_shape(module)
+                mismatches.append(f"{name} (LoRA {shape}, model {list(slot.shape)})")
                 continue
             weight = alpha_text if component.startswith("text_encoder") else alpha
             targets.setdefault(slot.key, []).append(Contribution(name, module, weight, slot.part, slot.parts))
@@ -246,9 +262,9 @@ def apply_contributions(weight: torch.Tensor, contributions: list[Contribution])
     for c in contributions:
         rows = w.shape[0] // c.parts
         view = w.narrow(0, c.part * rows, rows)
-        if getattr(c.module, "kind", None) == "dora":  # the magnitude re-normalisation needs W0
-            adapted = c.module.apply(view.reshape(_delta_shape(c.module)), c.weight)  # type: ignore[union-attr]
-            view.copy_(adapted.to(torch.float32).reshape(view.shape))
+        apply = getattr(c.module, "apply", None)
+        if callable(apply):  # DoRA and IA3: W0 + weight·(W'(W0) − W0), they need W0 itself
+            view.copy_(apply(view, c.weight).to(torch.float32).reshape(view.shape))
         elif isinstance(c.module, LoraModule):  # W += alpha·scale·up@down in one fused pass, no delta tensor
             up = c.module.up.to(torch.float32).reshape(c.module.up.shape[0], -1)
             down = c.module.down.to(torch.float32).reshape(c.module.rank, -1)
