@@ -402,11 +402,47 @@ def merge_tensor_file(
 # Loading the LoRAs
 
 
+def base_index_model(base: str | Path) -> Callable[[], dict[str, Any]]:
+    """A lazy ``{component: meta module}`` of BASE with its real classes, for lora_diffusion's index order (built once,
+    only when an index file is merged; ``{}`` when a single file carries no configs and none is cached)."""
+    from functools import cache
+
+    from lorax.errors import ModelNotFoundError
+
+    @cache
+    def build() -> dict[str, Any]:
+        from lorax.models.skeleton import load_skeleton
+
+        try:
+            return load_skeleton(base)[0]
+        except ModelNotFoundError:
+            return {}
+
+    return build
+
+
+def _read_index_file(path: Path, model: dict[str, Any], family: str | None, base: str) -> LoraState:
+    from lorax.formats import load_lora
+
+    try:
+        return load_lora(path, model=model, family=family)
+    except MismatchError as err:
+        text = str(err)
+        if err.path is not None:
+            text = text.removeprefix(f"{err.path}: ")
+        raise MismatchError(f"does not fit the base {base}: {text}", path=path) from None
+
+
 def load_loras(
-    config: MergeConfig, family: str | None, progress: Progress, skeleton: dict[str, Any] | None = None
+    config: MergeConfig,
+    family: str | None,
+    progress: Progress,
+    skeleton: dict[str, Any] | None = None,
+    index_model: Callable[[], dict[str, Any]] | None = None,
 ) -> list[tuple[str, LoraState, float, float, str]]:
     """Read every LoRA. Names resolve against ``skeleton`` (the base's own module paths) when given; a LoRA with
-    modules the base lacks is read again by the family's tables, so that the plan can name what does not match."""
+    modules the base lacks is read again by the family's tables, so that the plan can name what does not match.
+    lora_diffusion files (modules by index) resolve against ``index_model()``, BASE built with its real classes."""
     from lorax.errors import MismatchError as _Mismatch
     from lorax.formats import detect_format, load_lora
 
@@ -426,6 +462,10 @@ def load_loras(
                 state = load_lora(spec.path, model=skeleton, family=family)
             except _Mismatch:
                 state = None
+        elif fmt == "lora_diffusion" and index_model is not None:
+            model = index_model()
+            if model:  # indices resolve against BASE's own modules, in BASE's own order
+                state = _read_index_file(spec.path, model, family, str(config.base))
         if state is None:
             state = load_lora(spec.path, family=family)
         state.family = state.family or declared or family
@@ -741,7 +781,7 @@ def merge_model(config: MergeConfig, progress: Progress) -> MergeResult:
     if layout == "single-file" and out.suffix.lower() != ".safetensors":
         raise ConfigError(f"{out}: a single-file output is written as .safetensors; name it OUT.safetensors")
     check_output(out, config.force)
-    loras = load_loras(config, ckpt.family, progress, model_skeleton(ckpt))
+    loras = load_loras(config, ckpt.family, progress, model_skeleton(ckpt), base_index_model(config.base))
     result = MergeResult(out, layout, ckpt.family, dtype=config.dtype)
     embeddings: dict[str, dict[str, Any]] = {}
     for _, state, *_ in loras:
