@@ -98,3 +98,54 @@ def test_lora_diffusion_file_for_another_model_names_the_base(cli, tmp_path: Pat
     assert result.exit_code == 1
     assert "does not fit the base" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "merged").exists()
+
+
+def test_an_inverted_token_keeps_its_name_in_generate_and_diffusers(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from diffusers import StableDiffusionPipeline
+
+    from lorax.zoo.shapes import write_concept_dir
+
+    data = tmp_path / "squares"
+    write_concept_dir(data, "square", "purple", 2, seed=1, caption="a purple square")
+    out = tmp_path / "s1.safetensors"
+    args = [
+        "--model",
+        SHAPES,
+        "--token-at-data",
+        "purple|<s1>",
+        "--resolution",
+        "32",
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    result = cli("invert", data, *args, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert "trigger" in result.stderr and "'s1'" in result.stderr and "<s1>" in result.stderr
+    gen = [
+        "--model",
+        SHAPES,
+        "--embedding",
+        out,
+        "--steps",
+        "1",
+        "--size",
+        "32x32",
+        "--seed",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    result = cli("generate", "a <s1> square", *gen, "-o", tmp_path / "img")
+    assert result.exit_code == 0, result.stderr
+    assert "trained token '<s1>'" in result.stderr and "file name, 's1'" in result.stderr
+    assert len(list((tmp_path / "img").glob("*.png"))) == 1
+    # diffusers' own loader takes the same file when told the token (A1111 files carry no name it reads)
+    vectors = load_file(out)["emb_params"]
+    pipe = StableDiffusionPipeline.from_pretrained(SHAPES, safety_checker=None, requires_safety_checker=False)
+    pipe.load_textual_inversion(str(out), token="<s1>")
+    row = pipe.tokenizer.convert_tokens_to_ids("<s1>")
+    torch.testing.assert_close(
+        pipe.text_encoder.get_input_embeddings().weight[row], vectors[0].to(torch.float32)
+    )

@@ -164,7 +164,11 @@ def load_lora(path: str | Path, *, model: Any = None, family: str | None = None)
     if fmt in EMBEDDING_FORMATS:
         from lorax.formats import embeddings
 
-        return LoraState(embeddings=embeddings.read(content, fmt, path=p), metadata=metadata, family=family)
+        return LoraState(
+            embeddings=embeddings.read(content, fmt, path=p, metadata=metadata),
+            metadata=metadata,
+            family=family,
+        )
     if fmt not in FORMATS:
         raise FormatError(f"is a {fmt} file, not a LoRA", path=p)
     module = FORMATS[fmt].load()
@@ -238,11 +242,11 @@ def save_lora(
 def load_embeddings(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     """Token embeddings ``{token: {component: [n_vectors, dim]}}`` from an embedding file or a LoRA bundling them."""
     p = _resolve_folder(Path(path))
-    content, _metadata, fmt = read_file(p)
+    content, metadata, fmt = read_file(p)
     if fmt in EMBEDDING_FORMATS:
         from lorax.formats import embeddings
 
-        return embeddings.read(content, fmt, path=p)
+        return embeddings.read(content, fmt, path=p, metadata=metadata)
     state = load_lora(p)
     if not state.embeddings:
         raise FormatError(f"is a {fmt} file with no token embeddings", path=p)

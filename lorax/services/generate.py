@@ -318,6 +318,25 @@ def _load_lora_file(path: Path, pipe: Any) -> LoraState:
     return state
 
 
+def trigger_note(path: Path, tokens: list[str]) -> str | None:
+    """A note when a file named by its file (A1111 / SDXL ``.safetensors``) carries a trained token of another name:
+    lorax honours the header's token, A1111 and ComfyUI trigger the file by its name."""
+    from lorax.formats import detect_format
+    from lorax.formats.embeddings import _token_from_path
+
+    stem = _token_from_path(path)
+    if (
+        tokens == [stem]
+        or len(tokens) != 1
+        or detect_format(path) not in ("a1111-embedding", "sdxl-embedding")
+    ):
+        return None
+    return (
+        f"{path.name}: prompts here use its trained token '{tokens[0]}' (from the file's header); "
+        f"A1111 and ComfyUI trigger it by its file name, '{stem}'"
+    )
+
+
 def _load_embedding_file(path: Path) -> dict[str, dict[str, Any]]:
     from lorax.formats import load_embeddings
 
@@ -426,6 +445,10 @@ def generate(
     for path in config.embeddings:
         _check_input_file(path, "--embedding")
     embeddings = [(path, _load_embedding_file(path)) for path in config.embeddings]
+    for path, embedding in embeddings:
+        note = trigger_note(path, list(embedding))
+        if note:
+            progress.log(note)
     init = read_init_image(config.init_image) if config.init_image is not None else None
     jobs, grids = _plan(config, seed)
     _check_outputs([p for job in jobs for p in job.names] + [g[1] for g in grids], config.force)

@@ -463,8 +463,9 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
             and output.stem != config.tokens[0]
         ):
             progress.log(
-                f"note: A1111 .safetensors embeddings are named by their file: prompts use '{output.stem}' "
-                f"(lorax generate --embedding {output.name}), not '{config.tokens[0]}'"
+                f"note: A1111 and ComfyUI trigger .safetensors embeddings by their file name: '{output.stem}'; "
+                f"lorax generate --embedding {output.name} reads the trained token '{config.tokens[0]}' from its "
+                "header"
             )
         save_embeddings(
             stored,
