@@ -311,3 +311,35 @@ def test_lycoris_library_agrees_at_full_strength(cli) -> None:  # type: ignore[n
                 want = torch.nn.functional.linear(x, merged[key].float())
             got = module(x)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=p)
+
+
+def test_generate_applies_every_algorithm_as_merge_does(cli) -> None:  # type: ignore[no-untyped-def]
+    """generate's live patching (``apply_loras``) gives the weights the checked merge wrote, at strength 0.6, and
+    taking the LoRA off restores the base exactly."""
+    from checkpoint_helpers import tiny_pipe
+
+    from lorax.adapters.apply import LoraRequest, apply_loras
+    from lorax.formats import load_lora
+
+    path, _ = _case()
+    out = path.parent / "merged-live.safetensors"
+    assert cli("merge", tiny_single("sd1"), path, "--alpha", "0.6", "-o", out).exit_code == 0
+    merged = load_file(out)
+    pipe = tiny_pipe("sd1")
+    state = load_lora(path, model=pipe)
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    applied = apply_loras(
+        pipe, [LoraRequest(state, unet_scale=0.6)], fuse=True
+    )  # PEFT layers into the weights
+    try:
+        for name in state.modules:
+            component, _, p = name.partition(".")
+            model = getattr(pipe, component)
+            live = p.removeprefix("text_model.") if not hasattr(model, "text_model") else p
+            got = model.get_submodule(live).weight.detach()
+            want = merged[_single_key(component, p)].float()
+            torch.testing.assert_close(got, want.reshape(got.shape), rtol=1e-5, atol=1e-6, msg=name)
+    finally:
+        applied.remove()
+    for n, p in pipe.unet.named_parameters():
+        assert torch.equal(p, before[n]), n
