@@ -22,6 +22,7 @@ from typing import Any
 from lorax import __version__
 from lorax.adapters.state import LoraState
 from lorax.errors import ConfigError, InputError, OutputExistsError
+from lorax.models.defaults import model_defaults
 from lorax.progress import NullProgress, Progress
 
 # --scheduler NAME → (diffusers class, A1111 sampler name, extra config)
@@ -216,13 +217,10 @@ def file_hash(path: Path, length: int = 12) -> str:
 
 
 def sampling_defaults(model: str) -> tuple[int, float]:
-    """Denoising steps and guidance scale when the flags leave them out: the shapes model's own (those its model
-    card was scored with), else Stable Diffusion's usual 20 and 7.5."""
-    if model == "shapes":
-        from lorax.zoo.shapes.pipeline import GUIDANCE_SCALE, SAMPLE_STEPS
-
-        return SAMPLE_STEPS, GUIDANCE_SCALE
-    return 20, 7.5
+    """Denoising steps and guidance scale when the flags leave them out: those the model carries (its
+    ``lorax.json``; the shapes model's are those its model card was scored with), else Stable Diffusion's usual 20
+    and 7.5."""
+    return model_defaults(model).sampling
 
 
 def resolve_device(name: str) -> str:
@@ -411,7 +409,8 @@ def generate(
 
     progress = progress or NullProgress()
     config.validate()
-    default_steps, default_guidance = sampling_defaults(config.model)
+    defaults = model_defaults(config.model)
+    default_steps, default_guidance = defaults.sampling
     steps = config.steps if config.steps is not None else default_steps
     guidance = config.guidance if config.guidance is not None else default_guidance
     schedule = parse_schedule(config.schedule) if config.schedule is not None else None
@@ -486,7 +485,9 @@ def generate(
 
         runner = AutoPipelineForImage2Image.from_pipe(pipe)
         runner.set_progress_bar_config(disable=True)
-    width, height = config.size or (_round8(init.size) if init is not None else default_size(pipe))
+    width, height = config.size or (
+        _round8(init.size) if init is not None else (defaults.size or default_size(pipe))
+    )
     if init is not None and init.size != (width, height):
         init = init.resize((width, height))
 
