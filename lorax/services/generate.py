@@ -8,6 +8,7 @@ text chunk (A1111's convention) records how it was made.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import random
@@ -434,7 +435,10 @@ def generate(
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         # diffusers' load reports and deprecation notes are not the user's business
-        with quiet_libraries(), warnings.catch_warnings():
+        from lorax.models.pipeline import load_is_slow
+
+        announce = progress.task(f"loading model {config.model}") if load_is_slow(config.model) else None
+        with announce or contextlib.nullcontext(), quiet_libraries(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             pipe = load_model(config.model, dtype=dtype, device=device)
     else:  # a pipeline the caller holds keeps its device and precision

@@ -15,6 +15,7 @@ SAMPLE_STEPS = 20
 GUIDANCE_SCALE = 5.0
 
 LATENT_SIZE = 8  # 32-pixel images, VAE downsampling 4
+TEXT_HIDDEN = 64
 
 # What the packaged model carries in its lorax.json (lorax.models.defaults): sampling as the card was scored, and
 # training settings measured to teach a held-out colour with nothing else given (figures: docs/model-card.md).
@@ -27,10 +28,25 @@ LORAX_DEFAULTS: dict[str, dict[str, Any]] = {
         "snr_gamma": 5.0,
         "steps": 300,
     },
-    "invert": {"resolution": RESOLUTION, "learning_rate": 5e-3, "steps": 1000},
-    "pivot": {"resolution": RESOLUTION, "ti_learning_rate": 5e-3, "ti_steps": 1000, "steps": 300},
+    "invert": {
+        "resolution": RESOLUTION,
+        "learning_rate": 5e-3,
+        "batch_size": 4,
+        "auto_mask": True,
+        "norm_decay": False,
+        "steps": 300,
+    },
+    "pivot": {
+        "resolution": RESOLUTION,
+        "ti_learning_rate": 5e-3,
+        "batch_size": 4,
+        "auto_mask": True,
+        "norm_decay": False,
+        "ti_steps": 300,
+        "learning_rate": 1e-3,
+        "steps": 200,
+    },
 }
-TEXT_HIDDEN = 64
 
 
 def unet_config() -> dict[str, Any]:
