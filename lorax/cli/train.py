@@ -29,7 +29,7 @@ def train_command(
         typer.Option("--output", "-o", help="The LoRA file to write (.safetensors).", rich_help_panel=OUT),
     ] = None,
     config: opts.ConfigOpt = None,
-    model: opts.ModelOpt = "shapes",
+    model: opts.ModelOpt = None,
     format: Annotated[
         str,
         typer.Option(
@@ -186,8 +186,10 @@ def train_command(
     from lorax.training.config import TrainConfig
 
     cfg = TrainConfig.from_sources(given, config)
-    with cli_progress() as progress:
+    with cli_progress() as bars:
+        progress = opts.announce_model(bars, given, config, cfg)
         result = train(cfg, progress)
+        progress.flush()
     if not result.main_process:
         return
     if json_out:
@@ -197,7 +199,8 @@ def train_command(
     console.print(str(result.output), markup=False, highlight=False)
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
     summary = (
-        f"{result.steps} steps, {result.epochs:g} epochs, {result.num_images} images, final loss {loss}, "
+        f"{result.steps} steps, {result.epochs:g} epochs, {result.num_images} images, model {cfg.model}, "
+        f"final loss {loss}, "
         f"{result.seconds:.1f}s; {result.file_bytes / 1e6:.2f} MB ({100 * result.file_bytes / result.base_model_bytes:.2f}% "
         f"of the base model); loss curve {result.loss_png}"
     )

@@ -8,6 +8,7 @@ text chunk (A1111's convention) records how it was made.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import random
@@ -22,6 +23,7 @@ from typing import Any
 from lorax import __version__
 from lorax.adapters.state import LoraState
 from lorax.errors import ConfigError, InputError, OutputExistsError
+from lorax.models.defaults import model_defaults
 from lorax.progress import NullProgress, Progress
 
 # --scheduler NAME → (diffusers class, A1111 sampler name, extra config)
@@ -216,13 +218,10 @@ def file_hash(path: Path, length: int = 12) -> str:
 
 
 def sampling_defaults(model: str) -> tuple[int, float]:
-    """Denoising steps and guidance scale when the flags leave them out: the shapes model's own (those its model
-    card was scored with), else Stable Diffusion's usual 20 and 7.5."""
-    if model == "shapes":
-        from lorax.zoo.shapes.pipeline import GUIDANCE_SCALE, SAMPLE_STEPS
-
-        return SAMPLE_STEPS, GUIDANCE_SCALE
-    return 20, 7.5
+    """Denoising steps and guidance scale when the flags leave them out: those the model carries (its
+    ``lorax.json``; the shapes model's are those its model card was scored with), else Stable Diffusion's usual 20
+    and 7.5."""
+    return model_defaults(model).sampling
 
 
 def resolve_device(name: str) -> str:
@@ -430,7 +429,8 @@ def generate(
 
     progress = progress or NullProgress()
     config.validate()
-    default_steps, default_guidance = sampling_defaults(config.model)
+    defaults = model_defaults(config.model)
+    default_steps, default_guidance = defaults.sampling
     steps = config.steps if config.steps is not None else default_steps
     guidance = config.guidance if config.guidance is not None else default_guidance
     schedule = parse_schedule(config.schedule) if config.schedule is not None else None
@@ -458,7 +458,10 @@ def generate(
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         # diffusers' load reports and deprecation notes are not the user's business
-        with quiet_libraries(), warnings.catch_warnings():
+        from lorax.models.pipeline import load_is_slow
+
+        announce = progress.task(f"loading model {config.model}") if load_is_slow(config.model) else None
+        with announce or contextlib.nullcontext(), quiet_libraries(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             pipe = load_model(config.model, dtype=dtype, device=device)
     else:  # a pipeline the caller holds keeps its device and precision
@@ -509,7 +512,9 @@ def generate(
 
         runner = AutoPipelineForImage2Image.from_pipe(pipe)
         runner.set_progress_bar_config(disable=True)
-    width, height = config.size or (_round8(init.size) if init is not None else default_size(pipe))
+    width, height = config.size or (
+        _round8(init.size) if init is not None else (defaults.size or default_size(pipe))
+    )
     if init is not None and init.size != (width, height):
         init = init.resize((width, height))
 

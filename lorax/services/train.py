@@ -157,6 +157,36 @@ def _class_items(
     return [ImageItem(it.path, config.class_prompt, it.size) for it in items[: config.num_class_images]]
 
 
+def warn_if_toy_model(model: str, items: list[ImageItem], progress: Progress) -> None:
+    """One warning line when a built-in toy model meets images larger than the ones it makes."""
+    from lorax.models.defaults import model_defaults
+    from lorax.models.registry import BUILTIN_MODELS
+
+    size = model_defaults(model).size if model in BUILTIN_MODELS else None
+    if size is None or not items:
+        return
+    larger = [it for it in items if min(it.size) > min(size)]
+    if not larger:
+        return
+    width, height = max((it.size for it in larger), key=lambda s: s[0] * s[1])
+    progress.log(
+        f"warning: {len(larger)} of {len(items)} images are larger (up to {width}×{height}) than the {size[0]}×{size[1]} "
+        f"pictures the built-in {model} model makes, a toy for trying lorax: pass --model with your base model "
+        "(a diffusers folder, Hub id or .safetensors file), or set LORAX_MODEL"
+    )
+
+
+def load_base_model(spec: str, progress: Progress) -> Any:
+    """The base pipeline; a big one is announced first (``loading model …``), as it takes a while to read."""
+    from lorax.models.pipeline import load_is_slow
+    from lorax.training import base
+
+    if not load_is_slow(spec):
+        return base.load_base_pipeline(spec)
+    with progress.task(f"loading model {spec}"):
+        return base.load_base_pipeline(spec)
+
+
 def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: Any = None) -> TrainResult:
     """Train a LoRA as ``config`` says; returns where everything went and what it measured.
 
@@ -182,12 +212,13 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
         recursive=config.recursive,
         warn=progress.log,
     )
+    warn_if_toy_model(config.model, items, progress)
     started_at = time.time()
 
     from lorax.training import base
 
     base.quiet_libraries()
-    pipe = pipeline if pipeline is not None else base.load_base_pipeline(config.model)
+    pipe = pipeline if pipeline is not None else load_base_model(config.model, progress)
     family = base.family_of(pipe)
     base.check_trainable(pipe, family)
     base_bytes = base.model_bytes(pipe)

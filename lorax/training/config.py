@@ -44,7 +44,7 @@ def flag(name: str) -> str:
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. Defaults are tuned for the built-in ``shapes`` model on a CPU."""
+    """Everything a training run needs. A model's own defaults (its ``lorax.json``) replace these in ``from_sources``."""
 
     data_dir: Path | None = None
     output: Path | None = None
@@ -119,18 +119,46 @@ class TrainConfig:
     def from_sources(
         cls, flags: Mapping[str, Any], config_file: str | Path | None = None, *, validate: bool = True
     ) -> TrainConfig:
-        """A config from a TOML file (optional) overlaid by ``flags`` (the options given on the command line)."""
+        """A config from a TOML file (optional) overlaid by ``flags`` (the options given on the command line), over
+        the defaults the model carries (``lorax.json``; see ``lorax.models.defaults``), over lorax's own."""
         values: dict[str, Any] = {}
+        if config_file is None and flags.get("resume") is not None:
+            config_file = resumed_config(flags["resume"])  # `--resume DIR` alone repeats the checkpoint's run
         if config_file is not None:
             values.update(load_toml(config_file, cls))
         unknown = sorted(set(flags) - field_names(cls))
         if unknown:
             raise ConfigError(f"unknown option(s): {', '.join(unknown)}")
         values.update(flags)
+        if values.get("model") is None:  # LORAX_MODEL, the user config file, else the built-in model
+            from lorax.models.registry import default_model
+
+            values["model"] = default_model()[0]
+        values = {**cls.model_defaults_for(values), **values}
         config = cls(**_coerce(values, cls))
         if validate:
             config.validate()
         return config
+
+    @classmethod
+    def model_defaults_for(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The config defaults of this command that the model named in ``values`` carries, less those the given
+        values rule out (a default ``steps`` when ``epochs`` is given)."""
+        from lorax.models.defaults import model_defaults
+
+        defaults = model_defaults(values.get("model", cls.model)).for_command(cls.COMMAND)
+        if values.get("epochs") is not None:
+            defaults.pop("steps", None)
+        return defaults
+
+    def resume_command(self, checkpoint: Path) -> str:
+        """The command line that continues this run from ``checkpoint`` (its config travels in the checkpoint)."""
+        import shlex
+
+        args = ["lorax", self.COMMAND, "--resume", str(Path(checkpoint).absolute())]
+        if self.force:
+            args.append("--force")
+        return shlex.join(args)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -150,11 +178,9 @@ class TrainConfig:
     @property
     def sampling(self) -> tuple[int, float]:
         """Denoising steps and guidance for class and validation images: the flags, else the model's defaults."""
-        steps, guidance = 20, 7.5
-        if self.model == "shapes":
-            from lorax.zoo.shapes.pipeline import GUIDANCE_SCALE, SAMPLE_STEPS
+        from lorax.models.defaults import model_defaults
 
-            steps, guidance = SAMPLE_STEPS, GUIDANCE_SCALE
+        steps, guidance = model_defaults(self.model).sampling
         return (
             self.sample_steps if self.sample_steps is not None else steps,
             self.guidance_scale if self.guidance_scale is not None else guidance,
@@ -248,6 +274,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if value is None or f.name in ("force", "resume"):
                 continue
+            if isinstance(value, Path):  # absolute, so the file means the same wherever it is read from
+                value = value.expanduser().absolute()
             lines.append(f"{f.name.replace('_', '-')} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
 
@@ -293,6 +321,14 @@ def load_toml(path: str | Path, cls: type[TrainConfig] | None = None) -> dict[st
 
 
 _PATH_FIELDS = ("data_dir", "output", "class_dir", "checkpoint_dir", "resume")
+
+
+def resumed_config(resume: str | Path) -> Path | None:
+    """The ``config.toml`` a checkpoint (or the latest in a folder of them) carries, if it has one."""
+    from lorax.training.checkpoint import find_checkpoint
+
+    saved = find_checkpoint(resume) / "config.toml"
+    return saved if saved.is_file() else None
 
 
 def _coerce(values: dict[str, Any], cls: type[TrainConfig] | None = None) -> dict[str, Any]:
