@@ -20,7 +20,8 @@ def train_command(
         Path | None,
         typer.Argument(
             help="Folder of training images; captions from <image>.txt beside each image or metadata.jsonl, "
-            "else --instance-prompt. May come from --config instead.",
+            "else --instance-prompt. kohya's layout works too: sub-folders named '10_sks dog' train 10 "
+            "times each, captioned 'sks dog' where an image has no caption file. May come from --config instead.",
             show_default=False,
         ),
     ] = None,
@@ -29,6 +30,17 @@ def train_command(
         typer.Option("--output", "-o", help="The LoRA file to write (.safetensors).", rich_help_panel=OUT),
     ] = None,
     config: opts.ConfigOpt = None,
+    dataset_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--dataset-config",
+            "--dataset_config",
+            help="kohya's dataset TOML ([general], [[datasets]], [[datasets.subsets]] with image_dir, "
+            "num_repeats, class_tokens, is_reg …) instead of DATA_DIR.",
+            rich_help_panel=DATA,
+            show_default=False,
+        ),
+    ] = None,
     model: opts.ModelOpt = "shapes",
     format: Annotated[
         str,

@@ -47,6 +47,7 @@ class TrainConfig:
     """Everything a training run needs. Defaults are tuned for the built-in ``shapes`` model on a CPU."""
 
     data_dir: Path | None = None
+    dataset_config: Path | None = None  # kohya's dataset TOML (--dataset-config)
     output: Path | None = None
     model: str = "shapes"
     format: str = "kohya"
@@ -126,6 +127,11 @@ class TrainConfig:
         unknown = sorted(set(flags) - field_names(cls))
         if unknown:
             raise ConfigError(f"unknown option(s): {', '.join(unknown)}")
+        dataset_config = flags.get("dataset_config", values.get("dataset_config"))
+        if dataset_config is not None:  # its resolution, buckets and batch size; flags still win
+            from lorax.data.kohya import read_dataset_config
+
+            values.update(read_dataset_config(dataset_config).config_values())
         values.update(flags)
         config = cls(**_coerce(values, cls))
         if validate:
@@ -145,7 +151,14 @@ class TrainConfig:
 
     @property
     def prior_preservation(self) -> bool:
+        """Class images are generated from --class-prompt (a kohya-layout --class-dir brings its own)."""
         return self.class_prompt is not None
+
+    @property
+    def kohya_class_dir(self) -> bool:
+        from lorax.data.kohya import is_kohya_folder
+
+        return self.class_dir is not None and is_kohya_folder(self.class_dir)
 
     @property
     def sampling(self) -> tuple[int, float]:
@@ -182,8 +195,10 @@ class TrainConfig:
             if value is not None and (value < 0 or (value == 0 and not zero)):
                 p.append(f"{flag(name)} must be {'≥ 0' if zero else '> 0'} (got {value})")
 
-        if self.data_dir is None:
-            p.append("DATA_DIR is required (a folder of training images)")
+        if self.data_dir is None and self.dataset_config is None:
+            p.append("DATA_DIR is required (a folder of training images) or --dataset-config")
+        if self.data_dir is not None and self.dataset_config is not None:
+            p.append("give DATA_DIR or --dataset-config, not both (the dataset config names its image_dir)")
         if self.output is None:
             p.append("-o/--output is required (the LoRA file to write)")
         elif self.format == "kohya" and Path(self.output).suffix != ".safetensors":
@@ -217,9 +232,14 @@ class TrainConfig:
             p.append("--steps and --epochs are exclusive: pass one")
         if self.text_learning_rate is not None and not self.train_text:
             p.append("--text-learning-rate needs --train-text (the text encoder is frozen without it)")
-        if self.class_dir is not None and self.class_prompt is None:
+        if self.class_dir is not None and self.class_prompt is None and not self.kohya_class_dir:
             p.append(
-                "--class-dir needs --class-prompt (prior preservation is on when a class prompt is given)"
+                "--class-dir needs --class-prompt (prior preservation is on when a class prompt is given), "
+                "or '<repeats>_<class>' sub-folders as in kohya's layout"
+            )
+        if self.kohya_class_dir and self.class_prompt is not None:
+            p.append(
+                "--class-dir in kohya's '<repeats>_<class>' layout captions its images by folder: drop --class-prompt"
             )
         if self.cache_latents and self.random_crop:
             p.append(
