@@ -148,9 +148,11 @@ def generate(
         ),
     ] = None,
     fuse: Annotated[bool, typer.Option("--fuse", help="Merge the LoRAs into the weights for speed.")] = False,
-    device: Annotated[str, typer.Option("--device", help="auto, cuda, mps or cpu.")] = "auto",
+    device: Annotated[
+        str, typer.Option("--device", help="auto, cuda (or gpu), mps or cpu; cuda without a GPU is an error.")
+    ] = "auto",
     dtype: Annotated[
-        str, typer.Option("--dtype", help="auto (fp16 on GPUs, fp32 on CPU), float32, float16 or bfloat16.")
+        str, typer.Option("--dtype", help="auto (fp16 on GPUs, fp32 on CPU), fp16, bf16 or fp32.")
     ] = "auto",
     force: ForceOption = False,
     json_out: JsonOption = False,

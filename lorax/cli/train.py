@@ -94,11 +94,22 @@ def train_command(
     num_class_images: opts.NumClassImagesOpt = 100,
     prior_weight: opts.PriorWeightOpt = 1.0,
     sample_steps: Annotated[
-        int, typer.Option(help="Denoising steps for class and validation images.", rich_help_panel=PRIOR)
+        int,
+        typer.Option(
+            "--sample-steps",
+            help="Denoising steps for class and validation images (generate's --steps; train's --steps counts "
+            "optimizer steps).",
+            rich_help_panel=PRIOR,
+        ),
     ] = 20,
     guidance_scale: Annotated[
         float,
-        typer.Option(help="Classifier-free guidance for class and validation images.", rich_help_panel=PRIOR),
+        typer.Option(
+            "--guidance",
+            "--guidance-scale",
+            help="Classifier-free guidance for class and validation images (as generate's --guidance).",
+            rich_help_panel=PRIOR,
+        ),
     ] = 7.5,
     rank: Annotated[int, opts.rank_option(LORA)] = 4,
     alpha: Annotated[float | None, opts.alpha_option(LORA)] = None,

@@ -38,8 +38,9 @@ SCHEDULERS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", "UniPC", {}),
     "ddpm": ("DDPMScheduler", "DDPM", {}),
 }
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "fp16", "bf16", "fp32", "float16", "bfloat16", "float32")  # one vocabulary; long names kept
+_DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+DEVICES = ("auto", "cpu", "cuda", "gpu", "mps")
 DEFAULT_OUT = Path("lorax-images")
 
 
@@ -268,8 +269,10 @@ def resolve_device(name: str) -> str:
         if mps is not None and mps.is_available():
             return "mps"
         return "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    if name in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is available; use --device cpu or auto")
+    if name == "gpu":
+        return "cuda"
     if name == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
@@ -282,7 +285,7 @@ def resolve_dtype(name: str, device: str) -> Any:
 
     if name == "auto":
         return torch.float16 if device in ("cuda", "mps") else torch.float32
-    return getattr(torch, name)
+    return getattr(torch, _DTYPE_NAMES.get(name, name))
 
 
 def load_model(spec: str, dtype: Any = None, device: str | None = None) -> Any:

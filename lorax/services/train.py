@@ -111,7 +111,16 @@ def make_accelerator(config: TrainConfig) -> Any:
         AcceleratorState._reset_state(
             reset_partial_state=True
         )  # one process may run several trainings (tests)
-    cpu = config.device == "cpu"
+    device = (config.device or "auto").lower()
+    if device in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {config.device}: no CUDA GPU is available; use --device cpu (or leave it out)"
+        )
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if cpu and config.mixed_precision == "fp16":
+        raise ConfigError(
+            "--mixed-precision fp16 needs a CUDA GPU; on the CPU use --mixed-precision bf16 or no (fp32)"
+        )
     try:
         return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
     except ValueError as err:

@@ -23,6 +23,7 @@ SCHEDULERS = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+DEVICES = ("auto", "cpu", "cuda", "gpu")
 TEMPLATES = ("object", "style")
 TARGET_PRESETS = ("attn", "attn-ff", "all")
 # Memory levers, named in the out-of-memory message.
@@ -209,6 +210,7 @@ class TrainConfig:
         choice("mixed_precision", MIXED_PRECISION)
         choice("save_dtype", SAVE_DTYPES)
         choice("prediction_type", PREDICTION_TYPES)
+        choice("device", DEVICES)
         choice("template", TEMPLATES)
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             p.append(f"--resolution must be a positive multiple of 8 (got {self.resolution})")
@@ -298,6 +300,8 @@ def load_toml(path: str | Path, cls: type[TrainConfig] | None = None) -> dict[st
     values = {str(k).replace("-", "_"): v for k, v in data.items()}
     if "validation_prompts" in values:
         values["validation_prompt"] = values.pop("validation_prompts")
+    if "network_alpha" in values:  # kohya's name of --alpha
+        values["alpha"] = values.pop("network_alpha")
     unknown = sorted(set(values) - field_names(cls))
     if unknown:
         names = ", ".join(k.replace("_", "-") for k in unknown)
