@@ -266,3 +266,21 @@ def test_output_never_overwrites_the_dataset_config(cli, tmp_path):
     result = cli("train", "--dataset-config", ds, "-o", tmp_path / "ds.safetensors", "--steps", "1")
     assert result.exit_code == 1 and "--dataset-config" in result.stderr
     assert ds.read_text(encoding="utf-8") == body
+
+
+def test_pivot_lora_carries_dataset_keys_and_trigger(cli, tmp_path, model_dir):
+    folder = tmp_path / "pics"
+    for p in _images(folder, 2, seed=9):
+        p.with_suffix(".txt").write_text("a <s1>, square", encoding="utf-8")
+    out = tmp_path / "pivot.safetensors"
+    result = cli(
+        "pivot", folder, "-o", out, "--model", model_dir, "--token", "<s1>", "--ti-steps", "1",
+        "--steps", "1", "--resolution", "32", "--device", "cpu",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    meta, _ = _header(out)
+    assert json.loads(meta["ss_tag_frequency"]) == {"pics": {"a <s1>": 2, "square": 2}}
+    assert json.loads(meta["ss_dataset_dirs"]) == {"pics": {"n_repeats": 1, "img_count": 2}}
+    assert meta["modelspec.trigger_phrase"] == "<s1>"
+    model, legacy = _a1111_hashes(out)
+    assert meta["sshs_model_hash"] == model and meta["sshs_legacy_hash"] == legacy
