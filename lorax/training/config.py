@@ -159,7 +159,8 @@ class TrainConfig:
     def kohya_class_dir(self) -> bool:
         from lorax.data.kohya import is_kohya_folder
 
-        return self.class_dir is not None and is_kohya_folder(self.class_dir)
+        # train reads kohya's layout; invert and pivot take a class folder with --class-prompt
+        return self.COMMAND == "train" and self.class_dir is not None and is_kohya_folder(self.class_dir)
 
     @property
     def sampling(self) -> tuple[int, float]:
@@ -197,7 +198,8 @@ class TrainConfig:
                 p.append(f"{flag(name)} must be {'≥ 0' if zero else '> 0'} (got {value})")
 
         if self.data_dir is None and self.dataset_config is None:
-            p.append("DATA_DIR is required (a folder of training images) or --dataset-config")
+            either = " or --dataset-config" if self.COMMAND == "train" else ""
+            p.append(f"DATA_DIR is required (a folder of training images){either}")
         if self.data_dir is not None and self.dataset_config is not None:
             p.append("give DATA_DIR or --dataset-config, not both (the dataset config names its image_dir)")
         if self.output is None:
