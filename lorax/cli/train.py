@@ -20,7 +20,8 @@ def train_command(
         Path | None,
         typer.Argument(
             help="Folder of training images; captions from <image>.txt beside each image or metadata.jsonl, "
-            "else --instance-prompt. May come from --config instead.",
+            "else --instance-prompt. kohya's layout works too: sub-folders named '10_sks dog' train 10 "
+            "times each, captioned 'sks dog' where an image has no caption file. May come from --config instead.",
             show_default=False,
         ),
     ] = None,
@@ -29,7 +30,18 @@ def train_command(
         typer.Option("--output", "-o", help="The LoRA file to write (.safetensors).", rich_help_panel=OUT),
     ] = None,
     config: opts.ConfigOpt = None,
-    model: opts.ModelOpt = None,
+    dataset_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--dataset-config",
+            "--dataset_config",
+            help="kohya's dataset TOML ([general], [[datasets]], [[datasets.subsets]] with image_dir, "
+            "num_repeats, class_tokens, is_reg …) instead of DATA_DIR.",
+            rich_help_panel=DATA,
+            show_default=False,
+        ),
+    ] = None,
+        model: opts.ModelOpt = None,
     format: Annotated[
         str,
         typer.Option(
@@ -82,11 +94,22 @@ def train_command(
     num_class_images: opts.NumClassImagesOpt = 100,
     prior_weight: opts.PriorWeightOpt = 1.0,
     sample_steps: Annotated[
-        int, typer.Option(help="Denoising steps for class and validation images.", rich_help_panel=PRIOR)
+        int,
+        typer.Option(
+            "--sample-steps",
+            help="Denoising steps for class and validation images (generate's --steps; train's --steps counts "
+            "optimizer steps).",
+            rich_help_panel=PRIOR,
+        ),
     ] = 20,
     guidance_scale: Annotated[
         float,
-        typer.Option(help="Classifier-free guidance for class and validation images.", rich_help_panel=PRIOR),
+        typer.Option(
+            "--guidance",
+            "--guidance-scale",
+            help="Classifier-free guidance for class and validation images (as generate's --guidance).",
+            rich_help_panel=PRIOR,
+        ),
     ] = 7.5,
     rank: Annotated[int, opts.rank_option(LORA)] = 4,
     alpha: Annotated[float | None, opts.alpha_option(LORA)] = None,

@@ -84,7 +84,10 @@ CacheLatentsOpt = Annotated[
 ]
 DeviceOpt = Annotated[
     str | None,
-    typer.Option(help="cpu to force the CPU (default: the accelerator's choice).", rich_help_panel=SPEED),
+    typer.Option(
+        help="cpu, cuda (or gpu; an error without one) or auto (default: a GPU when there is one).",
+        rich_help_panel=SPEED,
+    ),
 ]
 CheckpointEveryOpt = Annotated[
     int, typer.Option(help="Save a resumable checkpoint every N steps (0: never).", rich_help_panel=DURING)
@@ -130,8 +133,13 @@ def rank_option(panel: str) -> Any:
 
 
 def alpha_option(panel: str) -> Any:
-    """``--alpha`` in the command's LoRA help panel."""
-    return typer.Option(help="LoRA alpha (scale alpha/rank; default: the rank).", rich_help_panel=panel)
+    """``--network-alpha`` (kohya's name; ``--alpha`` still works) in the command's LoRA help panel."""
+    return typer.Option(
+        "--network-alpha",
+        "--alpha",
+        help="LoRA alpha (scale alpha/rank; default: the rank), kohya's --network_alpha.",
+        rich_help_panel=panel,
+    )
 
 
 # --- invert and pivot (new tokens) --------------------------------------------------------------------------

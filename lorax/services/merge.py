@@ -772,9 +772,18 @@ def _work_dir(out: Path) -> Iterator[Path]:
         yield Path(work)
 
 
+def _layout_from_name(out: Path, base_kind: str) -> str:
+    """Without --to the output's name decides, as in convert: OUT.safetensors one file, OUT (no suffix) a folder."""
+    if out.suffix.lower() == ".safetensors":
+        return "single-file"
+    if not out.suffix:
+        return "diffusers"
+    return base_kind
+
+
 def merge_model(config: MergeConfig, progress: Progress) -> MergeResult:
     ckpt = open_checkpoint(config.base)
-    layout = config.to or ckpt.kind
+    layout = config.to or _layout_from_name(Path(config.output), ckpt.kind)
     if layout not in MODEL_LAYOUTS:
         raise ConfigError(f"--to {config.to} is a LoRA format; a model merge writes diffusers or single-file")
     out = Path(config.output)
