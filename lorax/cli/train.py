@@ -41,7 +41,7 @@ def train_command(
             show_default=False,
         ),
     ] = None,
-        model: opts.ModelOpt = None,
+    model: opts.ModelOpt = None,
     format: Annotated[
         str,
         typer.Option(
