@@ -43,7 +43,11 @@ def test_config_layers_lorax_then_model_then_file_then_flags(tmp_path):
 
     model = copy_with_defaults(
         tmp_path,
-        {"train": {"learning-rate": 0.002, "steps": 40, "rank": 8}, "invert": {"steps": 70}, "pivot": {"ti_steps": 9}},
+        {
+            "train": {"learning-rate": 0.002, "steps": 40, "rank": 8},
+            "invert": {"steps": 70},
+            "pivot": {"ti_steps": 9},
+        },
     )
     base = {"data_dir": tmp_path, "output": tmp_path / "o.safetensors", "model": str(model)}
     cfg = TrainConfig.from_sources(base)
@@ -145,7 +149,9 @@ def test_a_merged_model_loaded_by_path_generates_like_the_runtime_lora(cli, tmp_
     assert cli("merge", "shapes", shapes_lora, "-o", merged).exit_code == 0
 
     def run(name: str, *args: str) -> list[dict]:
-        result = cli("generate", "a red circle", *args, "-n", "2", "--seed", "1", "-o", tmp_path / name, "--json")
+        result = cli(
+            "generate", "a red circle", *args, "-n", "2", "--seed", "1", "-o", tmp_path / name, "--json"
+        )
         assert result.exit_code == 0, result.stderr
         return [json.loads(line) for line in result.stdout.splitlines()]
 

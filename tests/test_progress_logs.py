@@ -48,7 +48,9 @@ def test_piped_stderr_gets_plain_progress_lines_without_escape_codes(tmp_path, c
     lines = [ln for ln in proc.stderr.splitlines() if LINE.match(ln)]
     assert len(lines) >= 3, proc.stderr
     steps = [int(LINE.match(ln).group(1)) for ln in lines]  # type: ignore[union-attr]
-    assert steps == sorted(steps) and steps[-1] == 60 and {int(LINE.match(ln).group(2)) for ln in lines} == {60}  # type: ignore[union-attr]
+    assert (
+        steps == sorted(steps) and steps[-1] == 60 and {int(LINE.match(ln).group(2)) for ln in lines} == {60}
+    )  # type: ignore[union-attr]
     assert any("ETA" in ln for ln in lines[:-1])
     assert proc.stdout.strip() == str(out)
 
@@ -75,12 +77,25 @@ def test_a_big_model_is_announced_before_it_loads(cli, tmp_path, circles, monkey
     from lorax.models import pipeline
 
     monkeypatch.setattr(pipeline, "SLOW_LOAD_BYTES", 1)
-    result = cli("train", circles, "--model", "shapes", "--steps", "1", "--device", "cpu", "-o", tmp_path / "a.safetensors")
+    result = cli(
+        "train",
+        circles,
+        "--model",
+        "shapes",
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+        "-o",
+        tmp_path / "a.safetensors",
+    )
     assert result.exit_code == 0, result.stderr
     assert result.stderr.splitlines()[0] == "loading model shapes …"
 
 
-def test_ctrl_c_prints_the_resume_command_and_resume_dir_alone_finishes_the_run(tmp_path, circles, monkeypatch):
+def test_ctrl_c_prints_the_resume_command_and_resume_dir_alone_finishes_the_run(
+    tmp_path, circles, monkeypatch
+):
     out = tmp_path / "run" / "sks.safetensors"
     out.parent.mkdir()
     proc = subprocess.Popen(
@@ -103,10 +118,11 @@ def test_ctrl_c_prints_the_resume_command_and_resume_dir_alone_finishes_the_run(
     stopped_at = int(checkpoint.name.removeprefix("step-"))
     assert 0 < stopped_at < 4000 and f"interrupted at step {stopped_at}/4000" in err
     # the printed command alone, from another folder: data, model, config and output come from the checkpoint
-    from lorax.cli.app import app
     from typer.testing import CliRunner
 
-    args = found.group(1).split()[1:] + ["--steps", str(stopped_at + 2), "--json"]
+    from lorax.cli.app import app
+
+    args = [*found.group(1).split()[1:], "--steps", str(stopped_at + 2), "--json"]
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.stderr

@@ -113,7 +113,9 @@ def parse_defaults(data: Any, source: str) -> ModelDefaults:
         names = _config_fields(command)
         bad = sorted(set(values) - names)
         if bad:
-            problems.append(f"{command}: unknown key(s) {', '.join(bad)} (keys are `lorax {command}`'s flag names)")
+            problems.append(
+                f"{command}: unknown key(s) {', '.join(bad)} (keys are `lorax {command}`'s flag names)"
+            )
         training[command] = {k: v for k, v in values.items() if k in names}
     if problems:
         raise FormatError(f"{source}: " + "; ".join(problems))
@@ -128,7 +130,14 @@ def _config_fields(command: str) -> set[str]:
 
     cls = {"train": TrainConfig, "invert": InvertConfig, "pivot": PivotConfig}[command]
     # where a model's files live and what the run writes are the user's, never a model's
-    return {f.name for f in fields(cls)} - {"data_dir", "output", "model", "force", "resume", "checkpoint_dir"}
+    return {f.name for f in fields(cls)} - {
+        "data_dir",
+        "output",
+        "model",
+        "force",
+        "resume",
+        "checkpoint_dir",
+    }
 
 
 def read_folder_defaults(folder: Path) -> ModelDefaults:

@@ -20,7 +20,12 @@ TEXT_HIDDEN = 64
 # What the packaged model carries in its lorax.json (lorax.models.defaults): sampling as the card was scored, and
 # training settings measured to teach a held-out colour with nothing else given (figures: docs/model-card.md).
 LORAX_DEFAULTS: dict[str, dict[str, Any]] = {
-    "generate": {"steps": SAMPLE_STEPS, "guidance": GUIDANCE_SCALE, "width": RESOLUTION, "height": RESOLUTION},
+    "generate": {
+        "steps": SAMPLE_STEPS,
+        "guidance": GUIDANCE_SCALE,
+        "width": RESOLUTION,
+        "height": RESOLUTION,
+    },
     "train": {
         "resolution": RESOLUTION,
         "learning_rate": 5e-3,
