@@ -169,7 +169,9 @@ def _reason(err: BaseException) -> str:
         return "the file system is read-only"
     if code in (errno.EACCES, errno.EPERM):
         return "no permission to write"
-    return os.strerror(code) if isinstance(code, int) else text.splitlines()[0] if text else type(err).__name__
+    return (
+        os.strerror(code) if isinstance(code, int) else text.splitlines()[0] if text else type(err).__name__
+    )
 
 
 def _disk_error(err: BaseException) -> bool:
@@ -235,7 +237,9 @@ def _check_temps(out: Path, force: bool) -> None:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-            notice(f"{out}: removed the stale temp {kind} {path.name} ({size}, {age} old) of an interrupted run")
+            notice(
+                f"{out}: removed the stale temp {kind} {path.name} ({size}, {age} old) of an interrupted run"
+            )
         else:
             notice(
                 f"{out}: a stale temp {kind} {path.name} ({size}, {age} old) is left from an interrupted run; "
@@ -363,7 +367,9 @@ def atomic_path(
             _remove(tmp)
             _remove_folders(created)
             if isinstance(err, Exception) and not isinstance(err, InputError) and _disk_error(err):
-                raise InputError(f"cannot be written: {_reason(err)}; nothing was written", path=out) from None
+                raise InputError(
+                    f"cannot be written: {_reason(err)}; nothing was written", path=out
+                ) from None
             raise
         finally:
             if fd is not None:
@@ -399,7 +405,8 @@ def _commit(tmp: Path, out: Path, force: bool, kind: Kind) -> None:
     # OUT exists now although it did not when the run started (or it did and --force was given)
     if not force:
         raise OutputExistsError(
-            "appeared while lorax was writing it and was left as it is; pass --force to overwrite it", path=out
+            "appeared while lorax was writing it and was left as it is; pass --force to overwrite it",
+            path=out,
         )
     if not _same_kind(out, kind):
         raise OutputExistsError(_mismatch(out, kind), path=out)
