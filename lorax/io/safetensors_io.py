@@ -186,6 +186,56 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes | memoryview:
     return t.reshape(-1).view(torch.uint8).numpy().data
 
 
+def header_bytes(
+    specs: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> bytes:
+    """The 8-byte length and JSON header ``StreamingWriter`` writes for tensors laid out in ``specs`` order."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, dtype, shape in specs:
+        n = math.prod(shape) * DTYPE_SIZES[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes, as safetensors does
+    return struct.pack("<Q", len(blob)) + blob
+
+
+# A1111's hashes of a safetensors file (modules/hashes.py addnet_hash_safetensors, sd_models.model_hash), which
+# kohya precomputes into the header (train_util.precalculate_safetensors_hashes) so UIs need not read the file.
+LEGACY_HASH_OFFSET, LEGACY_HASH_SIZE = 0x100000, 0x10000
+
+
+def a1111_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """``sshs_model_hash`` (sha256 of the bytes after the header) and ``sshs_legacy_hash`` (first 8 hex digits of
+    the sha256 of the file's 0x10000 bytes at 0x100000) of the file ``save_tensors(tensors, path, metadata + these)``
+    writes. The header's length does not depend on the hash values (fixed widths), so both are exact for that file;
+    when the header itself reaches into the legacy window (a header over 1 MiB) the legacy hash is left out.
+    """
+    import hashlib
+
+    specs = [(k, st_dtype(t), tuple(t.shape)) for k, t in tensors.items()]
+    placeholder = {**metadata, "sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
+    head = header_bytes(specs, placeholder)
+    model = hashlib.sha256()
+    window = bytearray()
+    position = len(head)
+    end = LEGACY_HASH_OFFSET + LEGACY_HASH_SIZE
+    for t in tensors.values():
+        buf = bytes(tensor_bytes(t))
+        model.update(buf)
+        lo, hi = max(position, LEGACY_HASH_OFFSET), min(position + len(buf), end)
+        if lo < hi:
+            window += buf[lo - position : hi - position]
+        position += len(buf)
+    hashes = {"sshs_model_hash": model.hexdigest()}
+    if len(head) <= LEGACY_HASH_OFFSET:
+        hashes["sshs_legacy_hash"] = hashlib.sha256(bytes(window)).hexdigest()[:8]
+    return hashes
+
+
 class StreamingWriter:
     """Writes a safetensors file whose tensor list is known up front, one tensor at a time.
 
@@ -200,21 +250,10 @@ class StreamingWriter:
         metadata: dict[str, str] | None = None,
     ) -> None:
         self.path = Path(path)
-        self._order: list[tuple[str, int]] = []
-        header: dict[str, Any] = {}
-        if metadata:
-            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-        offset = 0
-        for name, dtype, shape in specs:
-            n = math.prod(shape) * DTYPE_SIZES[dtype]
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-            self._order.append((name, n))
-            offset += n
-        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes, as safetensors does
+        specs = list(specs)
+        self._order = [(name, math.prod(shape) * DTYPE_SIZES[dtype]) for name, dtype, shape in specs]
         self._f: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed in close()
-        self._f.write(struct.pack("<Q", len(blob)))
-        self._f.write(blob)
+        self._f.write(header_bytes(specs, metadata))
         self._next = 0
 
     def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> None:
