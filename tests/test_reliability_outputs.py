@@ -159,6 +159,28 @@ def test_two_writers_to_one_output_one_wins(tmp_path: Path) -> None:
     assert not _temps(tmp_path)
 
 
+def test_full_disk_names_out_and_removes_the_folders_it_made(cli, tmp_path: Path, lora: Path, monkeypatch) -> None:
+    """ENOSPC while writing: one line naming OUT (not the temp), no temp, and the folders made for OUT are gone."""
+    import lorax.io.atomic as atomic
+
+    real = atomic.atomic_path
+
+    @contextmanager
+    def full(path, force=False, **kwargs):  # type: ignore[no-untyped-def]
+        with real(path, force, **kwargs) as tmp:
+            yield tmp
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+
+    monkeypatch.setattr(atomic, "atomic_path", full)
+    out = tmp_path / "new" / "deeper" / "out.safetensors"
+    result = cli("convert", lora, "-o", out)
+    assert result.exit_code == 1
+    line = _one_error_line(result.stderr)
+    assert str(out) in line and "no space left" in line and ".tmp" not in line, line
+    assert not (tmp_path / "new").exists()
+    assert not _temps(tmp_path)
+
+
 # ---- item 8: leftovers and SIGHUP ----------------------------------------------------------------------------------
 
 
