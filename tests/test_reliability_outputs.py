@@ -72,7 +72,9 @@ def test_force_does_not_replace_a_plain_folder_with_a_model_folder(cli, tmp_path
     assert result.exit_code == 1
     line = _one_error_line(result.stderr)
     assert "model_index.json" in line and str(folder) in line, line
-    assert [p.name for p in folder.iterdir()] == ["a.png"] and (folder / "a.png").read_bytes() == b"not a model"
+    assert [p.name for p in folder.iterdir()] == ["a.png"] and (
+        folder / "a.png"
+    ).read_bytes() == b"not a model"
 
 
 def test_force_replaces_a_file_with_a_file(cli, tmp_path: Path, lora: Path) -> None:
@@ -116,7 +118,9 @@ def test_output_that_appears_meanwhile_is_kept(cli, tmp_path: Path, lora: Path, 
     assert not _temps(tmp_path)
 
 
-def test_output_that_appears_meanwhile_is_replaced_with_force(cli, tmp_path: Path, lora: Path, monkeypatch) -> None:
+def test_output_that_appears_meanwhile_is_replaced_with_force(
+    cli, tmp_path: Path, lora: Path, monkeypatch
+) -> None:
     out = tmp_path / "out.safetensors"
     _intruding_atomic_path(monkeypatch, b"written by someone else")
     result = cli("convert", lora, "-o", out, "--force")
@@ -150,16 +154,17 @@ def test_two_writers_to_one_output_one_wins(tmp_path: Path) -> None:
     from lorax.io.atomic import atomic_path
 
     out = tmp_path / "out.bin"
-    with pytest.raises(OutputExistsError, match="appeared while"):
-        with atomic_path(out) as second:
-            second.write_bytes(b"second")
-            with atomic_path(out) as first:  # started after the second, finishes before it
-                first.write_bytes(b"first")
+    with pytest.raises(OutputExistsError, match="appeared while"), atomic_path(out) as second:
+        second.write_bytes(b"second")
+        with atomic_path(out) as first:  # started after the second, finishes before it
+            first.write_bytes(b"first")
     assert out.read_bytes() == b"first"
     assert not _temps(tmp_path)
 
 
-def test_full_disk_names_out_and_removes_the_folders_it_made(cli, tmp_path: Path, lora: Path, monkeypatch) -> None:
+def test_full_disk_names_out_and_removes_the_folders_it_made(
+    cli, tmp_path: Path, lora: Path, monkeypatch
+) -> None:
     """ENOSPC while writing: one line naming OUT (not the temp), no temp, and the folders made for OUT are gone."""
     import lorax.io.atomic as atomic
 
@@ -216,6 +221,25 @@ def test_temp_of_a_run_still_writing_is_not_taken_for_stale(cli, tmp_path: Path,
     assert live.read_bytes() == b"being written"
 
 
+def test_sighup_raises_like_sigterm_but_nohup_is_respected() -> None:
+    from lorax.io.atomic import SignalInterrupt, SignalsAsInterrupt
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        with pytest.raises(SignalInterrupt) as caught, SignalsAsInterrupt():
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(1)  # the handler runs between bytecodes; this is never reached in full
+        assert caught.value.signum == signal.SIGHUP
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # put back as it was
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+        with SignalsAsInterrupt():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     from lorax.zoo.tiny import tiny_pipeline
@@ -234,7 +258,9 @@ def image_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def test_sighup_to_train_leaves_no_temp_and_exits_129(tmp_path: Path, model_dir: Path, image_dir: Path) -> None:
+def test_sighup_to_train_leaves_no_temp_and_exits_129(
+    tmp_path: Path, model_dir: Path, image_dir: Path
+) -> None:
     out = tmp_path / "run" / "out.safetensors"
     checkpoints = tmp_path / "run" / "out.checkpoints"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -272,7 +298,9 @@ def test_sighup_to_train_leaves_no_temp_and_exits_129(tmp_path: Path, model_dir:
             time.sleep(0.01)
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         assert (checkpoints / "step-000002").exists(), "training never reached step 2"
-        proc.send_signal(signal.SIGHUP)  # checkpoints are written every step, so one is often being written now
+        proc.send_signal(
+            signal.SIGHUP
+        )  # checkpoints are written every step, so one is often being written now
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
