@@ -314,8 +314,8 @@ def test_sighup_to_train_leaves_no_temp_and_exits_129(
 # ---- item 9: an unwritable destination fails before step 1 ---------------------------------------------------------
 
 
-def _train(cli, image_dir: Path, model_dir: Path, out: Path):  # type: ignore[no-untyped-def]
-    return cli(
+def _train_args(image_dir: Path, model_dir: Path, out: Path, *extra: object) -> list[object]:
+    return [
         "train",
         image_dir,
         "--model",
@@ -330,7 +330,12 @@ def _train(cli, image_dir: Path, model_dir: Path, out: Path):  # type: ignore[no
         "cpu",
         "-o",
         out,
-    )
+        *extra,
+    ]
+
+
+def _train(cli, image_dir: Path, model_dir: Path, out: Path):  # type: ignore[no-untyped-def]
+    return cli(*_train_args(image_dir, model_dir, out))
 
 
 @pytest.fixture()
@@ -402,3 +407,37 @@ def test_train_to_unwritable_folder_fails_before_step_1(
         assert no_step == []
     finally:
         dest.chmod(0o755)
+
+
+def test_checkpoints_that_cannot_fit_fail_before_step_1(
+    cli, tmp_path: Path, image_dir: Path, model_dir: Path, monkeypatch, no_step: list[int]
+) -> None:
+    """The disk's free space is compared with the checkpoints asked for (weights and two moments, fp32 each)."""
+    import shutil as _shutil
+
+    import lorax.io.atomic as atomic
+
+    free = 1000
+    monkeypatch.setattr(
+        atomic.shutil, "disk_usage", lambda p: _shutil._ntuple_diskusage(10**9, 10**9 - free, free)
+    )
+    out = tmp_path / "out.safetensors"
+    result = cli(*_train_args(image_dir, model_dir, out, "--steps", "5", "--checkpoint-every", "2"))
+    assert result.exit_code == 1
+    line = _one_error_line(result.stderr)
+    assert "out.checkpoints" in line and "2 checkpoints" in line and "1.0 KB free" in line, line
+    assert no_step == []
+    assert not out.exists() and not _temps(tmp_path)
+
+
+def test_checkpoint_folder_under_a_file_fails_before_step_1(
+    cli, tmp_path: Path, image_dir: Path, model_dir: Path, no_step: list[int]
+) -> None:
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file")
+    out = tmp_path / "out.safetensors"
+    result = cli(*_train_args(image_dir, model_dir, out, "--checkpoint-dir", blocker / "ckpts"))
+    assert result.exit_code == 1
+    line = _one_error_line(result.stderr)
+    assert str(blocker / "ckpts") in line and "cannot be written" in line, line
+    assert no_step == []

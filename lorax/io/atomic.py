@@ -149,6 +149,12 @@ def _nearest_existing(folder: Path) -> Path:
     return folder
 
 
+def check_writable(folder: str | Path) -> None:
+    """Refuse a folder that lorax will write into later (checkpoints) but that cannot be written now."""
+    folder = Path(folder)
+    _probe_writable(_nearest_existing(folder), folder)
+
+
 def _probe_writable(folder: Path, out: Path) -> None:
     probe = folder / f".lorax-probe.{secrets.token_hex(6)}.tmp"
     try:
