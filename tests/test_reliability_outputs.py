@@ -89,6 +89,25 @@ def test_force_replaces_a_file_with_a_file(cli, tmp_path: Path, lora: Path) -> N
     assert not _temps(tmp_path)
 
 
+def test_checkpoint_replaces_only_a_checkpoint(tmp_path: Path) -> None:
+    """A training checkpoint (a folder holding state.json) is replaced by one; a folder of other files is not."""
+    from lorax.io.atomic import CHECKPOINT, atomic_path
+
+    ckpt = tmp_path / "step-000002"
+    ckpt.mkdir()
+    (ckpt / "notes.txt").write_text("mine")
+    refused = pytest.raises(OutputExistsError, match=r"without state\.json")
+    with refused, atomic_path(ckpt, force=True, directory=True, kind=CHECKPOINT) as tmp:
+        (tmp / "state.json").write_text("{}")
+    assert [p.name for p in ckpt.iterdir()] == ["notes.txt"]
+    (ckpt / "notes.txt").unlink()
+    (ckpt / "state.json").write_text('{"old": true}')
+    with atomic_path(ckpt, force=True, directory=True, kind=CHECKPOINT) as tmp:
+        (tmp / "state.json").write_text("{}")
+    assert (ckpt / "state.json").read_text() == "{}"
+    assert not _temps(tmp_path)
+
+
 # ---- item 6: an OUT that appears during the run is never overwritten without --force ------------------------------
 
 
