@@ -295,7 +295,7 @@ def test_signal_mid_merge_leaves_nothing(sig: signal.Signals) -> None:
     proc.send_signal(sig)
     proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0
+    assert proc.returncode == 128 + sig  # 130 for Ctrl-C, 143 for SIGTERM
     assert b"interrupted" in err
     assert not out.exists()
     assert not list(d.glob(".m.safetensors*"))

@@ -81,8 +81,11 @@ class LoraxGroup(TyperGroup):
         return super().parse_args(ctx, hoist_global_flags(args))
 
     def invoke(self, ctx: click.Context) -> Any:
+        from lorax.io.atomic import SignalsAsInterrupt
+
         try:
-            return super().invoke(ctx)
+            with SignalsAsInterrupt():  # SIGTERM and SIGHUP clean up like Ctrl-C
+                return super().invoke(ctx)
         except (typer.Exit, typer.Abort, click.ClickException):
             raise
         except LoraxError as err:
@@ -90,11 +93,15 @@ class LoraxGroup(TyperGroup):
                 raise
             click.echo(f"lorax: error: {_one_line(str(err))}", err=True)
             raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             if STATE.debug:
                 raise
-            click.echo("lorax: interrupted", err=True)
-            raise typer.Exit(130) from None
+            signum = getattr(err, "signum", None)
+            if signum is None:
+                click.echo("lorax: interrupted", err=True)
+                raise typer.Exit(130) from None
+            click.echo(f"lorax: interrupted by {err}", err=True)
+            raise typer.Exit(128 + signum) from None
         except MemoryError:
             if STATE.debug:
                 raise

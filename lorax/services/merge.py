@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorax.errors import ConfigError, FormatError, InputError, MismatchError
-from lorax.io.atomic import atomic_path, check_output
+from lorax.io.atomic import FILE, MODEL_FOLDER, atomic_path, check_output, scratch_dir
 from lorax.io.checkpoint import (
     DiffusersCheckpoint,
     PickleSource,
@@ -768,8 +767,8 @@ def _size(path: Path) -> int:
 @contextmanager
 def _work_dir(out: Path) -> Iterator[Path]:
     """A scratch folder beside the output (same disk), removed on success, error and signal alike."""
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".work", dir=out.parent) as work:
-        yield Path(work)
+    with scratch_dir(out) as work:
+        yield work
 
 
 def _layout_from_name(out: Path, base_kind: str) -> str:
@@ -789,7 +788,7 @@ def merge_model(config: MergeConfig, progress: Progress) -> MergeResult:
     out = Path(config.output)
     if layout == "single-file" and out.suffix.lower() != ".safetensors":
         raise ConfigError(f"{out}: a single-file output is written as .safetensors; name it OUT.safetensors")
-    check_output(out, config.force)
+    check_output(out, config.force, FILE if layout == "single-file" else MODEL_FOLDER)
     loras = load_loras(config, ckpt.family, progress, model_skeleton(ckpt), base_index_model(config.base))
     result = MergeResult(out, layout, ckpt.family, dtype=config.dtype)
     embeddings: dict[str, dict[str, Any]] = {}

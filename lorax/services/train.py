@@ -214,6 +214,24 @@ def _bucket_bounds(images: TrainingImages) -> dict[str, Any]:
     return {k: v for k, v in bounds.items() if v is not None}
 
 
+def _check_checkpoint_room(config: TrainConfig, loop: Any, max_steps: int) -> None:
+    """Before step 1: the checkpoint folder (written on Ctrl-C and every N steps) can be written, and its disk has
+    room, roughly, for the checkpoints asked for (each the trainable weights and two optimizer moments, fp32)."""
+    from lorax.io.atomic import check_free_space, check_writable
+
+    folder = config.checkpoints_path
+    check_writable(folder)
+    if not config.checkpoint_every:
+        return
+    count = (max_steps - 1) // config.checkpoint_every  # saved at every N-th step before the last
+    if count <= 0:
+        return
+    per = 3 * 4 * sum(int(t.numel()) for t in loop.job.state_tensors().values())
+    check_free_space(
+        folder, count * per, f"{count} checkpoints (--checkpoint-every {config.checkpoint_every})"
+    )
+
+
 def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: Any = None) -> TrainResult:
     """Train a LoRA as ``config`` says; returns where everything went and what it measured.
 
@@ -287,6 +305,8 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
                 f"--resume: the checkpoint is at step {loop.state.global_step}, past this run's {max_steps} steps"
             )
         progress.log(f"resuming from {resume_ckpt.path} at step {loop.state.global_step}")
+    if accelerator.is_main_process:
+        _check_checkpoint_room(config, loop, max_steps)
     result = loop.run()
     accelerator.wait_for_everyone()
 
