@@ -194,7 +194,9 @@ def test_invert_trains_only_the_new_rows_of_both_tables_and_the_file_loads_back(
         rows = pipe.tokenizer.convert_tokens_to_ids(["<s1>", "<s1>_1"]) if component == "text_encoder" else \
             pipe.tokenizer_2.convert_tokens_to_ids(["<s1>", "<s1>_1"])  # fmt: skip
         back = getattr(fresh, component).get_input_embeddings().weight.detach()
-        assert torch.equal(back[tokenizer.convert_tokens_to_ids(["<s1>", "<s1>_1"])], learned[rows]), component
+        assert torch.equal(back[tokenizer.convert_tokens_to_ids(["<s1>", "<s1>_1"])], learned[rows]), (
+            component
+        )
 
 
 def test_resume_of_an_sdxl_inversion_is_exact(xl_model, concept, tmp_path):  # type: ignore[no-untyped-def]
