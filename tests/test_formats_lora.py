@@ -130,7 +130,8 @@ def test_write_read_exact(tmp_path, pipe, lora, fmt):
     assert detect_format(path) == fmt
     for model in (pipe, None):
         back = load_lora(path, model=model)
-        if fmt == "diffusers":  # alpha / r folded into lora_B (diffusers' lora_alpha = r): same deltas, alpha = r
+        # diffusers: alpha / r folded into lora_B (diffusers' lora_alpha = r), so the same deltas with alpha = r
+        if fmt == "diffusers":
             assert_same_deltas(lora, back, atol=1e-6)
             assert all(m.alpha == m.rank for m in back.modules.values())
         else:
