@@ -23,7 +23,7 @@ from lorax.errors import FormatError, InputError
 if TYPE_CHECKING:
     import torch
 
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100_000_000  # the safetensors crate's MAX_HEADER_SIZE
 
 DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -89,25 +89,60 @@ def read_header(path: str | Path) -> Header:
     metadata = doc.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise FormatError("invalid safetensors metadata (not a JSON object)", path=p)
+    if not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError("invalid safetensors metadata (values must be strings)", path=p)
     data_offset = 8 + n
     tensors: dict[str, TensorInfo] = {}
     for name, info in doc.items():
-        try:
-            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"invalid safetensors entry for tensor {name!r}", path=p) from None
-        if dtype not in DTYPE_SIZES:
-            raise FormatError(f"tensor {name!r} has unknown dtype {dtype!r}", path=p)
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise FormatError(f"tensor {name!r} has an invalid shape {list(shape)}", path=p)
-        if end - start != math.prod(shape) * DTYPE_SIZES[dtype] or start < 0 or end < start:
-            raise FormatError(f"tensor {name!r}: its byte range does not match its shape and dtype", path=p)
-        if data_offset + end > size:
-            raise FormatError(
-                f"truncated: tensor {name!r} ends at byte {data_offset + end}, the file has {size}", path=p
-            )
+        dtype, shape, (start, end) = _entry(name, info, p)
         tensors[name] = TensorInfo(name, dtype, shape, data_offset + start, data_offset + end)
+    _check_layout(tensors, data_offset, size, p)
     return Header(p, tensors, {str(k): str(v) for k, v in metadata.items()}, data_offset, size)
+
+
+def _is_uint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry(name: str, info: Any, p: Path) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """One header entry's dtype, shape and data offsets, each of the JSON type the format prescribes."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise FormatError(
+            f"invalid safetensors entry for tensor {name!r} (needs dtype, shape and data_offsets)", path=p
+        )
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise FormatError(f"tensor {name!r} has unknown dtype {dtype!r}", path=p)
+    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        raise FormatError(f"tensor {name!r} has an invalid shape {shape!r} (a list of integers >= 0)", path=p)
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
+        raise FormatError(f"tensor {name!r} has invalid data_offsets {offsets!r} (two integers >= 0)", path=p)
+    start, end = offsets
+    if end < start or end - start != math.prod(shape) * DTYPE_SIZES[dtype]:
+        raise FormatError(f"tensor {name!r}: its byte range does not match its shape and dtype", path=p)
+    return dtype, tuple(shape), (start, end)
+
+
+def _check_layout(tensors: dict[str, TensorInfo], data_offset: int, size: int, p: Path) -> None:
+    """Byte ranges sorted by offset must tile the data section exactly: from its start, no gap, no overlap, up
+    to the end of the file (the safetensors crate's ``Metadata::validate`` and ``MetadataIncompleteBuffer``)."""
+    position, last = data_offset, None
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if info.start < position:
+            raise FormatError(f"tensor {info.name!r} overlaps the bytes of another tensor", path=p)
+        if info.start > position:
+            raise FormatError(
+                f"tensor {info.name!r} starts at byte {info.start}, leaving bytes {position}-{info.start} "
+                "unaccounted for",
+                path=p,
+            )
+        position, last = info.end, info.name
+    if position > size:
+        raise FormatError(f"truncated: tensor {last!r} ends at byte {position}, the file has {size}", path=p)
+    if position < size:
+        raise FormatError(
+            f"{size - position} bytes after the last tensor are not described by the header", path=p
+        )
 
 
 class SafetensorsFile:
