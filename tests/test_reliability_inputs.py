@@ -118,3 +118,28 @@ def test_header_cap_is_the_crates(tmp_path: Path) -> None:
     path.write_bytes(struct.pack("<Q", MAX_HEADER + 1) + b"{" + b" " * 64)
     with pytest.raises(FormatError, match="header claims"):
         read_header(path)
+
+
+@pytest.mark.parametrize("command", ["mix", "merge"])
+@pytest.mark.parametrize("scale", ["nan", "inf", "-inf", "1e39"])
+def test_non_finite_scale_is_refused_naming_the_lora(cli, tmp_path: Path, command: str, scale: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "a.safetensors"
+    save_file(
+        {"lora_unet_x.lora_down.weight": torch.ones(1, 4), "lora_unet_x.lora_up.weight": torch.ones(4, 1)},
+        str(lora),
+    )
+    out = tmp_path / "out.safetensors"
+    args = (
+        ["mix", f"{lora}:{scale}", "-o", out]
+        if command == "mix"
+        else ["merge", lora, f"{lora}:{scale}", "-o", out]
+    )
+    result = cli(*args)
+    assert result.exit_code != 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lorax: error: {lora}: "), result.stderr
+    assert "not a finite number" in lines[0] and "Traceback" not in result.output, lines[0]
+    assert not out.exists()

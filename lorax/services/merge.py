@@ -60,6 +60,13 @@ class LoraSpec:
     path: Path
     alpha: float | None = None
 
+    def __post_init__(self) -> None:
+        # one rule for every scale a user or recipe gives: finite, or refused naming the LoRA
+        if self.alpha is not None and not (
+            math.isfinite(self.alpha) and abs(self.alpha) <= 3.4028234663852886e38
+        ):
+            raise InputError(f"scale {self.alpha!r} is not a finite number in float32 range", path=self.path)
+
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
         """``FILE`` or ``FILE:ALPHA`` (a path that exists as written wins over the split)."""
