@@ -143,3 +143,26 @@ def test_non_finite_scale_is_refused_naming_the_lora(cli, tmp_path: Path, comman
     assert len(lines) == 1 and lines[0].startswith(f"lorax: error: {lora}: "), result.stderr
     assert "not a finite number" in lines[0] and "Traceback" not in result.output, lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), [1.0, 2.0]])
+def test_bad_file_alpha_is_refused_naming_key_and_file(cli, tmp_path: Path, alpha: object) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "a.safetensors"
+    stem = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file(
+        {
+            f"{stem}.lora_down.weight": torch.ones(1, 4),
+            f"{stem}.lora_up.weight": torch.ones(4, 1),
+            f"{stem}.alpha": torch.tensor(alpha),
+        },
+        str(lora),
+    )
+    out = tmp_path / "out.safetensors"
+    result = cli("mix", lora, "-o", out)
+    assert result.exit_code != 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lorax: error: {lora}: {stem}.alpha"), result.stderr
+    assert not out.exists()
