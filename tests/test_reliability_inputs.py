@@ -166,3 +166,18 @@ def test_bad_file_alpha_is_refused_naming_key_and_file(cli, tmp_path: Path, alph
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"lorax: error: {lora}: {stem}.alpha"), result.stderr
     assert not out.exists()
+
+
+def test_fp16_overflow_is_refused_after_the_cast(cli, tmp_path: Path) -> None:
+    from checkpoint_helpers import save, tiny_lora, tiny_single
+
+    lora = save(tiny_lora("sd1", seed=8), tmp_path / "l.safetensors")
+    out = tmp_path / "m.safetensors"
+    result = cli("merge", tiny_single("sd1"), f"{lora}:1e9", "-o", out, "--dtype", "fp16")
+    assert result.exit_code != 0, result.output
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("lorax: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert "not finite in F16" in errors[0] and "unet." in errors[0], errors[0]
+    assert "Traceback" not in result.output
+    assert not out.exists()

@@ -381,8 +381,15 @@ def merge_tensor_file(
                     t = replacements[k]
                     writer.write(k, t.to(st_to_torch(dt)) if dt in FLOAT_DTYPES else t)
                 elif k in targets:
-                    w = apply_contributions(read_owned(source, k, handles), targets[k])
-                    writer.write(k, w.to(st_to_torch(dt)))
+                    w = apply_contributions(read_owned(source, k, handles), targets[k]).to(st_to_torch(dt))
+                    if not math.isfinite(
+                        float(w.float().sum())
+                    ):  # after the cast: fp16 overflows to inf here
+                        raise MismatchError(
+                            f"merging {targets[k][0].module_name} into {k} gives weights that are not finite "
+                            f"in {dt} (lower the LoRA's scale or merge to a wider --dtype)"
+                        )
+                    writer.write(k, w)
                     merged += 1
                 elif source.dtype(k) == dt:
                     if isinstance(source, SafetensorsSource):
