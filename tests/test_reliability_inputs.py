@@ -118,3 +118,66 @@ def test_header_cap_is_the_crates(tmp_path: Path) -> None:
     path.write_bytes(struct.pack("<Q", MAX_HEADER + 1) + b"{" + b" " * 64)
     with pytest.raises(FormatError, match="header claims"):
         read_header(path)
+
+
+@pytest.mark.parametrize("command", ["mix", "merge"])
+@pytest.mark.parametrize("scale", ["nan", "inf", "-inf", "1e39"])
+def test_non_finite_scale_is_refused_naming_the_lora(cli, tmp_path: Path, command: str, scale: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "a.safetensors"
+    save_file(
+        {"lora_unet_x.lora_down.weight": torch.ones(1, 4), "lora_unet_x.lora_up.weight": torch.ones(4, 1)},
+        str(lora),
+    )
+    out = tmp_path / "out.safetensors"
+    args = (
+        ["mix", f"{lora}:{scale}", "-o", out]
+        if command == "mix"
+        else ["merge", lora, f"{lora}:{scale}", "-o", out]
+    )
+    result = cli(*args)
+    assert result.exit_code != 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lorax: error: {lora}: "), result.stderr
+    assert "not a finite number" in lines[0] and "Traceback" not in result.output, lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), [1.0, 2.0]])
+def test_bad_file_alpha_is_refused_naming_key_and_file(cli, tmp_path: Path, alpha: object) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "a.safetensors"
+    stem = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file(
+        {
+            f"{stem}.lora_down.weight": torch.ones(1, 4),
+            f"{stem}.lora_up.weight": torch.ones(4, 1),
+            f"{stem}.alpha": torch.tensor(alpha),
+        },
+        str(lora),
+    )
+    out = tmp_path / "out.safetensors"
+    result = cli("mix", lora, "-o", out)
+    assert result.exit_code != 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lorax: error: {lora}: {stem}.alpha"), result.stderr
+    assert not out.exists()
+
+
+def test_fp16_overflow_is_refused_after_the_cast(cli, tmp_path: Path) -> None:
+    from checkpoint_helpers import save, tiny_lora, tiny_single
+
+    lora = save(tiny_lora("sd1", seed=8), tmp_path / "l.safetensors")
+    out = tmp_path / "m.safetensors"
+    result = cli("merge", tiny_single("sd1"), f"{lora}:1e9", "-o", out, "--dtype", "fp16")
+    assert result.exit_code != 0, result.output
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("lorax: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert "not finite in F16" in errors[0] and "unet." in errors[0], errors[0]
+    assert "Traceback" not in result.output
+    assert not out.exists()

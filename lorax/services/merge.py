@@ -60,6 +60,13 @@ class LoraSpec:
     path: Path
     alpha: float | None = None
 
+    def __post_init__(self) -> None:
+        # one rule for every scale a user or recipe gives: finite, or refused naming the LoRA
+        if self.alpha is not None and not (
+            math.isfinite(self.alpha) and abs(self.alpha) <= 3.4028234663852886e38
+        ):
+            raise InputError(f"scale {self.alpha!r} is not a finite number in float32 range", path=self.path)
+
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
         """``FILE`` or ``FILE:ALPHA`` (a path that exists as written wins over the split)."""
@@ -374,8 +381,15 @@ def merge_tensor_file(
                     t = replacements[k]
                     writer.write(k, t.to(st_to_torch(dt)) if dt in FLOAT_DTYPES else t)
                 elif k in targets:
-                    w = apply_contributions(read_owned(source, k, handles), targets[k])
-                    writer.write(k, w.to(st_to_torch(dt)))
+                    w = apply_contributions(read_owned(source, k, handles), targets[k]).to(st_to_torch(dt))
+                    if not math.isfinite(
+                        float(w.float().sum())
+                    ):  # after the cast: fp16 overflows to inf here
+                        raise MismatchError(
+                            f"merging {targets[k][0].module_name} into {k} gives weights that are not finite "
+                            f"in {dt} (lower the LoRA's scale or merge to a wider --dtype)"
+                        )
+                    writer.write(k, w)
                     merged += 1
                 elif source.dtype(k) == dt:
                     if isinstance(source, SafetensorsSource):
