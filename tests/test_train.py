@@ -231,6 +231,43 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model, images, tmp_p
     assert kept and all(torch.isfinite(t).all() for t in kept.values())
 
 
+def test_weights_that_go_non_finite_are_never_kept(tiny_model, images, tmp_path, monkeypatch):
+    """issue 13.1: a finite loss, then NaN weights (an inf gradient through clipping): the run stops at that step
+    and the state it points to (and every checkpoint) is all finite, not the poisoned one."""
+    import itertools
+
+    from lorax.training.objective import DiffusionObjective
+
+    original = DiffusionObjective.loss
+    calls = itertools.count(1)
+
+    class InfGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # type: ignore[no-untyped-def]
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):  # type: ignore[no-untyped-def]
+            return grad * float("inf")
+
+    def poisoned(self, unet, latents, cond, generator, weight=None):
+        loss = original(self, unet, latents, cond, generator, weight)
+        # step 3's loss is finite but its gradient is inf: clipping (0 · inf) and Adam turn the weights NaN
+        return InfGradient.apply(loss) if next(calls) == 3 else loss
+
+    monkeypatch.setattr(DiffusionObjective, "loss", poisoned)
+    out = tmp_path / "w.safetensors"
+    with pytest.raises(TrainingError) as err:
+        run(config(tiny_model, images, out, checkpoint_every=1, steps=5))
+    assert "\n" not in str(err.value) and not out.exists()
+    folders = sorted((tmp_path / "w.checkpoints").iterdir())
+    assert folders, "the good steps before the poisoned one are checkpointed"
+    for folder in folders:
+        kept = load_file(folder / "weights.safetensors")
+        assert kept and all(torch.isfinite(t).all() for t in kept.values()), folder.name
+    assert folders[-1].name in str(err.value)
+
+
 def test_prior_preservation_generates_and_caches_class_images(tiny_model, images, tmp_path):
     progress = NullProgress()
     cfg = config(

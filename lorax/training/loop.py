@@ -140,15 +140,25 @@ class TrainingLoop:
         self.state = checkpoint.state
         self._last_saved_step = self.state.global_step
 
+    def _weights_finite(self, tensors: dict[str, Any] | None = None) -> bool:
+        import torch
+
+        tensors = self.job.state_tensors() if tensors is None else tensors
+        return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
+
     def save(self) -> Path | None:
+        """A checkpoint of the current state; never one whose weights are not finite (None then)."""
         if self.settings.checkpoint_dir is None:
+            return None
+        tensors = self.job.state_tensors()
+        if not self._weights_finite(tensors):
             return None
         path: Path | None = None
         if self.accelerator.is_main_process:
             path = save_checkpoint(
                 self.settings.checkpoint_dir,
                 state=self.state,
-                tensors=self.job.state_tensors(),
+                tensors=tensors,
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
                 scaler=getattr(self.accelerator, "scaler", None),
@@ -229,11 +239,11 @@ class TrainingLoop:
         generator.manual_seed(derive_seed(self.settings.seed, "noise", micro, process))
         return generator
 
-    def _stop_non_finite(self, value: float) -> None:
+    def _stop_non_finite(self, value: float, what: str = "loss") -> None:
         kept = None
         if self.state.global_step > 0 and self._last_saved_step != self.state.global_step:
-            kept = self.save()
-        elif self._last_saved_step is not None and self.settings.checkpoint_dir is not None:
+            kept = self.save()  # None when this state's weights are themselves not finite
+        if kept is None and self._last_saved_step is not None and self.settings.checkpoint_dir is not None:
             from lorax.training.checkpoint import checkpoint_name
 
             kept = self.settings.checkpoint_dir / checkpoint_name(self._last_saved_step)
@@ -243,7 +253,7 @@ class TrainingLoop:
             else "no good state to keep yet"
         )
         raise TrainingError(
-            f"loss became {value} at step {self.state.global_step + 1}; {where}; "
+            f"{what} became {value} at step {self.state.global_step + 1}; {where}; "
             "try a lower --learning-rate, --max-grad-norm 1, or --mixed-precision bf16 instead of fp16"
         )
 
@@ -283,6 +293,8 @@ class TrainingLoop:
                 if s.max_grad_norm and acc.sync_gradients:
                     acc.clip_grad_norm_(self.job.parameters(), s.max_grad_norm)
                 self.optimizer.step()
+                if not self._weights_finite():  # a finite loss, then non-finite weights (e.g. inf gradients)
+                    self._stop_non_finite(float("nan"), "the trained weights")
                 lr = float(self.scheduler.get_last_lr()[0])
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
