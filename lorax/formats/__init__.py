@@ -201,6 +201,39 @@ def lorax_metadata(state: LoraState, fmt: str) -> dict[str, str]:
     return {k: v for k, v in meta.items() if v}
 
 
+# Header keys that describe one file's format or lorax's own self-description of it: never carried from the file a
+# LoRA was read from into a file of another (or the same) format, since each writer states its own. diffusers refuses
+# a kohya file whose header holds ``lora_adapter_metadata`` (it would have both network alphas and a LoraConfig).
+FORMAT_METADATA_KEYS = frozenset(
+    {
+        "lora_adapter_metadata",  # diffusers/PEFT: the per-component LoraConfig
+        "format",  # safetensors' "pt" flag, set by the writers that want it
+        "unet",  # lora_diffusion: target class lists per component
+        "text_encoder",
+        "text_encoder_2",
+        "lorax_format",
+        "lorax_family",
+        "lorax_rank",
+        "lorax_alpha",
+        "lorax_components",
+        "lorax_targets",
+        "lorax_tokens",
+        "lorax_embedding_files",  # a diffusers LoRA's token files beside it
+        "lorax_token",
+        "lorax_lora",
+    }
+)
+
+
+def carried_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The header keys a re-written LoRA keeps from its source: ``ss_*`` training metadata, lorax's training record
+    and the user's own keys; not those describing the source's format (``FORMAT_METADATA_KEYS``, lora_diffusion's
+    ``<embed>`` token flags)."""
+    from lorax.formats.lora_diffusion import EMBED_FLAG
+
+    return {k: v for k, v in metadata.items() if k not in FORMAT_METADATA_KEYS and v != EMBED_FLAG}
+
+
 def save_lora(
     state: LoraState,
     path: str | Path,
@@ -223,7 +256,12 @@ def save_lora(
         raise FormatError(
             f"cannot write LoRA format {format!r}; choose one of {', '.join(LORA_WRITE_FORMATS)}"
         )
+    from dataclasses import replace
+
     module = FORMATS[format].load()
+    state = replace(state, metadata=carried_metadata(state.metadata))
+    if hasattr(module, "prepare"):
+        state = module.prepare(state)
     if format == "lora_diffusion":
         tensors, header = module.write(state, dtype=dtype, model=model)
     else:

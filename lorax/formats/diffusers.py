@@ -9,9 +9,14 @@ Keys, newest first:
 Alphas come from ``<path>.alpha`` keys, else from the ``lora_adapter_metadata`` header JSON that diffusers writes
 (``{"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": {...}}``, one LoraConfig per component), else ``alpha = r``.
 
+DoRA magnitudes are ``<path>.lora_magnitude_vector``: ``[out]`` for Linear, ``[1, out, 1, 1]`` for Conv2d (PEFT's
+shapes); both, and a flat ``[out]`` for convs, are read.
+
 lorax writes the newest names, with ``text_model.`` kept for text encoders (diffusers strips it for models that lack
-it), and a ``lora_adapter_metadata`` header that diffusers' ``load_lora_weights`` turns into each component's
-``LoraConfig`` (r, lora_alpha, rank_pattern, alpha_pattern, target_modules), so diffusers applies lorax's scales.
+it), with each module's ``alpha / r`` folded into ``lora_B`` (``prepare``) so the tensors alone give the strength, as
+diffusers' own training scripts do (``lora_alpha = r``): consumers that read no header (ComfyUI) apply the same delta as
+diffusers. The ``lora_adapter_metadata`` header still gives diffusers' ``load_lora_weights`` each component's
+``LoraConfig`` (r, lora_alpha = r, rank_pattern, alpha_pattern, target_modules, use_dora).
 """
 
 from __future__ import annotations
@@ -97,7 +102,14 @@ def read(
         if "magnitude" in slot:
             from lorax.adapters.lycoris import DoraModule
 
-            state.modules[module_path] = DoraModule(down, up, alpha, slot["magnitude"], wd_on_out=True)
+            magnitude = slot["magnitude"]
+            if magnitude.numel() != up.shape[0]:
+                raise FormatError(
+                    f"module {module_path}: DoRA magnitude {list(magnitude.shape)} does not match "
+                    f"{up.shape[0]} output channels",
+                    path=path,
+                )
+            state.modules[module_path] = DoraModule(down, up, alpha, magnitude.reshape(-1), wd_on_out=True)
         else:
             state.modules[module_path] = LoraModule(down, up, alpha)
     return state
@@ -160,12 +172,32 @@ def peft_config_kwargs(state: LoraState, component: str) -> dict[str, Any]:
     }
 
 
+def prepare(state: LoraState) -> LoraState:
+    """``state`` with every LoRA/DoRA module's ``alpha / r`` folded into ``up`` (then ``alpha = r``): the same deltas,
+    and a file whose tensors alone give them (diffusers' scripts' ``lora_alpha = r``). Folded in fp32, cast back."""
+    from dataclasses import replace
+
+    import torch
+
+    from lorax.adapters.lycoris import DoraModule
+
+    modules: dict[str, Any] = {}
+    for module_path, module in state.modules.items():
+        if isinstance(module, LoraModule | DoraModule) and module.alpha != module.rank:
+            up = (module.up.to(torch.float32) * module.scale).to(module.up.dtype)
+            module = replace(module, up=up, alpha=float(module.rank))
+        modules[module_path] = module
+    return replace(state, modules=modules)
+
+
 def write(
     state: LoraState, *, dtype: torch.dtype | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``LoraState`` → diffusers tensors (PEFT names) and a header whose ``lora_adapter_metadata`` holds the alphas."""
+    """``LoraState`` → diffusers tensors (PEFT names, ``alpha / r`` folded in) and a ``lora_adapter_metadata``
+    header."""
     from lorax.adapters.lycoris import DoraModule
 
+    state = prepare(state)
     tensors: dict[str, torch.Tensor] = {}
     for module_path, module in state.modules.items():
         if isinstance(module, DoraModule) and not module.wd_on_out:
@@ -182,6 +214,8 @@ def write(
         tensors[f"{module_path}.lora_B.weight"] = up.contiguous()
         if isinstance(module, DoraModule):
             magnitude = module.magnitude.reshape(-1)
+            if module.down.dim() == 4:  # PEFT's Conv2d magnitude: [1, out, 1, 1]
+                magnitude = magnitude.reshape(1, -1, 1, 1)
             tensors[f"{module_path}.lora_magnitude_vector"] = (
                 magnitude if dtype is None else magnitude.to(dtype)
             ).contiguous()
