@@ -45,3 +45,9 @@ class ModelNotFoundError(LoraxError):
 
 class TrainingError(LoraxError):
     """Training cannot continue (NaN loss, out of memory …)."""
+
+
+class Interrupted(LoraxError):
+    """The user stopped a run (Ctrl-C); the message says how to continue it."""
+
+    exit_code = 130

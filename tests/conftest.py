@@ -18,6 +18,9 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.setenv("LORAX_CACHE", str(home / "lorax"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the user's default model (LORAX_MODEL, ~/.config/lorax/config.toml) never reaches a test
+    monkeypatch.delenv("LORAX_MODEL", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
 
 
 @pytest.fixture()

@@ -105,7 +105,9 @@ def test_kohya_lora_file_equals_hand_merged_model(
     assert np.abs(png(out) - png(base.path)).max() > 10
     assert np.abs(png(out) - png(reference.path)).max() <= 1
     fields = read_png_parameters(out).fields
-    assert fields["Lora hashes"] == f"style: {hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+    raw = path.read_bytes()  # A1111 hashes a LoRA .safetensors after its header (addnet_hash_safetensors)
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    assert fields["Lora hashes"] == f"style: {hashlib.sha256(raw[header_end:]).hexdigest()[:12]}"
     assert parse_scales(fields["Lora scales"]) == {"style": (0.6, 0.3)}
 
 
@@ -216,7 +218,8 @@ def test_pivot_file_tokens_from_the_cli(cli, model_dir: Path, tmp_path: Path) ->
     path = save_lora(state, tmp_path / "pivot.safetensors", format="kohya")
     result = gen(cli, model_dir, tmp_path / "a", "a <1> circle", "--lora", path)
     assert result.exit_code == 0, result.output
-    assert read_png_parameters(result.stdout.strip()).prompt == "a <krk> circle"
+    # the token as the model saw it, and the LoRA as A1111 reads it back
+    assert read_png_parameters(result.stdout.strip()).prompt == "a <krk> circle <lora:pivot:1>"
     direct = gen(cli, model_dir, tmp_path / "b", "a <krk> circle", "--lora", path)
     assert direct.exit_code == 0, direct.output
     assert np.array_equal(png(Path(result.stdout.strip())), png(Path(direct.stdout.strip())))

@@ -81,7 +81,8 @@ def test_diffusers_lora_diffusion_embedding_reports(cli, files):
     d, ld, emb = run_json(
         cli, root / "d.safetensors", root / "ld.safetensors", root / "learned_embeds.safetensors"
     )
-    assert d["format"] == "diffusers" and d["modules"] == len(state.modules) and d["alphas"] == [1.0, 2.0]
+    # a diffusers file carries alpha / r in its lora_B (lora_alpha = r, as diffusers' scripts write): alphas = ranks
+    assert d["format"] == "diffusers" and d["modules"] == len(state.modules) and d["alphas"] == [2.0, 4.0]
     assert (
         ld["format"] == "lora_diffusion"
         and ld["ranks"] == [2]

@@ -184,16 +184,19 @@ def test_invert_trains_only_the_new_rows_of_both_tables_and_the_file_loads_back(
         assert f.get_tensor("clip_l").shape == (2, 32) and f.get_tensor("clip_g").shape == (2, 64)
         assert f.metadata()["lorax_family"] == "sdxl"
     loaded = load_embeddings(out)
-    assert set(loaded) == {"s1"}  # A1111/ComfyUI name SDXL embeddings by their file
+    # the trained token, kept in lorax's header (A1111/ComfyUI trigger it by the file name, "s1")
+    assert set(loaded) == {"<s1>"}
     fresh = load(xl_model)
-    assert register_tokens(fresh, loaded) == ["s1"]
+    assert register_tokens(fresh, loaded) == ["<s1>"]
     for component in ("text_encoder", "text_encoder_2"):
         tokenizer = fresh.tokenizer if component == "text_encoder" else fresh.tokenizer_2
         learned = getattr(pipe, component).get_input_embeddings().weight.detach()
         rows = pipe.tokenizer.convert_tokens_to_ids(["<s1>", "<s1>_1"]) if component == "text_encoder" else \
             pipe.tokenizer_2.convert_tokens_to_ids(["<s1>", "<s1>_1"])  # fmt: skip
         back = getattr(fresh, component).get_input_embeddings().weight.detach()
-        assert torch.equal(back[tokenizer.convert_tokens_to_ids(["s1", "s1_1"])], learned[rows]), component
+        assert torch.equal(back[tokenizer.convert_tokens_to_ids(["<s1>", "<s1>_1"])], learned[rows]), (
+            component
+        )
 
 
 def test_resume_of_an_sdxl_inversion_is_exact(xl_model, concept, tmp_path):  # type: ignore[no-untyped-def]
@@ -210,8 +213,8 @@ def test_resume_of_an_sdxl_inversion_is_exact(xl_model, concept, tmp_path):  # t
                                   learning_rate=0.02, resume=full.checkpoints[0]), NullProgress())  # fmt: skip
     assert resumed.resumed_from == full.checkpoints[0]
     assert [r[:3] for r in resumed.losses] == [r[:3] for r in full.losses]
-    a = load_embeddings(tmp_path / "full.safetensors")["full"]
-    b = load_embeddings(tmp_path / "resumed.safetensors")["resumed"]
+    a = load_embeddings(tmp_path / "full.safetensors")["<s1>"]
+    b = load_embeddings(tmp_path / "resumed.safetensors")["<s1>"]
     assert set(a) == {"text_encoder", "text_encoder_2"}
     assert all(torch.equal(a[c], b[c]) for c in a)
 

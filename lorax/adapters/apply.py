@@ -168,6 +168,9 @@ def check_fits(pipe: Any, request: LoraRequest) -> list[str]:
             target_kernel = tuple(shape[2:]) or (1, 1)
             if module.out_features != shape[0] or module.in_features != shape[1] or kernel != target_kernel:
                 wrong.append(f"{key} {tuple(module.delta_shape())} vs {shape}")
+        elif callable(getattr(module, "fits", None)):  # IA3, DoRA on LoHa/LoKr: they check themselves
+            if not module.fits(shape):  # type: ignore[union-attr,attr-defined]
+                wrong.append(f"{key} ({getattr(module, 'kind', 'module')}) vs {shape}")
         elif int(module.out_features) != shape[0]:
             wrong.append(f"{key} out {module.out_features} vs {shape[0]}")
     if missing:

@@ -14,7 +14,7 @@ import sys
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from lorax import __version__
 from lorax.cli._click import click
@@ -36,15 +36,56 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+GLOBAL_FLAGS = ("-q", "--quiet", "--debug")
+
+
+def hoist_global_flags(args: list[str]) -> list[str]:
+    """``lorax train … -q`` as ``lorax -q train …``: the global flags are accepted after the command too."""
+    args = list(args)
+    end = args.index("--") if "--" in args else len(args)
+    moved = [a for a in args[:end] if a in GLOBAL_FLAGS]
+    if not moved:
+        return args
+    return moved + [a for a in args[:end] if a not in GLOBAL_FLAGS] + args[end:]
+
+
+class LoraxCommand(TyperCommand):
+    """Help text renders as typed: rich would take ``[[lora]]`` or ``linear[a]B`` for markup and drop it."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from rich.markup import escape
+
+        saved = [(p, getattr(p, "help", None)) for p in self.params]
+        saved_help = self.help
+        try:
+            for param, text in saved:
+                if text:
+                    param.help = escape(text)  # type: ignore[attr-defined]
+            if self.help:
+                self.help = escape(self.help)
+            super().format_help(ctx, formatter)
+        finally:
+            for param, text in saved:
+                if text:
+                    param.help = text  # type: ignore[attr-defined]
+            self.help = saved_help
+
+
 class LoraxGroup(TyperGroup):
     """Turns lorax's domain errors into one line on stderr and exit code 1 (tracebacks only with --debug)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)  # registration order, not alphabetical
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_flags(args))
+
     def invoke(self, ctx: click.Context) -> Any:
+        from lorax.io.atomic import SignalsAsInterrupt
+
         try:
-            return super().invoke(ctx)
+            with SignalsAsInterrupt():  # SIGTERM and SIGHUP clean up like Ctrl-C
+                return super().invoke(ctx)
         except (typer.Exit, typer.Abort, click.ClickException):
             raise
         except LoraxError as err:
@@ -52,11 +93,15 @@ class LoraxGroup(TyperGroup):
                 raise
             click.echo(f"lorax: error: {_one_line(str(err))}", err=True)
             raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             if STATE.debug:
                 raise
-            click.echo("lorax: interrupted", err=True)
-            raise typer.Exit(130) from None
+            signum = getattr(err, "signum", None)
+            if signum is None:
+                click.echo("lorax: interrupted", err=True)
+                raise typer.Exit(130) from None
+            click.echo(f"lorax: interrupted by {err}", err=True)
+            raise typer.Exit(128 + signum) from None
         except MemoryError:
             if STATE.debug:
                 raise
@@ -78,7 +123,7 @@ app = typer.Typer(
     help="Low-Rank Adaptation of text-to-image diffusion models: train, invert, pivot, merge, mix, "
     "convert, extract, generate and inspect LoRAs and embeddings.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -111,6 +156,8 @@ def register_commands() -> None:
         if importlib.util.find_spec(module_name) is None:
             continue
         importlib.import_module(module_name).register(app)
+    for info in app.registered_commands:
+        info.cls = LoraxCommand
 
 
 register_commands()

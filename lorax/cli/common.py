@@ -78,22 +78,111 @@ class RichTask:
         self._progress.remove_task(self._id)
 
 
-class _LogOnlyTask:
+DEFAULT_PROGRESS_INTERVAL = 10.0  # seconds between plain progress lines (LORAX_PROGRESS_INTERVAL)
+
+
+def progress_interval() -> float:
+    """Seconds between two plain progress lines: ``LORAX_PROGRESS_INTERVAL``, else 10."""
+    import os
+
+    text = os.environ.get("LORAX_PROGRESS_INTERVAL", "").strip()
+    try:
+        value = float(text) if text else DEFAULT_PROGRESS_INTERVAL
+    except ValueError:
+        value = DEFAULT_PROGRESS_INTERVAL
+    return max(0.0, value)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+def _field(name: str, value: Any) -> str:
+    if isinstance(value, float):
+        return f"{name} {value:.3g}" if name == "lr" else f"{name} {value:.4g}"
+    return f"{name} {value}"
+
+
+class PlainTask:
+    """A task as plain text lines for logs (stderr not a terminal): one line every ``interval`` seconds, like tqdm in
+    a file — ``training: 150/600 (25%), loss 0.1234, lr 0.005, 2.51 it/s, 01:00 elapsed, ETA 03:00`` — and a last
+    line when it ends if it printed any. A task without a total (a model load) says its name once, when it starts."""
+
+    def __init__(
+        self, write: Any, description: str, total: float | None, interval: float, clock: Any = None
+    ) -> None:
+        import time
+
+        self._write = write
+        self._clock = clock or time.monotonic
+        self.description = description
+        self.total = total
+        self.interval = interval
+        self.completed = 0.0
+        self.fields: dict[str, Any] = {}
+        self._started = self._last = self._clock()
+        self._first: float | None = None  # ``completed`` when this session's timing began (resumed runs)
+        self._printed = 0
+        self._printed_at: float | None = None  # ``completed`` of the last line
+        if total is None:
+            self._write(f"{description} …")
+
     def advance(self, n: float = 1) -> None:
-        pass
+        if self._first is None:
+            self._first = self.completed
+        self._set(self.completed + n)
 
     def update(self, **fields: Any) -> None:
-        pass
+        if "description" in fields:
+            self.description = str(fields.pop("description"))
+        if "total" in fields:
+            self.total = fields.pop("total")
+        completed = fields.pop("completed", None)
+        fields.pop("it/s", None)  # measured here, over the whole task
+        self.fields.update(fields)
+        if completed is not None:
+            if self._first is None:  # where this session starts (a resumed run starts past 0)
+                self._first = float(completed)
+            self._set(float(completed))
 
-    def __enter__(self) -> _LogOnlyTask:
+    def _set(self, completed: float) -> None:
+        self.completed = completed
+        now = self._clock()
+        if self.total is not None and now - self._last >= self.interval:
+            self._last = now
+            self._printed += 1
+            self._printed_at = self.completed
+            self._write(self.line(now))
+
+    def line(self, now: float | None = None) -> str:
+        now = self._clock() if now is None else now
+        elapsed = now - self._started
+        done = self.completed - (self._first or 0.0)
+        parts = [f"{self.description}: {self.completed:g}"]
+        if self.total:
+            parts[0] += f"/{self.total:g} ({100 * self.completed / self.total:.0f}%)"
+        parts += [_field(k, v) for k, v in self.fields.items()]
+        rate = done / elapsed if elapsed > 0 else 0.0
+        if rate > 0:
+            parts.append(f"{rate:.3g} it/s" if rate >= 1 else f"{1 / rate:.3g} s/it")
+        parts.append(f"{_duration(elapsed)} elapsed")
+        if self.total and rate > 0 and self.completed < self.total:
+            parts.append(f"ETA {_duration((self.total - self.completed) / rate)}")
+        return ", ".join(parts)
+
+    def __enter__(self) -> PlainTask:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        pass
+        if self._printed and exc[0] is None and self._printed_at != self.completed:
+            self._write(self.line())
 
 
 class CliProgress:
-    """Renders the service progress protocol: rich bars on an interactive stderr, nothing otherwise."""
+    """Renders the service progress protocol: rich bars on an interactive stderr; plain lines (``PlainTask``, no
+    escape codes) every ``LORAX_PROGRESS_INTERVAL`` seconds when stderr is a file or pipe; nothing with --quiet."""
 
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet or STATE.quiet
@@ -133,7 +222,11 @@ class CliProgress:
 
     def task(self, description: str, total: float | None = None) -> Any:
         if self._rich is None:
-            return _LogOnlyTask()
+            if self.quiet:
+                from lorax.progress import NullProgress
+
+                return NullProgress().task(description, total)
+            return PlainTask(self.log, description, total, progress_interval())
         return RichTask(self._rich, self._rich.add_task(description, total=total, info=""))
 
     def log(self, message: str) -> None:

@@ -7,7 +7,15 @@ from typing import Annotated, Any
 
 import typer
 
-from lorax.cli.common import ForceOption, JsonOption, cli_progress, print_json, stdout_console
+from lorax.cli.app import STATE
+from lorax.cli.common import (
+    ForceOption,
+    JsonOption,
+    cli_progress,
+    print_json,
+    stderr_console,
+    stdout_console,
+)
 
 
 def convert_command(
@@ -89,7 +97,11 @@ def convert_command(
 
 
 def render(result: Any) -> None:
-    console = stdout_console()
+    for path in [result.output, *result.embedding_files.values()]:
+        stdout_console().print(str(path), markup=False, highlight=False)
+    if STATE.quiet:
+        return
+    console = stderr_console()  # the output's path alone on stdout; the table for people on stderr
     lines = [
         f"{result.kind}: {result.input_format} → {result.output_format}",
         f"output: {result.output}",

@@ -7,7 +7,15 @@ from typing import Annotated, Any
 
 import typer
 
-from lorax.cli.common import ForceOption, JsonOption, cli_progress, print_json, stdout_console
+from lorax.cli.app import STATE
+from lorax.cli.common import (
+    ForceOption,
+    JsonOption,
+    cli_progress,
+    print_json,
+    stderr_console,
+    stdout_console,
+)
 
 
 def extract_command(
@@ -60,7 +68,10 @@ def extract_command(
 def render(result: Any) -> None:
     from rich.table import Table
 
-    console = stdout_console()
+    stdout_console().print(str(result.output), markup=False, highlight=False)
+    if STATE.quiet:
+        return
+    console = stderr_console()  # the output's path alone on stdout; the table for people on stderr
     table = Table(title=f"extracted → {result.output} ({result.format}, {result.family}, rank {result.rank})")
     for col in ("module", "kept energy", "rel. error"):
         table.add_column(col, justify="left" if col == "module" else "right")

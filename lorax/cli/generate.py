@@ -15,7 +15,11 @@ from lorax.errors import InputError
 def generate(
     prompt: Annotated[
         str | None,
-        typer.Argument(help="The prompt. `-` reads prompts from stdin, one per line.", show_default=False),
+        typer.Argument(
+            help="The prompt; A1111's <lora:NAME:WEIGHT> (or <lora:NAME:TE_WEIGHT:UNET_WEIGHT>) tags apply "
+            "LoRA files from --lora-dir. `-` reads prompts from stdin, one per line.",
+            show_default=False,
+        ),
     ] = None,
     model: Annotated[
         str,
@@ -31,6 +35,15 @@ def generate(
             "--lora",
             "-l",
             help="A LoRA in any format lorax reads, as FILE, FILE:SCALE or FILE:SCALE:TEXT_SCALE. Repeat for more.",
+            show_default=False,
+        ),
+    ] = None,
+    lora_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--lora-dir",
+            help="Where <lora:NAME:…> prompt tags find NAME.safetensors (sub-folders too; default: the "
+            "current folder).",
             show_default=False,
         ),
     ] = None,
@@ -135,9 +148,11 @@ def generate(
         ),
     ] = None,
     fuse: Annotated[bool, typer.Option("--fuse", help="Merge the LoRAs into the weights for speed.")] = False,
-    device: Annotated[str, typer.Option("--device", help="auto, cuda, mps or cpu.")] = "auto",
+    device: Annotated[
+        str, typer.Option("--device", help="auto, cuda (or gpu), mps or cpu; cuda without a GPU is an error.")
+    ] = "auto",
     dtype: Annotated[
-        str, typer.Option("--dtype", help="auto (fp16 on GPUs, fp32 on CPU), float32, float16 or bfloat16.")
+        str, typer.Option("--dtype", help="auto (fp16 on GPUs, fp32 on CPU), fp16, bf16 or fp32.")
     ] = "auto",
     force: ForceOption = False,
     json_out: JsonOption = False,
@@ -198,6 +213,7 @@ def generate(
         device=device,
         dtype=dtype,
         force=force,
+        lora_dir=lora_dir,
     )
 
     def show(image: GeneratedImage) -> None:

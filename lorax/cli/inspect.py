@@ -15,7 +15,8 @@ def inspect_command(
         list[Path],
         typer.Argument(
             help="LoRA files (kohya, LyCORIS, diffusers/PEFT, lora_diffusion), embeddings (A1111 .pt/.safetensors, "
-            "SDXL, diffusers learned_embeds), model checkpoints (single files, diffusers folders).",
+            "SDXL, diffusers learned_embeds), model checkpoints (single files, diffusers folders), PNGs from "
+            "lorax generate or A1111 (their parameters).",
             show_default=False,
         ),
     ],
@@ -27,8 +28,9 @@ def inspect_command(
     """Show what a file holds: format, family, components, ranks, alphas, modules, targets, dtype, size, tokens,
     and training metadata (kohya's ss_* keys, decoded).
 
-    Safetensors files are read from their header alone, so inspecting a multi-GB file is instant. With --json the
-    result is a JSON list with one object per file.
+    Safetensors files are read from their header alone, so inspecting a multi-GB file is instant. A PNG prints its
+    "parameters" text (prompt, Negative prompt, Steps/Sampler/CFG scale/Seed/Size/Model line) as A1111's PNG Info
+    shows it. With --json the result is a JSON list with one object per file.
     """
     from lorax.services.inspect import InspectConfig, inspect_files
 
@@ -41,7 +43,7 @@ def inspect_command(
     for i, report in enumerate(reports):
         if i:
             console.print()
-        _render(console, report, metadata)
+        _render(console, report, metadata, titled=len(reports) > 1)
 
 
 def _size(n: int) -> str:
@@ -57,8 +59,14 @@ def _join(values: list[Any]) -> str:
     return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values) or "-"
 
 
-def _render(console: Any, report: Any, show_metadata: bool) -> None:
+def _render(console: Any, report: Any, show_metadata: bool, titled: bool = False) -> None:
     from rich.table import Table
+
+    if report.kind == "image":
+        if titled:
+            console.print(report.path, markup=False, highlight=False)
+        console.print(report.parameters["text"], markup=False, highlight=False)
+        return
 
     table = Table(show_header=False, box=None, pad_edge=False, title=report.path, title_justify="left")
     table.add_column(style="bold")

@@ -26,7 +26,7 @@ def invert_command(
         ),
     ] = None,
     config: opts.ConfigOpt = None,
-    model: opts.ModelOpt = "shapes",
+    model: opts.ModelOpt = None,
     format: Annotated[
         str,
         typer.Option(
@@ -94,8 +94,10 @@ def invert_command(
 
     cfg = InvertConfig.from_sources(given, config)
     assert isinstance(cfg, InvertConfig)
-    with cli_progress() as progress:
+    with cli_progress() as bars:
+        progress = opts.announce_model(bars, given, config, cfg)
         result = invert(cfg, progress)
+        progress.flush()
     if json_out:
         print_json(result)
         return
@@ -104,7 +106,7 @@ def invert_command(
         norms += "; clip_g " + ", ".join(
             f"{t} |v| {'/'.join(f'{n:.3f}' for n in ns)}" for t, ns in result.norms_2.items()
         )
-    opts.print_summary(result, f"{result.steps} steps, {result.num_images} images; {norms}")
+    opts.print_summary(result, f"{result.steps} steps, {result.num_images} images; {norms}", cfg.model)
 
 
 _INVERT_PARAMS = opts.config_params(invert_command)

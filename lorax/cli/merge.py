@@ -7,7 +7,15 @@ from typing import Annotated, Any
 
 import typer
 
-from lorax.cli.common import ForceOption, JsonOption, cli_progress, print_json, stdout_console
+from lorax.cli.app import STATE
+from lorax.cli.common import (
+    ForceOption,
+    JsonOption,
+    cli_progress,
+    print_json,
+    stderr_console,
+    stdout_console,
+)
 
 
 def merge_command(
@@ -21,26 +29,33 @@ def merge_command(
     loras: Annotated[
         list[str],
         typer.Argument(
-            help="LoRA files in any format lorax reads, each optionally FILE:ALPHA (style.safetensors:0.8)."
+            help="LoRA files in any format lorax reads, each optionally FILE:SCALE (style.safetensors:0.8)."
         ),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the merged model or LoRA.")],
     alpha: Annotated[
         float | None,
         typer.Option(
-            help="Strength for LoRAs without their own :ALPHA (0 = base, 1 = fully added; default 1). "
-            "LoRA+LoRA: BASE's weight (default 0.5), the other gets 1 - alpha."
+            "--scale",
+            "--alpha",
+            help="Strength for LoRAs without their own :SCALE (0 = base, 1 = fully added; default 1). "
+            "LoRA+LoRA: BASE's weight (default 0.5), the other gets 1 - scale.",
         ),
     ] = None,
     alpha_text: Annotated[
         float | None,
-        typer.Option("--alpha-text", help="Strength for the text encoder(s) (default: the LoRA's alpha)."),
+        typer.Option(
+            "--text-scale",
+            "--alpha-text",
+            help="Strength for the text encoder(s) (default: the LoRA's scale).",
+        ),
     ] = None,
     to: Annotated[
         str | None,
         typer.Option(
             "--to",
-            help="Output layout: diffusers or single-file for models (default: BASE's); kohya, diffusers or "
+            help="Output layout: diffusers or single-file for models (default: OUTPUT's name decides, as in "
+            "convert: OUT.safetensors one file, OUT or OUT/ a folder); kohya, diffusers or "
             "lora_diffusion for LoRA+LoRA (default: BASE's format).",
         ),
     ] = None,
@@ -75,7 +90,7 @@ def merge_command(
     force: ForceOption = False,
     json_out: JsonOption = False,
 ) -> None:
-    """Merge LoRAs into a model: W' = W0 + alpha * (lora_alpha / r) * up @ down for every targeted weight.
+    """Merge LoRAs into a model: W' = W0 + scale * (lora_alpha / r) * up @ down for every targeted weight.
 
     Single files stream: untouched tensors are copied byte for byte, merged ones computed one at a time, so memory
     stays bounded whatever the checkpoint's size. Token embeddings in a LoRA go into a diffusers output's tokenizer
@@ -113,8 +128,8 @@ def render(result: Any) -> None:
     table = Table(title=f"merged → {result.output}", show_header=True)
     table.add_column("LoRA")
     table.add_column("format")
-    table.add_column("alpha", justify="right")
-    table.add_column("text alpha", justify="right")
+    table.add_column("scale", justify="right")
+    table.add_column("text scale", justify="right")
     table.add_column("modules", justify="right")
     table.add_column("matched", justify="right")
     for lora in result.loras:
@@ -126,7 +141,11 @@ def render(result: Any) -> None:
             str(lora.modules),
             str(lora.matched),
         )
-    console = stdout_console()
+    for path in [result.output, *result.embedding_files]:
+        stdout_console().print(str(path), markup=False, highlight=False)
+    if STATE.quiet:
+        return
+    console = stderr_console()
     console.print(table)
     lines = [
         f"output: {result.output} ({result.kind}, {result.family or 'unknown family'}, {_size(result.output_bytes)})",

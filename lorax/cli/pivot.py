@@ -27,7 +27,7 @@ def pivot_command(
         ),
     ] = None,
     config: opts.ConfigOpt = None,
-    model: opts.ModelOpt = "shapes",
+    model: opts.ModelOpt = None,
     format: Annotated[
         str,
         typer.Option(
@@ -141,8 +141,10 @@ def pivot_command(
 
     cfg = PivotConfig.from_sources(given, config)
     assert isinstance(cfg, PivotConfig)
-    with cli_progress() as progress:
+    with cli_progress() as bars:
+        progress = opts.announce_model(bars, given, config, cfg)
         result = pivot(cfg, progress)
+        progress.flush()
     if json_out:
         print_json(result)
         return
@@ -150,6 +152,7 @@ def pivot_command(
         result,
         f"{result.ti_steps} inversion + {result.steps} LoRA steps, {result.num_images} images, "
         f"tokens {' '.join(result.tokens)}",
+        cfg.model,
     )
 
 

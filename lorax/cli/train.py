@@ -20,7 +20,8 @@ def train_command(
         Path | None,
         typer.Argument(
             help="Folder of training images; captions from <image>.txt beside each image or metadata.jsonl, "
-            "else --instance-prompt. May come from --config instead.",
+            "else --instance-prompt. kohya's layout works too: sub-folders named '10_sks dog' train 10 "
+            "times each, captioned 'sks dog' where an image has no caption file. May come from --config instead.",
             show_default=False,
         ),
     ] = None,
@@ -29,7 +30,18 @@ def train_command(
         typer.Option("--output", "-o", help="The LoRA file to write (.safetensors).", rich_help_panel=OUT),
     ] = None,
     config: opts.ConfigOpt = None,
-    model: opts.ModelOpt = "shapes",
+    dataset_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--dataset-config",
+            "--dataset_config",
+            help="kohya's dataset TOML ([general], [[datasets]], [[datasets.subsets]] with image_dir, "
+            "num_repeats, class_tokens, is_reg …) instead of DATA_DIR.",
+            rich_help_panel=DATA,
+            show_default=False,
+        ),
+    ] = None,
+    model: opts.ModelOpt = None,
     format: Annotated[
         str,
         typer.Option(
@@ -82,11 +94,22 @@ def train_command(
     num_class_images: opts.NumClassImagesOpt = 100,
     prior_weight: opts.PriorWeightOpt = 1.0,
     sample_steps: Annotated[
-        int, typer.Option(help="Denoising steps for class and validation images.", rich_help_panel=PRIOR)
+        int,
+        typer.Option(
+            "--sample-steps",
+            help="Denoising steps for class and validation images (generate's --steps; train's --steps counts "
+            "optimizer steps).",
+            rich_help_panel=PRIOR,
+        ),
     ] = 20,
     guidance_scale: Annotated[
         float,
-        typer.Option(help="Classifier-free guidance for class and validation images.", rich_help_panel=PRIOR),
+        typer.Option(
+            "--guidance",
+            "--guidance-scale",
+            help="Classifier-free guidance for class and validation images (as generate's --guidance).",
+            rich_help_panel=PRIOR,
+        ),
     ] = 7.5,
     rank: Annotated[int, opts.rank_option(LORA)] = 4,
     alpha: Annotated[float | None, opts.alpha_option(LORA)] = None,
@@ -186,8 +209,10 @@ def train_command(
     from lorax.training.config import TrainConfig
 
     cfg = TrainConfig.from_sources(given, config)
-    with cli_progress() as progress:
+    with cli_progress() as bars:
+        progress = opts.announce_model(bars, given, config, cfg)
         result = train(cfg, progress)
+        progress.flush()
     if not result.main_process:
         return
     if json_out:
@@ -197,7 +222,8 @@ def train_command(
     console.print(str(result.output), markup=False, highlight=False)
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
     summary = (
-        f"{result.steps} steps, {result.epochs:g} epochs, {result.num_images} images, final loss {loss}, "
+        f"{result.steps} steps, {result.epochs:g} epochs, {result.num_images} images, model {cfg.model}, "
+        f"final loss {loss}, "
         f"{result.seconds:.1f}s; {result.file_bytes / 1e6:.2f} MB ({100 * result.file_bytes / result.base_model_bytes:.2f}% "
         f"of the base model); loss curve {result.loss_png}"
     )

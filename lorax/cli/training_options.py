@@ -34,7 +34,13 @@ ConfigOpt = Annotated[
     ),
 ]
 ModelOpt = Annotated[
-    str, typer.Option(help="Base model: shapes (built in), a diffusers folder, a Hub id or a single file.")
+    str | None,
+    typer.Option(
+        help="Base model: a diffusers folder, a Hub id, a single file or a built-in name. Default: LORAX_MODEL, "
+        "else model in ~/.config/lorax/config.toml, else shapes (the built-in 32×32 toy). Its lorax.json "
+        "defaults apply to the flags not given.",
+        show_default=False,
+    ),
 ]
 TemplateOpt = Annotated[
     str | None,
@@ -78,7 +84,10 @@ CacheLatentsOpt = Annotated[
 ]
 DeviceOpt = Annotated[
     str | None,
-    typer.Option(help="cpu to force the CPU (default: the accelerator's choice).", rich_help_panel=SPEED),
+    typer.Option(
+        help="cpu, cuda (or gpu; an error without one) or auto (default: a GPU when there is one).",
+        rich_help_panel=SPEED,
+    ),
 ]
 CheckpointEveryOpt = Annotated[
     int, typer.Option(help="Save a resumable checkpoint every N steps (0: never).", rich_help_panel=DURING)
@@ -124,8 +133,13 @@ def rank_option(panel: str) -> Any:
 
 
 def alpha_option(panel: str) -> Any:
-    """``--alpha`` in the command's LoRA help panel."""
-    return typer.Option(help="LoRA alpha (scale alpha/rank; default: the rank).", rich_help_panel=panel)
+    """``--network-alpha`` (kohya's name; ``--alpha`` still works) in the command's LoRA help panel."""
+    return typer.Option(
+        "--network-alpha",
+        "--alpha",
+        help="LoRA alpha (scale alpha/rank; default: the rank), kohya's --network_alpha.",
+        rich_help_panel=panel,
+    )
 
 
 # --- invert and pivot (new tokens) --------------------------------------------------------------------------
@@ -227,8 +241,64 @@ def given_flags(ctx: typer.Context, values: dict[str, Any], names: list[str]) ->
     return given
 
 
-def print_summary(result: Any, what: str) -> None:
-    """OUTPUT on stdout; on stderr (unless --quiet) ``what``, the final loss, time, size and the loss curve."""
+def model_origin(given: dict[str, Any], config_file: Path | None, config: Any) -> str | None:
+    """Where the run's model comes from when the command line did not name it (``None`` when it did)."""
+    if given.get("model") is not None:
+        return None
+    from lorax.training.config import load_toml, resumed_config
+
+    file = config_file
+    if file is None and given.get("resume") is not None:
+        file = resumed_config(given["resume"])
+    if file is not None and load_toml(file, type(config)).get("model") is not None:
+        return f"from {file}"
+    from lorax.models.registry import BUILTIN_MODELS, default_model
+
+    spec, where = default_model()
+    if where == "built in":
+        size = ""
+        from lorax.models.defaults import model_defaults
+
+        found = model_defaults(spec).size if spec in BUILTIN_MODELS else None
+        if found is not None:
+            size = f" {found[0]}×{found[1]}"
+        return f"lorax's built-in{size} toy model; name yours with --model or LORAX_MODEL"
+    return f"from {where}"
+
+
+class AnnouncingProgress:
+    """A progress reporter whose first output is a held line (``model: shapes (…)``): it appears before the run's
+    first line or bar, or at ``flush()``; a run that fails before saying anything prints only its error."""
+
+    def __init__(self, inner: Any, line: str | None) -> None:
+        self.inner = inner
+        self.line = line
+
+    def flush(self) -> None:
+        if self.line is not None:
+            line, self.line = self.line, None
+            self.inner.log(line)
+
+    def task(self, description: str, total: float | None = None) -> Any:
+        self.flush()
+        return self.inner.task(description, total)
+
+    def log(self, message: str) -> None:
+        self.flush()
+        self.inner.log(message)
+
+
+def announce_model(
+    progress: Any, given: dict[str, Any], config_file: Path | None, config: Any
+) -> AnnouncingProgress:
+    """``progress`` whose first line names the model when the command line did not (``model: shapes (…)``)."""
+    origin = model_origin(given, config_file, config)
+    return AnnouncingProgress(progress, f"model: {config.model} ({origin})" if origin is not None else None)
+
+
+def print_summary(result: Any, what: str, model: str | None = None) -> None:
+    """OUTPUT on stdout; on stderr (unless --quiet) ``what``, the model, the final loss, time, size and the loss
+    curve."""
     from lorax.cli.app import STATE
     from lorax.cli.common import stderr_console, stdout_console
 
@@ -236,8 +306,9 @@ def print_summary(result: Any, what: str) -> None:
     if STATE.quiet or not result.output.exists():
         return
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
+    on = f"; model {model}" if model is not None else ""
     stderr_console().print(
-        f"{what}; final loss {loss}, {result.seconds:.1f}s; {result.file_bytes / 1e3:.1f} kB; "
+        f"{what}{on}; final loss {loss}, {result.seconds:.1f}s; {result.file_bytes / 1e3:.1f} kB; "
         f"loss curve {result.loss_png}",
         markup=False,
         highlight=False,

@@ -5,15 +5,19 @@ from __future__ import annotations
 import math
 
 
-def make_buckets(resolution: int, *, step: int | None = None) -> list[tuple[int, int]]:
+def make_buckets(
+    resolution: int, *, step: int | None = None, low: int | None = None, high: int | None = None
+) -> list[tuple[int, int]]:
     """Sizes ``(width, height)``, multiples of ``step``, with area ≤ ``resolution²`` and sides within ½× to 2×.
 
     ``step`` defaults to ``resolution / 8`` rounded to a multiple of 8 (64 at 512 px, as kohya's trainer uses).
+    ``low`` / ``high`` bound the sides instead (kohya's ``min_bucket_reso`` / ``max_bucket_reso``).
     """
     if step is None:
         step = max(8, (resolution // 8) // 8 * 8)
     area = resolution * resolution
-    lo, hi = max(step, resolution // 2), resolution * 2
+    lo = max(step, resolution // 2) if low is None else low
+    hi = resolution * 2 if high is None else high
     buckets: set[tuple[int, int]] = {(resolution, resolution)}
     width = lo
     while width <= hi:

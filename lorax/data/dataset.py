@@ -42,14 +42,20 @@ class DataOptions:
     caption_dropout: float = 0.0
     template: str | None = None
     seed: int = 0
+    # kohya's bucket bounds (min_bucket_reso, max_bucket_reso, bucket_reso_steps); None: lorax's defaults
+    bucket_min: int | None = None
+    bucket_max: int | None = None
+    bucket_step: int | None = None
 
     @classmethod
-    def from_config(cls, config: Any, resolution: int) -> DataOptions:
+    def from_config(cls, config: Any, resolution: int, **extra: Any) -> DataOptions:
         """The data fields of a training config (train, invert and pivot configs share their names)."""
-        return cls(
-            resolution=resolution,
-            **{f.name: getattr(config, f.name) for f in fields(cls) if f.name != "resolution"},
-        )
+        values = {
+            f.name: getattr(config, f.name)
+            for f in fields(cls)
+            if f.name != "resolution" and hasattr(config, f.name)
+        }
+        return cls(resolution=resolution, **{**values, **extra})
 
 
 @dataclass(frozen=True)
@@ -96,12 +102,18 @@ class TrainData:
         self.process_index = process_index
         self.num_processes = num_processes
         res = options.resolution
-        self.buckets = make_buckets(res) if options.buckets else [(res, res)]
+        self.buckets = (
+            make_buckets(res, step=options.bucket_step, low=options.bucket_min, high=options.bucket_max)
+            if options.buckets
+            else [(res, res)]
+        )
         self.item_bucket = [nearest_bucket(it.size, self.buckets) for it in self.items]
+        self.example_items = _expand(self.items, options.repeats)
+        self.class_examples = _expand(self.class_items, 1)
 
     def __len__(self) -> int:
-        """Examples per epoch: images × repeats."""
-        return len(self.items) * self.options.repeats
+        """Examples per epoch: images × repeats (kohya folders: each image × its folder's repeats)."""
+        return len(self.example_items)
 
     def _all_batches(self, epoch: int) -> list[list[int]]:
         rng = random.Random(derive_seed(self.options.seed, "order", epoch))
@@ -109,7 +121,7 @@ class TrainData:
         rng.shuffle(order)
         by_bucket: dict[tuple[int, int], list[int]] = {}
         for index in order:
-            by_bucket.setdefault(self.item_bucket[index % len(self.items)], []).append(index)
+            by_bucket.setdefault(self.item_bucket[self.example_items[index]], []).append(index)
         bs = self.options.batch_size
         batches = [
             group[i : i + bs] for _, group in sorted(by_bucket.items()) for i in range(0, len(group), bs)
@@ -135,18 +147,19 @@ class TrainData:
         """The key (image, flip, size) and caption of example ``index`` in ``epoch``, and its crop generator."""
         opts = self.options
         rng = random.Random(derive_seed(opts.seed, "example", epoch, index))
-        item_index = index % len(self.items)
+        item_index = self.example_items[index]
         item = self.items[item_index]
-        flip = opts.flip and rng.random() < 0.5
+        own = item.options
+        flip = _pick(own, "flip", opts.flip) and rng.random() < 0.5
         caption = item.caption
         if opts.template is not None:
             caption = template_prompt(opts.template, caption, rng)
         caption = augment_caption(
             caption,
             rng,
-            shuffle=opts.caption_shuffle,
-            keep_tokens=opts.keep_tokens,
-            dropout=opts.caption_dropout,
+            shuffle=_pick(own, "shuffle_caption", opts.caption_shuffle),
+            keep_tokens=_pick(own, "keep_tokens", opts.keep_tokens),
+            dropout=_pick(own, "caption_dropout", opts.caption_dropout),
         )
         key = ImageKey("instance", item_index, flip, self.item_bucket[item_index])
         return key, caption, rng
@@ -155,18 +168,21 @@ class TrainData:
         self, epoch: int, index: int, size: tuple[int, int]
     ) -> tuple[ImageKey, str, random.Random]:
         rng = random.Random(derive_seed(self.options.seed, "class", epoch, index))
-        item_index = index % len(self.class_items)
-        flip = self.options.flip and rng.random() < 0.5
-        assert self.class_prompt is not None
-        return ImageKey("class", item_index, flip, size), self.class_prompt, rng
+        item_index = self.class_examples[index % len(self.class_examples)]
+        item = self.class_items[item_index]
+        flip = _pick(item.options, "flip", self.options.flip) and rng.random() < 0.5
+        caption = item.caption or self.class_prompt
+        assert caption is not None
+        return ImageKey("class", item_index, flip, size), caption, rng
 
     def load(self, key: ImageKey, rng: random.Random | None = None) -> Any:
         """The pixels of ``key`` (``rng`` draws the crop when random cropping)."""
         items = self.items if key.source == "instance" else self.class_items
+        item = items[key.item]
         return load_training_image(
-            items[key.item].path,
+            item.path,
             key.size,
-            random_crop=self.options.random_crop,
+            random_crop=_pick(item.options, "random_crop", self.options.random_crop),
             flip=key.flip,
             rng=rng or random.Random(0),
         )
@@ -213,3 +229,18 @@ class TrainData:
             for s in class_sizes
         ]
         return keys
+
+
+def _expand(items: Sequence[ImageItem], repeats: int) -> list[int]:
+    """Example index → item index: round k holds every item with more than k repeats (each × ``repeats``).
+
+    With equal repeats this is ``index % len(items)``.
+    """
+    counts = [it.repeats * repeats for it in items]
+    return [i for k in range(max(counts, default=0)) for i, n in enumerate(counts) if k < n]
+
+
+def _pick(options: Any, name: str, default: Any) -> Any:
+    """A kohya subset's own setting where it has one, else the run's."""
+    value = getattr(options, name, None) if options is not None else None
+    return default if value is None else value

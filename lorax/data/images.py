@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lorax.errors import InputError
 
@@ -26,6 +27,8 @@ class ImageItem:
     path: Path
     caption: str
     size: tuple[int, int]
+    repeats: int = 1  # kohya's per-folder repeats (times the run's --repeats)
+    options: Any = None  # a kohya subset's caption/augmentation settings (lorax.data.kohya.SubsetOptions)
 
 
 def find_images(folder: Path, *, recursive: bool = False) -> list[Path]:

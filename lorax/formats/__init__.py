@@ -164,7 +164,11 @@ def load_lora(path: str | Path, *, model: Any = None, family: str | None = None)
     if fmt in EMBEDDING_FORMATS:
         from lorax.formats import embeddings
 
-        return LoraState(embeddings=embeddings.read(content, fmt, path=p), metadata=metadata, family=family)
+        return LoraState(
+            embeddings=embeddings.read(content, fmt, path=p, metadata=metadata),
+            metadata=metadata,
+            family=family,
+        )
     if fmt not in FORMATS:
         raise FormatError(f"is a {fmt} file, not a LoRA", path=p)
     module = FORMATS[fmt].load()
@@ -250,7 +254,7 @@ def save_lora(
     full-size model does.
     """
     from lorax.io.atomic import atomic_path
-    from lorax.io.safetensors_io import save_tensors
+    from lorax.io.safetensors_io import a1111_hashes, save_tensors
 
     if format not in LORA_WRITE_FORMATS:
         raise FormatError(
@@ -260,27 +264,49 @@ def save_lora(
 
     module = FORMATS[format].load()
     state = replace(state, metadata=carried_metadata(state.metadata))
-    if hasattr(module, "prepare"):
-        state = module.prepare(state)
     if format == "lora_diffusion":
         tensors, header = module.write(state, dtype=dtype, model=model)
     else:
         tensors, header = module.write(state, dtype=dtype)
-    header = {**header, **lorax_metadata(state, format), **dict(metadata or {})}
     out = Path(path)
+    header = {**header, **lorax_metadata(state, format), **dict(metadata or {})}
+    header = {str(k): str(v) for k, v in {**ui_metadata(state, out, header), **header}.items()}
+    header.update(a1111_hashes(tensors, header))
     with atomic_path(out, force) as tmp:
-        save_tensors(tensors, tmp, {str(k): str(v) for k, v in header.items()})
+        save_tensors(tensors, tmp, header)
     return out
+
+
+def ui_metadata(state: LoraState, out: Path, header: Mapping[str, str]) -> dict[str, str]:
+    """What sites and UIs show, for a written file whose header does not say it already: ``ss_output_name``,
+    kohya's dataset keys (empty when the file's training data is unknown), and the model-spec keys.
+    """
+    from lorax.formats.modelspec import modelspec
+
+    v_prediction = str(header.get("ss_v_parameterization", "")).lower() == "true"
+    trigger = header.get("lorax_instance_prompt") or ", ".join(json.loads(header.get("lorax_tokens", "[]")))
+    meta = {
+        "ss_output_name": out.stem,
+        "ss_tag_frequency": "{}",
+        "ss_dataset_dirs": "{}",
+        **modelspec(
+            state.family,
+            title=header.get("ss_output_name") or out.stem,
+            v_prediction=v_prediction,
+            trigger_phrase=trigger or None,
+        ),
+    }
+    return {k: v for k, v in meta.items() if k not in header}
 
 
 def load_embeddings(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     """Token embeddings ``{token: {component: [n_vectors, dim]}}`` from an embedding file or a LoRA bundling them."""
     p = _resolve_folder(Path(path))
-    content, _metadata, fmt = read_file(p)
+    content, metadata, fmt = read_file(p)
     if fmt in EMBEDDING_FORMATS:
         from lorax.formats import embeddings
 
-        return embeddings.read(content, fmt, path=p)
+        return embeddings.read(content, fmt, path=p, metadata=metadata)
     state = load_lora(p)
     if not state.embeddings:
         raise FormatError(f"is a {fmt} file with no token embeddings", path=p)

@@ -153,7 +153,7 @@ def peft_config_kwargs(state: LoraState, component: str) -> dict[str, Any]:
     if dora and len(dora) != len(pairs):
         raise FormatError(
             f"{component} mixes DoRA and plain LoRA modules; a diffusers/PEFT file has one use_dora per component "
-            "(use --format kohya)"
+            "(write it in the kohya format: --to kohya, or --format kohya in train and pivot)"
         )
     r = Counter(ranks.values()).most_common(1)[0][0]
     lora_alpha = Counter(alphas.values()).most_common(1)[0][0]
@@ -202,12 +202,12 @@ def write(
     for module_path, module in state.modules.items():
         if isinstance(module, DoraModule) and not module.wd_on_out:
             raise FormatError(
-                f"module {module_path}: DoRA magnitudes per input column have no PEFT form; use --format kohya"
+                f"module {module_path}: DoRA magnitudes per input column have no PEFT form; write it in the kohya format (--to kohya; --format kohya in train and pivot)"
             )
         if not isinstance(module, LoraModule | DoraModule):
             raise FormatError(
                 f"module {module_path} ({type(module).__name__}) cannot be written in diffusers format; "
-                "use --format kohya"
+                "write it in the kohya format (--to kohya; --format kohya in train and pivot)"
             )
         down, up = (module.down, module.up) if dtype is None else (module.down.to(dtype), module.up.to(dtype))
         tensors[f"{module_path}.lora_A.weight"] = down.contiguous()
@@ -230,6 +230,6 @@ def write(
     for token in state.embeddings:
         raise FormatError(
             f"the diffusers LoRA format holds no token embeddings (token {token!r}); save them with "
-            "save_embeddings or use --format kohya"
+            "save_embeddings or write it in the kohya format (--to kohya; --format kohya in train and pivot)"
         )
     return tensors, metadata

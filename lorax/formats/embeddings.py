@@ -12,6 +12,7 @@ In memory: ``{token: {component: Tensor[n_vectors, dim]}}``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,26 @@ if TYPE_CHECKING:
 
 Embeddings = dict[str, dict[str, "torch.Tensor"]]
 SDXL_NAMES = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+
+
+def trained_token(metadata: Mapping[str, str] | None) -> str | None:
+    """The token a lorax-written one-token file was trained for (``lorax_tokens`` in its header), if any."""
+    raw = (metadata or {}).get("lorax_tokens")
+    if not raw:
+        return None
+    try:
+        tokens = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(tokens, list) and len(tokens) == 1 and isinstance(tokens[0], str) and tokens[0]:
+        return tokens[0]
+    return None
+
+
+def file_token(path: Any, metadata: Mapping[str, str] | None = None) -> str:
+    """The token of a file named by its file (A1111 ``emb_params``, SDXL ``clip_l``/``clip_g``): the trained token
+    lorax wrote into the header, else the file's stem (A1111's and ComfyUI's trigger in both cases)."""
+    return trained_token(metadata) or _token_from_path(path)
 
 
 def _token_from_path(path: Any) -> str:
@@ -40,14 +61,21 @@ def _vectors(t: Any, what: str, path: Any) -> torch.Tensor:
     return t.reshape(1, -1) if t.dim() == 1 else t
 
 
-def read(content: Any, fmt: str, *, path: Any = None) -> Embeddings:
-    """An embedding file's content (tensor dict or unpickled object) → ``{token: {component: [n, dim]}}``."""
+def read(
+    content: Any, fmt: str, *, path: Any = None, metadata: Mapping[str, str] | None = None
+) -> Embeddings:
+    """An embedding file's content (tensor dict or unpickled object) → ``{token: {component: [n, dim]}}``.
+
+    Files named by their file take the trained token from ``metadata`` when lorax wrote one (``file_token``).
+    """
     if not isinstance(content, Mapping):
         raise FormatError("an embedding file must hold a mapping of tensors", path=path)
     if fmt == "a1111-embedding":
         if "emb_params" in content:
             return {
-                _token_from_path(path): {"text_encoder": _vectors(content["emb_params"], "emb_params", path)}
+                file_token(path, metadata): {
+                    "text_encoder": _vectors(content["emb_params"], "emb_params", path)
+                }
             }
         params = content.get("string_to_param")
         if not isinstance(params, Mapping) or len(params) != 1:
@@ -58,7 +86,7 @@ def read(content: Any, fmt: str, *, path: Any = None) -> Embeddings:
         unknown = set(content) - set(SDXL_NAMES)
         if unknown:
             raise FormatError(f"unexpected keys in an SDXL embedding: {sorted(unknown)}", path=path)
-        return {_token_from_path(path): {SDXL_NAMES[k]: _vectors(v, k, path) for k, v in content.items()}}
+        return {file_token(path, metadata): {SDXL_NAMES[k]: _vectors(v, k, path) for k, v in content.items()}}
     if fmt == "diffusers-embedding":
         return {
             str(token): {"text_encoder": _vectors(v, f"token {token!r}", path)}

@@ -12,6 +12,7 @@ When writing, SDXL UNet modules use kohya's original (SGM) naming; other familie
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -104,7 +105,7 @@ def read(
         if suffixes <= set(LORA_SUFFIXES) and {"lora_down.weight", "lora_up.weight"} <= suffixes:
             down, up = tensors[parts["lora_down.weight"]], tensors[parts["lora_up.weight"]]
             check_pair(module_path, down, up, path)
-            alpha = float(tensors[parts["alpha"]].item()) if "alpha" in parts else None
+            alpha = file_alpha(tensors[parts["alpha"]], parts["alpha"], path) if "alpha" in parts else None
             state.modules[module_path] = LoraModule(down, up, alpha)
             continue
         from lorax.formats import lycoris
@@ -178,3 +179,13 @@ def write(
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return (t if dtype is None else t.to(dtype)).contiguous()
+
+
+def file_alpha(tensor: Any, key: str, path: Any) -> float:
+    """A file's own alpha: one finite number, or one line naming the key and the file."""
+    if tensor.numel() != 1:
+        raise FormatError(f"{key} must hold one number, it has shape {list(tensor.shape)}", path=path)
+    value = float(tensor.float().item())
+    if not math.isfinite(value):
+        raise FormatError(f"{key} is {value} (an alpha must be a finite number)", path=path)
+    return value

@@ -2,8 +2,9 @@
 
 Per-module suffixes: LoHa ``hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b`` (+ ``hada_t1, hada_t2`` Tucker cores); LoKr
 ``lokr_w1`` or ``lokr_w1_a/_b``, ``lokr_w2`` or ``lokr_w2_a/_b`` (+ ``lokr_t2``); DoRA ``dora_scale`` beside a LoRA
-pair; LoCon with a Tucker core ``lora_mid.weight`` (folded exactly into ``down``); full ``diff`` (+ ``diff_b``);
-``alpha`` as in kohya. The delta math lives in ``lorax.adapters.lycoris``.
+pair or beside LoHa/LoKr tensors (LyCORIS ``weight_decompose``); LoCon with a Tucker core ``lora_mid.weight`` (folded
+exactly into ``down``); full ``diff`` (+ ``diff_b``); IA3 ``weight`` + ``on_input``; ``alpha`` as in kohya. The delta
+math lives in ``lorax.adapters.lycoris``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from typing import Any
 
 import torch
 
-from lorax.adapters.lycoris import DoraModule, FullDiffModule, LohaModule, LokrModule
+from lorax.adapters.lycoris import (
+    DecomposedModule,
+    DoraModule,
+    FullDiffModule,
+    Ia3Module,
+    LohaModule,
+    LokrModule,
+    magnitude_on_out,
+)
 from lorax.adapters.state import LoraModule, LoraState
 from lorax.errors import FormatError
 from lorax.formats import kohya
@@ -68,7 +77,7 @@ def module_from_parts(
         alpha = _alpha(parts)
         if "dora_scale" in keys:
             scale = parts["dora_scale"]
-            wd_on_out = scale.shape[0] == up.shape[0] and scale.numel() == up.shape[0]
+            wd_on_out = magnitude_on_out(scale, up.shape[0])
             module = DoraModule(
                 down, up, alpha if alpha is not None else float(down.shape[0]), scale, wd_on_out
             )
@@ -78,8 +87,15 @@ def module_from_parts(
     elif "diff" in keys:
         module = FullDiffModule(parts["diff"], parts.get("diff_b"))
         used |= {"diff"} | ({"diff_b"} & keys)
+    elif {"weight", "on_input"} <= keys:
+        module = Ia3Module(parts["weight"], bool(int(parts["on_input"].reshape(-1)[0].item())))
+        used |= {"weight", "on_input"}
     else:
         raise FormatError(f"module {name}: unknown tensors {sorted(keys)}", path=path)
+    if "dora_scale" in keys and "dora_scale" not in used and isinstance(module, LohaModule | LokrModule):
+        scale = parts["dora_scale"]
+        module = DecomposedModule(module, scale, magnitude_on_out(scale, module.out_features))
+        used.add("dora_scale")
     leftovers = keys - used
     if leftovers:
         raise FormatError(f"module {name}: unexpected tensors {sorted(leftovers)}", path=path)

@@ -2,7 +2,8 @@
 
 Tensors are read and written one at a time; a tensor whose bytes do not change (most of them: only OpenCLIP's fused
 q;k;v and SDXL's transposed text projection are rebuilt) is copied as raw bytes. Single files lorax writes carry the
-component configs and tokenizer in their metadata (``lorax.configs``, ``lorax.tokenizer``) so they convert back, and
+component configs, tokenizer and model defaults in their metadata (``lorax.configs``, ``lorax.tokenizer``,
+``lorax.defaults``, a folder's ``lorax.json``) so they convert back, and
 load as pipelines, offline; for files from elsewhere the configs come from ``config_from`` (a diffusers folder of the
 same family) or the family's reference repo in the local Hugging Face cache.
 """
@@ -101,9 +102,12 @@ def single_file_metadata(ckpt: DiffusersCheckpoint, components: list[str]) -> di
         for name in TOKENIZER_FOLDERS
         if (ckpt.path / name).is_dir()
     }
+    from lorax.models.defaults import metadata_entry, read_folder_defaults
+
     meta = {META_FAMILY: ckpt.family, META_CONFIGS: json.dumps(configs, sort_keys=True)}
     if tokenizers:
         meta[META_TOKENIZER] = json.dumps(tokenizers, sort_keys=True)
+    meta.update(metadata_entry(read_folder_defaults(ckpt.path)))  # the model's lorax.json travels along
     return meta
 
 
@@ -256,6 +260,9 @@ def write_diffusers_folder(
             (out / name / fname).write_text(text)
     index = dict(configs.get("model_index") or _default_model_index(ckpt.family))
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    from lorax.models.defaults import read_metadata_defaults, write_folder_defaults
+
+    write_folder_defaults(out, read_metadata_defaults(ckpt.metadata, str(ckpt.path)))
     return counts
 
 

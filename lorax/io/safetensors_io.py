@@ -23,7 +23,7 @@ from lorax.errors import FormatError, InputError
 if TYPE_CHECKING:
     import torch
 
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100_000_000  # the safetensors crate's MAX_HEADER_SIZE
 
 DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -89,25 +89,60 @@ def read_header(path: str | Path) -> Header:
     metadata = doc.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise FormatError("invalid safetensors metadata (not a JSON object)", path=p)
+    if not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError("invalid safetensors metadata (values must be strings)", path=p)
     data_offset = 8 + n
     tensors: dict[str, TensorInfo] = {}
     for name, info in doc.items():
-        try:
-            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"invalid safetensors entry for tensor {name!r}", path=p) from None
-        if dtype not in DTYPE_SIZES:
-            raise FormatError(f"tensor {name!r} has unknown dtype {dtype!r}", path=p)
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise FormatError(f"tensor {name!r} has an invalid shape {list(shape)}", path=p)
-        if end - start != math.prod(shape) * DTYPE_SIZES[dtype] or start < 0 or end < start:
-            raise FormatError(f"tensor {name!r}: its byte range does not match its shape and dtype", path=p)
-        if data_offset + end > size:
-            raise FormatError(
-                f"truncated: tensor {name!r} ends at byte {data_offset + end}, the file has {size}", path=p
-            )
+        dtype, shape, (start, end) = _entry(name, info, p)
         tensors[name] = TensorInfo(name, dtype, shape, data_offset + start, data_offset + end)
+    _check_layout(tensors, data_offset, size, p)
     return Header(p, tensors, {str(k): str(v) for k, v in metadata.items()}, data_offset, size)
+
+
+def _is_uint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry(name: str, info: Any, p: Path) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """One header entry's dtype, shape and data offsets, each of the JSON type the format prescribes."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise FormatError(
+            f"invalid safetensors entry for tensor {name!r} (needs dtype, shape and data_offsets)", path=p
+        )
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise FormatError(f"tensor {name!r} has unknown dtype {dtype!r}", path=p)
+    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        raise FormatError(f"tensor {name!r} has an invalid shape {shape!r} (a list of integers >= 0)", path=p)
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
+        raise FormatError(f"tensor {name!r} has invalid data_offsets {offsets!r} (two integers >= 0)", path=p)
+    start, end = offsets
+    if end < start or end - start != math.prod(shape) * DTYPE_SIZES[dtype]:
+        raise FormatError(f"tensor {name!r}: its byte range does not match its shape and dtype", path=p)
+    return dtype, tuple(shape), (start, end)
+
+
+def _check_layout(tensors: dict[str, TensorInfo], data_offset: int, size: int, p: Path) -> None:
+    """Byte ranges sorted by offset must tile the data section exactly: from its start, no gap, no overlap, up
+    to the end of the file (the safetensors crate's ``Metadata::validate`` and ``MetadataIncompleteBuffer``)."""
+    position, last = data_offset, None
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if info.start < position:
+            raise FormatError(f"tensor {info.name!r} overlaps the bytes of another tensor", path=p)
+        if info.start > position:
+            raise FormatError(
+                f"tensor {info.name!r} starts at byte {info.start}, leaving bytes {position}-{info.start} "
+                "unaccounted for",
+                path=p,
+            )
+        position, last = info.end, info.name
+    if position > size:
+        raise FormatError(f"truncated: tensor {last!r} ends at byte {position}, the file has {size}", path=p)
+    if position < size:
+        raise FormatError(
+            f"{size - position} bytes after the last tensor are not described by the header", path=p
+        )
 
 
 class SafetensorsFile:
@@ -186,6 +221,56 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes | memoryview:
     return t.reshape(-1).view(torch.uint8).numpy().data
 
 
+def header_bytes(
+    specs: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> bytes:
+    """The 8-byte length and JSON header ``StreamingWriter`` writes for tensors laid out in ``specs`` order."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, dtype, shape in specs:
+        n = math.prod(shape) * DTYPE_SIZES[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes, as safetensors does
+    return struct.pack("<Q", len(blob)) + blob
+
+
+# A1111's hashes of a safetensors file (modules/hashes.py addnet_hash_safetensors, sd_models.model_hash), which
+# kohya precomputes into the header (train_util.precalculate_safetensors_hashes) so UIs need not read the file.
+LEGACY_HASH_OFFSET, LEGACY_HASH_SIZE = 0x100000, 0x10000
+
+
+def a1111_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """``sshs_model_hash`` (sha256 of the bytes after the header) and ``sshs_legacy_hash`` (first 8 hex digits of
+    the sha256 of the file's 0x10000 bytes at 0x100000) of the file ``save_tensors(tensors, path, metadata + these)``
+    writes. The header's length does not depend on the hash values (fixed widths), so both are exact for that file;
+    when the header itself reaches into the legacy window (a header over 1 MiB) the legacy hash is left out.
+    """
+    import hashlib
+
+    specs = [(k, st_dtype(t), tuple(t.shape)) for k, t in tensors.items()]
+    placeholder = {**metadata, "sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
+    head = header_bytes(specs, placeholder)
+    model = hashlib.sha256()
+    window = bytearray()
+    position = len(head)
+    end = LEGACY_HASH_OFFSET + LEGACY_HASH_SIZE
+    for t in tensors.values():
+        buf = bytes(tensor_bytes(t))
+        model.update(buf)
+        lo, hi = max(position, LEGACY_HASH_OFFSET), min(position + len(buf), end)
+        if lo < hi:
+            window += buf[lo - position : hi - position]
+        position += len(buf)
+    hashes = {"sshs_model_hash": model.hexdigest()}
+    if len(head) <= LEGACY_HASH_OFFSET:
+        hashes["sshs_legacy_hash"] = hashlib.sha256(bytes(window)).hexdigest()[:8]
+    return hashes
+
+
 class StreamingWriter:
     """Writes a safetensors file whose tensor list is known up front, one tensor at a time.
 
@@ -200,21 +285,10 @@ class StreamingWriter:
         metadata: dict[str, str] | None = None,
     ) -> None:
         self.path = Path(path)
-        self._order: list[tuple[str, int]] = []
-        header: dict[str, Any] = {}
-        if metadata:
-            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-        offset = 0
-        for name, dtype, shape in specs:
-            n = math.prod(shape) * DTYPE_SIZES[dtype]
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-            self._order.append((name, n))
-            offset += n
-        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes, as safetensors does
+        specs = list(specs)
+        self._order = [(name, math.prod(shape) * DTYPE_SIZES[dtype]) for name, dtype, shape in specs]
         self._f: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed in close()
-        self._f.write(struct.pack("<Q", len(blob)))
-        self._f.write(blob)
+        self._f.write(header_bytes(specs, metadata))
         self._next = 0
 
     def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> None:

@@ -15,6 +15,22 @@ from lorax.errors import ConfigError, FormatError
 from lorax.io.checkpoint import DiffusersCheckpoint, SingleFileCheckpoint, open_checkpoint
 
 DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+# A model this big (on disk) takes seconds to read: commands say "loading model …" first (the built-in and tiny
+# test models, a few MB, load at once and say nothing).
+SLOW_LOAD_BYTES = 64 * 2**20
+
+
+def load_is_slow(spec: str | Path) -> bool:
+    """Whether loading ``spec`` is worth announcing: a local model of ``SLOW_LOAD_BYTES`` or more, or a Hub id."""
+    from lorax.models.defaults import local_model_path
+
+    path = local_model_path(spec)
+    if path is None:
+        text = str(spec)
+        return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).suffix
+    if path.is_file():
+        return path.stat().st_size >= SLOW_LOAD_BYTES
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) >= SLOW_LOAD_BYTES
 
 
 def torch_dtype(dtype: Any) -> Any:

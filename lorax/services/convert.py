@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorax.errors import ConfigError, MismatchError
-from lorax.io.atomic import atomic_path, check_output
+from lorax.io.atomic import FILE, MODEL_FOLDER, atomic_path, check_output, check_outputs
 from lorax.io.checkpoint import (
     DiffusersCheckpoint,
     SingleFileCheckpoint,
@@ -135,7 +135,7 @@ def convert_model(config: ConvertConfig, progress: Progress) -> ConvertResult:
         raise ConfigError(
             f"{out}: a single-file checkpoint is written as .safetensors; name it OUT.safetensors"
         )
-    check_output(out, config.force)
+    check_output(out, config.force, FILE if to == "single-file" else MODEL_FOLDER)
     result = ConvertResult(out, "model", ckpt.kind, to, ckpt.family, dtype=config.dtype)
     if to == "single-file":
         with atomic_path(out, config.force) as tmp:
@@ -340,8 +340,7 @@ def _save_diffusers_with_embeddings(state: Any, output: Path, dtype: Any, force:
     from lorax.formats import save_embeddings, save_lora
 
     paths = embedding_paths(output, list(state.embeddings))
-    for path in [output, *paths.values()]:
-        check_output(path, force)
+    check_outputs([output, *paths.values()], force)
     lora_only = replace(state, embeddings={})
     with ExitStack() as stack:
         tmp = stack.enter_context(atomic_path(output, force))

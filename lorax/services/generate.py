@@ -8,10 +8,13 @@ text chunk (A1111's convention) records how it was made.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import math
 import random
 import re
+import struct
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -22,6 +25,7 @@ from typing import Any
 from lorax import __version__
 from lorax.adapters.state import LoraState
 from lorax.errors import ConfigError, InputError, OutputExistsError
+from lorax.models.defaults import model_defaults
 from lorax.progress import NullProgress, Progress
 
 # --scheduler NAME → (diffusers class, A1111 sampler name, extra config)
@@ -36,8 +40,9 @@ SCHEDULERS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", "UniPC", {}),
     "ddpm": ("DDPMScheduler", "DDPM", {}),
 }
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "fp16", "bf16", "fp32", "float16", "bfloat16", "float32")  # one vocabulary; long names kept
+_DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+DEVICES = ("auto", "cpu", "cuda", "gpu", "mps")
 DEFAULT_OUT = Path("lorax-images")
 
 
@@ -104,6 +109,29 @@ def expand_lora_tokens(prompt: str, lora_tokens: dict[int, list[str]]) -> str:
     return prompt
 
 
+def take_prompt_loras(config: GenerateConfig) -> GenerateConfig:
+    """``<lora:NAME:W>`` tags out of the prompts and into ``config.loras``, resolved against ``config.lora_dir``.
+
+    LoRAs apply to a whole run, so every prompt of one run must carry the same tags.
+    """
+    from lorax.gen.prompt_loras import resolve_name, split_prompt
+
+    split = [split_prompt(p) for p in config.prompts]
+    tag_sets = {tuple(tags) for _, tags in split}
+    if not any(tags for tags in tag_sets):
+        return config
+    if len(tag_sets) > 1:
+        raise ConfigError(
+            "the prompts carry different <lora:…> tags; LoRAs apply to a whole run, so run them separately"
+        )
+    folder = config.lora_dir if config.lora_dir is not None else Path.cwd()
+    specs = [
+        LoraSpec(resolve_name(tag.name, folder), tag.unet_scale, tag.text_scale, name=tag.name)
+        for tag in split[0][1]
+    ]
+    return dataclasses.replace(config, prompts=[p for p, _ in split], loras=[*config.loras, *specs])
+
+
 def read_prompts(text: str) -> list[str]:
     """One prompt per line; blank lines and lines starting with ``#`` are skipped."""
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
@@ -136,6 +164,7 @@ class GenerateConfig:
     device: str = "auto"
     dtype: str = "auto"
     force: bool = False
+    lora_dir: Path | None = None  # where <lora:NAME:W> prompt tags are looked up (None: the current folder)
 
     def validate(self) -> None:
         problems: list[str] = []
@@ -206,23 +235,27 @@ def slugify(prompt: str, limit: int = 40) -> str:
     return slug[:limit].rstrip("-") or "image"
 
 
-def file_hash(path: Path, length: int = 12) -> str:
-    """The short SHA-256 A1111 prints for LoRA and embedding files."""
+def file_hash(path: Path, length: int = 12, *, lora: bool = False) -> str:
+    """The short SHA-256 A1111 prints for LoRA and embedding files.
+
+    A LoRA ``.safetensors`` is hashed after its header (A1111's ``addnet_hash_safetensors``, the header's
+    ``sshs_model_hash``), so editing its metadata keeps its hash; other files whole.
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
+        if lora and path.suffix.lower() == ".safetensors":
+            (n,) = struct.unpack("<Q", fh.read(8))
+            fh.seek(8 + n)
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()[:length]
 
 
 def sampling_defaults(model: str) -> tuple[int, float]:
-    """Denoising steps and guidance scale when the flags leave them out: the shapes model's own (those its model
-    card was scored with), else Stable Diffusion's usual 20 and 7.5."""
-    if model == "shapes":
-        from lorax.zoo.shapes.pipeline import GUIDANCE_SCALE, SAMPLE_STEPS
-
-        return SAMPLE_STEPS, GUIDANCE_SCALE
-    return 20, 7.5
+    """Denoising steps and guidance scale when the flags leave them out: those the model carries (its
+    ``lorax.json``; the shapes model's are those its model card was scored with), else Stable Diffusion's usual 20
+    and 7.5."""
+    return model_defaults(model).sampling
 
 
 def resolve_device(name: str) -> str:
@@ -235,8 +268,10 @@ def resolve_device(name: str) -> str:
         if mps is not None and mps.is_available():
             return "mps"
         return "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    if name in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is available; use --device cpu or auto")
+    if name == "gpu":
+        return "cuda"
     if name == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
@@ -249,7 +284,7 @@ def resolve_dtype(name: str, device: str) -> Any:
 
     if name == "auto":
         return torch.float16 if device in ("cuda", "mps") else torch.float32
-    return getattr(torch, name)
+    return getattr(torch, _DTYPE_NAMES.get(name, name))
 
 
 def load_model(spec: str, dtype: Any = None, device: str | None = None) -> Any:
@@ -316,6 +351,25 @@ def _load_lora_file(path: Path, pipe: Any) -> LoraState:
 
     state: LoraState = load_lora(path, model=pipe)
     return state
+
+
+def trigger_note(path: Path, tokens: list[str]) -> str | None:
+    """A note when a file named by its file (A1111 / SDXL ``.safetensors``) carries a trained token of another name:
+    lorax honours the header's token, A1111 and ComfyUI trigger the file by its name."""
+    from lorax.formats import detect_format
+    from lorax.formats.embeddings import _token_from_path
+
+    stem = _token_from_path(path)
+    if (
+        tokens == [stem]
+        or len(tokens) != 1
+        or detect_format(path) not in ("a1111-embedding", "sdxl-embedding")
+    ):
+        return None
+    return (
+        f"{path.name}: prompts here use its trained token '{tokens[0]}' (from the file's header); "
+        f"A1111 and ComfyUI trigger it by its file name, '{stem}'"
+    )
 
 
 def _load_embedding_file(path: Path) -> dict[str, dict[str, Any]]:
@@ -406,12 +460,15 @@ def generate(
     )
     from lorax.gen.grid import make_grid
     from lorax.gen.params import format_parameters, save_png
+    from lorax.gen.prompt_loras import format_tag, with_tags
     from lorax.gen.schedule import parse_schedule
     from lorax.io.atomic import atomic_path
 
     progress = progress or NullProgress()
+    config = take_prompt_loras(config)
     config.validate()
-    default_steps, default_guidance = sampling_defaults(config.model)
+    defaults = model_defaults(config.model)
+    default_steps, default_guidance = defaults.sampling
     steps = config.steps if config.steps is not None else default_steps
     guidance = config.guidance if config.guidance is not None else default_guidance
     schedule = parse_schedule(config.schedule) if config.schedule is not None else None
@@ -426,6 +483,10 @@ def generate(
     for path in config.embeddings:
         _check_input_file(path, "--embedding")
     embeddings = [(path, _load_embedding_file(path)) for path in config.embeddings]
+    for path, embedding in embeddings:
+        note = trigger_note(path, list(embedding))
+        if note:
+            progress.log(note)
     init = read_init_image(config.init_image) if config.init_image is not None else None
     jobs, grids = _plan(config, seed)
     _check_outputs([p for job in jobs for p in job.names] + [g[1] for g in grids], config.force)
@@ -435,7 +496,10 @@ def generate(
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         # diffusers' load reports and deprecation notes are not the user's business
-        with quiet_libraries(), warnings.catch_warnings():
+        from lorax.models.pipeline import load_is_slow
+
+        announce = progress.task(f"loading model {config.model}") if load_is_slow(config.model) else None
+        with announce or contextlib.nullcontext(), quiet_libraries(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             pipe = load_model(config.model, dtype=dtype, device=device)
     else:  # a pipeline the caller holds keeps its device and precision
@@ -486,12 +550,14 @@ def generate(
 
         runner = AutoPipelineForImage2Image.from_pipe(pipe)
         runner.set_progress_bar_config(disable=True)
-    width, height = config.size or (_round8(init.size) if init is not None else default_size(pipe))
+    width, height = config.size or (
+        _round8(init.size) if init is not None else (defaults.size or default_size(pipe))
+    )
     if init is not None and init.size != (width, height):
         init = init.resize((width, height))
 
     hashes = {
-        name: file_hash(spec.path)
+        name: file_hash(spec.path, lora=True)
         for name, spec in zip(applied.names if applied else [], config.loras, strict=True)
         if spec.path is not None
     }
@@ -501,6 +567,18 @@ def generate(
         "Sampler": sampler_name(pipe),
         "CFG scale": f"{guidance:g}",
     }
+
+    def infotext_prompt(prompt: str, factor: float | None) -> str:
+        """The prompt with a ``<lora:…>`` tag per LoRA file, so the PNG's parameters paste into A1111."""
+        if applied is None:
+            return prompt
+        f = 1.0 if factor is None else factor
+        tags = [
+            format_tag(name, f * r.unet_scale, f * r.effective_text_scale)
+            for name, r, spec in zip(applied.names, applied.requests, config.loras, strict=True)
+            if spec.path is not None
+        ]
+        return with_tags(prompt, tags) if tags else prompt
 
     def fields_for(image_seed: int, factor: float | None) -> dict[str, object]:
         fields = dict(fields_base)
@@ -573,7 +651,9 @@ def generate(
                     frames.setdefault(job.prompt_index, []).append((job.factor, images))
                 for image, image_seed, path in zip(images, job.seeds, job.names, strict=True):
                     text = format_parameters(
-                        prompts[job.prompt_index], negative, fields_for(image_seed, job.factor)
+                        infotext_prompt(prompts[job.prompt_index], job.factor),
+                        negative,
+                        fields_for(image_seed, job.factor),
                     )
                     with atomic_path(path, config.force) as tmp:
                         save_png(image, tmp, text)
@@ -603,7 +683,9 @@ def generate(
                 cells = columns[0][1]
                 sheet = make_grid(cells, math.ceil(math.sqrt(len(cells))))
                 extra = {}
-            text = format_parameters(prompt, negative, {**fields_for(seed, None), **extra})
+            text = format_parameters(
+                infotext_prompt(prompt, None), negative, {**fields_for(seed, None), **extra}
+            )
             with atomic_path(path, config.force) as tmp:
                 save_png(sheet, tmp, text)
             record = GeneratedImage(path, kind, prompt, seed, sheet.width, sheet.height, None, text)

@@ -53,6 +53,7 @@ class FileReport:
     tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    parameters: dict[str, Any] | None = None  # an image's A1111 "parameters": text, prompt, negative, fields
 
 
 @dataclass
@@ -101,6 +102,8 @@ def inspect_path(path: str | Path) -> FileReport:
         return _safetensors(p)
     with open(p, "rb") as f:
         head = f.read(8)
+    if head == b"\x89PNG\r\n\x1a\n":
+        return _png(p)
     if len(head) >= 8 and (head[:1] == b"\x80" or head[:2] == b"PK"):
         return _pickle(p)
     if p.suffix.lower() == ".safetensors":
@@ -111,6 +114,29 @@ def inspect_path(path: str | Path) -> FileReport:
 
 
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _png(p: Path) -> FileReport:
+    """A PNG's generation parameters (A1111's ``parameters`` text chunk, as lorax generate writes it)."""
+    from PIL import Image
+
+    from lorax.gen.params import PARAMETERS_KEY, read_png_parameters
+
+    params = read_png_parameters(p)  # the one-line errors: unreadable, or no parameters chunk
+    with Image.open(p) as image:  # the text exactly as stored, for pasting into A1111's PNG Info
+        text = str(getattr(image, "text", {}).get(PARAMETERS_KEY) or image.info.get(PARAMETERS_KEY))
+    return FileReport(
+        path=str(p),
+        kind="image",
+        format="png",
+        size_bytes=p.stat().st_size,
+        parameters={
+            "text": text,
+            "prompt": params.prompt,
+            "negative_prompt": params.negative_prompt,
+            "fields": params.fields,
+        },
+    )
 
 
 def _scalar_from_bytes(raw: bytes, dtype: str) -> float:
@@ -269,9 +295,13 @@ def _kohya(report: FileReport, info: _Tensors, p: Path) -> None:
             rank = down[0]
         elif "diff" in parts:
             algorithm, rank = "full", None
+        elif {"weight", "on_input"} <= set(parts):
+            algorithm, rank = "ia3", None
         else:
             raise FormatError(f"module {component}.{path}: unknown tensors {sorted(parts)}", path=p)
-        if alpha is None and rank is not None and algorithm in ("lora", "dora", "loha"):
+        if "dora_scale" in parts and algorithm in ("loha", "lokr"):
+            algorithm += "+dora"  # LyCORIS weight_decompose on LoHa / LoKr
+        if alpha is None and rank is not None and algorithm in ("lora", "dora", "loha", "loha+dora"):
             alpha = float(rank)
         _add_module(report, algorithm, rank, alpha, path)
     tokens = [k for k in rest if k.startswith(K.BUNDLE)]

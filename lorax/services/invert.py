@@ -108,6 +108,9 @@ def read_items(config: InversionOptions, progress: Progress) -> list[ImageItem]:
         warn=progress.log,
     )
     items = [ImageItem(it.path, replace_in_caption(it.caption, replacements), it.size) for it in items]
+    from lorax.services.train import warn_if_toy_model
+
+    warn_if_toy_model(config.model, items, progress)
     unused = [t for t in tokens if not any(t in it.caption for it in items)]
     if unused:
         raise ConfigError(
@@ -119,7 +122,7 @@ def read_items(config: InversionOptions, progress: Progress) -> list[ImageItem]:
 
 def prepare(config: InversionOptions, progress: Progress, pipeline: Any = None) -> Session:
     """Images, model, accelerator, class images, the placeholder tokens and the batch plan."""
-    from lorax.services.train import _class_items
+    from lorax.services.train import _class_items, load_base_model
     from lorax.training import base
     from lorax.training.inversion import learn_tokens, parse_init
     from lorax.training.masks import find_masks
@@ -131,7 +134,7 @@ def prepare(config: InversionOptions, progress: Progress, pipeline: Any = None) 
     elif config.auto_mask:
         mask_paths = [None] * len(items)
     started_at = time.time()
-    pipe = pipeline if pipeline is not None else base.load_base_pipeline(config.model)
+    pipe = pipeline if pipeline is not None else load_base_model(config.model, progress)
     family = base.family_of(pipe)
     base.check_trainable(pipe, family)
     problems = config.family_problems(family)
@@ -463,8 +466,9 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
             and output.stem != config.tokens[0]
         ):
             progress.log(
-                f"note: A1111 .safetensors embeddings are named by their file: prompts use '{output.stem}' "
-                f"(lorax generate --embedding {output.name}), not '{config.tokens[0]}'"
+                f"note: A1111 and ComfyUI trigger .safetensors embeddings by their file name: '{output.stem}'; "
+                f"lorax generate --embedding {output.name} reads the trained token '{config.tokens[0]}' from its "
+                "header"
             )
         save_embeddings(
             stored,

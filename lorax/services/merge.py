@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorax.errors import ConfigError, FormatError, InputError, MismatchError
-from lorax.io.atomic import atomic_path, check_output
+from lorax.io.atomic import FILE, MODEL_FOLDER, atomic_path, check_output, scratch_dir
 from lorax.io.checkpoint import (
     DiffusersCheckpoint,
     PickleSource,
@@ -60,6 +59,13 @@ DTYPE_NAMES = tuple(DTYPES)
 class LoraSpec:
     path: Path
     alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        # one rule for every scale a user or recipe gives: finite, or refused naming the LoRA
+        if self.alpha is not None and not (
+            math.isfinite(self.alpha) and abs(self.alpha) <= 3.4028234663852886e38
+        ):
+            raise InputError(f"scale {self.alpha!r} is not a finite number in float32 range", path=self.path)
 
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
@@ -199,6 +205,22 @@ def _fits(delta: tuple[int, ...], slot: tuple[int, ...]) -> bool:
     return math.prod(delta) == math.prod(slot) and strip(delta) == strip(slot)
 
 
+def module_fits(module: LoraModule | DeltaModule, slot: tuple[int, ...]) -> bool:
+    """Whether a module's delta lands on a weight of shape ``slot`` (modules that scale or re-normalise the base
+    weight, IA3 and DoRA, say so themselves: ``fits``)."""
+    fits = getattr(module, "fits", None)
+    if callable(fits):
+        return bool(fits(slot))
+    return _fits(_delta_shape(module), slot)
+
+
+def _described_shape(module: LoraModule | DeltaModule) -> str:
+    if getattr(module, "kind", None) == "ia3":
+        side = "input columns" if getattr(module, "on_input", False) else "output rows"
+        return f"IA3 over {module.out_features} {side}"
+    return str(list(_delta_shape(module)))
+
+
 def plan_targets(
     loras: list[tuple[str, LoraState, float, float]], locate: Locator
 ) -> tuple[dict[str, list[Contribution]], list[str], list[str], dict[str, int]]:
@@ -215,9 +237,9 @@ def plan_targets(
             if slot is None:
                 unmatched.append(name)
                 continue
-            shape = _delta_shape(module)
-            if not _fits(shape, slot.shape):
-                mismatches.append(f"{name} (LoRA {list(shape)}, model {list(slot.shape)})")
+            if not module_fits(module, slot.shape):
+                shape = _described_shape(module)
+                mismatches.append(f"{name} (LoRA {shape}, model {list(slot.shape)})")
                 continue
             weight = alpha_text if component.startswith("text_encoder") else alpha
             targets.setdefault(slot.key, []).append(Contribution(name, module, weight, slot.part, slot.parts))
@@ -246,9 +268,9 @@ def apply_contributions(weight: torch.Tensor, contributions: list[Contribution])
     for c in contributions:
         rows = w.shape[0] // c.parts
         view = w.narrow(0, c.part * rows, rows)
-        if getattr(c.module, "kind", None) == "dora":  # the magnitude re-normalisation needs W0
-            adapted = c.module.apply(view.reshape(_delta_shape(c.module)), c.weight)  # type: ignore[union-attr]
-            view.copy_(adapted.to(torch.float32).reshape(view.shape))
+        apply = getattr(c.module, "apply", None)
+        if callable(apply):  # DoRA and IA3: W0 + weight·(W'(W0) − W0), they need W0 itself
+            view.copy_(apply(view, c.weight).to(torch.float32).reshape(view.shape))
         elif isinstance(c.module, LoraModule):  # W += alpha·scale·up@down in one fused pass, no delta tensor
             up = c.module.up.to(torch.float32).reshape(c.module.up.shape[0], -1)
             down = c.module.down.to(torch.float32).reshape(c.module.rank, -1)
@@ -359,8 +381,15 @@ def merge_tensor_file(
                     t = replacements[k]
                     writer.write(k, t.to(st_to_torch(dt)) if dt in FLOAT_DTYPES else t)
                 elif k in targets:
-                    w = apply_contributions(read_owned(source, k, handles), targets[k])
-                    writer.write(k, w.to(st_to_torch(dt)))
+                    w = apply_contributions(read_owned(source, k, handles), targets[k]).to(st_to_torch(dt))
+                    if not math.isfinite(
+                        float(w.float().sum())
+                    ):  # after the cast: fp16 overflows to inf here
+                        raise MismatchError(
+                            f"merging {targets[k][0].module_name} into {k} gives weights that are not finite "
+                            f"in {dt} (lower the LoRA's scale or merge to a wider --dtype)"
+                        )
+                    writer.write(k, w)
                     merged += 1
                 elif source.dtype(k) == dt:
                     if isinstance(source, SafetensorsSource):
@@ -386,11 +415,47 @@ def merge_tensor_file(
 # Loading the LoRAs
 
 
+def base_index_model(base: str | Path) -> Callable[[], dict[str, Any]]:
+    """A lazy ``{component: meta module}`` of BASE with its real classes, for lora_diffusion's index order (built once,
+    only when an index file is merged; ``{}`` when a single file carries no configs and none is cached)."""
+    from functools import cache
+
+    from lorax.errors import ModelNotFoundError
+
+    @cache
+    def build() -> dict[str, Any]:
+        from lorax.models.skeleton import load_skeleton
+
+        try:
+            return load_skeleton(base)[0]
+        except ModelNotFoundError:
+            return {}
+
+    return build
+
+
+def _read_index_file(path: Path, model: dict[str, Any], family: str | None, base: str) -> LoraState:
+    from lorax.formats import load_lora
+
+    try:
+        return load_lora(path, model=model, family=family)
+    except MismatchError as err:
+        text = str(err)
+        if err.path is not None:
+            text = text.removeprefix(f"{err.path}: ")
+        raise MismatchError(f"does not fit the base {base}: {text}", path=path) from None
+
+
 def load_loras(
-    config: MergeConfig, family: str | None, progress: Progress, skeleton: dict[str, Any] | None = None
+    config: MergeConfig,
+    family: str | None,
+    progress: Progress,
+    skeleton: dict[str, Any] | None = None,
+    index_model: Callable[[], dict[str, Any]] | None = None,
 ) -> list[tuple[str, LoraState, float, float, str]]:
     """Read every LoRA. Names resolve against ``skeleton`` (the base's own module paths) when given; a LoRA with
-    modules the base lacks is read again by the family's tables, so that the plan can name what does not match."""
+    modules the base lacks is read again by the family's tables, so that the plan can name what does not match.
+    lora_diffusion files (modules by index) resolve against ``index_model()``, BASE built with its real classes."""
     from lorax.errors import MismatchError as _Mismatch
     from lorax.formats import detect_format, load_lora
 
@@ -410,6 +475,10 @@ def load_loras(
                 state = load_lora(spec.path, model=skeleton, family=family)
             except _Mismatch:
                 state = None
+        elif fmt == "lora_diffusion" and index_model is not None:
+            model = index_model()
+            if model:  # indices resolve against BASE's own modules, in BASE's own order
+                state = _read_index_file(spec.path, model, family, str(config.base))
         if state is None:
             state = load_lora(spec.path, family=family)
         state.family = state.family or declared or family
@@ -712,20 +781,29 @@ def _size(path: Path) -> int:
 @contextmanager
 def _work_dir(out: Path) -> Iterator[Path]:
     """A scratch folder beside the output (same disk), removed on success, error and signal alike."""
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".work", dir=out.parent) as work:
-        yield Path(work)
+    with scratch_dir(out) as work:
+        yield work
+
+
+def _layout_from_name(out: Path, base_kind: str) -> str:
+    """Without --to the output's name decides, as in convert: OUT.safetensors one file, OUT (no suffix) a folder."""
+    if out.suffix.lower() == ".safetensors":
+        return "single-file"
+    if not out.suffix:
+        return "diffusers"
+    return base_kind
 
 
 def merge_model(config: MergeConfig, progress: Progress) -> MergeResult:
     ckpt = open_checkpoint(config.base)
-    layout = config.to or ckpt.kind
+    layout = config.to or _layout_from_name(Path(config.output), ckpt.kind)
     if layout not in MODEL_LAYOUTS:
         raise ConfigError(f"--to {config.to} is a LoRA format; a model merge writes diffusers or single-file")
     out = Path(config.output)
     if layout == "single-file" and out.suffix.lower() != ".safetensors":
         raise ConfigError(f"{out}: a single-file output is written as .safetensors; name it OUT.safetensors")
-    check_output(out, config.force)
-    loras = load_loras(config, ckpt.family, progress, model_skeleton(ckpt))
+    check_output(out, config.force, FILE if layout == "single-file" else MODEL_FOLDER)
+    loras = load_loras(config, ckpt.family, progress, model_skeleton(ckpt), base_index_model(config.base))
     result = MergeResult(out, layout, ckpt.family, dtype=config.dtype)
     embeddings: dict[str, dict[str, Any]] = {}
     for _, state, *_ in loras:

@@ -290,6 +290,8 @@ def _write(
         finished_at=time.time(),
         seconds=loop.state.seconds,
         modules=modules,
+        images=_images_summary(session, config),
+        num_examples=len(session.data),
     )
     metadata.update(inversion_metadata(session, ti_steps, loop.state.seconds))
     metadata["lorax_continue_inversion"] = str(config.continue_inversion)
@@ -300,3 +302,14 @@ def _write(
     )
     write_companions(config, loop.state.losses, output)
     return output.stat().st_size
+
+
+def _images_summary(session: Any, config: PivotConfig) -> Any:
+    """kohya's dataset keys for the pivot's image folder (its tokens are the trigger words)."""
+    from lorax.data.kohya import DatasetSummary, TrainingImages
+
+    summary = DatasetSummary()
+    folder = Path(config.data_dir).name if config.data_dir is not None else "images"
+    summary.add(folder, config.repeats, [it.caption for it in session.items])
+    summary.trigger_words.extend(session.tokens.embeddings())
+    return TrainingImages(list(session.items), list(session.class_items), summary)

@@ -16,6 +16,7 @@ from typing import Any
 
 from lorax.data.dataset import DataOptions, TrainData, derive_seed
 from lorax.data.images import ImageItem, load_image_folder
+from lorax.data.kohya import TrainingImages, load_training_images
 from lorax.errors import ConfigError
 from lorax.io.atomic import atomic_path, check_output
 from lorax.progress import NullProgress, Progress
@@ -110,7 +111,16 @@ def make_accelerator(config: TrainConfig) -> Any:
         AcceleratorState._reset_state(
             reset_partial_state=True
         )  # one process may run several trainings (tests)
-    cpu = config.device == "cpu"
+    device = (config.device or "auto").lower()
+    if device in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {config.device}: no CUDA GPU is available; use --device cpu (or leave it out)"
+        )
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if cpu and config.mixed_precision == "fp16":
+        raise ConfigError(
+            "--mixed-precision fp16 needs a CUDA GPU; on the CPU use --mixed-precision bf16 or no (fp32)"
+        )
     try:
         return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
     except ValueError as err:
@@ -157,6 +167,71 @@ def _class_items(
     return [ImageItem(it.path, config.class_prompt, it.size) for it in items[: config.num_class_images]]
 
 
+def warn_if_toy_model(model: str, items: list[ImageItem], progress: Progress) -> None:
+    """One warning line when a built-in toy model meets images larger than the ones it makes."""
+    from lorax.models.defaults import model_defaults
+    from lorax.models.registry import BUILTIN_MODELS
+
+    size = model_defaults(model).size if model in BUILTIN_MODELS else None
+    if size is None or not items:
+        return
+    larger = [it for it in items if min(it.size) > min(size)]
+    if not larger:
+        return
+    width, height = max((it.size for it in larger), key=lambda s: s[0] * s[1])
+    progress.log(
+        f"warning: {len(larger)} of {len(items)} images are larger (up to {width}×{height}) than the {size[0]}×{size[1]} "
+        f"pictures the built-in {model} model makes, a toy for trying lorax: pass --model with your base model "
+        "(a diffusers folder, Hub id or .safetensors file), or set LORAX_MODEL"
+    )
+
+
+def load_base_model(spec: str, progress: Progress) -> Any:
+    """The base pipeline; a big one is announced first (``loading model …``), as it takes a while to read."""
+    from lorax.models.pipeline import load_is_slow
+    from lorax.training import base
+
+    if not load_is_slow(spec):
+        return base.load_base_pipeline(spec)
+    with progress.task(f"loading model {spec}"):
+        return base.load_base_pipeline(spec)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+def _bucket_bounds(images: TrainingImages) -> dict[str, Any]:
+    """kohya's min/max bucket resolution and step from a dataset config."""
+    spec = images.spec
+    if spec is None:
+        return {}
+    bounds = {
+        "bucket_min": spec.min_bucket_reso,
+        "bucket_max": spec.max_bucket_reso,
+        "bucket_step": spec.bucket_reso_steps,
+    }
+    return {k: v for k, v in bounds.items() if v is not None}
+
+
+def _check_checkpoint_room(config: TrainConfig, loop: Any, max_steps: int) -> None:
+    """Before step 1: the checkpoint folder (written on Ctrl-C and every N steps) can be written, and its disk has
+    room, roughly, for the checkpoints asked for (each the trainable weights and two optimizer moments, fp32)."""
+    from lorax.io.atomic import check_free_space, check_writable
+
+    folder = config.checkpoints_path
+    check_writable(folder)
+    if not config.checkpoint_every:
+        return
+    count = (max_steps - 1) // config.checkpoint_every  # saved at every N-th step before the last
+    if count <= 0:
+        return
+    per = 3 * 4 * sum(int(t.numel()) for t in loop.job.state_tensors().values())
+    check_free_space(
+        folder, count * per, f"{count} checkpoints (--checkpoint-every {config.checkpoint_every})"
+    )
+
+
 def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: Any = None) -> TrainResult:
     """Train a LoRA as ``config`` says; returns where everything went and what it measured.
 
@@ -166,39 +241,49 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
 
     progress = progress or NullProgress()
     config.validate()
-    assert config.output is not None and config.data_dir is not None
+    assert config.output is not None
     output = Path(config.output)
     check_output(output, config.force)
     companions = companion_paths(output)
+    if config.dataset_config is not None and _same_file(companions["config"], Path(config.dataset_config)):
+        raise ConfigError(
+            f"-o {output.name} would write its resolved config over --dataset-config {config.dataset_config}; "
+            "name the output differently"
+        )
     resume_ckpt = None
     if config.resume is not None:
         from lorax.training.checkpoint import load_checkpoint
 
         resume_ckpt = load_checkpoint(config.resume)
-    items = load_image_folder(
+    images = load_training_images(
         config.data_dir,
+        dataset_config=config.dataset_config,
+        class_dir=config.class_dir,
         instance_prompt=config.instance_prompt,
+        repeats=config.repeats,
         strict=config.strict,
         recursive=config.recursive,
         warn=progress.log,
     )
+    items = images.items
+    warn_if_toy_model(config.model, items, progress)
     started_at = time.time()
 
     from lorax.training import base
 
     base.quiet_libraries()
-    pipe = pipeline if pipeline is not None else base.load_base_pipeline(config.model)
+    pipe = pipeline if pipeline is not None else load_base_model(config.model, progress)
     family = base.family_of(pipe)
     base.check_trainable(pipe, family)
     base_bytes = base.model_bytes(pipe)
     resolution = config.resolution or base.default_resolution(pipe)
     accelerator = make_accelerator(config)
 
-    class_items: list[ImageItem] = []
+    class_items: list[ImageItem] = images.class_items
     if config.prior_preservation:
         class_items = _class_items(config, pipe, resolution, accelerator, progress)
 
-    options = DataOptions.from_config(config, resolution)
+    options = DataOptions.from_config(config, resolution, **_bucket_bounds(images))
     data = TrainData(
         items,
         options,
@@ -220,6 +305,8 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
                 f"--resume: the checkpoint is at step {loop.state.global_step}, past this run's {max_steps} steps"
             )
         progress.log(f"resuming from {resume_ckpt.path} at step {loop.state.global_step}")
+    if accelerator.is_main_process:
+        _check_checkpoint_room(config, loop, max_steps)
     result = loop.run()
     accelerator.wait_for_everyone()
 
@@ -238,6 +325,7 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
             class_items,
             started_at,
             modules,
+            images,
         )
     accelerator.wait_for_everyone()
     losses = loop.state.losses
@@ -418,6 +506,7 @@ def _write_outputs(
     class_items: list[ImageItem],
     started_at: float,
     modules: dict[str, int],
+    images: TrainingImages,
 ) -> int:
     import torch
 
@@ -441,6 +530,8 @@ def _write_outputs(
         finished_at=time.time(),
         seconds=loop.state.seconds,
         modules=modules,
+        images=images,
+        num_examples=len(data),
     )
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_dtype]
     save_lora(state, output, format=config.format, dtype=dtype, force=config.force, metadata=metadata)

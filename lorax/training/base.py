@@ -9,7 +9,7 @@ from lorax.errors import ModelNotFoundError
 
 
 def load_base_pipeline(spec: str) -> Any:
-    """A ``StableDiffusionPipeline`` (fp32, CPU) for ``spec``: ``shapes``, a diffusers folder, a Hub id or a single file."""
+    """A ``StableDiffusionPipeline`` (fp32, CPU) for ``spec``: a built-in name, a diffusers folder, a Hub id or a single file."""
     quiet_libraries()
     try:
         from lorax.models.pipeline import load_pipeline
@@ -33,11 +33,9 @@ def _load_folder(spec: str) -> Any:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    path = Path(spec)
-    if spec == "shapes":
-        from lorax.zoo import shapes
+    from lorax.models.registry import resolve_builtin
 
-        path = shapes.MODEL_DIR
+    path = resolve_builtin(spec) or Path(spec)
     if not (path / "model_index.json").is_file():
         raise ModelNotFoundError(f"--model {spec}: not a diffusers model folder (no model_index.json)")
     return StableDiffusionPipeline.from_pretrained(

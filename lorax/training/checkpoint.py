@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lorax.errors import InputError
-from lorax.io.atomic import atomic_path
+from lorax.io.atomic import CHECKPOINT, atomic_path
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -94,7 +94,7 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     out = Path(folder) / checkpoint_name(state.global_step)
-    with atomic_path(out, force=True, directory=True) as tmp:
+    with atomic_path(out, force=True, directory=True, kind=CHECKPOINT) as tmp:
         save_file(
             {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE)
         )

@@ -23,6 +23,7 @@ SCHEDULERS = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+DEVICES = ("auto", "cpu", "cuda", "gpu")
 TEMPLATES = ("object", "style")
 TARGET_PRESETS = ("attn", "attn-ff", "all")
 # Memory levers, named in the out-of-memory message.
@@ -44,9 +45,10 @@ def flag(name: str) -> str:
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. Defaults are tuned for the built-in ``shapes`` model on a CPU."""
+    """Everything a training run needs. A model's own defaults (its ``lorax.json``) replace these in ``from_sources``."""
 
     data_dir: Path | None = None
+    dataset_config: Path | None = None  # kohya's dataset TOML (--dataset-config)
     output: Path | None = None
     model: str = "shapes"
     format: str = "kohya"
@@ -119,18 +121,51 @@ class TrainConfig:
     def from_sources(
         cls, flags: Mapping[str, Any], config_file: str | Path | None = None, *, validate: bool = True
     ) -> TrainConfig:
-        """A config from a TOML file (optional) overlaid by ``flags`` (the options given on the command line)."""
+        """A config from a TOML file (optional) overlaid by ``flags`` (the options given on the command line), over
+        the defaults the model carries (``lorax.json``; see ``lorax.models.defaults``), over lorax's own."""
         values: dict[str, Any] = {}
+        if config_file is None and flags.get("resume") is not None:
+            config_file = resumed_config(flags["resume"])  # `--resume DIR` alone repeats the checkpoint's run
         if config_file is not None:
             values.update(load_toml(config_file, cls))
         unknown = sorted(set(flags) - field_names(cls))
         if unknown:
             raise ConfigError(f"unknown option(s): {', '.join(unknown)}")
+        dataset_config = flags.get("dataset_config", values.get("dataset_config"))
+        if dataset_config is not None:  # its resolution, buckets and batch size; flags still win
+            from lorax.data.kohya import read_dataset_config
+
+            values.update(read_dataset_config(dataset_config).config_values())
         values.update(flags)
+        if values.get("model") is None:  # LORAX_MODEL, the user config file, else the built-in model
+            from lorax.models.registry import default_model
+
+            values["model"] = default_model()[0]
+        values = {**cls.model_defaults_for(values), **values}
         config = cls(**_coerce(values, cls))
         if validate:
             config.validate()
         return config
+
+    @classmethod
+    def model_defaults_for(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The config defaults of this command that the model named in ``values`` carries, less those the given
+        values rule out (a default ``steps`` when ``epochs`` is given)."""
+        from lorax.models.defaults import model_defaults
+
+        defaults = model_defaults(values.get("model", cls.model)).for_command(cls.COMMAND)
+        if values.get("epochs") is not None:
+            defaults.pop("steps", None)
+        return defaults
+
+    def resume_command(self, checkpoint: Path) -> str:
+        """The command line that continues this run from ``checkpoint`` (its config travels in the checkpoint)."""
+        import shlex
+
+        args = ["lorax", self.COMMAND, "--resume", str(Path(checkpoint).absolute())]
+        if self.force:
+            args.append("--force")
+        return shlex.join(args)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -145,16 +180,22 @@ class TrainConfig:
 
     @property
     def prior_preservation(self) -> bool:
+        """Class images are generated from --class-prompt (a kohya-layout --class-dir brings its own)."""
         return self.class_prompt is not None
+
+    @property
+    def kohya_class_dir(self) -> bool:
+        from lorax.data.kohya import is_kohya_folder
+
+        # train reads kohya's layout; invert and pivot take a class folder with --class-prompt
+        return self.COMMAND == "train" and self.class_dir is not None and is_kohya_folder(self.class_dir)
 
     @property
     def sampling(self) -> tuple[int, float]:
         """Denoising steps and guidance for class and validation images: the flags, else the model's defaults."""
-        steps, guidance = 20, 7.5
-        if self.model == "shapes":
-            from lorax.zoo.shapes.pipeline import GUIDANCE_SCALE, SAMPLE_STEPS
+        from lorax.models.defaults import model_defaults
 
-            steps, guidance = SAMPLE_STEPS, GUIDANCE_SCALE
+        steps, guidance = model_defaults(self.model).sampling
         return (
             self.sample_steps if self.sample_steps is not None else steps,
             self.guidance_scale if self.guidance_scale is not None else guidance,
@@ -182,8 +223,11 @@ class TrainConfig:
             if value is not None and (value < 0 or (value == 0 and not zero)):
                 p.append(f"{flag(name)} must be {'≥ 0' if zero else '> 0'} (got {value})")
 
-        if self.data_dir is None:
-            p.append("DATA_DIR is required (a folder of training images)")
+        if self.data_dir is None and self.dataset_config is None:
+            either = " or --dataset-config" if self.COMMAND == "train" else ""
+            p.append(f"DATA_DIR is required (a folder of training images){either}")
+        if self.data_dir is not None and self.dataset_config is not None:
+            p.append("give DATA_DIR or --dataset-config, not both (the dataset config names its image_dir)")
         if self.output is None:
             p.append("-o/--output is required (the LoRA file to write)")
         elif self.format == "kohya" and Path(self.output).suffix != ".safetensors":
@@ -194,6 +238,7 @@ class TrainConfig:
         choice("mixed_precision", MIXED_PRECISION)
         choice("save_dtype", SAVE_DTYPES)
         choice("prediction_type", PREDICTION_TYPES)
+        choice("device", DEVICES)
         choice("template", TEMPLATES)
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             p.append(f"--resolution must be a positive multiple of 8 (got {self.resolution})")
@@ -217,9 +262,14 @@ class TrainConfig:
             p.append("--steps and --epochs are exclusive: pass one")
         if self.text_learning_rate is not None and not self.train_text:
             p.append("--text-learning-rate needs --train-text (the text encoder is frozen without it)")
-        if self.class_dir is not None and self.class_prompt is None:
+        if self.class_dir is not None and self.class_prompt is None and not self.kohya_class_dir:
             p.append(
-                "--class-dir needs --class-prompt (prior preservation is on when a class prompt is given)"
+                "--class-dir needs --class-prompt (prior preservation is on when a class prompt is given), "
+                "or '<repeats>_<class>' sub-folders as in kohya's layout"
+            )
+        if self.kohya_class_dir and self.class_prompt is not None:
+            p.append(
+                "--class-dir in kohya's '<repeats>_<class>' layout captions its images by folder: drop --class-prompt"
             )
         if self.cache_latents and self.random_crop:
             p.append(
@@ -248,6 +298,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if value is None or f.name in ("force", "resume"):
                 continue
+            if isinstance(value, Path):  # absolute, so the file means the same wherever it is read from
+                value = value.expanduser().absolute()
             lines.append(f"{f.name.replace('_', '-')} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
 
@@ -278,6 +330,8 @@ def load_toml(path: str | Path, cls: type[TrainConfig] | None = None) -> dict[st
     values = {str(k).replace("-", "_"): v for k, v in data.items()}
     if "validation_prompts" in values:
         values["validation_prompt"] = values.pop("validation_prompts")
+    if "network_alpha" in values:  # kohya's name of --alpha
+        values["alpha"] = values.pop("network_alpha")
     unknown = sorted(set(values) - field_names(cls))
     if unknown:
         names = ", ".join(k.replace("_", "-") for k in unknown)
@@ -293,6 +347,14 @@ def load_toml(path: str | Path, cls: type[TrainConfig] | None = None) -> dict[st
 
 
 _PATH_FIELDS = ("data_dir", "output", "class_dir", "checkpoint_dir", "resume")
+
+
+def resumed_config(resume: str | Path) -> Path | None:
+    """The ``config.toml`` a checkpoint (or the latest in a folder of them) carries, if it has one."""
+    from lorax.training.checkpoint import find_checkpoint
+
+    saved = find_checkpoint(resume) / "config.toml"
+    return saved if saved.is_file() else None
 
 
 def _coerce(values: dict[str, Any], cls: type[TrainConfig] | None = None) -> dict[str, Any]:

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from lorax.data.dataset import derive_seed
-from lorax.errors import LoraxError, TrainingError
+from lorax.errors import Interrupted, LoraxError, TrainingError
 from lorax.progress import NullProgress, Progress
 from lorax.training.checkpoint import Checkpoint, LoopState, save_checkpoint, set_rng_states
 
@@ -66,6 +68,7 @@ class LoopSettings:
     config_toml: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
     description: str = "training"
+    resume_command: Callable[[Path], str] | None = None  # the command line that continues from a checkpoint
 
     @classmethod
     def from_config(cls, config: Any, max_steps: int, **extra: Any) -> LoopSettings:
@@ -79,6 +82,7 @@ class LoopSettings:
             checkpoint_dir=config.checkpoints_path,
             validation_every=config.validation_every,
             config_toml=config.to_toml(),
+            resume_command=getattr(config, "resume_command", None),
             **extra,
         )
 
@@ -121,6 +125,7 @@ class TrainingLoop:
         self.checkpoints: list[Path] = []
         self.samples: list[Path] = []
         self._last_saved_step: int | None = None
+        self._interrupted = False
 
     # ---------------------------------------------------------------------------------------------------------
     def restore(self, checkpoint: Checkpoint) -> None:
@@ -160,7 +165,8 @@ class TrainingLoop:
         start_step = self.state.global_step
         started = time.perf_counter()
         try:
-            self._run()
+            with self._stop_on_interrupt():
+                self._run()
         except LoraxError:
             raise
         except BaseException as err:
@@ -174,6 +180,45 @@ class TrainingLoop:
         return LoopResult(
             self.state, self.checkpoints, self.samples, elapsed, self.state.global_step - start_step
         )
+
+    @contextlib.contextmanager
+    def _stop_on_interrupt(self) -> Iterator[None]:
+        """Ctrl-C (SIGINT) stops the run at the next step boundary, with a checkpoint of that exact state and the
+        command that resumes it; a second Ctrl-C stops at once. One process only (under accelerate each process
+        would stop at its own step), and only where Python lets a handler be set (the main thread)."""
+        self._interrupted = False
+        if self.accelerator.num_processes > 1 or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._interrupted:
+                raise KeyboardInterrupt
+            self._interrupted = True
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _stop_interrupted(self) -> None:
+        """Save where the run stands and say how to go on."""
+        s = self.settings
+        step = self.state.global_step
+        kept: Path | None = None
+        if step > 0 and self._last_saved_step != step:
+            kept = self.save()
+        elif self._last_saved_step is not None and s.checkpoint_dir is not None:
+            from lorax.training.checkpoint import checkpoint_name
+
+            kept = s.checkpoint_dir / checkpoint_name(self._last_saved_step)
+        where = f"interrupted at step {step}/{s.max_steps}"
+        if kept is None:
+            raise Interrupted(f"{where}; nothing to resume from yet")
+        if s.resume_command is not None:
+            raise Interrupted(f"{where}; checkpoint {kept}; resume with: {s.resume_command(kept)}")
+        raise Interrupted(f"{where}; checkpoint {kept} (resume with --resume {kept})")
 
     def _micro_rng(self, micro: int) -> Any:
         import torch
@@ -214,6 +259,8 @@ class TrainingLoop:
         with self.progress.task(s.description, total=s.max_steps) as task:
             task.update(completed=self.state.global_step)
             while self.state.global_step < s.max_steps:
+                if self._interrupted:
+                    self._stop_interrupted()
                 step_loss = 0.0
                 for a in range(s.grad_accum):
                     micro = self.state.micro_step

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.training.base import base_model_version
 from lorax.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from lorax.data.kohya import TrainingImages
 
 
 def training_metadata(
@@ -24,8 +27,16 @@ def training_metadata(
     finished_at: float,
     seconds: float,
     modules: dict[str, int],
+    images: TrainingImages | None = None,
+    num_examples: int | None = None,
 ) -> dict[str, str]:
-    """Header metadata of a trained LoRA (all values strings, as safetensors requires)."""
+    """Header metadata of a trained LoRA (all values strings, as safetensors requires).
+
+    ``images`` adds kohya's dataset keys (``ss_dataset_dirs``, ``ss_reg_dataset_dirs``, ``ss_tag_frequency``) and
+    the trigger words (``modelspec.trigger_phrase``); ``num_examples`` is one epoch's examples (images × repeats).
+    """
+    from lorax.formats.modelspec import modelspec
+
     network_args: dict[str, Any] = {}
     if config.targets == "all":
         network_args.update(conv_dim=config.rank, conv_alpha=config.lora_alpha)
@@ -55,9 +66,9 @@ def training_metadata(
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_enable_bucket": config.buckets,
         "ss_seed": config.seed,
-        "ss_num_train_images": num_images * config.repeats,
+        "ss_num_train_images": num_examples if num_examples is not None else num_images * config.repeats,
         "ss_num_reg_images": num_class_images,
-        "ss_prior_loss_weight": config.prior_weight if config.prior_preservation else None,
+        "ss_prior_loss_weight": config.prior_weight if num_class_images else None,
         "ss_training_started_at": f"{started_at:.3f}",
         "ss_training_finished_at": f"{finished_at:.3f}",
         "ss_batch_size_per_device": config.batch_size,
@@ -85,6 +96,23 @@ def training_metadata(
         "lorax_modules": json.dumps(modules),
         "lorax_dora": config.dora or None,
     }
+    output_name = meta["ss_output_name"] or "LoRA"
+    trigger = ", ".join(images.summary.trigger_words) if images is not None else config.instance_prompt
+    if images is not None:
+        meta.update(images.summary.metadata())
+        meta["lorax_trigger_words"] = json.dumps(images.summary.trigger_words, ensure_ascii=False)
+        if images.spec is not None and images.spec.path is not None:
+            meta["lorax_dataset_config"] = str(images.spec.path)
+    meta.update(
+        modelspec(
+            family,
+            title=output_name,
+            v_prediction=prediction_type == "v_prediction",
+            resolution=resolution,
+            trigger_phrase=trigger,
+            timestamp=finished_at,
+        )
+    )
     return {k: _text(v) for k, v in meta.items() if v is not None}
 
 

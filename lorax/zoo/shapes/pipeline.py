@@ -17,6 +17,42 @@ GUIDANCE_SCALE = 5.0
 LATENT_SIZE = 8  # 32-pixel images, VAE downsampling 4
 TEXT_HIDDEN = 64
 
+# What the packaged model carries in its lorax.json (lorax.models.defaults): sampling as the card was scored, and
+# training settings measured to teach a held-out colour with nothing else given (figures: docs/model-card.md).
+LORAX_DEFAULTS: dict[str, dict[str, Any]] = {
+    "generate": {
+        "steps": SAMPLE_STEPS,
+        "guidance": GUIDANCE_SCALE,
+        "width": RESOLUTION,
+        "height": RESOLUTION,
+    },
+    "train": {
+        "resolution": RESOLUTION,
+        "learning_rate": 5e-3,
+        "batch_size": 4,
+        "snr_gamma": 5.0,
+        "steps": 300,
+    },
+    "invert": {
+        "resolution": RESOLUTION,
+        "learning_rate": 5e-3,
+        "batch_size": 4,
+        "auto_mask": True,
+        "norm_decay": False,
+        "steps": 300,
+    },
+    "pivot": {
+        "resolution": RESOLUTION,
+        "ti_learning_rate": 5e-3,
+        "batch_size": 4,
+        "auto_mask": True,
+        "norm_decay": False,
+        "ti_steps": 300,
+        "learning_rate": 1e-3,
+        "steps": 200,
+    },
+}
+
 
 def unet_config() -> dict[str, Any]:
     """SD1's UNet layout (cross-attention down blocks, then a plain one; mirrored up), narrow and short."""

@@ -300,6 +300,10 @@ def train(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out), safe_serialization=True)
+    from lorax.models.defaults import parse_defaults, write_folder_defaults
+    from lorax.zoo.shapes.pipeline import LORAX_DEFAULTS
+
+    write_folder_defaults(out, parse_defaults(LORAX_DEFAULTS, "LORAX_DEFAULTS"))
 
     from lorax.zoo.shapes.pipeline import load_shapes_pipeline
 

@@ -1,0 +1,465 @@
+"""kohya sd-scripts' dataset conventions: ``N_name`` folders and the ``--dataset_config`` TOML.
+
+* **Folders** (kohya's DreamBooth layout): a training folder holding sub-folders named ``<repeats>_<class tokens>``,
+  e.g. ``10_sks dog/``, trains each sub-folder's images ``repeats`` times per epoch; an image without a caption file
+  takes the class tokens (``sks dog``) as its caption. Several sub-folders are allowed; sub-folders without a
+  number prefix are skipped with a warning, as kohya does. A class (regularisation) folder in the same layout gives
+  the prior-preservation images, each captioned by its folder's class tokens.
+* **TOML** (``[general]``, ``[[datasets]]``, ``[[datasets.subsets]]``): the keys kohya's ``library/config_util.py``
+  defines that lorax can honour (below). Values ascend as in kohya: a subset's key, else its dataset's, else
+  ``[general]``'s, else kohya's default. Any other key is refused in one line, naming it and its table.
+
+Relative ``image_dir`` paths resolve against the TOML file's folder, else (as kohya resolves them) the current one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import tomllib
+
+from lorax.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from lorax.data.images import ImageItem
+
+# kohya's default caption extension is ".caption"; most kohya_ss users write ".txt", lorax's own convention.
+DEFAULT_CAPTION_EXTENSIONS = (".caption", ".txt")
+_REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
+
+# key → (type, where it may appear). Subset keys ascend: subset ⊂ dataset ⊂ general (kohya's *_ASCENDABLE_SCHEMA).
+_SUBSET_KEYS: dict[str, type | tuple[type, ...]] = {
+    "num_repeats": int,
+    "caption_extension": str,
+    "class_tokens": str,
+    "keep_tokens": int,
+    "shuffle_caption": bool,
+    "flip_aug": bool,
+    "random_crop": bool,
+    "caption_dropout_rate": (float, int),
+}
+_SUBSET_ONLY_KEYS: dict[str, type | tuple[type, ...]] = {"image_dir": str, "is_reg": bool}
+_DATASET_KEYS: dict[str, type | tuple[type, ...]] = {
+    "resolution": (int, list),
+    "enable_bucket": bool,
+    "min_bucket_reso": int,
+    "max_bucket_reso": int,
+    "bucket_reso_steps": int,
+    "batch_size": int,
+}
+
+
+@dataclass(frozen=True)
+class SubsetOptions:
+    """Caption and augmentation settings of one kohya subset (``None``: the run's own setting)."""
+
+    shuffle_caption: bool | None = None
+    keep_tokens: int | None = None
+    caption_dropout: float | None = None
+    flip: bool | None = None
+    random_crop: bool | None = None
+
+
+@dataclass(frozen=True)
+class Subset:
+    """One folder of a kohya dataset."""
+
+    image_dir: Path
+    num_repeats: int = 1
+    class_tokens: str | None = None
+    caption_extension: str | None = None  # None: .caption, then .txt
+    is_reg: bool = False
+    options: SubsetOptions = field(default_factory=SubsetOptions)
+
+    @property
+    def name(self) -> str:
+        """The key kohya's metadata uses for this subset (``os.path.basename(image_dir)``)."""
+        return self.image_dir.name
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Subsets and the dataset-level settings of a kohya dataset config (``None``: not set by the file)."""
+
+    subsets: list[Subset]
+    resolution: int | None = None
+    enable_bucket: bool | None = None
+    min_bucket_reso: int | None = None
+    max_bucket_reso: int | None = None
+    bucket_reso_steps: int | None = None
+    batch_size: int | None = None
+    path: Path | None = None
+
+    def config_values(self) -> dict[str, Any]:
+        """The dataset-level settings as ``lorax train`` config fields."""
+        values = {"resolution": self.resolution, "buckets": self.enable_bucket, "batch_size": self.batch_size}
+        return {k: v for k, v in values.items() if v is not None}
+
+
+def parse_repeat_folder(name: str) -> tuple[int, str] | None:
+    """``"10_sks dog"`` → ``(10, "sks dog")`` as kohya splits it; ``None`` for a name without a number prefix."""
+    match = _REPEAT_FOLDER.match(name)
+    if match is None:
+        return None
+    return int(match.group(1)), match.group(2)
+
+
+def repeat_folders(folder: Path) -> list[Path]:
+    """The ``N_name`` sub-folders of ``folder`` (sorted), empty when it is not in kohya's layout."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and parse_repeat_folder(p.name) is not None)
+
+
+def is_kohya_folder(folder: str | Path) -> bool:
+    return bool(repeat_folders(Path(folder)))
+
+
+def subsets_from_folder(
+    folder: Path, *, is_reg: bool = False, warn: Callable[[str], None] | None = None
+) -> list[Subset]:
+    """kohya's ``generate_dreambooth_subsets_config_by_subdirs`` for one training or class folder."""
+    subsets = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        parsed = parse_repeat_folder(sub.name)
+        if parsed is None or parsed[0] < 1:
+            if warn is not None:
+                warn(f"skipping {sub} (no '<repeats>_' prefix, as in '10_sks dog')")
+            continue
+        repeats, tokens = parsed
+        subsets.append(Subset(sub, repeats, tokens or None, is_reg=is_reg))
+    return subsets
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def read_dataset_config(path: str | Path) -> DatasetSpec:
+    """Read a kohya dataset TOML. Every problem is one ``ConfigError``/``InputError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("dataset config not found", path=path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"not valid TOML ({err})", path=path) from None
+    _refuse_unknown(doc, {"general": dict, "datasets": list}, "the top level", path)
+    general = doc.get("general", {})
+    _refuse_unknown(general, {**_SUBSET_KEYS, **_DATASET_KEYS}, "[general]", path)
+    datasets = doc.get("datasets", [])
+    if not datasets:
+        raise ConfigError("has no [[datasets]] table", path=path)
+    specs: list[DatasetSpec] = []
+    for d, dataset in enumerate(datasets, start=1):
+        where = f"[[datasets]] #{d}"
+        if not isinstance(dataset, dict):
+            raise ConfigError(f"{where} is not a table", path=path)
+        _refuse_unknown(dataset, {**_SUBSET_KEYS, **_DATASET_KEYS, "subsets": list}, where, path)
+        subsets_doc = dataset.get("subsets", [])
+        if not subsets_doc:
+            raise ConfigError(f"{where} has no [[datasets.subsets]]", path=path)
+        level = {**general, **{k: v for k, v in dataset.items() if k != "subsets"}}
+        subsets = []
+        for s, sub in enumerate(subsets_doc, start=1):
+            swhere = f"{where} subset #{s}"
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{swhere} is not a table", path=path)
+            _refuse_unknown(sub, {**_SUBSET_KEYS, **_SUBSET_ONLY_KEYS}, swhere, path)
+            if "image_dir" not in sub:
+                raise ConfigError(f"{swhere} has no image_dir", path=path)
+            subsets.append(_subset({**level, **sub}, swhere, path))
+        specs.append(_dataset(level, subsets, where, path))
+    first = specs[0]
+    for other in specs[1:]:
+        if first.config_values() != other.config_values() or _buckets(first) != _buckets(other):
+            raise ConfigError(
+                "datasets with different resolution, bucket or batch settings cannot train together in lorax; "
+                "give them the same settings or merge them into one [[datasets]]",
+                path=path,
+            )
+    return DatasetSpec(
+        [s for spec in specs for s in spec.subsets],
+        first.resolution,
+        first.enable_bucket,
+        first.min_bucket_reso,
+        first.max_bucket_reso,
+        first.bucket_reso_steps,
+        first.batch_size,
+        path,
+    )
+
+
+def _buckets(spec: DatasetSpec) -> tuple[Any, ...]:
+    return spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps
+
+
+def _refuse_unknown(table: Any, allowed: dict[str, Any], where: str, path: Path) -> None:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} is not a table", path=path)
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(unknown)} in {where}; lorax reads {', '.join(sorted(allowed))}",
+            path=path,
+        )
+    for key, value in table.items():
+        kind = allowed[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = False if isinstance(value, bool) and bool not in kinds else isinstance(value, kinds)
+        if not ok:
+            names = " or ".join("list" if k is list else "table" if k is dict else k.__name__ for k in kinds)
+            raise ConfigError(f"{key} in {where} must be {names} (got {value!r})", path=path)
+
+
+def _resolve_dir(value: str, path: Path) -> Path:
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return p
+    beside = path.parent / p
+    return beside if beside.exists() or not p.exists() else p
+
+
+def _subset(values: dict[str, Any], where: str, path: Path) -> Subset:
+    repeats = values.get("num_repeats", 1)
+    if repeats < 1:
+        raise ConfigError(f"num_repeats in {where} must be ≥ 1 (got {repeats})", path=path)
+    keep = values.get("keep_tokens")
+    if keep is not None and keep < 0:
+        raise ConfigError(f"keep_tokens in {where} must be ≥ 0 (got {keep})", path=path)
+    dropout = values.get("caption_dropout_rate")
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"caption_dropout_rate in {where} must be in [0, 1) (got {dropout})", path=path)
+    ext = values.get("caption_extension")
+    if ext is not None and not ext.startswith("."):
+        ext = "." + ext
+    options = SubsetOptions(
+        shuffle_caption=values.get("shuffle_caption"),
+        keep_tokens=keep,
+        caption_dropout=None if dropout is None else float(dropout),
+        flip=values.get("flip_aug"),
+        random_crop=values.get("random_crop"),
+    )
+    return Subset(
+        _resolve_dir(values["image_dir"], path),
+        repeats,
+        values.get("class_tokens"),
+        ext,
+        bool(values.get("is_reg", False)),
+        options,
+    )
+
+
+def _dataset(values: dict[str, Any], subsets: list[Subset], where: str, path: Path) -> DatasetSpec:
+    resolution = values.get("resolution")
+    if isinstance(resolution, list):
+        if len(resolution) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in resolution
+        ):
+            raise ConfigError(f"resolution in {where} must be an integer or [width, height]", path=path)
+        if resolution[0] != resolution[1]:
+            raise ConfigError(
+                f"resolution {resolution} in {where}: lorax trains at a square base resolution; "
+                "give one number and set enable_bucket = true for other shapes",
+                path=path,
+            )
+        resolution = resolution[0]
+    if resolution is not None and (resolution <= 0 or resolution % 8):
+        raise ConfigError(
+            f"resolution in {where} must be a positive multiple of 8 (got {resolution})", path=path
+        )
+    for key in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "batch_size"):
+        if key in values and values[key] <= 0:
+            raise ConfigError(f"{key} in {where} must be > 0 (got {values[key]})", path=path)
+    lo, hi = values.get("min_bucket_reso"), values.get("max_bucket_reso")
+    if lo is not None and hi is not None and lo > hi:
+        raise ConfigError(f"min_bucket_reso {lo} in {where} is above max_bucket_reso {hi}", path=path)
+    return DatasetSpec(
+        subsets,
+        resolution,
+        values.get("enable_bucket"),
+        lo,
+        hi,
+        values.get("bucket_reso_steps"),
+        values.get("batch_size"),
+        path,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def read_caption(image: Path, extension: str | None) -> str | None:
+    """The first line of ``<image stem><extension>`` (kohya reads the first line), or ``None``."""
+    for ext in (extension,) if extension is not None else DEFAULT_CAPTION_EXTENSIONS:
+        path = image.with_suffix(ext)
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            if not lines or not lines[0].strip():
+                raise InputError("caption file is empty", path=path)
+            return lines[0].strip()
+    return None
+
+
+def tag_frequency(captions: Iterable[str]) -> dict[str, int]:
+    """kohya's ``set_tag_frequency``: comma-separated tags, stripped and lower-cased, counted once per image."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in caption.split(","):
+            tag = tag.strip().lower()
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return counts
+
+
+@dataclass
+class DatasetSummary:
+    """What kohya records about a dataset (``ss_dataset_dirs``, ``ss_reg_dataset_dirs``, ``ss_tag_frequency``)."""
+
+    dirs: dict[str, dict[str, int]] = field(default_factory=dict)
+    reg_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
+    tags: dict[str, dict[str, int]] = field(default_factory=dict)
+    trigger_words: list[str] = field(default_factory=list)
+
+    def add(self, name: str, repeats: int, captions: list[str], *, is_reg: bool = False) -> None:
+        info = self.reg_dirs if is_reg else self.dirs
+        while name in info:  # two subsets of the same basename, as kohya's metadata editor keys them
+            name += "_"
+        info[name] = {"n_repeats": repeats, "img_count": len(captions)}
+        if not is_reg:
+            self.tags[name] = tag_frequency(captions)
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "ss_dataset_dirs": json.dumps(self.dirs, ensure_ascii=False),
+            "ss_reg_dataset_dirs": json.dumps(self.reg_dirs, ensure_ascii=False),
+            "ss_tag_frequency": json.dumps(self.tags, ensure_ascii=False),
+        }
+
+
+def load_subset(
+    subset: Subset, *, strict: bool = False, warn: Callable[[str], None] | None = None
+) -> list[ImageItem]:
+    """The readable images of one subset, captioned by their caption file, else the subset's class tokens."""
+    from lorax.data.images import ImageItem, find_images, image_size
+
+    what = "class" if subset.is_reg else "training"
+    if not subset.image_dir.is_dir():
+        raise InputError(f"{what} image folder does not exist", path=subset.image_dir)
+    items = []
+    for path in find_images(subset.image_dir):
+        try:
+            size = image_size(path)
+        except Exception as err:
+            if strict:
+                raise InputError(
+                    f"unreadable image ({type(err).__name__}: {err}); remove it or drop --strict", path=path
+                ) from None
+            if warn is not None:
+                warn(f"skipping unreadable image {path} ({type(err).__name__})")
+            continue
+        caption = read_caption(path, subset.caption_extension)
+        if caption is None:
+            caption = subset.class_tokens
+        if caption is None:
+            raise InputError(
+                "has no caption file and its subset has no class_tokens (name the folder '10_sks dog' "
+                "or set class_tokens)",
+                path=path,
+            )
+        items.append(ImageItem(path, caption, size, subset.num_repeats, subset.options))
+    if not items:
+        raise InputError(f"no readable images in this {what} subset", path=subset.image_dir)
+    return items
+
+
+@dataclass
+class TrainingImages:
+    """Training and class images of a run, and kohya's description of them."""
+
+    items: list[ImageItem]
+    class_items: list[ImageItem]
+    summary: DatasetSummary
+    kohya: bool = False  # read from N_name folders or a dataset config
+    spec: DatasetSpec | None = None
+
+
+def load_training_images(
+    data_dir: Path | None,
+    *,
+    dataset_config: Path | None = None,
+    class_dir: Path | None = None,
+    instance_prompt: str | None = None,
+    repeats: int = 1,
+    strict: bool = False,
+    recursive: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> TrainingImages:
+    """The images of a run: a dataset config, a folder in kohya's ``N_name`` layout, or a plain image folder.
+
+    A class folder in kohya's layout gives the class images too (else the caller makes them from the class prompt).
+    """
+    from lorax.data.images import load_image_folder
+
+    summary = DatasetSummary()
+    spec: DatasetSpec | None = None
+    if dataset_config is not None:
+        spec = read_dataset_config(dataset_config)
+        subsets = list(spec.subsets)
+        if data_dir is not None:
+            raise ConfigError("give DATA_DIR or --dataset-config, not both (the config names its image_dir)")
+    elif data_dir is not None and is_kohya_folder(data_dir):
+        subsets = subsets_from_folder(Path(data_dir), warn=warn)
+        loose = [p for p in Path(data_dir).iterdir() if p.is_file() and _is_image(p)]
+        if loose and warn is not None:
+            warn(
+                f"{data_dir}: {len(loose)} images beside the '<repeats>_<name>' folders are not trained "
+                "(kohya's layout trains the folders only)"
+            )
+    else:
+        if data_dir is None:
+            raise ConfigError("DATA_DIR is required (a folder of training images) or --dataset-config")
+        items = load_image_folder(
+            data_dir, instance_prompt=instance_prompt, strict=strict, recursive=recursive, warn=warn
+        )
+        summary.add(Path(data_dir).name, repeats, [it.caption for it in items])
+        if instance_prompt:
+            summary.trigger_words.append(instance_prompt)
+        class_items = _kohya_class_items(class_dir, strict, warn, summary)
+        return TrainingImages(items, class_items, summary, kohya=False)
+    if class_dir is not None and is_kohya_folder(class_dir):
+        subsets += subsets_from_folder(Path(class_dir), is_reg=True, warn=warn)
+    items, class_items = [], []
+    for subset in subsets:
+        loaded = load_subset(subset, strict=strict, warn=warn)
+        (class_items if subset.is_reg else items).extend(loaded)
+        summary.add(subset.name, subset.num_repeats, [it.caption for it in loaded], is_reg=subset.is_reg)
+        if not subset.is_reg and subset.class_tokens and subset.class_tokens not in summary.trigger_words:
+            summary.trigger_words.append(subset.class_tokens)
+    if not items:
+        raise InputError("no training subsets (every subset is is_reg)", path=dataset_config or data_dir)
+    if instance_prompt and instance_prompt not in summary.trigger_words:
+        summary.trigger_words.insert(0, instance_prompt)
+    return TrainingImages(items, class_items, summary, kohya=True, spec=spec)
+
+
+def _kohya_class_items(
+    class_dir: Path | None,
+    strict: bool,
+    warn: Callable[[str], None] | None,
+    summary: DatasetSummary,
+) -> list[ImageItem]:
+    if class_dir is None or not is_kohya_folder(class_dir):
+        return []
+    items = []
+    for subset in subsets_from_folder(Path(class_dir), is_reg=True, warn=warn):
+        loaded = load_subset(subset, strict=strict, warn=warn)
+        summary.add(subset.name, subset.num_repeats, [it.caption for it in loaded], is_reg=True)
+        items.extend(loaded)
+    return items
+
+
+def _is_image(path: Path) -> bool:
+    from lorax.data.images import IMAGE_EXTENSIONS
+
+    return path.suffix.lower() in IMAGE_EXTENSIONS

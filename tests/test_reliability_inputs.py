@@ -1,0 +1,183 @@
+"""Hostile and careless input (issue 13): every bad file gives one line naming the file and the problem."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+
+def _write(path: Path, header: dict, data: bytes) -> Path:
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+def _t(offsets: list, dtype: object = "F32", shape: object = (2,)) -> dict:
+    return {
+        "dtype": dtype,
+        "shape": list(shape) if isinstance(shape, tuple) else shape,
+        "data_offsets": offsets,
+    }
+
+
+# name → (header, data bytes, words the one line must hold). The safetensors crate itself is the oracle for the
+# layout cases: its Metadata::validate / MetadataIncompleteBuffer refuse each of them too (checked below).
+LAYOUT_CASES = {
+    "overlap": ({"a": _t([0, 8]), "b": _t([0, 8])}, b"\0" * 8, "overlaps"),
+    "gap": ({"a": _t([8, 16])}, b"\0" * 16, "unaccounted"),
+    "uncovered-tail": ({"a": _t([0, 8])}, b"\0" * 16, "not described by the header"),
+    "past-end": ({"a": _t([0, 8]), "b": _t([8, 16])}, b"\0" * 8, "truncated"),
+}
+TYPE_CASES = {
+    "offsets-strings": ({"a": _t(["0", "8"])}, b"\0" * 8, "data_offsets"),
+    "offsets-three": ({"a": _t([0, 8, 8])}, b"\0" * 8, "data_offsets"),
+    "dtype-list": ({"a": _t([0, 8], dtype=["F32"])}, b"\0" * 8, "dtype"),
+    "shape-negative": ({"a": _t([0, 8], shape=[-2])}, b"\0" * 8, "shape"),
+    "shape-bool": ({"a": _t([0, 8], shape=[True, 2])}, b"\0" * 8, "shape"),
+    "shape-string": ({"a": _t([0, 8], shape="2")}, b"\0" * 8, "shape"),
+    "entry-string": ({"a": "x"}, b"", "entry"),
+    "metadata-int": ({"a": _t([0, 8]), "__metadata__": {"k": 1}}, b"\0" * 8, "metadata"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYOUT_CASES | TYPE_CASES))
+def test_bad_header_is_one_line_naming_file_and_tensor(cli, tmp_path: Path, case: str) -> None:
+    header, data, words = {**LAYOUT_CASES, **TYPE_CASES}[case]
+    path = _write(tmp_path / f"{case}.safetensors", header, data)
+    result = cli("inspect", path)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    line = lines[0]
+    assert line.startswith(f"lorax: error: {path}: ") and words in line, line
+    assert "Error" not in line.split(": ", 2)[-1] and "--debug" not in line, line
+    if case not in ("metadata-int", "entry-string", "uncovered-tail"):  # these concern no one tensor
+        assert "'a'" in line or "'b'" in line, line
+
+
+@pytest.mark.parametrize("case", sorted(LAYOUT_CASES))
+def test_layouts_refused_are_the_ones_safetensors_refuses(tmp_path: Path, case: str) -> None:
+    from safetensors import safe_open
+
+    header, data, _ = LAYOUT_CASES[case]
+    path = _write(tmp_path / "x.safetensors", header, data)
+    with pytest.raises(Exception, match=r"(?i)offset|incomplete|invalid"), safe_open(str(path), "pt") as f:
+        f.keys()
+
+
+def test_well_formed_file_still_reads(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from lorax.io.safetensors_io import read_header
+
+    path = tmp_path / "ok.safetensors"
+    save_file(
+        {"a": torch.ones(3), "b": torch.zeros(2, 2, dtype=torch.float16), "e": torch.zeros(0)}, str(path)
+    )
+    header = read_header(path)
+    assert {k: t.shape for k, t in header.tensors.items()} == {"a": (3,), "b": (2, 2), "e": (0,)}
+
+
+def test_overlapping_base_is_not_merged(cli, tmp_path: Path) -> None:
+    """A base whose header points two tensors at one byte range: refused before anything is written."""
+    import torch
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base.safetensors"
+    save_file(
+        {
+            "model.diffusion_model.a.weight": torch.ones(4, 4),
+            "model.diffusion_model.b.weight": torch.ones(4, 4),
+        },
+        str(base),
+    )
+    raw = base.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    doc = json.loads(raw[8 : 8 + n])
+    doc["model.diffusion_model.b.weight"]["data_offsets"] = doc["model.diffusion_model.a.weight"][
+        "data_offsets"
+    ]
+    bad = _write(tmp_path / "overlap.safetensors", doc, raw[8 + n :])
+    out = tmp_path / "out.safetensors"
+    result = cli("convert", bad, "-o", out)
+    assert result.exit_code == 1
+    assert f"{bad}: " in result.stderr and "overlaps" in result.stderr, result.stderr
+    assert not out.exists()
+
+
+def test_header_cap_is_the_crates(tmp_path: Path) -> None:
+    from lorax.errors import FormatError
+    from lorax.io.safetensors_io import MAX_HEADER, read_header
+
+    assert MAX_HEADER == 100_000_000
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(struct.pack("<Q", MAX_HEADER + 1) + b"{" + b" " * 64)
+    with pytest.raises(FormatError, match="header claims"):
+        read_header(path)
+
+
+@pytest.mark.parametrize("command", ["mix", "merge"])
+@pytest.mark.parametrize("scale", ["nan", "inf", "-inf", "1e39"])
+def test_non_finite_scale_is_refused_naming_the_lora(cli, tmp_path: Path, command: str, scale: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "a.safetensors"
+    save_file(
+        {"lora_unet_x.lora_down.weight": torch.ones(1, 4), "lora_unet_x.lora_up.weight": torch.ones(4, 1)},
+        str(lora),
+    )
+    out = tmp_path / "out.safetensors"
+    args = (
+        ["mix", f"{lora}:{scale}", "-o", out]
+        if command == "mix"
+        else ["merge", lora, f"{lora}:{scale}", "-o", out]
+    )
+    result = cli(*args)
+    assert result.exit_code != 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lorax: error: {lora}: "), result.stderr
+    assert "not a finite number" in lines[0] and "Traceback" not in result.output, lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), [1.0, 2.0]])
+def test_bad_file_alpha_is_refused_naming_key_and_file(cli, tmp_path: Path, alpha: object) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "a.safetensors"
+    stem = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file(
+        {
+            f"{stem}.lora_down.weight": torch.ones(1, 4),
+            f"{stem}.lora_up.weight": torch.ones(4, 1),
+            f"{stem}.alpha": torch.tensor(alpha),
+        },
+        str(lora),
+    )
+    out = tmp_path / "out.safetensors"
+    result = cli("mix", lora, "-o", out)
+    assert result.exit_code != 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lorax: error: {lora}: {stem}.alpha"), result.stderr
+    assert not out.exists()
+
+
+def test_fp16_overflow_is_refused_after_the_cast(cli, tmp_path: Path) -> None:
+    from checkpoint_helpers import save, tiny_lora, tiny_single
+
+    lora = save(tiny_lora("sd1", seed=8), tmp_path / "l.safetensors")
+    out = tmp_path / "m.safetensors"
+    result = cli("merge", tiny_single("sd1"), f"{lora}:1e9", "-o", out, "--dtype", "fp16")
+    assert result.exit_code != 0, result.output
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("lorax: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert "not finite in F16" in errors[0] and "unet." in errors[0], errors[0]
+    assert "Traceback" not in result.output
+    assert not out.exists()
