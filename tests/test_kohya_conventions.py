@@ -276,14 +276,18 @@ def test_converted_lora_gets_its_own_a1111_hashes_not_its_sources(cli, tmp_path,
     src = tmp_path / "src.safetensors"
     note = "n" * 0x110000
     stale = {"sshs_model_hash": "f" * 64, "sshs_legacy_hash": "deadbeef"}
-    save_file(tensors, str(src), metadata={"ss_network_dim": "4", "modelspec.title": "orig", "note": note, **stale})
+    save_file(
+        tensors, str(src), metadata={"ss_network_dim": "4", "modelspec.title": "orig", "note": note, **stale}
+    )
     out = tmp_path / "out.safetensors"
     result = cli("convert", src, "--to", to, "-o", out)
     assert result.exit_code == 0, result.stderr
     meta, _ = _header(out)
     model, legacy = _a1111_hashes(out)
     assert meta["sshs_model_hash"] == model
-    assert meta.get("sshs_legacy_hash", legacy) == legacy  # absent (header in the window) or A1111's own value
+    assert (
+        meta.get("sshs_legacy_hash", legacy) == legacy
+    )  # absent (header in the window) or A1111's own value
     assert meta["ss_network_dim"] == "4" and meta["modelspec.title"] == "orig" and meta["note"] == note
 
 
