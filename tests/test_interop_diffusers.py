@@ -109,6 +109,30 @@ def test_a_diffusers_file_carries_its_strength_in_its_tensors(family: str) -> No
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_header_less_consumer_applies_the_delta_lorax_merge_does(family: str) -> None:
+    """issue 12.7, against merge: ``lora_B @ lora_A`` of the file's tensors alone (no header read, as ComfyUI) equals
+    ``lorax merge``'s change of each targeted weight, for a LoRA written with alpha ≠ rank."""
+    d = scratch(f"interop-headerless-{family}")
+    path = save(a_lora(family, alpha=1.0), d / "lora.safetensors", fmt="diffusers")
+    tensors = load_file(path)
+    merged, base = lorax_merged(family, path, d / "merged"), base_weights(family)
+    checked = 0
+    for key in tensors:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key.removesuffix(".lora_A.weight")
+        a, b = tensors[key].float(), tensors[f"{name}.lora_B.weight"].float()
+        weight = f"{name}.weight".replace(".text_model.", ".")  # this transformers drops text_model. here
+        weight = weight if weight in merged else f"{name}.weight"
+        delta = merged[weight].float() - base[weight].float()
+        got = (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).reshape(delta.shape)
+        err = float((got - delta).norm() / delta.norm())
+        assert err <= 1e-5, (name, err)
+        checked += 1
+    assert checked >= 2
+
+
 DORA_MODULES = {
     "sd1": (
         "unet.down_blocks.0.resnets.1.conv2",
