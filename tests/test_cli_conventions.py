@@ -203,3 +203,36 @@ def test_shell_completion_completes_commands_and_flags(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             app(prog_name="lorax")
         assert expected in capsys.readouterr().out.split()
+
+
+def test_every_option_a_message_names_exists():
+    """issue 12.8: a hint that names ``--format`` to ``convert`` (whose option is ``--to``) sends the user nowhere.
+    Every ``--option`` written in lorax's sources is an option of some lorax command (or, in a standalone script,
+    one its own argparse parser adds)."""
+    import typer.main
+
+    import lorax
+    from lorax.cli.app import app
+
+    group = typer.main.get_command(app)
+    options = {"--help"} | {
+        o for p in group.params for o in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]
+    }
+    for cmd in group.commands.values():  # type: ignore[attr-defined]
+        options |= {
+            o for p in cmd.params for o in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]
+        }
+    assert {"--to", "--format", "--force"} <= options
+    options.add(
+        "--network_alpha"
+    )  # kohya sd-scripts' own option, named in --network-alpha's help as its origin
+    unknown = []
+    for source in sorted(Path(lorax.__file__).parent.rglob("*.py")):
+        text = source.read_text(encoding="utf-8")
+        own = set(
+            re.findall(r"add_argument\(\s*\"(--[a-z][a-z0-9-]*)\"", text)
+        )  # argparse scripts (lorax.zoo)
+        for option in sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*(?:-[a-z0-9_]+)*", text))):
+            if option not in options and option not in own:
+                unknown.append(f"{source.relative_to(source.parents[1])}: {option}")
+    assert not unknown, unknown

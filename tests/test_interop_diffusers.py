@@ -109,31 +109,72 @@ def test_a_diffusers_file_carries_its_strength_in_its_tensors(family: str) -> No
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
-def test_dora_with_conv_modules_loads_in_diffusers(cli) -> None:
-    """issue 12.2: PEFT's Conv2d DoRA magnitude is ``[1, out, 1, 1]``; Linear's is ``[out]``."""
-    gen = torch.Generator().manual_seed(11)
-    base = base_weights("sd1")
-    modules: dict[str, DoraModule] = {}
-    for name in (
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_header_less_consumer_applies_the_delta_lorax_merge_does(family: str) -> None:
+    """issue 12.7, against merge: ``lora_B @ lora_A`` of the file's tensors alone (no header read, as ComfyUI) equals
+    ``lorax merge``'s change of each targeted weight, for a LoRA written with alpha ≠ rank."""
+    d = scratch(f"interop-headerless-{family}")
+    path = save(a_lora(family, alpha=1.0), d / "lora.safetensors", fmt="diffusers")
+    tensors = load_file(path)
+    merged, base = lorax_merged(family, path, d / "merged"), base_weights(family)
+    checked = 0
+    for key in tensors:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key.removesuffix(".lora_A.weight")
+        a, b = tensors[key].float(), tensors[f"{name}.lora_B.weight"].float()
+        weight = f"{name}.weight".replace(".text_model.", ".")  # this transformers drops text_model. here
+        weight = weight if weight in merged else f"{name}.weight"
+        delta = merged[weight].float() - base[weight].float()
+        got = (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).reshape(delta.shape)
+        err = float((got - delta).norm() / delta.norm())
+        assert err <= 1e-5, (name, err)
+        checked += 1
+    assert checked >= 2
+
+
+DORA_MODULES = {
+    "sd1": (
         "unet.down_blocks.0.resnets.1.conv2",
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
-    ):  # UNet only: diffusers 0.3x's text-encoder loader does not take DoRA magnitudes in (see the closing note)
-        w0 = base[f"{name}.weight".replace(".text_model.", ".")]  # this transformers drops text_model. here
+    ),
+    "sdxl": (
+        "unet.down_blocks.0.resnets.1.conv2",
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+    ),
+}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("route", ["write", "convert"])
+def test_dora_with_conv_modules_loads_in_diffusers(cli, family: str, route: str) -> None:
+    """issue 12.2: PEFT's Conv2d DoRA magnitude is ``[1, out, 1, 1]``; Linear's is ``[out]``. Written directly, and
+    converted from a kohya (LyCORIS ``dora_scale``) file with ``convert --to diffusers``."""
+    gen = torch.Generator().manual_seed(11)
+    base = base_weights(family)
+    modules: dict[str, DoraModule] = {}
+    for name in DORA_MODULES[family]:
+        # UNet only: diffusers 0.3x's text-encoder loader does not take DoRA magnitudes in
+        w0 = base[f"{name}.weight"]
         out = w0.shape[0]
         down = torch.randn((4, *w0.shape[1:]), generator=gen) * 0.1
         up = torch.randn((out, 4, *([1, 1] if w0.dim() == 4 else [])), generator=gen) * 0.1
         magnitude = w0.reshape(out, -1).norm(dim=1) * (1 + 0.2 * torch.rand(out, generator=gen))
         modules[name] = DoraModule(down, up, 2.0, magnitude, wd_on_out=True)
-    state = LoraState(dict(modules), family="sd1")  # type: ignore[arg-type]
-    d = scratch("interop-dora")
-    path = save(state, d / "dora.safetensors", fmt="diffusers")
+    state = LoraState(dict(modules), family=family)  # type: ignore[arg-type]
+    d = scratch(f"interop-dora-{family}-{route}")
+    path = d / "dora.safetensors"
+    if route == "write":
+        save(state, path, fmt="diffusers")
+    else:
+        source = save(state, d / "kohya.safetensors")
+        result = cli("convert", source, "--to", "diffusers", "-o", path)
+        assert result.exit_code == 0, result.stderr
     tensors = load_file(path)
-    assert tensors["unet.down_blocks.0.resnets.1.conv2.lora_magnitude_vector"].shape == (1, 32, 1, 1)
-    assert (
-        tensors["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector"].dim()
-        == 1
-    )
-    assert_same_weights(diffusers_fused("sd1", path), lorax_merged("sd1", path, d / "merged"), "sd1")
+    conv, linear = DORA_MODULES[family]
+    assert tensors[f"{conv}.lora_magnitude_vector"].shape == (1, 32, 1, 1)
+    assert tensors[f"{linear}.lora_magnitude_vector"].dim() == 1
+    assert_same_weights(diffusers_fused(family, path), lorax_merged(family, path, d / "merged"), family)
 
 
 def test_a_diffusers_refusal_names_the_option_that_exists(cli) -> None:

@@ -258,6 +258,39 @@ def test_written_lora_over_1mib_carries_a1111_hashes(cli, tmp_path):
         assert set(f.keys()) == set(tensors)
 
 
+@pytest.mark.parametrize("to", ["kohya", "diffusers"])
+def test_converted_lora_gets_its_own_a1111_hashes_not_its_sources(cli, tmp_path, to):
+    """The source's ``sshs_*`` hashes describe the source's bytes: never carried, always recomputed. A header over
+    1 MiB (a long user note) makes the legacy window hold header bytes, where lorax writes no legacy hash: a stale
+    one carried from the source would be wrong there. ``ss_*``, ``modelspec.*`` and the user's keys are kept."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(1)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    tensors = {
+        f"{name}.lora_down.weight": torch.randn(4, 320, generator=gen),
+        f"{name}.lora_up.weight": torch.randn(320, 4, generator=gen),
+        f"{name}.alpha": torch.tensor(2.0),
+    }
+    src = tmp_path / "src.safetensors"
+    note = "n" * 0x110000
+    stale = {"sshs_model_hash": "f" * 64, "sshs_legacy_hash": "deadbeef"}
+    save_file(
+        tensors, str(src), metadata={"ss_network_dim": "4", "modelspec.title": "orig", "note": note, **stale}
+    )
+    out = tmp_path / "out.safetensors"
+    result = cli("convert", src, "--to", to, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    meta, _ = _header(out)
+    model, legacy = _a1111_hashes(out)
+    assert meta["sshs_model_hash"] == model
+    assert (
+        meta.get("sshs_legacy_hash", legacy) == legacy
+    )  # absent (header in the window) or A1111's own value
+    assert meta["ss_network_dim"] == "4" and meta["modelspec.title"] == "orig" and meta["note"] == note
+
+
 def test_output_never_overwrites_the_dataset_config(cli, tmp_path):
     _images(tmp_path / "imgs", 1)
     ds = tmp_path / "ds.toml"

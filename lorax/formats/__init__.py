@@ -225,14 +225,17 @@ FORMAT_METADATA_KEYS = frozenset(
         "lorax_embedding_files",  # a diffusers LoRA's token files beside it
         "lorax_token",
         "lorax_lora",
+        "sshs_model_hash",  # A1111's hashes of the source file's bytes: save_lora computes the output's own
+        "sshs_legacy_hash",
     }
 )
 
 
 def carried_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
-    """The header keys a re-written LoRA keeps from its source: ``ss_*`` training metadata, lorax's training record
-    and the user's own keys; not those describing the source's format (``FORMAT_METADATA_KEYS``, lora_diffusion's
-    ``<embed>`` token flags)."""
+    """The header keys a re-written LoRA keeps from its source: ``ss_*`` training metadata, ``modelspec.*``, lorax's
+    training record and the user's own keys; not those describing the source's format or bytes
+    (``FORMAT_METADATA_KEYS``: its format's own keys, its ``sshs_*`` hashes; lora_diffusion's ``<embed>`` token
+    flags)."""
     from lorax.formats.lora_diffusion import EMBED_FLAG
 
     return {k: v for k, v in metadata.items() if k not in FORMAT_METADATA_KEYS and v != EMBED_FLAG}

@@ -181,7 +181,10 @@ class PivotConfig(InversionOptions):
             if value is not None and value <= 0:
                 p.append(f"{flag(name)} must be > 0 (got {value})")
         if self.ti_weight_decay < 0:
-            p.append(f"--ti-weight-decay must be ≥ 0 (got {self.ti_weight_decay})")
+            # a config field (Python API, a model's lorax.json) that no pivot option sets
+            p.append(
+                f"ti_weight_decay (the inversion's AdamW weight decay) must be ≥ 0 (got {self.ti_weight_decay})"
+            )
         if self.continue_ti_learning_rate is not None and not self.continue_inversion:
             p.append("--continue-ti-learning-rate needs --continue-inversion")
         if self.dora and self.format == "lora_diffusion":
