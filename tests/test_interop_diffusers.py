@@ -23,13 +23,19 @@ COMPONENTS = {
 }
 
 
-def a_lora(family: str, alpha: float = 2.0) -> LoraState:
-    """rank 4, alpha ≠ rank, so a consumer that drops alpha / r applies the wrong strength."""
+def a_lora(family: str, alpha: float = 2.0, content: str = "lora") -> LoraState:
+    """rank 4, alpha ≠ rank, so a consumer that drops alpha / r applies the wrong strength. ``content``: ``lora``
+    (UNet attention and feed-forward, text-encoder attention and MLP), ``locon`` (the same and a 3×3 UNet conv) or
+    ``text`` (the text encoders' modules only)."""
     if family == "sdxl":
         from test_sdxl import sdxl_lora
 
-        return sdxl_lora(seed=5, rank=4, alpha=alpha)
-    return tiny_lora(family, seed=5, alpha=alpha, conv=False)
+        state = sdxl_lora(seed=5, rank=4, alpha=alpha, conv=content == "locon")
+    else:
+        state = tiny_lora(family, seed=5, alpha=alpha, conv=content == "locon")
+    if content == "text":
+        state.modules = {k: m for k, m in state.modules.items() if not k.startswith("unet.")}
+    return state
 
 
 def weights(pipe, family: str) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -77,10 +83,27 @@ def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
-@pytest.mark.parametrize("route", ["kohya", "diffusers", "diffusers-to-kohya"])
-def test_diffusers_loads_every_lora_layout_lorax_writes(cli, family: str, route: str) -> None:
-    d = scratch(f"interop-{family}-{route}")
-    state = a_lora(family)
+@pytest.mark.parametrize(
+    ("route", "content"),
+    [
+        ("kohya", "lora"),
+        ("diffusers", "lora"),
+        ("diffusers-to-kohya", "lora"),
+        ("kohya", "locon"),
+        ("diffusers", "locon"),
+        ("kohya", "text"),
+        ("diffusers", "text"),
+    ],
+)
+def test_diffusers_loads_every_lora_layout_lorax_writes(cli, family: str, route: str, content: str) -> None:
+    """LoRA, LoCon (a 3×3 conv) and text-encoder-only LoRAs, kohya and diffusers/PEFT, and a kohya file converted from
+    a diffusers one."""
+    d = scratch(f"interop-{family}-{route}-{content}")
+    state = a_lora(family, content=content)
+    if content == "locon":
+        assert any(m.down.dim() == 4 for m in state.modules.values())
+    if content == "text":
+        assert state.modules and all(k.startswith("text_encoder") for k in state.modules)
     if route == "diffusers-to-kohya":  # issue 12.1: the diffusers header must not follow the LoRA into kohya
         source = save(state, d / "source.safetensors", fmt="diffusers")
         lora = d / "converted.safetensors"
