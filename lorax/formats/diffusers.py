@@ -190,6 +190,22 @@ def prepare(state: LoraState) -> LoraState:
     return replace(state, modules=modules)
 
 
+# What each LyCORIS algorithm is, for the one line that refuses it in a diffusers/PEFT file.
+_ALGORITHMS = {
+    "loha": "a LoHa (a Hadamard product of two low-rank pairs)",
+    "lokr": "a LoKr (a Kronecker product)",
+    "ia3": "an IA3 (a per-channel scale of the base weight)",
+    "full": "a full weight difference (diff)",
+}
+
+
+def _no_peft_form(module: Any) -> str:
+    kind = str(getattr(module, "kind", type(module).__name__))
+    inner, dora, _ = kind.partition("+dora")
+    what = _ALGORITHMS.get(inner, f"a {type(module).__name__}")
+    return f"{what} with DoRA magnitudes" if dora else what
+
+
 def write(
     state: LoraState, *, dtype: torch.dtype | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -206,8 +222,8 @@ def write(
             )
         if not isinstance(module, LoraModule | DoraModule):
             raise FormatError(
-                f"module {module_path} ({type(module).__name__}) cannot be written in diffusers format; "
-                "write it in the kohya format (--to kohya; --format kohya in train and pivot)"
+                f"module {module_path} is {_no_peft_form(module)}, which a diffusers/PEFT file (lora_A/lora_B "
+                "pairs) cannot hold; write it in the kohya format (--to kohya; --format kohya in train and pivot)"
             )
         down, up = (module.down, module.up) if dtype is None else (module.down.to(dtype), module.up.to(dtype))
         tensors[f"{module_path}.lora_A.weight"] = down.contiguous()

@@ -470,6 +470,12 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
                 f"lorax generate --embedding {output.name} reads the trained token '{config.tokens[0]}' from its "
                 "header"
             )
+        if fmt == "diffusers-embedding" and len(config.tokens) > 1:
+            progress.log(
+                f"note: diffusers' load_textual_inversion takes one token per file; load {output.name}'s tokens "
+                "with load_textual_inversion(list(tensors.values()), token=list(tensors)), tensors = "
+                "safetensors.torch.load_file(...)"
+            )
         save_embeddings(
             stored,
             output,
