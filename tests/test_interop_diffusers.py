@@ -550,3 +550,29 @@ def test_every_algorithm_without_a_peft_form_is_refused_in_one_line(cli) -> None
     assert len(converted) == 2  # LoCon-Tucker and DoRA per output row
     for one, out in converted:
         assert_same_weights(diffusers_fused("sd1", out), lorax_merged("sd1", one, scratch("m") / "m"), "sd1")
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_a_lora_diffusion_file_loads_in_diffusers_through_convert(cli, family: str) -> None:  # type: ignore[no-untyped-def]
+    """``convert --to lora_diffusion`` (UNet and text-encoder attention, the format's targets): diffusers has no
+    reader for index files; ``convert --to diffusers --model`` gives one it loads, fused as ``lorax merge`` merges the
+    lora_diffusion file itself."""
+    from diffusers import DiffusionPipeline
+
+    d = scratch(f"interop-ld-{family}")
+    state = a_lora(family)
+    state.modules = {k: m for k, m in state.modules.items() if ".attn" in k or ".self_attn." in k}
+    kohya = save(state, d / "kohya.safetensors")
+    model = ("--model", str(tiny_folder(family)))
+    ld = d / "ld.safetensors"
+    result = cli("convert", kohya, "--to", "lora_diffusion", "-o", ld, *model)
+    assert result.exit_code == 0, result.stderr
+    assert any(k.startswith("unet:") for k in load_file(ld)) and any(
+        k.startswith("text_encoder:") for k in load_file(ld)
+    )
+    with pytest.raises(ValueError, match="lora"):
+        DiffusionPipeline.from_pretrained(tiny_folder(family)).load_lora_weights(str(ld))
+    lora = d / "pytorch_lora_weights.safetensors"
+    result = cli("convert", ld, "--to", "diffusers", "-o", lora, *model)
+    assert result.exit_code == 0, result.stderr
+    assert_same_weights(diffusers_fused(family, lora), lorax_merged(family, ld, d / "merged"), family)
