@@ -25,7 +25,6 @@ from lorax.errors import ConfigError, MismatchError
 from lorax.io.atomic import atomic_path, check_output
 from lorax.progress import NullProgress, Progress
 from lorax.services.train import companion_paths, make_accelerator, total_steps
-from lorax.training.config import MEMORY_FLAGS
 from lorax.training.masks import MaskedBatches
 from lorax.training.pivot_config import InversionOptions, InvertConfig
 from lorax.training.sdxl import SdxlBatches
@@ -326,7 +325,7 @@ def build_inversion(
     settings = LoopSettings.from_config(
         config,
         max_steps,
-        memory_flags=MEMORY_FLAGS,
+        memory_flags=config.memory_flags(),
         info=info,
         description="inversion",
     )
