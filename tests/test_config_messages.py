@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import fields
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -106,13 +107,25 @@ CASES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def command_options(command: str) -> set[str]:
-    """The options ``lorax COMMAND --help`` lists (from the click command that renders it)."""
+@cache
+def lorax_command():  # type: ignore[no-untyped-def]
+    """The click command Typer builds from lorax's app (built once: Typer rebuilds it on every ``CliRunner`` call)."""
     import typer
 
     from lorax.cli.app import app
 
-    cmd = typer.main.get_command(app).commands[command]  # type: ignore[attr-defined]
+    return typer.main.get_command(app)
+
+
+def run(*args: Any):  # type: ignore[no-untyped-def]
+    from click.testing import CliRunner
+
+    return CliRunner().invoke(lorax_command(), [str(a) for a in args])
+
+
+def command_options(command: str) -> set[str]:
+    """The options ``lorax COMMAND --help`` lists (from the click command that renders it)."""
+    cmd = lorax_command().commands[command]
     return {o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")}
 
 
@@ -145,7 +158,7 @@ def _toml(values: dict[str, Any]) -> str:
 
 
 @pytest.mark.parametrize("command", list(CONFIGS))
-def test_every_config_problem_names_only_this_commands_options(cli, tmp_path: Path, command: str) -> None:
+def test_every_config_problem_names_only_this_commands_options(tmp_path: Path, command: str) -> None:
     cls = CONFIGS[command]
     options = command_options(command) | {"--output"}  # -o/--output is named as such
     (tmp_path / "folder").mkdir()
@@ -168,7 +181,7 @@ def test_every_config_problem_names_only_this_commands_options(cli, tmp_path: Pa
             continue  # this command accepts these values (pivot trains the text encoder by default …)
         toml = tmp_path / f"case{checked}.toml"
         toml.write_text(_toml(values))
-        result = cli(command, tmp_path / "data", "-o", tmp_path / "out.safetensors", "--config", toml)
+        result = run(command, tmp_path / "data", "-o", tmp_path / "out.safetensors", "--config", toml)
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 1 and len(lines) == 1, (command, raw, result.stderr)
         line = lines[0]
