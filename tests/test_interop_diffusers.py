@@ -171,17 +171,34 @@ DORA_MODULES = {
 }
 
 
+DORA_TEXT_MODULES = {  # every text encoder's DoRA is its own component (one use_dora each)
+    "sd1": ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj",),
+    "sdxl": (
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+        "text_encoder_2.text_model.encoder.layers.1.self_attn.k_proj",  # diffusers 0.42 infers a text encoder's
+        "text_encoder_2.text_model.encoder.layers.1.mlp.fc1",  # PEFT keys from its attention ones: not MLP alone
+    ),
+}
+
+
+def live_weight(family: str, name: str) -> str:
+    """The key in ``weights()`` of module ``name``'s weight (transformers 5's CLIPTextModel has no ``text_model.``)."""
+    key = f"{name}.weight"
+    return key if key in base_weights(family) else key.replace("text_encoder.text_model.", "text_encoder.", 1)
+
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 @pytest.mark.parametrize("route", ["write", "convert"])
 def test_dora_with_conv_modules_loads_in_diffusers(cli, family: str, route: str) -> None:
     """issue 12.2: PEFT's Conv2d DoRA magnitude is ``[1, out, 1, 1]``; Linear's is ``[out]``. Written directly, and
-    converted from a kohya (LyCORIS ``dora_scale``) file with ``convert --to diffusers``."""
+    converted from a kohya (LyCORIS ``dora_scale``) file with ``convert --to diffusers``. Text encoders' DoRA too:
+    their magnitudes are named ``….lora_magnitude_vector.weight``, the name diffusers' text-encoder loader (through
+    transformers 5) matches; under the bare PEFT name it dropped them and fused a plain LoRA there (10% off)."""
     gen = torch.Generator().manual_seed(11)
     base = base_weights(family)
     modules: dict[str, DoraModule] = {}
-    for name in DORA_MODULES[family]:
-        # UNet only: diffusers 0.3x's text-encoder loader does not take DoRA magnitudes in
-        w0 = base[f"{name}.weight"]
+    for name in (*DORA_MODULES[family], *DORA_TEXT_MODULES[family]):
+        w0 = base[live_weight(family, name)]
         out = w0.shape[0]
         down = torch.randn((4, *w0.shape[1:]), generator=gen) * 0.1
         up = torch.randn((out, 4, *([1, 1] if w0.dim() == 4 else [])), generator=gen) * 0.1
@@ -200,6 +217,8 @@ def test_dora_with_conv_modules_loads_in_diffusers(cli, family: str, route: str)
     conv, linear = DORA_MODULES[family]
     assert tensors[f"{conv}.lora_magnitude_vector"].shape == (1, 32, 1, 1)
     assert tensors[f"{linear}.lora_magnitude_vector"].dim() == 1
+    for name in DORA_TEXT_MODULES[family]:
+        assert tensors[f"{name}.lora_magnitude_vector.weight"].dim() == 1
     assert_same_weights(diffusers_fused(family, path), lorax_merged(family, path, d / "merged"), family)
 
 
@@ -576,3 +595,17 @@ def test_a_lora_diffusion_file_loads_in_diffusers_through_convert(cli, family: s
     result = cli("convert", ld, "--to", "diffusers", "-o", lora, *model)
     assert result.exit_code == 0, result.stderr
     assert_same_weights(diffusers_fused(family, lora), lorax_merged(family, ld, d / "merged"), family)
+
+
+def test_a_text_mlp_only_lora_loads_in_diffusers_as_kohya(cli) -> None:  # type: ignore[no-untyped-def]
+    """docs/formats.md's known gap, pinned: diffusers 0.42 refuses a diffusers-format LoRA whose text-encoder modules
+    are MLP layers only (it recognises PEFT text-encoder keys by their attention names); the kohya file loads and fuses
+    as ``lorax merge`` merges it."""
+    state = a_lora("sd1", content="text")
+    state.modules = {k: m for k, m in state.modules.items() if ".mlp." in k}
+    d = scratch("interop-text-mlp")
+    peft_file = save(state, d / "peft.safetensors", fmt="diffusers")
+    with pytest.raises(ValueError, match="infer state dict type"):
+        diffusers_fused("sd1", peft_file)
+    kohya = save(state, d / "kohya.safetensors")
+    assert_same_weights(diffusers_fused("sd1", kohya), lorax_merged("sd1", kohya, d / "merged"), "sd1")
