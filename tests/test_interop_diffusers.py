@@ -11,7 +11,7 @@ import pytest
 import torch
 from checkpoint_helpers import save, scratch, tiny_folder, tiny_lora
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lorax.adapters.lycoris import DoraModule
 from lorax.adapters.state import LoraModule, LoraState
@@ -187,6 +187,21 @@ def live_weight(family: str, name: str) -> str:
     return key if key in base_weights(family) else key.replace("text_encoder.text_model.", "text_encoder.", 1)
 
 
+def a_dora(family: str, names: tuple[str, ...]) -> LoraState:
+    """Rank-4 DoRA modules (alpha 2, magnitudes per output row, 0–20% above the base weight's row norms)."""
+    gen = torch.Generator().manual_seed(11)
+    base = base_weights(family)
+    modules: dict[str, DoraModule] = {}
+    for name in names:
+        w0 = base[live_weight(family, name)]
+        out = w0.shape[0]
+        down = torch.randn((4, *w0.shape[1:]), generator=gen) * 0.1
+        up = torch.randn((out, 4, *([1, 1] if w0.dim() == 4 else [])), generator=gen) * 0.1
+        magnitude = w0.reshape(out, -1).norm(dim=1) * (1 + 0.2 * torch.rand(out, generator=gen))
+        modules[name] = DoraModule(down, up, 2.0, magnitude, wd_on_out=True)
+    return LoraState(dict(modules), family=family)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 @pytest.mark.parametrize("route", ["write", "convert"])
 def test_dora_with_conv_modules_loads_in_diffusers(cli, family: str, route: str) -> None:
@@ -194,17 +209,7 @@ def test_dora_with_conv_modules_loads_in_diffusers(cli, family: str, route: str)
     converted from a kohya (LyCORIS ``dora_scale``) file with ``convert --to diffusers``. Text encoders' DoRA too:
     their magnitudes are named ``….lora_magnitude_vector.weight``, the name diffusers' text-encoder loader (through
     transformers 5) matches; under the bare PEFT name it dropped them and fused a plain LoRA there (10% off)."""
-    gen = torch.Generator().manual_seed(11)
-    base = base_weights(family)
-    modules: dict[str, DoraModule] = {}
-    for name in (*DORA_MODULES[family], *DORA_TEXT_MODULES[family]):
-        w0 = base[live_weight(family, name)]
-        out = w0.shape[0]
-        down = torch.randn((4, *w0.shape[1:]), generator=gen) * 0.1
-        up = torch.randn((out, 4, *([1, 1] if w0.dim() == 4 else [])), generator=gen) * 0.1
-        magnitude = w0.reshape(out, -1).norm(dim=1) * (1 + 0.2 * torch.rand(out, generator=gen))
-        modules[name] = DoraModule(down, up, 2.0, magnitude, wd_on_out=True)
-    state = LoraState(dict(modules), family=family)  # type: ignore[arg-type]
+    state = a_dora(family, (*DORA_MODULES[family], *DORA_TEXT_MODULES[family]))
     d = scratch(f"interop-dora-{family}-{route}")
     path = d / "dora.safetensors"
     if route == "write":
@@ -609,3 +614,37 @@ def test_a_text_mlp_only_lora_loads_in_diffusers_as_kohya(cli) -> None:  # type:
         diffusers_fused("sd1", peft_file)
     kohya = save(state, d / "kohya.safetensors")
     assert_same_weights(diffusers_fused("sd1", kohya), lorax_merged("sd1", kohya, d / "merged"), "sd1")
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_kohya_dora_file_goes_to_diffusers_through_convert(cli, family: str) -> None:  # type: ignore[no-untyped-def]
+    """A kohya (LyCORIS ``dora_scale``) DoRA file, as ``lorax train --dora`` writes (a conv's magnitude
+    ``[out, 1, 1, 1]``, LyCORIS' shape, which ComfyUI's ``weight_decompose`` needs). diffusers 0.42 does not read it
+    right, as docs/formats.md says, pinned here: on the UNet it fuses the plain LoRA (the magnitudes dropped without a
+    word), and with text-encoder modules its loader refuses the file. ``convert --to diffusers`` gives the file it
+    fuses as ``lorax merge`` merges the kohya one."""
+    d = scratch(f"interop-kohya-dora-{family}")
+    unet = save(a_dora(family, DORA_MODULES[family]), d / "unet.safetensors")
+    tensors = load_file(unet)
+    scales = {k: v.shape for k, v in tensors.items() if k.endswith(".dora_scale")}
+    downs = {k: v.dim() for k, v in tensors.items() if k.endswith(".lora_down.weight")}
+    assert {tuple(v) for v in scales.values()} == {(32, 1, 1, 1), (64 if family == "sdxl" else 32, 1)}, scales
+    assert all(
+        len(shape) == downs[k.replace(".dora_scale", ".lora_down.weight")] for k, shape in scales.items()
+    )
+    plain = d / "plain.safetensors"
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".dora_scale")}, str(plain))
+    assert_same_weights(
+        diffusers_fused(family, unet), lorax_merged(family, plain, d / "plain-merged"), family
+    )
+    with_text = save(
+        a_dora(family, (*DORA_MODULES[family], *DORA_TEXT_MODULES[family])), d / "text.safetensors"
+    )
+    with pytest.raises(ValueError, match="infer state dict type"):
+        diffusers_fused(family, with_text)
+    converted = d / "pytorch_lora_weights.safetensors"
+    result = cli("convert", with_text, "--to", "diffusers", "-o", converted)
+    assert result.exit_code == 0, result.stderr
+    assert_same_weights(
+        diffusers_fused(family, converted), lorax_merged(family, with_text, d / "merged"), family
+    )
