@@ -572,6 +572,17 @@ def test_every_algorithm_without_a_peft_form_is_refused_in_one_line(cli) -> None
         "a LoHa", "a LoKr", "an IA3", "a full weight difference", "DoRA magnitudes per input column have no PEFT form",
     }  # fmt: skip
     assert len(converted) == 2  # LoCon-Tucker and DoRA per output row
+    # DoRA beside plain LoRA modules in one component: PEFT has one use_dora per component
+    mixed = a_dora("sd1", DORA_MODULES["sd1"])
+    mixed.modules.update({k: m for k, m in a_lora("sd1").modules.items() if k.startswith("unet.")})
+    mixed_file = save(mixed, d / "mixed.safetensors")
+    result = cli("convert", mixed_file, "--to", "diffusers", "-o", d / "mixed.diffusers.safetensors")
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.stderr
+    assert (
+        "mixes DoRA and plain LoRA" in lines[0] and "--to kohya" in lines[0] and str(mixed_file) in lines[0]
+    )
+    assert not (d / "mixed.diffusers.safetensors").exists()
     for one, out in converted:
         assert_same_weights(diffusers_fused("sd1", out), lorax_merged("sd1", one, scratch("m") / "m"), "sd1")
 
