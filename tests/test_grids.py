@@ -48,7 +48,9 @@ def test_xy_grid_places_cells_and_labels_like_a1111() -> None:
         y = top + r * 132
         assert ink(sheet, (0, y, left, y + 128)) > 10
     assert ink(sheet, (0, 0, sheet.width, 12)) > 10
-    plain = xy_grid(grid, col_labels=["x0", "x1", "x2"])  # no row labels, no title: no left column, less height
+    plain = xy_grid(
+        grid, col_labels=["x0", "x1", "x2"]
+    )  # no row labels, no title: no left column, less height
     assert plain.width < sheet.width and plain.height < sheet.height
 
 
@@ -68,10 +70,10 @@ def test_long_labels_wrap_within_their_cell() -> None:
 def test_small_cells_are_scaled_by_a_whole_factor_and_big_ones_kept() -> None:
     small = xy_grid(cells(1, 1, 20), col_labels=["s"], min_cell=128)
     a = np.asarray(small)
-    ys, xs = np.nonzero((a == (200, 40, 40)).all(axis=-1))
+    _, xs = np.nonzero((a == (200, 40, 40)).all(axis=-1))
     assert xs.max() - xs.min() + 1 == 140  # 20 × 7 ≥ 128
     big = xy_grid(cells(1, 1, 200), col_labels=["b"], min_cell=128)
-    ys, xs = np.nonzero((np.asarray(big) == (200, 40, 40)).all(axis=-1))
+    _ys, xs = np.nonzero((np.asarray(big) == (200, 40, 40)).all(axis=-1))
     assert xs.max() - xs.min() + 1 == 200
 
 
@@ -87,3 +89,215 @@ def test_bad_grids_are_refused() -> None:
     with pytest.raises(ValueError, match="same size"):
         xy_grid(mixed, col_labels=["a", "b"])
     assert make_grid([Image.new("RGB", (16, 16))] * 4, 2).size == (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)
+
+
+# ---- lorax generate --xy and the labelled sweep, through the CLI on the tiny model -------------------------------
+
+PROMPT = "a red circle on a white background"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lorax.zoo.tiny import tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("grid-model") / "tiny-sd1"
+    tiny_pipeline("sd1", seed=0).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two kohya LoRA files for the tiny model, ``style-a`` and ``style-b``."""
+    from test_generate import make_lora
+
+    from lorax.formats import save_lora
+    from lorax.services.generate import load_model
+
+    pipe = load_model(str(tiny_model))
+    folder = tmp_path_factory.mktemp("grid-loras")
+    for name, seed in (("style-a", 31), ("style-b", 32)):
+        save_lora(make_lora(pipe, seed, magnitude=0.3), folder / f"{name}.safetensors", format="kohya")
+    return folder
+
+
+def gen(cli, model: Path, out: Path, *args: str):
+    return cli("generate", *args, "--model", model, "-o", out, "--steps", "3", "--seed", "5")
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).astype(np.int16)
+
+
+def contains(sheet: Path, cell: Path) -> bool:
+    """The cell image, scaled by a whole factor, appears somewhere in the sheet exactly."""
+    big, small = pixels(sheet), pixels(cell)
+    h, w = small.shape[:2]
+    factor = 128 // w if w < 128 else 1
+    factor += 1 if w * factor < 128 else 0
+    scaled = small.repeat(factor, 0).repeat(factor, 1)
+    ys, xs = np.nonzero((big == scaled[0, 0]).all(axis=-1))
+    for y, x in zip(ys, xs, strict=True):
+        window = big[y : y + h * factor, x : x + w * factor]
+        if window.shape == scaled.shape and (window == scaled).all():
+            return True
+    return False
+
+
+def test_xy_scale_by_prompt_writes_cells_and_one_labelled_sheet(
+    cli, tiny_model: Path, lora_dir: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from lorax.gen.params import read_png_parameters
+
+    lora = lora_dir / "style-a.safetensors"
+    result = gen(
+        cli, tiny_model, tmp_path / "xy", PROMPT, "--lora", lora, "--xy", "scale=0,1", "--xy", "prompt=red,blue",
+        "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["kind"] for r in records] == ["xy"] * 4 + ["xy-grid"]
+    cells = [Path(r["path"]) for r in records[:4]]
+    assert [p.name for p in cells] == [
+        "a-red-circle-on-a-white-background-5-s0-p0.png",
+        "a-red-circle-on-a-white-background-5-s1-p0.png",
+        "a-red-circle-on-a-white-background-5-s0-p1.png",
+        "a-red-circle-on-a-white-background-5-s1-p1.png",
+    ]
+    # each cell is exactly the image of the plain command it stands for (scale 0: the model alone)
+    blue = PROMPT.replace("red", "blue")
+    one = gen(cli, tiny_model, tmp_path / "one", blue, "--lora", f"{lora}:1")
+    base = gen(cli, tiny_model, tmp_path / "base", blue)
+    assert one.exit_code == 0 and base.exit_code == 0, one.output + base.output
+    np.testing.assert_array_equal(pixels(cells[3]), pixels(Path(one.stdout.strip())))
+    np.testing.assert_array_equal(pixels(cells[2]), pixels(Path(base.stdout.strip())))
+    assert np.abs(pixels(cells[3]) - pixels(cells[2])).max() > 10
+    assert read_png_parameters(cells[2]).prompt.startswith(blue)
+    sheet = Path(records[-1]["path"])
+    assert sheet.name == "a-red-circle-on-a-white-background-5-xy.png"
+    assert all(contains(sheet, c) for c in cells)
+    fields = read_png_parameters(sheet).fields  # A1111's xyz_grid keys
+    assert (fields["X Type"], fields["X Values"]) == ("LoRA scale", "0,1")
+    assert (fields["Y Type"], fields["Y Values"]) == ("Prompt S/R", "red,blue")
+    with Image.open(sheet) as picture:  # the title, the column labels and the row labels take room
+        assert picture.width > 2 * 128 + 40 and picture.height > 2 * 128 + 40
+
+
+def test_xy_lora_axis_picks_one_file_per_column(
+    cli, tiny_model: Path, lora_dir: Path, tmp_path: Path
+) -> None:
+    result = gen(
+        cli, tiny_model, tmp_path / "xy", PROMPT, "--lora-dir", lora_dir, "--xy", "lora=style-a,style-b,none"
+    )
+    assert result.exit_code == 0, result.output
+    paths = [Path(p) for p in result.stdout.split()]
+    assert [p.name.rsplit("-5-", 1)[1] for p in paths] == [
+        "lora-style-a.png",
+        "lora-style-b.png",
+        "lora-none.png",
+        "xy.png",
+    ]
+    for name, cell in (("style-b", paths[1]), (None, paths[2])):
+        args = ["--lora", str(lora_dir / f"{name}.safetensors")] if name else []
+        alone = gen(cli, tiny_model, tmp_path / f"alone-{name}", PROMPT, *args)
+        assert alone.exit_code == 0, alone.output
+        np.testing.assert_array_equal(pixels(cell), pixels(Path(alone.stdout.strip())))
+    from lorax.gen.params import read_png_parameters
+
+    assert "style-a" not in read_png_parameters(paths[1]).fields["Lora hashes"]
+    assert "Lora hashes" not in read_png_parameters(paths[2]).fields
+
+
+def test_xy_seed_by_steps_and_guidance(cli, tiny_model: Path, tmp_path: Path) -> None:
+    from lorax.gen.params import read_png_parameters
+
+    result = gen(cli, tiny_model, tmp_path / "xy", PROMPT, "--xy", "seed=7,8", "--xy", "steps=2,4")
+    assert result.exit_code == 0, result.output
+    paths = [Path(p) for p in result.stdout.split()]
+    assert [p.name.removeprefix("a-red-circle-on-a-white-background-") for p in paths] == [
+        "7-steps2.png",
+        "8-steps2.png",
+        "7-steps4.png",
+        "8-steps4.png",
+        "5-xy.png",
+    ]
+    fields = read_png_parameters(paths[2]).fields
+    assert (fields["Seed"], fields["Steps"]) == ("7", "4")
+    alone = cli(
+        "generate", PROMPT, "--model", tiny_model, "-o", tmp_path / "a", "--steps", "4", "--seed", "7"
+    )
+    np.testing.assert_array_equal(pixels(paths[2]), pixels(Path(alone.stdout.strip())))
+    cfg = gen(cli, tiny_model, tmp_path / "cfg", PROMPT, "--xy", "guidance=1,9")
+    assert cfg.exit_code == 0, cfg.output
+    first, second = (Path(p) for p in cfg.stdout.split()[:2])
+    assert read_png_parameters(second).fields["CFG scale"] == "9"
+    assert np.abs(pixels(first) - pixels(second)).max() > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--xy", "colour=red,blue"], "--xy 'colour': unknown kind; choose one of prompt, scale, lora"),
+        (["--xy", "seed="], "--xy seed: no values"),
+        (["--xy", "seed=1,,2"], "--xy seed=1,,2: an empty value"),
+        (["--xy", "steps=2,x"], "--xy steps: 'x' is not a number"),
+        (["--xy", "steps=0,2"], "--xy steps: '0' must be at least 1"),
+        (["--xy", "seed=1,1"], "--xy seed: '1' is given twice"),
+        (
+            ["--xy", "prompt=square,circle"],
+            "--xy prompt: the search text 'square' (the first value) is not in",
+        ),
+        (["--xy", "seed=1,2", "--xy", "seed=3"], "--xy seed is given twice"),
+        (["--xy", "scale=0,1"], "--xy scale needs at least one --lora"),
+        (["--xy", "seed=1,2", "-n", "2"], "--xy makes one image per cell"),
+        (["--xy", "seed=1,2", "--grid"], "--xy writes its own labelled grid"),
+        (["--xy", "lora=nowhere"], "--xy lora: 'nowhere' is neither a file nor the name of a LoRA file"),
+        (["--xy", "seed"], "--xy 'seed' is not KIND=V1,V2"),
+    ],
+)
+def test_bad_xy_is_one_line(cli, tiny_model: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    result = gen(cli, tiny_model, tmp_path / "bad", PROMPT, "--lora-dir", tmp_path, *args)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0].startswith("lorax: error: ") and message in lines[0], lines[0]
+    assert not (tmp_path / "bad").exists()
+
+
+def test_sweep_sheet_is_labelled_and_grid_works_with_a_sweep(
+    cli, tiny_model: Path, lora_dir: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from lorax.gen.params import read_png_parameters
+
+    lora = lora_dir / "style-a.safetensors"
+    args = [PROMPT, "--lora", str(lora), "--sweep-scale", "0,1", "-n", "2", "--json"]
+    result = gen(cli, tiny_model, tmp_path / "s", *args, "--grid")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert kinds == ["sweep", "sweep", "sweep", "sweep", "grid", "grid", "sweep-grid"]
+    assert [Path(r["path"]).name for r in records[4:6]] == [
+        "a-red-circle-on-a-white-background-5-s0-grid.png",
+        "a-red-circle-on-a-white-background-5-s1-grid.png",
+    ]
+    assert [r["scale"] for r in records[4:6]] == [0.0, 1.0]
+    sheet = Path(records[-1]["path"])
+    frames = [Path(r["path"]) for r in records[:4]]
+    assert all(contains(sheet, f) for f in frames)
+    assert read_png_parameters(sheet).fields["Lora sweep"] == "0,1"
+    # the labels: a line of title, a line of column labels and a row-label column beside the 2×2 cells
+    with Image.open(sheet) as picture:
+        labelled = picture.copy()
+    plain = gen(
+        cli, tiny_model, tmp_path / "p", *args[:-1]
+    )  # without --grid: the same sheet, no contact sheets
+    assert plain.exit_code == 0 and "grid.png" not in plain.stdout
+    with Image.open(sheet) as picture:
+        assert picture.width > 2 * 128 + 30 and picture.height > 2 * 128 + 2 * 14
+    a = np.asarray(labelled.convert("L"))
+    top = int(np.nonzero((pixels(sheet) != 255).any(axis=-1).any(axis=1))[0][0])
+    assert (a[top : top + 12] < 128).sum() > 20  # the title (the prompt) is drawn on top
