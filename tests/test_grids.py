@@ -301,3 +301,138 @@ def test_sweep_sheet_is_labelled_and_grid_works_with_a_sweep(
     a = np.asarray(labelled.convert("L"))
     top = int(np.nonzero((pixels(sheet) != 255).any(axis=-1).any(axis=1))[0][0])
     assert (a[top : top + 12] < 128).sum() > 20  # the title (the prompt) is drawn on top
+
+
+# ---- the loss plot ------------------------------------------------------------------------------------------------
+
+RESUME_RED = (200, 30, 30)
+CHECKPOINT_GREY = (120, 120, 120)
+
+
+def colour_columns(path: Path, colour: tuple[int, int, int]) -> list[int]:
+    """The x columns holding at least 20 pixels of exactly ``colour`` (a vertical marker line)."""
+    a = pixels(path)
+    counts = (a == colour).all(axis=-1).sum(axis=0)
+    return [int(x) for x in np.nonzero(counts >= 20)[0]]
+
+
+def synthetic(outlier: bool, n: int = 200) -> list[list[float]]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for step in range(1, n + 1):
+        loss = 0.1 + 0.2 * np.exp(-step / 40) + 0.03 * rng.random()
+        if outlier and step == 3:
+            loss = 9.0  # one bad batch, 30× the rest
+        rows.append([step, float(loss), 1e-4 * min(1.0, step / 20), step * 0.1])
+    return rows
+
+
+def test_log_scale_is_chosen_for_one_outlier_not_for_a_smooth_curve() -> None:
+    from lorax.training.report import wants_log_scale
+
+    assert wants_log_scale([r[1] for r in synthetic(outlier=True)])
+    assert not wants_log_scale([r[1] for r in synthetic(outlier=False)])
+    assert not wants_log_scale([1.0, 2.0, 3.0, 50.0 * 2.0 / 20.0])  # max 5 = 2.5× the median
+    assert wants_log_scale([1.0, 1.0, 1.0, 21.0])  # just over 20× the median
+    assert not wants_log_scale([0.0, 1.0, 1.0, 100.0])  # a zero cannot go on a log axis
+    assert not wants_log_scale([5.0])
+
+
+def test_loss_plot_draws_both_axes_markers_and_a_log_scale(tmp_path: Path) -> None:
+    from lorax.training.report import write_loss_png
+
+    plain, marked, spiky = tmp_path / "plain.png", tmp_path / "marked.png", tmp_path / "spiky.png"
+    write_loss_png(synthetic(False), plain, title="t")
+    write_loss_png(synthetic(False), marked, title="t", checkpoints=[50, 100, 150], resumed_at=100)
+    write_loss_png(synthetic(True), spiky, title="t")
+    for path in (plain, marked, spiky):
+        with Image.open(path) as image:
+            assert image.size == (800, 450) and image.format == "PNG"
+        assert path.stat().st_size < 100_000
+    assert colour_columns(plain, CHECKPOINT_GREY) == [] and colour_columns(plain, RESUME_RED) == []
+    grey = colour_columns(marked, CHECKPOINT_GREY)
+    red = colour_columns(marked, RESUME_RED)
+    # one dashed line per checkpoint, evenly spaced as the steps are; the resume line on the middle one's step
+    groups = [g for g in np.split(np.array(grey), np.nonzero(np.diff(grey) > 3)[0] + 1) if len(g)]
+    assert len(groups) == 2  # 50 and 150 (the line at 100 is under the resume marker)
+    middle = float(np.mean(red))
+    assert abs((groups[0].mean() + groups[1].mean()) / 2 - middle) <= 2
+    # the learning rate (orange) is drawn, with its own tick labels at the right of the plot box
+    orange = (pixels(marked) == (230, 126, 34)).all(axis=-1)
+    assert orange[:, :700].sum() > 100 and orange[:, 735:].sum() > 20
+
+    # the spike is drawn on a log axis, so the curve after it is not squashed flat
+    def curve_height(path: Path) -> int:
+        dark = (pixels(path) == (24, 64, 168)).all(axis=-1)[
+            50:400, 300:700
+        ]  # inside the plot box, late steps
+        rows = np.nonzero(dark.any(axis=1))[0]
+        return int(rows.max() - rows.min())
+
+    assert curve_height(spiky) > 15
+    flat = tmp_path / "flat.png"
+    write_loss_png(synthetic(True), flat, title="t", log_scale=False)
+    assert curve_height(flat) < curve_height(spiky) / 4  # on a linear axis the spike squashes the rest flat
+
+
+# ---- lorax train: the loss plot's markers and the validation-samples sheet ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("grid-images")
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
+    return folder
+
+
+def test_train_writes_a_marked_loss_plot_and_a_samples_sheet(
+    cli, tiny_model: Path, train_images: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "sks.safetensors"
+    prompts = ["a red circle", "a blue square"]
+    args = [
+        "train", train_images, "--model", tiny_model, "--instance-prompt", "a sks circle", "--resolution", "32",
+        "--steps", "4", "--checkpoint-every", "2", "--validation-every", "2", "--sample-steps", "2",
+        *[a for p in prompts for a in ("--validation-prompt", p)],
+    ]  # fmt: skip
+    first = cli(*args, "-o", out)
+    assert first.exit_code == 0, first.output
+    sheet = tmp_path / "sks.samples.png"
+    assert f"samples sheet {sheet}" in first.stderr
+    samples = sorted((tmp_path / "sks.samples").iterdir())
+    assert [p.name for p in samples] == [
+        "step-000002-0.png",
+        "step-000002-1.png",
+        "step-000004-0.png",
+        "step-000004-1.png",
+    ]
+    # rows are the prompts, columns the steps: each sample sits in the sheet, in that order
+    with Image.open(sheet) as picture:
+        assert picture.width > 2 * 128 and picture.height > 2 * 128
+    where = {}
+    big = pixels(sheet)
+    for p in samples:
+        small = pixels(p).repeat(4, 0).repeat(4, 1)
+        hits = [
+            (y, x)
+            for y, x in zip(*np.nonzero((big == small[0, 0]).all(axis=-1)), strict=True)
+            if big[y : y + 128, x : x + 128].shape == small.shape
+            and (big[y : y + 128, x : x + 128] == small).all()
+        ]
+        assert hits, p.name
+        where[p.name] = hits[0]
+    assert where["step-000002-0.png"][1] < where["step-000004-0.png"][1]  # steps left to right
+    assert where["step-000002-0.png"][0] < where["step-000002-1.png"][0]  # prompts top to bottom
+    loss_png = tmp_path / "sks.loss.png"
+    assert len(colour_columns(loss_png, CHECKPOINT_GREY)) >= 1 and not colour_columns(loss_png, RESUME_RED)
+
+    # as after a Ctrl-C at step 3: the checkpoint at step 2 is kept, the LoRA not yet written; resume
+    out.unlink()
+    resumed = cli(*args, "-o", out, "--resume", tmp_path / "sks.checkpoints" / "step-000002", "--force")
+    assert resumed.exit_code == 0, resumed.output
+    assert colour_columns(loss_png, RESUME_RED), "the resume step is marked"
+    assert len((tmp_path / "sks.samples.png").read_bytes()) > 1000
+    with Image.open(sheet) as picture:  # still both steps: step 2 from the first run, step 4 from this one
+        assert picture.width > 2 * 128
