@@ -745,7 +745,8 @@ def generate(
     }
     ti_hashes = {path.stem: file_hash(path) for path, _ in embeddings}
     sampler = sampler_name(pipe)
-    on_all = list(range(len(requests)))
+    # a sheet's own PNG info names the run-wide LoRAs (an --xy lora axis's files are in X/Y Values)
+    on_all = list(range(len(config.loras) if axis_specs else len(requests)))
 
     def infotext_prompt(prompt: str, factor: float | None, on: list[int]) -> str:
         """The prompt with a ``<lora:…>`` tag per LoRA file, so the PNG's parameters paste into A1111."""
