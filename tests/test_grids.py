@@ -436,3 +436,21 @@ def test_train_writes_a_marked_loss_plot_and_a_samples_sheet(
     assert len((tmp_path / "sks.samples.png").read_bytes()) > 1000
     with Image.open(sheet) as picture:  # still both steps: step 2 from the first run, step 4 from this one
         assert picture.width > 2 * 128
+
+
+def test_docs_show_the_pictures_and_they_are_small() -> None:
+    """docs/generate.md and docs/train.md show the sweep, the X/Y plot, the loss plot and the samples sheet that
+    `make pictures` (scripts/docs_pictures.py) writes, each under 300 kB."""
+    import re
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    shown = {
+        name
+        for page in ("generate.md", "train.md")
+        for name in re.findall(r"\]\(img/([\w.-]+\.png)\)", (docs / page).read_text(encoding="utf-8"))
+    }
+    assert {"generate-sweep.png", "generate-xy.png", "train-loss.png", "train-samples.png"} <= shown
+    script = (docs.parent / "scripts" / "docs_pictures.py").read_text(encoding="utf-8")
+    for name in shown:
+        assert name in script, f"{name} is not made by scripts/docs_pictures.py"
+        assert 0 < (docs / "img" / name).stat().st_size < 300_000
