@@ -188,6 +188,9 @@ def train_command(
         typer.Option(help="Prompt to sample during training (repeatable).", rich_help_panel=DURING),
     ] = None,
     validation_every: opts.ValidationEveryOpt = 0,
+    save_every: opts.SaveEveryOpt = 0,
+    save_every_epochs: opts.SaveEveryEpochsOpt = 0,
+    save_last: opts.SaveLastOpt = 0,
     save_dtype: opts.SaveDtypeOpt = "fp16",
     output_name: Annotated[
         str | None,

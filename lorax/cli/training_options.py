@@ -313,3 +313,27 @@ def print_summary(result: Any, what: str, model: str | None = None) -> None:
         markup=False,
         highlight=False,
     )
+
+
+# --- train only: usable snapshots (lorax.training.snapshots) ------------------------------------------------
+
+SaveEveryOpt = Annotated[
+    int,
+    typer.Option(
+        help="Write a usable LoRA every N steps, OUTPUT's stem + -step00000N (kohya's naming; 0: never).",
+        rich_help_panel=DURING,
+    ),
+]
+SaveEveryEpochsOpt = Annotated[
+    int,
+    typer.Option(
+        help="Write a usable LoRA every N epochs, OUTPUT's stem + -00000N (kohya's naming; 0: never).",
+        rich_help_panel=DURING,
+    ),
+]
+SaveLastOpt = Annotated[
+    int,
+    typer.Option(
+        help="Keep only the K newest snapshots this run wrote (0: keep all).", rich_help_panel=DURING
+    ),
+]

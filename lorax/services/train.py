@@ -307,6 +307,36 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
         progress.log(f"resuming from {resume_ckpt.path} at step {loop.state.global_step}")
     if accelerator.is_main_process:
         _check_checkpoint_room(config, loop, max_steps)
+    if config.save_every or config.save_every_epochs:
+        from lorax.training.snapshots import Snapshots
+
+        def write_snapshot(path: Path) -> bool:
+            return _save_lora_file(
+                config,
+                job,
+                loop,
+                path,
+                family,
+                prepared,
+                resolution,
+                data,
+                class_items,
+                started_at,
+                modules,
+                images,
+                max_steps=max_steps,
+                finite_only=True,
+            )
+
+        loop.step_hooks.append(
+            Snapshots(
+                _plan_snapshots(config, output, data, max_steps, loop.state.global_step),
+                write_snapshot,
+                keep_last=config.save_last,
+                log=progress.log,
+                is_main=accelerator.is_main_process,
+            )
+        )
     result = loop.run()
     accelerator.wait_for_everyone()
 
@@ -508,13 +538,58 @@ def _write_outputs(
     modules: dict[str, int],
     images: TrainingImages,
 ) -> int:
+    from lorax.training.report import loss_csv, write_loss_png
+
+    _save_lora_file(
+        config,
+        job,
+        loop,
+        output,
+        family,
+        prepared,
+        resolution,
+        data,
+        class_items,
+        started_at,
+        modules,
+        images,
+    )
+    with atomic_path(companions["loss_csv"], force=True) as tmp:
+        tmp.write_text(loss_csv(loop.state.losses), encoding="utf-8")
+    with atomic_path(companions["loss_png"], force=True) as tmp:
+        write_loss_png(loop.state.losses, tmp, title=f"lorax train: {output.name}")
+    with atomic_path(companions["config"], force=True) as tmp:
+        tmp.write_text(config.to_toml(), encoding="utf-8")
+    return output.stat().st_size
+
+
+def _save_lora_file(
+    config: TrainConfig,
+    job: Any,
+    loop: Any,
+    path: Path,
+    family: str,
+    prepared: _Prepared,
+    resolution: int,
+    data: TrainData,
+    class_items: list[ImageItem],
+    started_at: float,
+    modules: dict[str, int],
+    images: TrainingImages,
+    *,
+    max_steps: int | None = None,
+    finite_only: bool = False,
+) -> bool:
+    """Write the LoRA as it stands to ``path`` (the output, or a snapshot at ``max_steps``' run) with its metadata;
+    with ``finite_only`` nothing is written (False) when a weight is not finite."""
     import torch
 
     from lorax.formats import save_lora
     from lorax.training.lora import trained_state
     from lorax.training.metadata import training_metadata
-    from lorax.training.report import loss_csv, write_loss_png
 
+    if finite_only and not all(bool(torch.isfinite(t).all()) for t in job.state_tensors().values()):
+        return False
     state = trained_state(job.components(), rank=config.rank, alpha=config.lora_alpha, family=family)
     metadata = training_metadata(
         config,
@@ -532,13 +607,29 @@ def _write_outputs(
         modules=modules,
         images=images,
         num_examples=len(data),
+        max_steps=max_steps,
     )
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_dtype]
-    save_lora(state, output, format=config.format, dtype=dtype, force=config.force, metadata=metadata)
-    with atomic_path(companions["loss_csv"], force=True) as tmp:
-        tmp.write_text(loss_csv(loop.state.losses), encoding="utf-8")
-    with atomic_path(companions["loss_png"], force=True) as tmp:
-        write_loss_png(loop.state.losses, tmp, title=f"lorax train: {output.name}")
-    with atomic_path(companions["config"], force=True) as tmp:
-        tmp.write_text(config.to_toml(), encoding="utf-8")
-    return output.stat().st_size
+    save_lora(state, path, format=config.format, dtype=dtype, force=config.force, metadata=metadata)
+    return True
+
+
+def _plan_snapshots(
+    config: TrainConfig, output: Path, data: TrainData, max_steps: int, start_step: int
+) -> Any:
+    """The snapshots this run will write (``--save-every``, ``--save-every-epochs``), checked like the output:
+    one that exists is refused without --force before step 1."""
+    from lorax.io.atomic import check_outputs
+    from lorax.training.snapshots import plan_snapshots
+
+    bpe = data.batches_per_epoch()
+    plan = plan_snapshots(
+        output,
+        max_steps=max_steps,
+        every_steps=config.save_every,
+        every_epochs=config.save_every_epochs,
+        epoch_after=lambda step: step * config.grad_accum // bpe,
+        start_step=start_step,
+    )
+    check_outputs([p for paths in plan.values() for p in paths], config.force)
+    return plan

@@ -26,6 +26,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 DEVICES = ("auto", "cpu", "cuda", "gpu")
 TEMPLATES = ("object", "style")
 TARGET_PRESETS = ("attn", "attn-ff", "all")
+# Options that only ``lorax train`` reads (invert and pivot configs inherit the fields and refuse them set).
+TRAIN_ONLY = ("save_every", "save_every_epochs", "save_last")
 # Memory levers, named in the out-of-memory message.
 MEMORY_FLAGS = (
     "--batch-size 1 (with --grad-accum)",
@@ -109,6 +111,9 @@ class TrainConfig:
     resume: Path | None = None
     validation_prompt: list[str] = field(default_factory=list)
     validation_every: int = 0
+    save_every: int = 0  # usable snapshots (lorax.training.snapshots), train only
+    save_every_epochs: int = 0
+    save_last: int = 0
     # output
     save_dtype: str = "fp16"
     output_name: str | None = None
@@ -279,11 +284,36 @@ class TrainConfig:
             p.append("--validation-every needs at least one --validation-prompt")
         if self.targets not in TARGET_PRESETS and not [t for t in self.targets.split(",") if t.strip()]:
             p.append(f"--targets must be one of {', '.join(TARGET_PRESETS)} or module patterns")
+        p += self.snapshot_problems()
         if self.dora and self.format == "diffusers":
             p.append("--dora files are written in kohya (LyCORIS dora_scale) format: drop --format diffusers")
         if self.dora and self.targets == "all":
             p.append("--dora covers Linear layers only with PEFT: use --targets attn or attn-ff")
         return p
+
+    def snapshot_problems(self) -> list[str]:
+        """--save-every, --save-every-epochs and --save-last."""
+        p = [
+            f"{flag(n)} must be ≥ 0 (got {getattr(self, n)})"
+            for n in ("save_every", "save_every_epochs", "save_last")
+            if getattr(self, n) < 0
+        ]
+        if self.save_last and not (self.save_every or self.save_every_epochs):
+            p.append(
+                "--save-last needs --save-every or --save-every-epochs (it bounds how many snapshots stay)"
+            )
+        return p + self.train_only_problems()
+
+    def train_only_problems(self) -> list[str]:
+        """Options of ``lorax train`` alone, refused when another command's config (TOML) sets them."""
+        if self.COMMAND == "train":
+            return []
+        defaults = TrainConfig()
+        return [
+            f"{flag(n)} is an option of lorax train, not lorax {self.COMMAND}"
+            for n in TRAIN_ONLY
+            if getattr(self, n) != getattr(defaults, n)
+        ]
 
     def validate(self) -> TrainConfig:
         problems = self.problems()

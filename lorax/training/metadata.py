@@ -29,9 +29,11 @@ def training_metadata(
     modules: dict[str, int],
     images: TrainingImages | None = None,
     num_examples: int | None = None,
+    max_steps: int | None = None,
 ) -> dict[str, str]:
     """Header metadata of a trained LoRA (all values strings, as safetensors requires).
 
+    ``max_steps``: the run's planned steps when they differ from ``steps`` (a snapshot during the run).
     ``images`` adds kohya's dataset keys (``ss_dataset_dirs``, ``ss_reg_dataset_dirs``, ``ss_tag_frequency``) and
     the trigger words (``modelspec.trigger_phrase``); ``num_examples`` is one epoch's examples (images × repeats).
     """
@@ -56,7 +58,7 @@ def training_metadata(
         "ss_sd_model_name": config.model,
         "ss_output_name": config.output_name or (config.output.stem if config.output else None),
         "ss_steps": steps,
-        "ss_max_train_steps": steps,
+        "ss_max_train_steps": max_steps if max_steps is not None else steps,
         "ss_epoch": epoch,
         "ss_num_batches_per_epoch": batches_per_epoch,
         "ss_learning_rate": config.learning_rate,
