@@ -138,3 +138,119 @@ def test_snapshots_every_n_epochs_and_existing_ones_need_force(cli, tmp_path, mo
 def test_save_last_needs_snapshots(cli, tmp_path, model_dir, image_dir):
     result = train(cli, model_dir, image_dir, tmp_path / "x.safetensors", "--steps", 1, "--save-last", 2)
     assert result.exit_code == 1 and "--save-last needs --save-every" in result.stderr
+
+
+# --- item 2: --init-lora ------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def step0(monkeypatch):
+    """The trainable tensors as the loop finds them before step 1 (``{component.peft key: tensor}``)."""
+    from lorax.training.loop import TrainingLoop
+
+    seen: dict[str, torch.Tensor] = {}
+    original = TrainingLoop.run
+
+    def run(self):
+        seen.update({k: v.clone() for k, v in self.job.state_tensors().items()})
+        return original(self)
+
+    monkeypatch.setattr(TrainingLoop, "run", run)
+    return seen
+
+
+def test_init_lora_starts_from_the_files_weights(cli, tmp_path, model_dir, image_dir, step0):
+    kohya = tmp_path / "k.safetensors"
+    assert (
+        train(cli, model_dir, image_dir, kohya, "--steps", 2, "--rank", 2, "--network-alpha", 1).exit_code
+        == 0
+    )
+    step0.clear()
+    out = tmp_path / "cont.safetensors"
+    result = train(
+        cli, model_dir, image_dir, out, "--steps", 1, "--rank", 2, "--network-alpha", 1, "--init-lora", kohya
+    )
+    assert result.exit_code == 0, result.stderr
+    raw = load_file(kohya)
+    assert len(step0) == len(raw) - len([k for k in raw if k.endswith(".alpha")])
+    ups = [k for k in step0 if ".lora_B." in k]
+    assert ups and all(float(step0[k].abs().max()) > 0 for k in ups), "the file's up weights are not zero"
+    for key, tensor in step0.items():
+        component, path = key.split(".", 1)
+        assert component == "unet"
+        module, kind = path.rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        part = "lora_down.weight" if kind.startswith("A") else "lora_up.weight"
+        torch.testing.assert_close(tensor, raw[f"{name}.{part}"], rtol=0, atol=0)
+    assert header(out)["lorax_init_lora"] == "k.safetensors"
+
+
+def test_init_lora_from_a_diffusers_file_with_text_encoder_keeps_its_deltas(
+    cli, tmp_path, model_dir, image_dir, step0
+):
+    """A diffusers file folds alpha / r into lora_B (read back with alpha = r); starting from it at another
+    --network-alpha rescales the up weights so every module's delta is the file's B @ A."""
+    diffusers_file = tmp_path / "d.safetensors"
+    args = ("--rank", 2, "--network-alpha", 1, "--train-text")
+    assert (
+        train(
+            cli, model_dir, image_dir, diffusers_file, "--steps", 2, "--format", "diffusers", *args
+        ).exit_code
+        == 0
+    )
+    step0.clear()
+    result = train(
+        cli,
+        model_dir,
+        image_dir,
+        tmp_path / "c.safetensors",
+        "--steps",
+        1,
+        *args,
+        "--init-lora",
+        diffusers_file,
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "up weights rescaled" in result.stderr
+    raw = load_file(diffusers_file)
+    hand = {
+        k[: -len(".lora_A.weight")].replace(".text_model.", "."): raw[
+            k.replace(".lora_A.", ".lora_B.")
+        ].double()
+        @ raw[k].double()
+        for k in raw
+        if k.endswith(".lora_A.weight")
+    }
+    assert any(k.startswith("text_encoder.") for k in hand)
+    checked = 0
+    for key in step0:
+        if ".lora_A." not in key:
+            continue
+        prefix = key[: -len(".lora_A.weight")]
+        live_delta = 0.5 * step0[prefix + ".lora_B.weight"].double() @ step0[key].double()  # alpha 1 / rank 2
+        torch.testing.assert_close(live_delta, hand[prefix], atol=1e-7, rtol=1e-5)
+        checked += 1
+    assert checked == len(hand)
+
+
+@pytest.mark.parametrize(
+    ("init_flags", "flags", "expected"),
+    [
+        ((), ("--rank", 4), "rank 2, not --rank 4; pass --rank 2"),
+        ((), ("--rank", 2, "--targets", "attn-ff"), "trained modules are not in it"),
+        (("--train-text",), ("--rank", 2), "of its modules are not trained here"),
+    ],
+)
+def test_init_lora_that_does_not_fit_is_one_line(
+    cli, tmp_path, model_dir, image_dir, init_flags, flags, expected
+):
+    init = tmp_path / "init.safetensors"
+    assert train(cli, model_dir, image_dir, init, "--steps", 1, "--rank", 2, *init_flags).exit_code == 0
+    out = tmp_path / "o.safetensors"
+    result = train(cli, model_dir, image_dir, out, "--steps", 1, *flags, "--init-lora", init)
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert "\n" not in line and line.startswith("lorax: error: --init-lora ") and expected in line, line
+    assert str(init) in line and not out.exists()
+    if init_flags:
+        assert "pass --train-text" in line

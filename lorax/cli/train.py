@@ -130,6 +130,7 @@ def train_command(
     dora: Annotated[
         bool, typer.Option("--dora", help="DoRA (weight-decomposed LoRA, via PEFT).", rich_help_panel=LORA)
     ] = False,
+    init_lora: opts.InitLoraOpt = None,
     optimizer: Annotated[
         str,
         typer.Option(help="adamw, adamw8bit (bitsandbytes) or prodigy (prodigyopt).", rich_help_panel=OPTIM),

@@ -337,3 +337,13 @@ SaveLastOpt = Annotated[
         help="Keep only the K newest snapshots this run wrote (0: keep all).", rich_help_panel=DURING
     ),
 ]
+
+InitLoraOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Start from this LoRA (kohya's --network_weights; any format lorax reads); its rank and modules "
+        "must match --rank, --targets and --train-text.",
+        rich_help_panel="LoRA",
+        show_default=False,
+    ),
+]

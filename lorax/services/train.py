@@ -420,6 +420,7 @@ def _build(
 
         targets["text_encoder_2"] = find_targets(text_encoder_2, config.targets, "text_encoder_2")
     modules = {k: len(v) for k, v in targets.items()}
+    initial = _initial_lora(config, pipe, targets, family, progress)
     lora_kwargs: dict[str, Any] = dict(
         rank=config.rank, alpha=config.lora_alpha, dropout=config.lora_dropout, dora=config.dora
     )
@@ -440,6 +441,12 @@ def _build(
                 **lora_kwargs,
             )
             groups.append({"params": te2_params, "lr": config.text_lr})
+    if initial is not None:
+        from lorax.training.lora import load_lora_tensors
+
+        live = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+        for component, tensors in initial.items():
+            load_lora_tensors(live[component], tensors)
     setup.place(unet, vae, encoders, device, config.mixed_precision)
     for group in groups:  # trainable LoRA weights stay fp32 under mixed precision
         for p in group["params"]:
@@ -633,3 +640,22 @@ def _plan_snapshots(
     )
     check_outputs([p for paths in plan.values() for p in paths], config.force)
     return plan
+
+
+def _initial_lora(
+    config: TrainConfig, pipe: Any, targets: dict[str, list[str]], family: str, progress: Progress
+) -> dict[str, dict[str, Any]] | None:
+    """``--init-lora``'s weights per component, checked against the run (not when resuming: the checkpoint wins)."""
+    if config.init_lora is None or config.resume is not None:
+        return None
+    from lorax.training.init_lora import initial_lora
+
+    return initial_lora(
+        Path(config.init_lora),
+        pipe,
+        targets,
+        rank=config.rank,
+        alpha=config.lora_alpha,
+        family=family,
+        log=progress.log,
+    )

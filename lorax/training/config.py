@@ -27,7 +27,7 @@ DEVICES = ("auto", "cpu", "cuda", "gpu")
 TEMPLATES = ("object", "style")
 TARGET_PRESETS = ("attn", "attn-ff", "all")
 # Options that only ``lorax train`` reads (invert and pivot configs inherit the fields and refuse them set).
-TRAIN_ONLY = ("save_every", "save_every_epochs", "save_last")
+TRAIN_ONLY = ("save_every", "save_every_epochs", "save_last", "init_lora")
 # Memory levers, named in the out-of-memory message.
 MEMORY_FLAGS = (
     "--batch-size 1 (with --grad-accum)",
@@ -82,6 +82,7 @@ class TrainConfig:
     train_text: bool = False
     lora_dropout: float = 0.0
     dora: bool = False
+    init_lora: Path | None = None  # kohya's --network_weights, train only
     # optimisation
     optimizer: str = "adamw"
     learning_rate: float = 1e-4
@@ -285,6 +286,8 @@ class TrainConfig:
         if self.targets not in TARGET_PRESETS and not [t for t in self.targets.split(",") if t.strip()]:
             p.append(f"--targets must be one of {', '.join(TARGET_PRESETS)} or module patterns")
         p += self.snapshot_problems()
+        if self.init_lora is not None and self.dora:
+            p.append("--init-lora starts from a plain LoRA: drop --dora")
         if self.dora and self.format == "diffusers":
             p.append("--dora files are written in kohya (LyCORIS dora_scale) format: drop --format diffusers")
         if self.dora and self.targets == "all":
