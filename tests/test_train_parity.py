@@ -254,3 +254,134 @@ def test_init_lora_that_does_not_fit_is_one_line(
     assert str(init) in line and not out.exists()
     if init_flags:
         assert "pass --train-text" in line
+
+
+# --- item 4: learning rates -------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def optimizer_at_start(monkeypatch):
+    """The loop's optimizer param groups (lr, and the PEFT names of their parameters) before step 1."""
+    from lorax.training.loop import TrainingLoop
+
+    seen: list[tuple[float, set[str]]] = []
+    original = TrainingLoop.run
+
+    def run(self):
+        names = {id(p): f"{c}.{n}" for c, m in self.job.components().items() for n, p in m.named_parameters()}
+        seen.extend((g["lr"], {names[id(p)] for p in g["params"]}) for g in self.optimizer.param_groups)
+        return original(self)
+
+    monkeypatch.setattr(TrainingLoop, "run", run)
+    return seen
+
+
+def test_loraplus_puts_up_matrices_at_ratio_times_lr_and_their_first_step_moves_that_much(
+    cli, tmp_path, model_dir, image_dir, optimizer_at_start, step0
+):
+    # non-zero up weights, so the down weights get gradients at step 1 too
+    init = tmp_path / "init.safetensors"
+    assert train(cli, model_dir, image_dir, init, "--steps", 1, "--rank", 2, "--train-text").exit_code == 0
+    optimizer_at_start.clear()
+    step0.clear()
+    out = tmp_path / "plus.safetensors"
+    result = train(
+        cli, model_dir, image_dir, out, "--steps", 1, "--rank", 2, "--train-text", "--init-lora", init,
+        "--loraplus-ratio", 16, "--text-lr", "1e-4", "--weight-decay", 0,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    groups = optimizer_at_start
+    assert len(groups) == 4
+    for lr, names in groups:
+        ups = {n for n in names if ".lora_B." in n}
+        assert ups in (set(), names), "a group mixes up and down matrices"
+        text = {n.startswith("text_encoder.") for n in names}
+        assert len(text) == 1
+        base = 1e-4 if text == {True} else 1e-3
+        assert lr == pytest.approx(base * (16 if ups else 1))
+    assert sum(len(n) for _, n in groups) == len(step0)
+
+    # Adam's first step moves each weight with a gradient by lr (|m̂ / √v̂| = 1): B by 16 × A's step
+    after = load_file(out)
+    moved: dict[str, float] = {}
+    for key, before in step0.items():
+        component, path = key.split(".", 1)
+        module, kind = path.rsplit(".lora_", 1)
+        prefix = "lora_unet_" if component == "unet" else "lora_te_"
+        module = module if component == "unet" else "text_model." + module
+        name = (
+            prefix
+            + module.replace(".", "_")
+            + (".lora_down.weight" if kind.startswith("A") else ".lora_up.weight")
+        )
+        step = float((after[name] - before).abs().max())
+        moved.setdefault(f"{component}-{kind[0]}", 0.0)
+        moved[f"{component}-{kind[0]}"] = max(moved[f"{component}-{kind[0]}"], step)
+    assert moved["unet-A"] == pytest.approx(1e-3, rel=1e-3)
+    assert moved["unet-B"] == pytest.approx(16e-3, rel=1e-3)
+    assert moved["text_encoder-A"] == pytest.approx(1e-4, rel=1e-3)
+    assert moved["text_encoder-B"] == pytest.approx(16e-4, rel=1e-3)
+    import json
+
+    assert json.loads(header(out)["ss_network_args"])["loraplus_lr_ratio"] == 16
+
+
+def _lrs(cli, model_dir, image_dir, out, *args):
+    import json
+
+    result = train(cli, model_dir, image_dir, out, "--steps", 8, "--json", *args)
+    assert result.exit_code == 0, result.stderr
+    return [row[2] for row in json.loads(result.stdout)["losses"]], header(out)
+
+
+def test_cosine_with_restarts_and_polynomial_follow_their_definitions(cli, tmp_path, model_dir, image_dir):
+    """The lr of each step against the published formulas (transformers / diffusers optimization docs):
+    warm-up lr·s/w, then cosine with hard restarts 0.5·(1 + cos(π·((cycles·p) mod 1))) and polynomial
+    (lr - end)·(1 - p)^power + end, p the fraction of the post-warm-up steps done."""
+    import math
+
+    lr, total = 1e-3, 8
+    got, meta = _lrs(
+        cli, model_dir, image_dir, tmp_path / "cos.safetensors",
+        "--lr-scheduler", "cosine_with_restarts", "--lr-cycles", 2, "--warmup-ratio", 0.25,
+    )  # fmt: skip
+    warmup = 2  # int(0.25 × 8)
+
+    def cos(s: int) -> float:
+        if s < warmup:
+            return lr * s / warmup
+        p = (s - warmup) / (total - warmup)
+        return lr * 0.5 * (1 + math.cos(math.pi * ((2 * p) % 1.0)))
+
+    assert got == pytest.approx([cos(s) for s in range(total)], abs=1e-12)
+    assert max(got[5:]) == pytest.approx(lr), "the second cycle restarts at the full lr"
+    assert meta["ss_lr_warmup_steps"] == "2" and meta["ss_lr_scheduler_num_cycles"] == "2"
+
+    got, meta = _lrs(
+        cli, model_dir, image_dir, tmp_path / "poly.safetensors",
+        "--lr-scheduler", "polynomial", "--lr-power", 2, "--warmup-steps", 1,
+    )  # fmt: skip
+    end = 1e-7
+
+    def poly(s: int) -> float:
+        if s < 1:
+            return lr * s / 1
+        return (lr - end) * (1 - (s - 1) / (total - 1)) ** 2 + end
+
+    assert got == pytest.approx([poly(s) for s in range(total)], abs=1e-12)
+    assert meta["ss_lr_scheduler"] == "polynomial" and meta["ss_lr_scheduler_power"] == "2"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--warmup-steps", 2, "--warmup-ratio", 0.1), "--warmup-steps and --warmup-ratio are exclusive"),
+        (("--warmup-ratio", 1.5), "--warmup-ratio must be in [0, 1)"),
+        (("--lr-cycles", 3), "--lr-cycles needs --lr-scheduler cosine_with_restarts"),
+        (("--lr-power", 2), "--lr-power needs --lr-scheduler polynomial"),
+        (("--loraplus-ratio", 0), "--loraplus-ratio must be > 0"),
+    ],
+)
+def test_learning_rate_flags_that_do_not_fit(cli, tmp_path, model_dir, image_dir, args, expected):
+    result = train(cli, model_dir, image_dir, tmp_path / "x.safetensors", "--steps", 1, *args)
+    assert result.exit_code == 1 and expected in result.stderr, result.stderr

@@ -139,12 +139,19 @@ def train_command(
     text_learning_rate: Annotated[
         float | None,
         typer.Option(
-            help="Text-encoder LoRA learning rate (default: --learning-rate).", rich_help_panel=OPTIM
+            "--text-learning-rate",
+            "--text-lr",
+            help="Text-encoder LoRA learning rate (default: --learning-rate).",
+            rich_help_panel=OPTIM,
         ),
     ] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.", rich_help_panel=OPTIM)] = 1e-2,
     lr_scheduler: opts.SchedulerOpt = "constant",
     warmup_steps: opts.WarmupOpt = 0,
+    warmup_ratio: opts.WarmupRatioOpt = 0.0,
+    lr_cycles: opts.LrCyclesOpt = 1,
+    lr_power: opts.LrPowerOpt = 1.0,
+    loraplus_ratio: opts.LoraplusRatioOpt = None,
     steps: Annotated[
         int | None, typer.Option(help="Optimizer steps (default 500 unless --epochs).", rich_help_panel=OPTIM)
     ] = None,

@@ -58,7 +58,12 @@ ResolutionOpt = Annotated[
 FlipOpt = Annotated[bool, typer.Option("--flip", help="Random horizontal flips.", rich_help_panel=DATA)]
 RepeatsOpt = Annotated[int, typer.Option(help="Times each image appears per epoch.", rich_help_panel=DATA)]
 SchedulerOpt = Annotated[
-    str, typer.Option(help="constant, linear or cosine (after --warmup-steps).", rich_help_panel=OPTIM)
+    str,
+    typer.Option(
+        help="constant, linear, cosine (after --warmup-steps), or (lorax train) cosine_with_restarts and "
+        "polynomial through diffusers' get_scheduler.",
+        rich_help_panel=OPTIM,
+    ),
 ]
 WarmupOpt = Annotated[int, typer.Option(help="Linear learning-rate warm-up steps.", rich_help_panel=OPTIM)]
 EpochsOpt = Annotated[int | None, typer.Option(help="Train for whole epochs instead.", rich_help_panel=OPTIM)]
@@ -344,6 +349,33 @@ InitLoraOpt = Annotated[
         help="Start from this LoRA (kohya's --network_weights; any format lorax reads); its rank and modules "
         "must match --rank, --targets and --train-text.",
         rich_help_panel="LoRA",
+        show_default=False,
+    ),
+]
+
+
+# --- train only: learning rates ------------------------------------------------------------------------------
+
+WarmupRatioOpt = Annotated[
+    float,
+    typer.Option(
+        help="Warm-up as a fraction of the run's steps (0.1: the first 10%), instead of --warmup-steps.",
+        rich_help_panel=OPTIM,
+    ),
+]
+LrCyclesOpt = Annotated[
+    int, typer.Option(help="Hard restarts of --lr-scheduler cosine_with_restarts.", rich_help_panel=OPTIM)
+]
+LrPowerOpt = Annotated[
+    float,
+    typer.Option(help="Power of --lr-scheduler polynomial (1: linear decay to 1e-7).", rich_help_panel=OPTIM),
+]
+LoraplusRatioOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="LoRA+: the up (B) matrices learn at this × their learning rate (16 in the paper; kohya's "
+        "loraplus_lr_ratio).",
+        rich_help_panel=OPTIM,
         show_default=False,
     ),
 ]

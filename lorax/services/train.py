@@ -460,9 +460,18 @@ def _build(
                     gradient_checkpointing_kwargs={"use_reentrant": False}
                 )
 
+    if config.loraplus_ratio is not None:
+        from lorax.training.optim import loraplus_groups
+
+        groups = loraplus_groups(groups, [unet, text_encoder, text_encoder_2], config.loraplus_ratio)
     optimizer = build_optimizer(config.optimizer, groups, weight_decay=config.weight_decay)
     scheduler = build_scheduler(
-        config.lr_scheduler, optimizer, warmup_steps=config.warmup_steps, total_steps=max_steps
+        config.lr_scheduler,
+        optimizer,
+        warmup_steps=_warmup_steps(config, max_steps),
+        total_steps=max_steps,
+        cycles=config.lr_cycles,
+        power=config.lr_power,
     )
     if config.train_text and text_encoder_2 is not None:
         unet, text_encoder, text_encoder_2, optimizer = accelerator.prepare(
@@ -659,3 +668,9 @@ def _initial_lora(
         family=family,
         log=progress.log,
     )
+
+
+def _warmup_steps(config: TrainConfig, max_steps: int) -> int:
+    from lorax.training.optim import warmup_steps_of
+
+    return warmup_steps_of(config.warmup_steps, config.warmup_ratio, max_steps)

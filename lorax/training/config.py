@@ -19,7 +19,7 @@ from lorax.errors import ConfigError, InputError
 
 FORMATS = ("kohya", "diffusers")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
-SCHEDULERS = ("constant", "linear", "cosine")
+SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -27,7 +27,16 @@ DEVICES = ("auto", "cpu", "cuda", "gpu")
 TEMPLATES = ("object", "style")
 TARGET_PRESETS = ("attn", "attn-ff", "all")
 # Options that only ``lorax train`` reads (invert and pivot configs inherit the fields and refuse them set).
-TRAIN_ONLY = ("save_every", "save_every_epochs", "save_last", "init_lora")
+TRAIN_ONLY = (
+    "save_every",
+    "save_every_epochs",
+    "save_last",
+    "init_lora",
+    "warmup_ratio",
+    "lr_cycles",
+    "lr_power",
+    "loraplus_ratio",
+)
 # Memory levers, named in the out-of-memory message.
 MEMORY_FLAGS = (
     "--batch-size 1 (with --grad-accum)",
@@ -90,6 +99,10 @@ class TrainConfig:
     weight_decay: float = 1e-2
     lr_scheduler: str = "constant"
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # train only: warm-up as a fraction of the run's steps
+    lr_cycles: int = 1  # cosine_with_restarts' hard restarts (train only)
+    lr_power: float = 1.0  # polynomial's power (train only)
+    loraplus_ratio: float | None = None  # LoRA+: lora_B at this × lr (train only)
     steps: int | None = None
     epochs: int | None = None
     batch_size: int = 1
@@ -285,7 +298,7 @@ class TrainConfig:
             p.append("--validation-every needs at least one --validation-prompt")
         if self.targets not in TARGET_PRESETS and not [t for t in self.targets.split(",") if t.strip()]:
             p.append(f"--targets must be one of {', '.join(TARGET_PRESETS)} or module patterns")
-        p += self.snapshot_problems()
+        p += self.snapshot_problems() + self.lr_problems()
         if self.init_lora is not None and self.dora:
             p.append("--init-lora starts from a plain LoRA: drop --dora")
         if self.dora and self.format == "diffusers":
@@ -306,6 +319,25 @@ class TrainConfig:
                 "--save-last needs --save-every or --save-every-epochs (it bounds how many snapshots stay)"
             )
         return p + self.train_only_problems()
+
+    def lr_problems(self) -> list[str]:
+        """--warmup-ratio, --lr-cycles, --lr-power, --loraplus-ratio."""
+        p: list[str] = []
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            p.append(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
+        if self.warmup_ratio and self.warmup_steps:
+            p.append("--warmup-steps and --warmup-ratio are exclusive: pass one")
+        if self.lr_cycles < 1:
+            p.append(f"--lr-cycles must be ≥ 1 (got {self.lr_cycles})")
+        if self.lr_cycles != 1 and self.lr_scheduler != "cosine_with_restarts":
+            p.append("--lr-cycles needs --lr-scheduler cosine_with_restarts")
+        if self.lr_power <= 0:
+            p.append(f"--lr-power must be > 0 (got {self.lr_power})")
+        if self.lr_power != 1.0 and self.lr_scheduler != "polynomial":
+            p.append("--lr-power needs --lr-scheduler polynomial")
+        if self.loraplus_ratio is not None and self.loraplus_ratio <= 0:
+            p.append(f"--loraplus-ratio must be > 0 (got {self.loraplus_ratio}; 16 is the paper's default)")
+        return p
 
     def train_only_problems(self) -> list[str]:
         """Options of ``lorax train`` alone, refused when another command's config (TOML) sets them."""

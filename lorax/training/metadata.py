@@ -46,6 +46,8 @@ def training_metadata(
         network_args["dora_wd"] = True
     if config.lora_dropout:
         network_args["module_dropout"] = 0
+    if config.loraplus_ratio is not None:  # kohya: --network_args loraplus_lr_ratio=R
+        network_args["loraplus_lr_ratio"] = config.loraplus_ratio
     meta: dict[str, Any] = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": config.rank,
@@ -76,7 +78,11 @@ def training_metadata(
         "ss_batch_size_per_device": config.batch_size,
         "ss_gradient_accumulation_steps": config.grad_accum,
         "ss_lr_scheduler": config.lr_scheduler,
-        "ss_lr_warmup_steps": config.warmup_steps,
+        "ss_lr_warmup_steps": config.warmup_steps or int(config.warmup_ratio * (max_steps or steps)),
+        "ss_lr_scheduler_num_cycles": config.lr_cycles
+        if config.lr_scheduler == "cosine_with_restarts"
+        else None,
+        "ss_lr_scheduler_power": config.lr_power if config.lr_scheduler == "polynomial" else None,
         "ss_optimizer": config.optimizer,
         "ss_mixed_precision": config.mixed_precision,
         "ss_max_grad_norm": config.max_grad_norm,
