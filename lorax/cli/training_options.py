@@ -346,7 +346,7 @@ SaveLastOpt = Annotated[
 InitLoraOpt = Annotated[
     Path | None,
     typer.Option(
-        help="Start from this LoRA (kohya's --network_weights; any format lorax reads); its rank and modules "
+        help="Start from this LoRA (kohya's network_weights; any format lorax reads); its rank and modules "
         "must match --rank, --targets and --train-text.",
         rich_help_panel="LoRA",
         show_default=False,

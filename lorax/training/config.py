@@ -91,7 +91,7 @@ class TrainConfig:
     train_text: bool = False
     lora_dropout: float = 0.0
     dora: bool = False
-    init_lora: Path | None = None  # kohya's --network_weights, train only
+    init_lora: Path | None = None  # kohya's network_weights, train only
     # optimisation
     optimizer: str = "adamw"
     learning_rate: float = 1e-4

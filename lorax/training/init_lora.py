@@ -1,4 +1,4 @@
-"""``--init-lora FILE``: start training from an existing LoRA (kohya's ``--network_weights``).
+"""``--init-lora FILE``: start training from an existing LoRA (kohya's ``network_weights``).
 
 Any LoRA file lorax reads (kohya / A1111, diffusers / PEFT, lora_diffusion) gives the starting weights. The file's
 modules must be exactly those the flags train (``--targets``, ``--train-text``) at ``--rank``; otherwise one line

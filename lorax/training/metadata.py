@@ -46,7 +46,7 @@ def training_metadata(
         network_args["dora_wd"] = True
     if config.lora_dropout:
         network_args["module_dropout"] = 0
-    if config.loraplus_ratio is not None:  # kohya: --network_args loraplus_lr_ratio=R
+    if config.loraplus_ratio is not None:  # kohya: network_args loraplus_lr_ratio=R
         network_args["loraplus_lr_ratio"] = config.loraplus_ratio
     meta: dict[str, Any] = {
         "ss_network_module": "networks.lora",
