@@ -385,3 +385,60 @@ def test_cosine_with_restarts_and_polynomial_follow_their_definitions(cli, tmp_p
 def test_learning_rate_flags_that_do_not_fit(cli, tmp_path, model_dir, image_dir, args, expected):
     result = train(cli, model_dir, image_dir, tmp_path / "x.safetensors", "--steps", 1, *args)
     assert result.exit_code == 1 and expected in result.stderr, result.stderr
+
+
+# --- item 6: EMA ------------------------------------------------------------------------------------------------
+
+
+def test_ema_output_equals_a_hand_computed_ema_of_a_3_step_run(cli, tmp_path, model_dir, image_dir):
+    """Run A (no EMA) gives the weights w1, w2 (snapshots) and w3 (output); run B, the same run with --ema-decay 0.5,
+    writes diffusers' EMAModel average: e1 = w1, e_n = d_n·e_(n-1) + (1 - d_n)·w_n, d_n = min(0.5, n / (n + 9))."""
+    plain = tmp_path / "plain.safetensors"
+    assert train(cli, model_dir, image_dir, plain, "--steps", 3, "--save-every", 1).exit_code == 0
+    w = [load_file(tmp_path / f"plain-step0000000{n}.safetensors") for n in (1, 2)] + [load_file(plain)]
+    averaged = tmp_path / "ema.safetensors"
+    result = train(cli, model_dir, image_dir, averaged, "--steps", 3, "--ema-decay", 0.5)
+    assert result.exit_code == 0, result.stderr
+    got = load_file(averaged)
+    assert got.keys() == w[2].keys()
+    checked = 0
+    for key in got:
+        if key.endswith(".alpha"):
+            continue
+        e = w[0][key].double()
+        for n in (2, 3):
+            d = min(0.5, n / (n + 9))
+            e = d * e + (1 - d) * w[n - 1][key].double()
+        torch.testing.assert_close(got[key].double(), e, atol=1e-7, rtol=1e-6)
+        checked += 1
+    assert checked and any(not torch.equal(got[k], w[2][k]) for k in got), "the EMA equals the last weights"
+    assert header(averaged)["lorax_ema_decay"] == "0.5"
+
+
+def test_ema_resumes_exactly(cli, tmp_path, model_dir, image_dir, monkeypatch):
+    """Interrupted at step 2 and resumed, an EMA run writes what the uninterrupted one writes."""
+    from lorax.training.loop import TrainingLoop
+
+    straight = tmp_path / "straight.safetensors"
+    assert train(cli, model_dir, image_dir, straight, "--steps", 3, "--ema-decay", 0.9).exit_code == 0
+    out = tmp_path / "resumed.safetensors"
+    original = TrainingLoop._run
+
+    def stop_after_2(self):
+        self.settings.max_steps, full = 2, self.settings.max_steps
+        try:
+            original(self)
+        finally:
+            self.settings.max_steps = full
+        self._interrupted = True
+        self._stop_interrupted()
+
+    monkeypatch.setattr(TrainingLoop, "_run", stop_after_2)
+    result = train(cli, model_dir, image_dir, out, "--steps", 3, "--ema-decay", 0.9)
+    assert result.exit_code == 130, result.stderr
+    monkeypatch.setattr(TrainingLoop, "_run", original)
+    result = cli("train", "--resume", tmp_path / "resumed.checkpoints")
+    assert result.exit_code == 0, result.stderr
+    a, b = load_file(straight), load_file(out)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)

@@ -152,6 +152,7 @@ def train_command(
     lr_cycles: opts.LrCyclesOpt = 1,
     lr_power: opts.LrPowerOpt = 1.0,
     loraplus_ratio: opts.LoraplusRatioOpt = None,
+    ema_decay: opts.EmaDecayOpt = None,
     steps: Annotated[
         int | None, typer.Option(help="Optimizer steps (default 500 unless --epochs).", rich_help_panel=OPTIM)
     ] = None,

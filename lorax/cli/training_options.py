@@ -379,3 +379,12 @@ LoraplusRatioOpt = Annotated[
         show_default=False,
     ),
 ]
+EmaDecayOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Keep an EMA of the LoRA weights (diffusers' EMAModel, decay ramping up to D) and write it as the "
+        "output and snapshots; 0.999 is common.",
+        rich_help_panel=OPTIM,
+        show_default=False,
+    ),
+]

@@ -73,6 +73,7 @@ RESUME_KEYS = (
     "repeats",
     "buckets",
     "optimizer",
+    "ema_decay",
 )
 
 
@@ -522,6 +523,10 @@ def _build(
         sampler=sampler,
         text_encoder_2=text_encoder_2 if config.train_text else None,
     )
+    if config.ema_decay is not None:
+        from lorax.training.ema import EmaJob
+
+        job = EmaJob(job, config.ema_decay)  # type: ignore[assignment]  # the job, its weights also averaged
     settings = LoopSettings.from_config(
         config,
         max_steps,
@@ -606,7 +611,10 @@ def _save_lora_file(
 
     if finite_only and not all(bool(torch.isfinite(t).all()) for t in job.state_tensors().values()):
         return False
-    state = trained_state(job.components(), rank=config.rank, alpha=config.lora_alpha, family=family)
+    from lorax.training.ema import averaged_weights
+
+    with averaged_weights(job):  # --ema-decay: the average is the output
+        state = trained_state(job.components(), rank=config.rank, alpha=config.lora_alpha, family=family)
     metadata = training_metadata(
         config,
         family=family,

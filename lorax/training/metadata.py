@@ -103,6 +103,7 @@ def training_metadata(
         "lorax_target_preset": config.targets,
         "lorax_modules": json.dumps(modules),
         "lorax_dora": config.dora or None,
+        "lorax_ema_decay": config.ema_decay,
         "lorax_init_lora": config.init_lora.name if config.init_lora is not None else None,
     }
     output_name = meta["ss_output_name"] or "LoRA"
