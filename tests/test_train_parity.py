@@ -442,3 +442,105 @@ def test_ema_resumes_exactly(cli, tmp_path, model_dir, image_dir, monkeypatch):
     a, b = load_file(straight), load_file(out)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+# --- item 7: clip skip ------------------------------------------------------------------------------------------
+
+
+def _penultimate(model_dir: Path, prompts: list[str]) -> torch.Tensor:
+    """kohya's clip skip 2 by hand: CLIP's hidden states after all but the last layer, through the final norm."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder")
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids  # fmt: skip
+    with torch.no_grad():
+        out = encoder(ids, output_hidden_states=True)
+        norm = getattr(encoder, "text_model", encoder).final_layer_norm
+        hand = norm(out.hidden_states[-2])
+    assert not torch.allclose(hand, out.last_hidden_state, atol=1e-3), (
+        "clip skip 2 must differ from the last layer"
+    )
+    return hand
+
+
+def test_clip_skip_trains_on_the_penultimate_layer_and_records_it(
+    cli, tmp_path, model_dir, image_dir, monkeypatch
+):
+    from lorax.training.objective import DiffusionObjective
+
+    seen: list[torch.Tensor] = []
+    original = DiffusionObjective.loss
+
+    def loss(self, unet, latents, cond, generator, weight=None):
+        seen.append(cond.detach().clone())
+        return original(self, unet, latents, cond, generator, weight=weight)
+
+    monkeypatch.setattr(DiffusionObjective, "loss", loss)
+    out = tmp_path / "skip.safetensors"
+    result = train(
+        cli, model_dir, image_dir, out, "--steps", 2, "--clip-skip", 2, "--train-text",
+        "--validation-prompt", "a sks star", "--validation-every", 2, "--sample-steps", 2,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert len(list((tmp_path / "skip.samples").glob("*.png"))) == 1
+    hand = _penultimate(model_dir, ["a sks star"])
+    # step 1: the text-encoder LoRA starts at a zero delta, so its context is the base model's
+    torch.testing.assert_close(seen[0], hand.expand_as(seen[0]), atol=1e-5, rtol=1e-5)
+    assert header(out)["ss_clip_skip"] == "2"
+
+
+def test_generate_honours_clip_skip_from_the_flag_and_from_the_loras_metadata(
+    cli, tmp_path, model_dir, image_dir
+):
+    """``lorax generate --clip-skip 2`` equals generating with the text encoder's last layer removed (A1111's
+    meaning of clip skip 2); a LoRA trained with --clip-skip 2 brings it along (ss_clip_skip), and --clip-skip 1 wins."""
+    from lorax.gen.params import read_png_parameters
+    from lorax.services.generate import GenerateConfig, generate, load_model
+
+    def gen(out, *args):
+        result = cli(
+            "generate", "a sks star", "--model", model_dir, "-o", out, "--steps", 3, "--seed", 5, *args
+        )
+        assert result.exit_code == 0, result.stderr
+        return Path(result.stdout.strip()), result.stderr
+
+    def pixels(path):
+        return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+    skipped, _ = gen(tmp_path / "flag", "--clip-skip", 2)
+    plain, _ = gen(tmp_path / "plain")
+    shorter = load_model(str(model_dir))
+    encoder = shorter.text_encoder
+    layers = getattr(encoder, "text_model", encoder).encoder.layers
+    del layers[-1]
+    reference = generate(
+        GenerateConfig(
+            prompts=["a sks star"], model=str(model_dir), seed=5, steps=3, out_dir=tmp_path / "ref"
+        ),
+        pipe=shorter,
+    ).images[0]
+    assert np.abs(pixels(skipped) - pixels(reference.path)).max() <= 1
+    assert np.abs(pixels(skipped) - pixels(plain)).max() > 10
+    assert read_png_parameters(skipped).fields["Clip skip"] == "2"
+
+    lora = tmp_path / "skip.safetensors"
+    assert train(cli, model_dir, image_dir, lora, "--steps", 1, "--clip-skip", 2).exit_code == 0
+    from_meta, log = gen(tmp_path / "meta", "--lora", lora)
+    assert "clip skip 2 (ss_clip_skip of skip.safetensors" in log
+    assert read_png_parameters(from_meta).fields["Clip skip"] == "2"
+    off, _ = gen(tmp_path / "off", "--lora", lora, "--clip-skip", 1)
+    assert "Clip skip" not in read_png_parameters(off).fields
+    assert np.abs(pixels(from_meta) - pixels(off)).max() > 10
+
+
+def test_clip_skip_is_refused_for_sdxl_and_below_1(cli, tmp_path, image_dir):
+    from lorax.zoo.tiny import tiny_pipeline
+
+    sdxl = tmp_path / "sdxl"
+    tiny_pipeline("sdxl").save_pretrained(sdxl)
+    result = train(cli, sdxl, image_dir, tmp_path / "x.safetensors", "--steps", 1, "--clip-skip", 2)
+    assert result.exit_code == 1 and "SDXL already conditions" in result.stderr, result.stderr
+    result = train(cli, sdxl, image_dir, tmp_path / "y.safetensors", "--steps", 1, "--clip-skip", 0)
+    assert result.exit_code == 1 and "--clip-skip must be ≥ 1" in result.stderr

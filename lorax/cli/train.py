@@ -153,6 +153,7 @@ def train_command(
     lr_power: opts.LrPowerOpt = 1.0,
     loraplus_ratio: opts.LoraplusRatioOpt = None,
     ema_decay: opts.EmaDecayOpt = None,
+    clip_skip: opts.ClipSkipOpt = None,
     steps: Annotated[
         int | None, typer.Option(help="Optimizer steps (default 500 unless --epochs).", rich_help_panel=OPTIM)
     ] = None,

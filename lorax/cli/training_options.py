@@ -388,3 +388,12 @@ EmaDecayOpt = Annotated[
         show_default=False,
     ),
 ]
+ClipSkipOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Condition on the N-th text-encoder layer from the end, through its final layer norm (kohya's and "
+        "A1111's clip skip: 2 is the penultimate; SD1/SD2). Recorded as ss_clip_skip; lorax generate uses it.",
+        rich_help_panel=OPTIM,
+        show_default=False,
+    ),
+]

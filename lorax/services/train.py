@@ -415,6 +415,11 @@ def _build(
     text_encoder, text_encoder_2 = encoders[0], (encoders[1] if len(encoders) == 2 else None)
     setup.freeze(unet, vae, encoders, sdpa=config.sdpa)
 
+    if config.clip_skip and config.clip_skip > 1 and family == "sdxl":
+        raise ConfigError(
+            f"--clip-skip {config.clip_skip}: SDXL already conditions on its text encoders' penultimate layers "
+            "(kohya's SDXL trainer has no clip skip either); drop it"
+        )
     targets = resolve_targets(unet, text_encoder if config.train_text else None, config.targets)
     if text_encoder_2 is not None and config.train_text:
         from lorax.training.targets import find_targets
@@ -499,6 +504,7 @@ def _build(
         prior_weight=config.prior_weight,
         latent_cache=cache,
         cache_text=config.cache_text and not config.train_text,
+        **({"clip_skip": config.clip_skip} if config.clip_skip else {}),
     )
 
     sampler = None
@@ -514,6 +520,7 @@ def _build(
             config.seed,
             is_main=accelerator.is_main_process,
             release=(lambda: vae.to("cpu")) if cache is not None else None,
+            clip_skip=config.clip_skip or 1,
         )
     job = LoraJob(
         batches,

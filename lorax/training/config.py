@@ -37,6 +37,7 @@ TRAIN_ONLY = (
     "lr_power",
     "loraplus_ratio",
     "ema_decay",
+    "clip_skip",
 )
 # Memory levers, named in the out-of-memory message.
 MEMORY_FLAGS = (
@@ -104,6 +105,7 @@ class TrainConfig:
     lr_cycles: int = 1  # cosine_with_restarts' hard restarts (train only)
     lr_power: float = 1.0  # polynomial's power (train only)
     loraplus_ratio: float | None = None  # LoRA+: lora_B at this × lr (train only)
+    clip_skip: int | None = None  # kohya's / A1111's clip skip (2: penultimate layer), train only
     ema_decay: float | None = None  # EMA of the adapter weights, written as the output (train only)
     steps: int | None = None
     epochs: int | None = None
@@ -337,6 +339,8 @@ class TrainConfig:
             p.append(f"--lr-power must be > 0 (got {self.lr_power})")
         if self.lr_power != 1.0 and self.lr_scheduler != "polynomial":
             p.append("--lr-power needs --lr-scheduler polynomial")
+        if self.clip_skip is not None and self.clip_skip < 1:
+            p.append(f"--clip-skip must be ≥ 1 (got {self.clip_skip}; 2 is the penultimate layer)")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             p.append(f"--ema-decay must be in (0, 1) (got {self.ema_decay}; 0.999 is common)")
         if self.loraplus_ratio is not None and self.loraplus_ratio <= 0:

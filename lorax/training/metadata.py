@@ -95,6 +95,7 @@ def training_metadata(
         "ss_shuffle_caption": config.caption_shuffle,
         "ss_keep_tokens": config.keep_tokens if config.caption_shuffle else None,
         "ss_caption_dropout_rate": config.caption_dropout,
+        "ss_clip_skip": config.clip_skip,
         "lorax_base_model": config.model,
         "lorax_prediction_type": prediction_type,
         "lorax_training_seconds": f"{seconds:.1f}",
