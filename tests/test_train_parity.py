@@ -544,3 +544,37 @@ def test_clip_skip_is_refused_for_sdxl_and_below_1(cli, tmp_path, image_dir):
     assert result.exit_code == 1 and "SDXL already conditions" in result.stderr, result.stderr
     result = train(cli, sdxl, image_dir, tmp_path / "y.safetensors", "--steps", 1, "--clip-skip", 0)
     assert result.exit_code == 1 and "--clip-skip must be ≥ 1" in result.stderr
+
+
+# --- the options in a --config file -----------------------------------------------------------------------------
+
+
+def test_config_file_takes_the_new_keys_and_invert_refuses_them(tmp_path, image_dir):
+    from lorax.errors import ConfigError
+    from lorax.training.config import TrainConfig
+    from lorax.training.pivot_config import InvertConfig
+
+    keys = (
+        'save-every = 100\nsave-every-epochs = 2\nsave-last = 3\ninit-lora = "old.safetensors"\n'
+        'warmup-ratio = 0.1\nlr-scheduler = "cosine_with_restarts"\nlr-cycles = 3\nloraplus-ratio = 16\n'
+        "ema-decay = 0.999\nclip-skip = 2\ntext-learning-rate = 1e-5\ntrain-text = true\n"
+    )
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(f'data-dir = "{image_dir}"\noutput = "o.safetensors"\n' + keys, encoding="utf-8")
+    config = TrainConfig.from_sources({}, cfg)
+    assert (config.save_every, config.save_every_epochs, config.save_last) == (100, 2, 3)
+    assert config.init_lora == tmp_path / "old.safetensors" and config.warmup_ratio == 0.1
+    assert (config.lr_cycles, config.loraplus_ratio, config.ema_decay, config.clip_skip) == (
+        3,
+        16.0,
+        0.999,
+        2,
+    )
+    again = tmp_path / "again.toml"
+    again.write_text(config.to_toml(), encoding="utf-8")
+    assert TrainConfig.from_sources({}, again) == config
+
+    invert = tmp_path / "invert.toml"
+    invert.write_text(f'data-dir = "{image_dir}"\noutput = "t.safetensors"\nema-decay = 0.9\nclip-skip = 2\n')
+    with pytest.raises(ConfigError, match="--ema-decay is an option of lorax train, not lorax invert"):
+        InvertConfig.from_sources({}, invert)
