@@ -578,3 +578,95 @@ def test_config_file_takes_the_new_keys_and_invert_refuses_them(tmp_path, image_
     invert.write_text(f'data-dir = "{image_dir}"\noutput = "t.safetensors"\nema-decay = 0.9\nclip-skip = 2\n')
     with pytest.raises(ConfigError, match="--ema-decay is an option of lorax train, not lorax invert"):
         InvertConfig.from_sources({}, invert)
+
+
+# --- item 4: per-block ranks and learning rates over kohya's blocks ------------------------------------------
+
+
+def kohya_block_index(lora_name: str, is_sdxl: bool) -> int:
+    """kohya sd-scripts' ``networks/lora.py`` ``get_block_index``, restated on the file's key names."""
+    import re
+
+    name = lora_name[len("lora_unet_") :]
+    if is_sdxl:
+        if name.startswith(("time_embed_", "label_emb_")):
+            return 0
+        for head, offset in (("input_blocks_", 1), ("middle_block_", 10), ("output_blocks_", 13)):
+            if name.startswith(head):
+                return offset + int(name.split("_")[2])
+        return 22 if name.startswith("out_") else -1
+    m = re.search(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_", lora_name)
+    if m:
+        i, kind, j = int(m.group(2)), m.group(3), int(m.group(4))
+        idx = 3 * i + 2 if kind in ("upsamplers", "downsamplers") else 3 * i + j
+        return 1 + idx if m.group(1) == "down" else 12 + 1 + idx
+    return 12 if "mid_block_" in lora_name else -1
+
+
+def _ranks_by_block(path: Path, is_sdxl: bool) -> dict[int, set[tuple[int, float]]]:
+    raw = load_file(path)
+    out: dict[int, set[tuple[int, float]]] = {}
+    for key, down in raw.items():
+        if key.startswith("lora_unet_") and key.endswith(".lora_down.weight"):
+            module = key[: -len(".lora_down.weight")]
+            alpha = float(raw[module + ".alpha"])
+            out.setdefault(kohya_block_index(module, is_sdxl), set()).add((down.shape[0], alpha))
+    return out
+
+
+def test_block_dims_give_each_kohya_block_its_rank(cli, tmp_path, model_dir, image_dir):
+    dims = [i % 4 + 1 for i in range(25)]
+    dims[17] = 0  # up_blocks.1.attentions.1: left out
+    out = tmp_path / "blocks.safetensors"
+    result = train(cli, model_dir, image_dir, out, "--steps", 1, "--block-dims", ",".join(map(str, dims)))
+    assert result.exit_code == 0, result.stderr
+    by_block = _ranks_by_block(out, is_sdxl=False)
+    # the tiny UNet's attention: IN01, IN02 (down_blocks.0), MID, OUT03-OUT05 (up_blocks.1)
+    assert set(by_block) == {1, 2, 12, 16, 18}
+    for block, ranks in by_block.items():
+        assert ranks == {(dims[block], float(dims[block]))}, (block, ranks)
+    import json
+
+    assert json.loads(header(out)["ss_network_args"])["block_dims"] == ",".join(map(str, dims))
+
+
+def test_block_lr_scales_each_blocks_learning_rate(cli, tmp_path, model_dir, image_dir, optimizer_at_start):
+    weights = [1.0] * 25
+    weights[1], weights[16], weights[12] = 0.5, 2.0, 0.0  # the mid block does not train
+    out = tmp_path / "blr.safetensors"
+    result = train(cli, model_dir, image_dir, out, "--steps", 1, "--block-lr", ",".join(map(str, weights)))
+    assert result.exit_code == 0, result.stderr
+    checked = 0
+    for lr, names in optimizer_at_start:
+        for name in names:
+            assert name.startswith("unet.")
+            module = "lora_unet_" + name[len("unet.") :].split(".lora_", 1)[0].replace(".", "_")
+            assert lr == pytest.approx(1e-3 * weights[kohya_block_index(module, False)]), name
+            checked += 1
+    assert checked
+    assert set(_ranks_by_block(out, is_sdxl=False)) == {1, 2, 16, 17, 18}
+    import json
+
+    args = json.loads(header(out)["ss_network_args"])
+    assert args["mid_lr_weight"] == "0.0" and args["down_lr_weight"].split(",")[1] == "0.5"
+
+
+def test_block_dims_on_sdxl_use_kohyas_23_blocks(cli, tmp_path, image_dir):
+    from lorax.zoo.tiny import tiny_pipeline
+
+    sdxl = tmp_path / "sdxl"
+    tiny_pipeline("sdxl").save_pretrained(sdxl)
+    dims = [(i % 3) + 1 for i in range(23)]
+    out = tmp_path / "xl.safetensors"
+    result = train(cli, sdxl, image_dir, out, "--steps", 1, "--block-dims", ",".join(map(str, dims)))
+    assert result.exit_code == 0, result.stderr
+    by_block = _ranks_by_block(out, is_sdxl=True)
+    assert by_block and all(1 <= b <= 21 for b in by_block)
+    for block, ranks in by_block.items():
+        assert ranks == {(dims[block], float(dims[block]))}, (block, ranks)
+
+    result = train(
+        cli, sdxl, image_dir, tmp_path / "y.safetensors", "--steps", 1, "--block-dims", "4," * 24 + "4"
+    )
+    assert result.exit_code == 1
+    assert "--block-dims takes 23 values for sdxl" in result.stderr and "\n" not in result.stderr.strip()

@@ -130,6 +130,7 @@ def train_command(
     dora: Annotated[
         bool, typer.Option("--dora", help="DoRA (weight-decomposed LoRA, via PEFT).", rich_help_panel=LORA)
     ] = False,
+    block_dims: opts.BlockDimsOpt = None,
     init_lora: opts.InitLoraOpt = None,
     optimizer: Annotated[
         str,
@@ -151,6 +152,7 @@ def train_command(
     warmup_ratio: opts.WarmupRatioOpt = 0.0,
     lr_cycles: opts.LrCyclesOpt = 1,
     lr_power: opts.LrPowerOpt = 1.0,
+    block_lr: opts.BlockLrOpt = None,
     loraplus_ratio: opts.LoraplusRatioOpt = None,
     ema_decay: opts.EmaDecayOpt = None,
     clip_skip: opts.ClipSkipOpt = None,

@@ -397,3 +397,21 @@ ClipSkipOpt = Annotated[
         show_default=False,
     ),
 ]
+BlockDimsOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="A rank per kohya UNet block, comma-separated: 25 for SD1/SD2 (IN00-IN11, MID, OUT00-OUT11), 23 "
+        "for SDXL (base, IN00-IN08, MID0-2, OUT00-OUT08, out); 0 leaves a block out (kohya's block_dims).",
+        rich_help_panel="LoRA",
+        show_default=False,
+    ),
+]
+BlockLrOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="A --lr multiplier per kohya UNet block (as --block-dims counts them); 0 leaves a block out "
+        "(kohya's down/mid/up_lr_weight).",
+        rich_help_panel=OPTIM,
+        show_default=False,
+    ),
+]

@@ -74,6 +74,8 @@ RESUME_KEYS = (
     "buckets",
     "optimizer",
     "ema_decay",
+    "block_dims",
+    "block_lr",
 )
 
 
@@ -387,6 +389,9 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
 @dataclass
 class _Prepared:
     prediction_type: str
+    alpha_patterns: dict[str, dict[str, float]] = field(
+        default_factory=dict
+    )  # per-module alphas (--block-dims)
 
 
 def _build(
@@ -425,15 +430,26 @@ def _build(
         from lorax.training.targets import find_targets
 
         targets["text_encoder_2"] = find_targets(text_encoder_2, config.targets, "text_encoder_2")
+    blocks = _block_plan(config, targets["unet"], family, unet)
+    if blocks is not None:
+        targets["unet"] = blocks.targets
     modules = {k: len(v) for k, v in targets.items()}
     initial = _initial_lora(config, pipe, targets, family, progress)
     lora_kwargs: dict[str, Any] = dict(
         rank=config.rank, alpha=config.lora_alpha, dropout=config.lora_dropout, dora=config.dora
     )
     unet_params = inject_lora(
-        unet, targets["unet"], seed=derive_seed(config.seed, "init", "unet"), **lora_kwargs
+        unet,
+        targets["unet"],
+        seed=derive_seed(config.seed, "init", "unet"),
+        **lora_kwargs,
+        **(blocks.inject_kwargs() if blocks is not None else {}),
     )
-    groups: list[dict[str, Any]] = [{"params": unet_params, "lr": config.learning_rate}]
+    groups: list[dict[str, Any]] = (
+        blocks.groups(unet, config.learning_rate)
+        if blocks is not None
+        else [{"params": unet_params, "lr": config.learning_rate}]
+    )
     if config.train_text:
         te_params = inject_lora(
             text_encoder, targets["text_encoder"], seed=derive_seed(config.seed, "init", "te"), **lora_kwargs
@@ -548,7 +564,8 @@ def _build(
         settings=settings,
         progress=progress,
     )
-    return job, loop, _Prepared(objective.prediction_type), modules
+    alpha_patterns = {"unet": blocks.alpha_pattern()} if blocks is not None else {}
+    return job, loop, _Prepared(objective.prediction_type, alpha_patterns), modules
 
 
 def _write_outputs(
@@ -621,7 +638,13 @@ def _save_lora_file(
     from lorax.training.ema import averaged_weights
 
     with averaged_weights(job):  # --ema-decay: the average is the output
-        state = trained_state(job.components(), rank=config.rank, alpha=config.lora_alpha, family=family)
+        state = trained_state(
+            job.components(),
+            rank=config.rank,
+            alpha=config.lora_alpha,
+            family=family,
+            alpha_patterns=prepared.alpha_patterns,
+        )
     metadata = training_metadata(
         config,
         family=family,
@@ -689,3 +712,20 @@ def _warmup_steps(config: TrainConfig, max_steps: int) -> int:
     from lorax.training.optim import warmup_steps_of
 
     return warmup_steps_of(config.warmup_steps, config.warmup_ratio, max_steps)
+
+
+def _block_plan(config: TrainConfig, targets: list[str], family: str, unet: Any) -> Any:
+    """``--block-dims`` / ``--block-lr`` over kohya's UNet blocks, or ``None`` without them."""
+    if config.block_dims is None and config.block_lr is None:
+        return None
+    from lorax.training.blocks import BlockPlan
+
+    return BlockPlan(
+        targets,
+        family,
+        unet.config,
+        rank=config.rank,
+        alpha=config.alpha,
+        block_dims=config.block_dims,
+        block_lr=config.block_lr,
+    )

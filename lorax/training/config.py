@@ -38,6 +38,8 @@ TRAIN_ONLY = (
     "loraplus_ratio",
     "ema_decay",
     "clip_skip",
+    "block_dims",
+    "block_lr",
 )
 # Memory levers, named in the out-of-memory message.
 MEMORY_FLAGS = (
@@ -93,6 +95,7 @@ class TrainConfig:
     train_text: bool = False
     lora_dropout: float = 0.0
     dora: bool = False
+    block_dims: str | None = None  # kohya's block_dims: a rank per UNet block (train only)
     init_lora: Path | None = None  # kohya's network_weights, train only
     # optimisation
     optimizer: str = "adamw"
@@ -104,6 +107,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0  # train only: warm-up as a fraction of the run's steps
     lr_cycles: int = 1  # cosine_with_restarts' hard restarts (train only)
     lr_power: float = 1.0  # polynomial's power (train only)
+    block_lr: str | None = None  # a --lr multiplier per kohya UNet block (train only)
     loraplus_ratio: float | None = None  # LoRA+: lora_B at this × lr (train only)
     clip_skip: int | None = None  # kohya's / A1111's clip skip (2: penultimate layer), train only
     ema_decay: float | None = None  # EMA of the adapter weights, written as the output (train only)
@@ -303,6 +307,8 @@ class TrainConfig:
         if self.targets not in TARGET_PRESETS and not [t for t in self.targets.split(",") if t.strip()]:
             p.append(f"--targets must be one of {', '.join(TARGET_PRESETS)} or module patterns")
         p += self.snapshot_problems() + self.lr_problems()
+        if self.init_lora is not None and self.block_dims is not None:
+            p.append("--init-lora takes its ranks from the file: drop --block-dims")
         if self.init_lora is not None and self.dora:
             p.append("--init-lora starts from a plain LoRA: drop --dora")
         if self.dora and self.format == "diffusers":

@@ -46,6 +46,10 @@ def training_metadata(
         network_args["dora_wd"] = True
     if config.lora_dropout:
         network_args["module_dropout"] = 0
+    if config.block_dims or config.block_lr:  # kohya: network_args block_dims, down/mid/up_lr_weight
+        from lorax.training.blocks import block_network_args
+
+        network_args.update(block_network_args(config.block_dims, config.block_lr, family))
     if config.loraplus_ratio is not None:  # kohya: network_args loraplus_lr_ratio=R
         network_args["loraplus_lr_ratio"] = config.loraplus_ratio
     meta: dict[str, Any] = {
