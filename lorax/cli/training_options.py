@@ -325,14 +325,15 @@ def print_summary(result: Any, what: str, model: str | None = None) -> None:
 SaveEveryOpt = Annotated[
     int,
     typer.Option(
-        help="Write a usable LoRA every N steps, OUTPUT's stem + -step00000N (kohya's naming; 0: never).",
+        help="Write a usable LoRA every N steps: OUTPUT's stem + -step00000200 at step 200 (kohya's naming; 0: "
+        "never).",
         rich_help_panel=DURING,
     ),
 ]
 SaveEveryEpochsOpt = Annotated[
     int,
     typer.Option(
-        help="Write a usable LoRA every N epochs, OUTPUT's stem + -00000N (kohya's naming; 0: never).",
+        help="Write a usable LoRA every N epochs: OUTPUT's stem + -000002 after epoch 2 (kohya's naming; 0: never).",
         rich_help_panel=DURING,
     ),
 ]
