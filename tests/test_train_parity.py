@@ -670,3 +670,26 @@ def test_block_dims_on_sdxl_use_kohyas_23_blocks(cli, tmp_path, image_dir):
     )
     assert result.exit_code == 1
     assert "--block-dims takes 23 values for sdxl" in result.stderr and "\n" not in result.stderr.strip()
+
+
+def test_snapshot_plan_and_a_snapshot_with_non_finite_weights_is_skipped(tmp_path):
+    from types import SimpleNamespace
+
+    from lorax.training.snapshots import Snapshots, plan_snapshots
+
+    out = tmp_path / "o.safetensors"
+    # 3 batches an epoch, grad-accum 2: epochs 1, 2, 3 end within steps 2 (micro 4), 3 (6), 5 (10); step 6 is the
+    # last (its epoch 4 is the output itself)
+    plan = plan_snapshots(out, max_steps=6, every_steps=4, every_epochs=1, epoch_after=lambda s: 2 * s // 3)
+    assert {s: [p.name for p in ps] for s, ps in plan.items()} == {
+        2: ["o-000001.safetensors"],
+        3: ["o-000002.safetensors"],
+        4: ["o-step00000004.safetensors"],
+        5: ["o-000003.safetensors"],
+    }
+    logged: list[str] = []
+    hook = Snapshots(
+        {1: [out.with_name("o-step00000001.safetensors")]}, lambda path: False, log=logged.append
+    )
+    hook(SimpleNamespace(global_step=1))
+    assert hook.written == [] and logged == ["snapshot skipped at step 1: the weights are not finite"]

@@ -333,7 +333,9 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
 
         loop.step_hooks.append(
             Snapshots(
-                _plan_snapshots(config, output, data, max_steps, loop.state.global_step),
+                _plan_snapshots(
+                    config, output, data, max_steps, loop.state.global_step, check=accelerator.is_main_process
+                ),
                 write_snapshot,
                 keep_last=config.save_last,
                 log=progress.log,
@@ -669,7 +671,7 @@ def _save_lora_file(
 
 
 def _plan_snapshots(
-    config: TrainConfig, output: Path, data: TrainData, max_steps: int, start_step: int
+    config: TrainConfig, output: Path, data: TrainData, max_steps: int, start_step: int, *, check: bool = True
 ) -> Any:
     """The snapshots this run will write (``--save-every``, ``--save-every-epochs``), checked like the output:
     one that exists is refused without --force before step 1."""
@@ -685,7 +687,8 @@ def _plan_snapshots(
         epoch_after=lambda step: step * config.grad_accum // bpe,
         start_step=start_step,
     )
-    check_outputs([p for paths in plan.values() for p in paths], config.force)
+    if check:  # the main process, which writes them
+        check_outputs([p for paths in plan.values() for p in paths], config.force)
     return plan
 
 
