@@ -25,7 +25,6 @@ from lorax.errors import ConfigError, MismatchError
 from lorax.io.atomic import atomic_path, check_output
 from lorax.progress import NullProgress, Progress
 from lorax.services.train import companion_paths, make_accelerator, total_steps
-from lorax.training.config import MEMORY_FLAGS
 from lorax.training.masks import MaskedBatches
 from lorax.training.pivot_config import InversionOptions, InvertConfig
 from lorax.training.sdxl import SdxlBatches
@@ -326,7 +325,7 @@ def build_inversion(
     settings = LoopSettings.from_config(
         config,
         max_steps,
-        memory_flags=MEMORY_FLAGS,
+        memory_flags=config.memory_flags(),
         info=info,
         description="inversion",
     )
@@ -469,6 +468,12 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
                 f"note: A1111 and ComfyUI trigger .safetensors embeddings by their file name: '{output.stem}'; "
                 f"lorax generate --embedding {output.name} reads the trained token '{config.tokens[0]}' from its "
                 "header"
+            )
+        if fmt == "diffusers-embedding" and len(config.tokens) > 1:
+            progress.log(
+                f"note: diffusers' load_textual_inversion takes one token per file; load {output.name}'s tokens "
+                "with load_textual_inversion(list(tensors.values()), token=list(tensors)), tensors = "
+                "safetensors.torch.load_file(...)"
             )
         save_embeddings(
             stored,

@@ -20,7 +20,7 @@ from lorax.data.kohya import TrainingImages, load_training_images
 from lorax.errors import ConfigError
 from lorax.io.atomic import atomic_path, check_output
 from lorax.progress import NullProgress, Progress
-from lorax.training.config import MEMORY_FLAGS, TrainConfig
+from lorax.training.config import TrainConfig
 
 
 @dataclass
@@ -85,11 +85,11 @@ def resume_identity(config: TrainConfig) -> dict[str, Any]:
 
 def check_resume_fits(config: TrainConfig, info: dict[str, Any], path: Path) -> None:
     """Refuse to resume a checkpoint written with other values of the settings that define the run."""
-    from lorax.training.config import flag
-
     mine = resume_identity(config)
     differ = [
-        f"{flag(k)} {info[k]!r} (now {mine[k]!r})" for k in RESUME_KEYS if k in info and info[k] != mine[k]
+        f"{config.option_name(k)} {info[k]!r} (now {mine[k]!r})"
+        for k in RESUME_KEYS
+        if k in info and info[k] != mine[k]
     ]
     if differ:
         raise ConfigError(
@@ -555,7 +555,7 @@ def _build(
     settings = LoopSettings.from_config(
         config,
         max_steps,
-        memory_flags=MEMORY_FLAGS,
+        memory_flags=config.memory_flags(),
         info={"family": family, **resume_identity(config)},
     )
     loop = TrainingLoop(

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import tomllib
 
@@ -142,6 +142,10 @@ class TrainConfig:
 
     DEFAULT_STEPS = 500
     COMMAND = "train"  # subclasses (invert, pivot) name their command: TOML section and messages
+    # Fields that no option of this command sets (a --config file, a model's lorax.json or the Python API do):
+    # messages name them as config keys, never as a flag the command lacks. tests/test_config_messages.py pins each
+    # command's set to its options.
+    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"data_dir"})
 
     # ---------------------------------------------------------------------------------------------------------
     @classmethod
@@ -236,25 +240,45 @@ class TrainConfig:
         out = Path(self.output)
         return out.with_name(out.stem + ".checkpoints")
 
+    @classmethod
+    def option_name(cls, name: str) -> str:
+        """How a message names field ``name``: this command's flag (``--weight-decay``), or, where the command has
+        no such flag, the config key (``config key weight_decay``)."""
+        return f"config key {name}" if name in cls.CONFIG_ONLY else flag(name)
+
+    @classmethod
+    def memory_flags(cls) -> tuple[str, ...]:
+        """The memory levers (``MEMORY_FLAGS``) this command has a flag for, named in its out-of-memory message."""
+        import re
+
+        def field_of(lever: str) -> str:
+            found = re.search(r"--([a-z0-9-]+)", lever)
+            return found.group(1).replace("-", "_") if found else ""
+
+        return tuple(lever for lever in MEMORY_FLAGS if field_of(lever) not in cls.CONFIG_ONLY)
+
     def problems(self) -> list[str]:
-        """Every inconsistency, each naming its flag(s)."""
+        """Every inconsistency, each naming its flag(s) (``option_name``: only flags this command has)."""
         p: list[str] = []
+        opt = self.option_name
 
         def choice(name: str, allowed: tuple[str, ...]) -> None:
             value = getattr(self, name)
             if value is not None and value not in allowed:
-                p.append(f"{flag(name)} must be one of {', '.join(allowed)} (got {value!r})")
+                p.append(f"{opt(name)} must be one of {', '.join(allowed)} (got {value!r})")
 
         def positive(name: str, *, zero: bool = False) -> None:
             value = getattr(self, name)
             if value is not None and (value < 0 or (value == 0 and not zero)):
-                p.append(f"{flag(name)} must be {'≥ 0' if zero else '> 0'} (got {value})")
+                p.append(f"{opt(name)} must be {'≥ 0' if zero else '> 0'} (got {value})")
 
         if self.data_dir is None and self.dataset_config is None:
-            either = " or --dataset-config" if self.COMMAND == "train" else ""
+            either = f" or {opt('dataset_config')}" if "dataset_config" not in self.CONFIG_ONLY else ""
             p.append(f"DATA_DIR is required (a folder of training images){either}")
         if self.data_dir is not None and self.dataset_config is not None:
-            p.append("give DATA_DIR or --dataset-config, not both (the dataset config names its image_dir)")
+            p.append(
+                f"give DATA_DIR or {opt('dataset_config')}, not both (the dataset config names its image_dir)"
+            )
         if self.output is None:
             p.append("-o/--output is required (the LoRA file to write)")
         elif self.format == "kohya" and Path(self.output).suffix != ".safetensors":
@@ -268,7 +292,7 @@ class TrainConfig:
         choice("device", DEVICES)
         choice("template", TEMPLATES)
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
-            p.append(f"--resolution must be a positive multiple of 8 (got {self.resolution})")
+            p.append(f"{opt('resolution')} must be a positive multiple of 8 (got {self.resolution})")
         for name in ("rank", "repeats", "batch_size", "grad_accum", "learning_rate", "num_class_images"):
             positive(name)
         for name in ("sample_steps", "steps", "epochs"):
@@ -284,73 +308,92 @@ class TrainConfig:
         for name in ("caption_dropout", "lora_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
-                p.append(f"{flag(name)} must be in [0, 1) (got {value})")
+                p.append(f"{opt(name)} must be in [0, 1) (got {value})")
         if self.steps is not None and self.epochs is not None:
-            p.append("--steps and --epochs are exclusive: pass one")
+            p.append(f"{opt('steps')} and {opt('epochs')} are exclusive: pass one")
         if self.text_learning_rate is not None and not self.train_text:
-            p.append("--text-learning-rate needs --train-text (the text encoder is frozen without it)")
+            p.append(
+                f"{opt('text_learning_rate')} needs {opt('train_text')} (the text encoder is frozen without it)"
+            )
         if self.class_dir is not None and self.class_prompt is None and not self.kohya_class_dir:
             p.append(
-                "--class-dir needs --class-prompt (prior preservation is on when a class prompt is given), "
-                "or '<repeats>_<class>' sub-folders as in kohya's layout"
+                f"{opt('class_dir')} needs {opt('class_prompt')} (prior preservation is on when a class prompt is "
+                "given)"
+                + (
+                    ", or '<repeats>_<class>' sub-folders as in kohya's layout"
+                    if self.COMMAND == "train"
+                    else ""
+                )
             )
         if self.kohya_class_dir and self.class_prompt is not None:
             p.append(
-                "--class-dir in kohya's '<repeats>_<class>' layout captions its images by folder: drop --class-prompt"
+                f"{opt('class_dir')} in kohya's '<repeats>_<class>' layout captions its images by folder: drop "
+                f"{opt('class_prompt')}"
             )
         if self.cache_latents and self.random_crop:
             p.append(
-                "--cache-latents and --random-crop are exclusive (a random crop changes the latents every step)"
+                f"{opt('cache_latents')} and {opt('random_crop')} are exclusive (a random crop changes the latents "
+                "every step)"
             )
         if self.validation_every and not self.validation_prompt:
-            p.append("--validation-every needs at least one --validation-prompt")
+            p.append(f"{opt('validation_every')} needs at least one {opt('validation_prompt')}")
         if self.targets not in TARGET_PRESETS and not [t for t in self.targets.split(",") if t.strip()]:
-            p.append(f"--targets must be one of {', '.join(TARGET_PRESETS)} or module patterns")
+            p.append(f"{opt('targets')} must be one of {', '.join(TARGET_PRESETS)} or module patterns")
         p += self.snapshot_problems() + self.lr_problems()
-        if self.init_lora is not None and self.block_dims is not None:
-            p.append("--init-lora takes its ranks from the file: drop --block-dims")
-        if self.init_lora is not None and self.dora:
-            p.append("--init-lora starts from a plain LoRA: drop --dora")
         if self.dora and self.format == "diffusers":
-            p.append("--dora files are written in kohya (LyCORIS dora_scale) format: drop --format diffusers")
+            p.append(
+                f"{opt('dora')} files are written in kohya (LyCORIS dora_scale) format: drop {opt('format')} "
+                "diffusers"
+            )
         if self.dora and self.targets == "all":
-            p.append("--dora covers Linear layers only with PEFT: use --targets attn or attn-ff")
+            p.append(
+                f"{opt('dora')} covers Linear layers only with PEFT: use {opt('targets')} attn or attn-ff"
+            )
         return p
 
     def snapshot_problems(self) -> list[str]:
         """--save-every, --save-every-epochs and --save-last."""
+        opt = self.option_name
         p = [
-            f"{flag(n)} must be ≥ 0 (got {getattr(self, n)})"
+            f"{opt(n)} must be ≥ 0 (got {getattr(self, n)})"
             for n in ("save_every", "save_every_epochs", "save_last")
             if getattr(self, n) < 0
         ]
         if self.save_last and not (self.save_every or self.save_every_epochs):
             p.append(
-                "--save-last needs --save-every or --save-every-epochs (it bounds how many snapshots stay)"
+                f"{opt('save_last')} needs {opt('save_every')} or {opt('save_every_epochs')} (it bounds how many "
+                "snapshots stay)"
             )
         return p + self.train_only_problems()
 
     def lr_problems(self) -> list[str]:
-        """--warmup-ratio, --lr-cycles, --lr-power, --loraplus-ratio."""
+        """--warmup-ratio, --lr-cycles, --lr-power, --loraplus-ratio, --clip-skip, --ema-decay."""
+        opt = self.option_name
         p: list[str] = []
         if not 0.0 <= self.warmup_ratio < 1.0:
-            p.append(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
+            p.append(f"{opt('warmup_ratio')} must be in [0, 1) (got {self.warmup_ratio})")
         if self.warmup_ratio and self.warmup_steps:
-            p.append("--warmup-steps and --warmup-ratio are exclusive: pass one")
+            p.append(f"{opt('warmup_steps')} and {opt('warmup_ratio')} are exclusive: pass one")
         if self.lr_cycles < 1:
-            p.append(f"--lr-cycles must be ≥ 1 (got {self.lr_cycles})")
+            p.append(f"{opt('lr_cycles')} must be ≥ 1 (got {self.lr_cycles})")
         if self.lr_cycles != 1 and self.lr_scheduler != "cosine_with_restarts":
-            p.append("--lr-cycles needs --lr-scheduler cosine_with_restarts")
+            p.append(f"{opt('lr_cycles')} needs {opt('lr_scheduler')} cosine_with_restarts")
         if self.lr_power <= 0:
-            p.append(f"--lr-power must be > 0 (got {self.lr_power})")
+            p.append(f"{opt('lr_power')} must be > 0 (got {self.lr_power})")
         if self.lr_power != 1.0 and self.lr_scheduler != "polynomial":
-            p.append("--lr-power needs --lr-scheduler polynomial")
+            p.append(f"{opt('lr_power')} needs {opt('lr_scheduler')} polynomial")
         if self.clip_skip is not None and self.clip_skip < 1:
-            p.append(f"--clip-skip must be ≥ 1 (got {self.clip_skip}; 2 is the penultimate layer)")
+            p.append(f"{opt('clip_skip')} must be ≥ 1 (got {self.clip_skip}; 2 is the penultimate layer)")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            p.append(f"--ema-decay must be in (0, 1) (got {self.ema_decay}; 0.999 is common)")
+            p.append(f"{opt('ema_decay')} must be in (0, 1) (got {self.ema_decay}; 0.999 is common)")
         if self.loraplus_ratio is not None and self.loraplus_ratio <= 0:
-            p.append(f"--loraplus-ratio must be > 0 (got {self.loraplus_ratio}; 16 is the paper's default)")
+            p.append(
+                f"{opt('loraplus_ratio')} must be > 0 (got {self.loraplus_ratio}; 16 is the paper's default)"
+            )
+        if self.init_lora is not None and self.block_dims is not None:
+            p.append(f"{opt('init_lora')} takes its ranks from the file: drop {opt('block_dims')}")
+        if self.init_lora is not None and self.dora:
+            p.append(f"{opt('init_lora')} starts from a plain LoRA: drop {opt('dora')}")
         return p
 
     def train_only_problems(self) -> list[str]:
@@ -359,7 +402,7 @@ class TrainConfig:
             return []
         defaults = TrainConfig()
         return [
-            f"{flag(n)} is an option of lorax train, not lorax {self.COMMAND}"
+            f"{self.option_name(n)} is lorax train's; lorax {self.COMMAND} does not use it"
             for n in TRAIN_ONLY
             if getattr(self, n) != getattr(defaults, n)
         ]
@@ -466,7 +509,7 @@ def _coerce(values: dict[str, Any], cls: type[TrainConfig] | None = None) -> dic
             else:
                 out[name] = str(value)
         except (TypeError, ValueError) as err:
-            problems.append(f"{flag(name)}: {err} (got {value!r})")
+            problems.append(f"{cls.option_name(name)}: {err} (got {value!r})")
     if problems:
         raise ConfigError("; ".join(problems))
     return out
