@@ -83,6 +83,13 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("dora", {"dora": True, "format": "diffusers"}),
     ("dora", {"dora": True, "targets": "all"}),
     ("dataset_config", {"dataset_config": "DATASET"}),
+    # train's own (issue 19); invert and pivot refuse them
+    ("save_last", {"save_last": 2}),
+    ("warmup_ratio", {"warmup_ratio": 1.5}),
+    ("lr_cycles", {"lr_cycles": 3}),
+    ("loraplus_ratio", {"loraplus_ratio": 0}),
+    ("ema_decay", {"ema_decay": 2}),
+    ("clip_skip", {"clip_skip": 0}),
     # values of the wrong type (a config file's)
     ("rank", {"rank": "four"}),
     ("flip", {"flip": "yes"}),

@@ -92,6 +92,15 @@ def generate(
             "--steps", help="Denoising steps (default: the model's; 20 for most).", show_default=False
         ),
     ] = None,
+    clip_skip: Annotated[
+        int | None,
+        typer.Option(
+            "--clip-skip",
+            help="Condition on the N-th text-encoder layer from the end (A1111's and kohya's clip skip: 2 is the "
+            "penultimate; SD1/SD2). Default: the LoRA's ss_clip_skip, else 1.",
+            show_default=False,
+        ),
+    ] = None,
     guidance: Annotated[
         float | None,
         typer.Option(
@@ -234,6 +243,7 @@ def generate(
         force=force,
         lora_dir=lora_dir,
         xy=[parse_xy(v) for v in xy or []],
+        clip_skip=clip_skip,
     )
 
     def show(image: GeneratedImage) -> None:

@@ -130,6 +130,8 @@ def train_command(
     dora: Annotated[
         bool, typer.Option("--dora", help="DoRA (weight-decomposed LoRA, via PEFT).", rich_help_panel=LORA)
     ] = False,
+    block_dims: opts.BlockDimsOpt = None,
+    init_lora: opts.InitLoraOpt = None,
     optimizer: Annotated[
         str,
         typer.Option(help="adamw, adamw8bit (bitsandbytes) or prodigy (prodigyopt).", rich_help_panel=OPTIM),
@@ -138,12 +140,22 @@ def train_command(
     text_learning_rate: Annotated[
         float | None,
         typer.Option(
-            help="Text-encoder LoRA learning rate (default: --learning-rate).", rich_help_panel=OPTIM
+            "--text-learning-rate",
+            "--text-lr",
+            help="Text-encoder LoRA learning rate (default: --learning-rate).",
+            rich_help_panel=OPTIM,
         ),
     ] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.", rich_help_panel=OPTIM)] = 1e-2,
     lr_scheduler: opts.SchedulerOpt = "constant",
     warmup_steps: opts.WarmupOpt = 0,
+    warmup_ratio: opts.WarmupRatioOpt = 0.0,
+    lr_cycles: opts.LrCyclesOpt = 1,
+    lr_power: opts.LrPowerOpt = 1.0,
+    block_lr: opts.BlockLrOpt = None,
+    loraplus_ratio: opts.LoraplusRatioOpt = None,
+    ema_decay: opts.EmaDecayOpt = None,
+    clip_skip: opts.ClipSkipOpt = None,
     steps: Annotated[
         int | None, typer.Option(help="Optimizer steps (default 500 unless --epochs).", rich_help_panel=OPTIM)
     ] = None,
@@ -188,6 +200,9 @@ def train_command(
         typer.Option(help="Prompt to sample during training (repeatable).", rich_help_panel=DURING),
     ] = None,
     validation_every: opts.ValidationEveryOpt = 0,
+    save_every: opts.SaveEveryOpt = 0,
+    save_every_epochs: opts.SaveEveryEpochsOpt = 0,
+    save_last: opts.SaveLastOpt = 0,
     save_dtype: opts.SaveDtypeOpt = "fp16",
     output_name: Annotated[
         str | None,

@@ -58,7 +58,12 @@ ResolutionOpt = Annotated[
 FlipOpt = Annotated[bool, typer.Option("--flip", help="Random horizontal flips.", rich_help_panel=DATA)]
 RepeatsOpt = Annotated[int, typer.Option(help="Times each image appears per epoch.", rich_help_panel=DATA)]
 SchedulerOpt = Annotated[
-    str, typer.Option(help="constant, linear or cosine (after --warmup-steps).", rich_help_panel=OPTIM)
+    str,
+    typer.Option(
+        help="constant, linear, cosine (after --warmup-steps), or (lorax train) cosine_with_restarts and "
+        "polynomial through diffusers' get_scheduler.",
+        rich_help_panel=OPTIM,
+    ),
 ]
 WarmupOpt = Annotated[int, typer.Option(help="Linear learning-rate warm-up steps.", rich_help_panel=OPTIM)]
 EpochsOpt = Annotated[int | None, typer.Option(help="Train for whole epochs instead.", rich_help_panel=OPTIM)]
@@ -314,3 +319,101 @@ def print_summary(result: Any, what: str, model: str | None = None) -> None:
         markup=False,
         highlight=False,
     )
+
+
+# --- train only: usable snapshots (lorax.training.snapshots) ------------------------------------------------
+
+SaveEveryOpt = Annotated[
+    int,
+    typer.Option(
+        help="Write a usable LoRA every N steps: OUTPUT's stem + -step00000200 at step 200 (kohya's naming; 0: "
+        "never).",
+        rich_help_panel=DURING,
+    ),
+]
+SaveEveryEpochsOpt = Annotated[
+    int,
+    typer.Option(
+        help="Write a usable LoRA every N epochs: OUTPUT's stem + -000002 after epoch 2 (kohya's naming; 0: never).",
+        rich_help_panel=DURING,
+    ),
+]
+SaveLastOpt = Annotated[
+    int,
+    typer.Option(
+        help="Keep only the K newest snapshots this run wrote (0: keep all).", rich_help_panel=DURING
+    ),
+]
+
+InitLoraOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Start from this LoRA (kohya's network_weights; any format lorax reads); its rank and modules "
+        "must match --rank, --targets and --train-text.",
+        rich_help_panel="LoRA",
+        show_default=False,
+    ),
+]
+
+
+# --- train only: learning rates ------------------------------------------------------------------------------
+
+WarmupRatioOpt = Annotated[
+    float,
+    typer.Option(
+        help="Warm-up as a fraction of the run's steps (0.1: the first 10%), instead of --warmup-steps.",
+        rich_help_panel=OPTIM,
+    ),
+]
+LrCyclesOpt = Annotated[
+    int, typer.Option(help="Hard restarts of --lr-scheduler cosine_with_restarts.", rich_help_panel=OPTIM)
+]
+LrPowerOpt = Annotated[
+    float,
+    typer.Option(help="Power of --lr-scheduler polynomial (1: linear decay to 1e-7).", rich_help_panel=OPTIM),
+]
+LoraplusRatioOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="LoRA+: the up (B) matrices learn at this × their learning rate (16 in the paper; kohya's "
+        "loraplus_lr_ratio).",
+        rich_help_panel=OPTIM,
+        show_default=False,
+    ),
+]
+EmaDecayOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Keep an EMA of the LoRA weights (diffusers' EMAModel, decay ramping up to D) and write it as the "
+        "output and snapshots; 0.999 is common.",
+        rich_help_panel=OPTIM,
+        show_default=False,
+    ),
+]
+ClipSkipOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Condition on the N-th text-encoder layer from the end, through its final layer norm (kohya's and "
+        "A1111's clip skip: 2 is the penultimate; SD1/SD2). Recorded as ss_clip_skip; lorax generate uses it.",
+        rich_help_panel=OPTIM,
+        show_default=False,
+    ),
+]
+BlockDimsOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="A rank per kohya UNet block, comma-separated: 25 for SD1/SD2 (IN00-IN11, MID, OUT00-OUT11), 23 "
+        "for SDXL (base, IN00-IN08, MID0-2, OUT00-OUT08, out); 0 leaves a block out (kohya's block_dims).",
+        rich_help_panel="LoRA",
+        show_default=False,
+    ),
+]
+BlockLrOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="A --lr multiplier per kohya UNet block (as --block-dims counts them); 0 leaves a block out "
+        "(kohya's down/mid/up_lr_weight).",
+        rich_help_panel=OPTIM,
+        show_default=False,
+    ),
+]

@@ -167,6 +167,7 @@ class GenerateConfig:
     force: bool = False
     lora_dir: Path | None = None  # where <lora:NAME:W> prompt tags are looked up (None: the current folder)
     xy: list[XYAxis] = field(default_factory=list)  # --xy axes: X (columns), then Y (rows)
+    clip_skip: int | None = None  # None: the LoRAs' ss_clip_skip, else 1 (the last layer)
 
     def validate(self) -> None:
         problems: list[str] = []
@@ -203,6 +204,8 @@ class GenerateConfig:
         if self.dtype not in DTYPES:
             problems.append(f"--dtype {self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
         problems += self._xy_problems()
+        if self.clip_skip is not None and self.clip_skip < 1:
+            problems.append(f"--clip-skip must be ≥ 1 (got {self.clip_skip}; 2 is the penultimate layer)")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -676,6 +679,7 @@ def generate(
     ]
     if config.scheduler:
         set_scheduler(pipe, config.scheduler)
+    clip_skip = _clip_skip(config, pipe, specs, states, progress)
 
     taken: set[str] = set()
     for path, embedding in embeddings:
@@ -769,6 +773,8 @@ def generate(
             "Size": f"{width}x{height}",
             "Model": _model_label(config.model),
         }
+        if clip_skip > 1:
+            fields["Clip skip"] = clip_skip  # A1111's infotext key
         if init is not None:
             fields["Denoising strength"] = f"{config.strength:g}"
         if applied is not None and on:
@@ -844,6 +850,15 @@ def generate(
                     "callback_on_step_end": on_step_end,
                     "output_type": "pil",
                 }
+                if clip_skip > 1:  # the embeddings of the skipped layers, through the current LoRA scales
+                    from lorax.training.text import clip_skip_embeds
+
+                    with torch.inference_mode():
+                        kwargs.update(
+                            clip_skip_embeds(
+                                runner, kwargs.pop("prompt"), kwargs.pop("negative_prompt"), clip_skip
+                            )
+                        )
                 if init is not None:
                     kwargs.update(image=init, strength=config.strength)
                 else:
@@ -912,3 +927,30 @@ def generate(
 
 def _round8(size: tuple[int, int]) -> tuple[int, int]:
     return max(8, size[0] // 8 * 8), max(8, size[1] // 8 * 8)
+
+
+def _clip_skip(
+    config: GenerateConfig, pipe: Any, specs: list[Any], states: list[Any], progress: Progress
+) -> int:
+    """``--clip-skip``, else the first LoRA's ``ss_clip_skip`` (kohya's record of how it was trained), else 1.
+    SDXL has no clip skip in kohya's or A1111's sense (it already conditions on penultimate layers)."""
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    if config.clip_skip is not None:
+        if sdxl and config.clip_skip > 1:
+            raise ConfigError(
+                f"--clip-skip {config.clip_skip}: SDXL already conditions on its text encoders' penultimate layers; "
+                "drop it"
+            )
+        return config.clip_skip
+    found: list[tuple[int, str]] = []
+    for spec, state in zip(specs, states, strict=True):
+        said = str(state.metadata.get("ss_clip_skip", "")).strip()
+        if said.isdigit() and int(said) > 1:
+            found.append((int(said), str(spec.path.name if spec.path is not None else spec.label)))
+    if not found or sdxl:
+        return 1
+    value, name = found[0]
+    others = sorted({v for v, _ in found[1:] if v != value})
+    differ = f"; other LoRAs say {', '.join(map(str, others))}" if others else ""
+    progress.log(f"clip skip {value} (ss_clip_skip of {name}{differ}; --clip-skip 1 turns it off)")
+    return value

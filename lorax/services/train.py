@@ -77,6 +77,9 @@ RESUME_KEYS = (
     "repeats",
     "buckets",
     "optimizer",
+    "ema_decay",
+    "block_dims",
+    "block_lr",
 )
 
 
@@ -312,6 +315,38 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
     resumed_at = loop.state.global_step if resume_ckpt is not None else None
     if accelerator.is_main_process:
         _check_checkpoint_room(config, loop, max_steps)
+    if config.save_every or config.save_every_epochs:
+        from lorax.training.snapshots import Snapshots
+
+        def write_snapshot(path: Path) -> bool:
+            return _save_lora_file(
+                config,
+                job,
+                loop,
+                path,
+                family,
+                prepared,
+                resolution,
+                data,
+                class_items,
+                started_at,
+                modules,
+                images,
+                max_steps=max_steps,
+                finite_only=True,
+            )
+
+        loop.step_hooks.append(
+            Snapshots(
+                _plan_snapshots(
+                    config, output, data, max_steps, loop.state.global_step, check=accelerator.is_main_process
+                ),
+                write_snapshot,
+                keep_last=config.save_last,
+                log=progress.log,
+                is_main=accelerator.is_main_process,
+            )
+        )
     result = loop.run()
     accelerator.wait_for_everyone()
     from lorax.training.report import sample_files
@@ -369,6 +404,9 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
 @dataclass
 class _Prepared:
     prediction_type: str
+    alpha_patterns: dict[str, dict[str, float]] = field(
+        default_factory=dict
+    )  # per-module alphas (--block-dims)
 
 
 def _build(
@@ -397,19 +435,36 @@ def _build(
     text_encoder, text_encoder_2 = encoders[0], (encoders[1] if len(encoders) == 2 else None)
     setup.freeze(unet, vae, encoders, sdpa=config.sdpa)
 
+    if config.clip_skip and config.clip_skip > 1 and family == "sdxl":
+        raise ConfigError(
+            f"--clip-skip {config.clip_skip}: SDXL already conditions on its text encoders' penultimate layers "
+            "(kohya's SDXL trainer has no clip skip either); drop it"
+        )
     targets = resolve_targets(unet, text_encoder if config.train_text else None, config.targets)
     if text_encoder_2 is not None and config.train_text:
         from lorax.training.targets import find_targets
 
         targets["text_encoder_2"] = find_targets(text_encoder_2, config.targets, "text_encoder_2")
+    blocks = _block_plan(config, targets["unet"], family, unet)
+    if blocks is not None:
+        targets["unet"] = blocks.targets
     modules = {k: len(v) for k, v in targets.items()}
+    initial = _initial_lora(config, pipe, targets, family, progress)
     lora_kwargs: dict[str, Any] = dict(
         rank=config.rank, alpha=config.lora_alpha, dropout=config.lora_dropout, dora=config.dora
     )
     unet_params = inject_lora(
-        unet, targets["unet"], seed=derive_seed(config.seed, "init", "unet"), **lora_kwargs
+        unet,
+        targets["unet"],
+        seed=derive_seed(config.seed, "init", "unet"),
+        **lora_kwargs,
+        **(blocks.inject_kwargs() if blocks is not None else {}),
     )
-    groups: list[dict[str, Any]] = [{"params": unet_params, "lr": config.learning_rate}]
+    groups: list[dict[str, Any]] = (
+        blocks.groups(unet, config.learning_rate)
+        if blocks is not None
+        else [{"params": unet_params, "lr": config.learning_rate}]
+    )
     if config.train_text:
         te_params = inject_lora(
             text_encoder, targets["text_encoder"], seed=derive_seed(config.seed, "init", "te"), **lora_kwargs
@@ -423,6 +478,12 @@ def _build(
                 **lora_kwargs,
             )
             groups.append({"params": te2_params, "lr": config.text_lr})
+    if initial is not None:
+        from lorax.training.lora import load_lora_tensors
+
+        live = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+        for component, tensors in initial.items():
+            load_lora_tensors(live[component], tensors)
     setup.place(unet, vae, encoders, device, config.mixed_precision)
     for group in groups:  # trainable LoRA weights stay fp32 under mixed precision
         for p in group["params"]:
@@ -436,9 +497,18 @@ def _build(
                     gradient_checkpointing_kwargs={"use_reentrant": False}
                 )
 
+    if config.loraplus_ratio is not None:
+        from lorax.training.optim import loraplus_groups
+
+        groups = loraplus_groups(groups, [unet, text_encoder, text_encoder_2], config.loraplus_ratio)
     optimizer = build_optimizer(config.optimizer, groups, weight_decay=config.weight_decay)
     scheduler = build_scheduler(
-        config.lr_scheduler, optimizer, warmup_steps=config.warmup_steps, total_steps=max_steps
+        config.lr_scheduler,
+        optimizer,
+        warmup_steps=_warmup_steps(config, max_steps),
+        total_steps=max_steps,
+        cycles=config.lr_cycles,
+        power=config.lr_power,
     )
     if config.train_text and text_encoder_2 is not None:
         unet, text_encoder, text_encoder_2, optimizer = accelerator.prepare(
@@ -465,6 +535,7 @@ def _build(
         prior_weight=config.prior_weight,
         latent_cache=cache,
         cache_text=config.cache_text and not config.train_text,
+        **({"clip_skip": config.clip_skip} if config.clip_skip else {}),
     )
 
     sampler = None
@@ -480,6 +551,7 @@ def _build(
             config.seed,
             is_main=accelerator.is_main_process,
             release=(lambda: vae.to("cpu")) if cache is not None else None,
+            clip_skip=config.clip_skip or 1,
         )
     job = LoraJob(
         batches,
@@ -489,6 +561,10 @@ def _build(
         sampler=sampler,
         text_encoder_2=text_encoder_2 if config.train_text else None,
     )
+    if config.ema_decay is not None:
+        from lorax.training.ema import EmaJob
+
+        job = EmaJob(job, config.ema_decay)  # type: ignore[assignment]  # the job, its weights also averaged
     settings = LoopSettings.from_config(
         config,
         max_steps,
@@ -503,7 +579,8 @@ def _build(
         settings=settings,
         progress=progress,
     )
-    return job, loop, _Prepared(objective.prediction_type), modules
+    alpha_patterns = {"unet": blocks.alpha_pattern()} if blocks is not None else {}
+    return job, loop, _Prepared(objective.prediction_type, alpha_patterns), modules
 
 
 def _write_outputs(
@@ -524,33 +601,22 @@ def _write_outputs(
     resumed: tuple[Path, int] | None = None,
     samples: list[Path] | None = None,
 ) -> int:
-    import torch
-
-    from lorax.formats import save_lora
-    from lorax.training.lora import trained_state
-    from lorax.training.metadata import training_metadata
     from lorax.training.report import loss_csv, run_markers, write_loss_png, write_samples_sheet
 
-    state = trained_state(job.components(), rank=config.rank, alpha=config.lora_alpha, family=family)
-    metadata = training_metadata(
+    _save_lora_file(
         config,
-        family=family,
-        prediction_type=prepared.prediction_type,
-        resolution=resolution,
-        num_images=len(data.items),
-        num_class_images=len(class_items),
-        steps=loop.state.global_step,
-        epoch=loop.state.epoch,
-        batches_per_epoch=data.batches_per_epoch(),
-        started_at=started_at,
-        finished_at=time.time(),
-        seconds=loop.state.seconds,
-        modules=modules,
-        images=images,
-        num_examples=len(data),
+        job,
+        loop,
+        output,
+        family,
+        prepared,
+        resolution,
+        data,
+        class_items,
+        started_at,
+        modules,
+        images,
     )
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_dtype]
-    save_lora(state, output, format=config.format, dtype=dtype, force=config.force, metadata=metadata)
     with atomic_path(companions["loss_csv"], force=True) as tmp:
         tmp.write_text(loss_csv(loop.state.losses), encoding="utf-8")
     with atomic_path(companions["loss_png"], force=True) as tmp:
@@ -572,3 +638,127 @@ def _write_outputs(
     with atomic_path(companions["config"], force=True) as tmp:
         tmp.write_text(config.to_toml(), encoding="utf-8")
     return output.stat().st_size
+
+
+def _save_lora_file(
+    config: TrainConfig,
+    job: Any,
+    loop: Any,
+    path: Path,
+    family: str,
+    prepared: _Prepared,
+    resolution: int,
+    data: TrainData,
+    class_items: list[ImageItem],
+    started_at: float,
+    modules: dict[str, int],
+    images: TrainingImages,
+    *,
+    max_steps: int | None = None,
+    finite_only: bool = False,
+) -> bool:
+    """Write the LoRA as it stands to ``path`` (the output, or a snapshot at ``max_steps``' run) with its metadata;
+    with ``finite_only`` nothing is written (False) when a weight is not finite."""
+    import torch
+
+    from lorax.formats import save_lora
+    from lorax.training.lora import trained_state
+    from lorax.training.metadata import training_metadata
+
+    if finite_only and not all(bool(torch.isfinite(t).all()) for t in job.state_tensors().values()):
+        return False
+    from lorax.training.ema import averaged_weights
+
+    with averaged_weights(job):  # --ema-decay: the average is the output
+        state = trained_state(
+            job.components(),
+            rank=config.rank,
+            alpha=config.lora_alpha,
+            family=family,
+            alpha_patterns=prepared.alpha_patterns,
+        )
+    metadata = training_metadata(
+        config,
+        family=family,
+        prediction_type=prepared.prediction_type,
+        resolution=resolution,
+        num_images=len(data.items),
+        num_class_images=len(class_items),
+        steps=loop.state.global_step,
+        epoch=loop.state.epoch,
+        batches_per_epoch=data.batches_per_epoch(),
+        started_at=started_at,
+        finished_at=time.time(),
+        seconds=loop.state.seconds,
+        modules=modules,
+        images=images,
+        num_examples=len(data),
+        max_steps=max_steps,
+    )
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_dtype]
+    save_lora(state, path, format=config.format, dtype=dtype, force=config.force, metadata=metadata)
+    return True
+
+
+def _plan_snapshots(
+    config: TrainConfig, output: Path, data: TrainData, max_steps: int, start_step: int, *, check: bool = True
+) -> Any:
+    """The snapshots this run will write (``--save-every``, ``--save-every-epochs``), checked like the output:
+    one that exists is refused without --force before step 1."""
+    from lorax.io.atomic import check_outputs
+    from lorax.training.snapshots import plan_snapshots
+
+    bpe = data.batches_per_epoch()
+    plan = plan_snapshots(
+        output,
+        max_steps=max_steps,
+        every_steps=config.save_every,
+        every_epochs=config.save_every_epochs,
+        epoch_after=lambda step: step * config.grad_accum // bpe,
+        start_step=start_step,
+    )
+    if check:  # the main process, which writes them
+        check_outputs([p for paths in plan.values() for p in paths], config.force)
+    return plan
+
+
+def _initial_lora(
+    config: TrainConfig, pipe: Any, targets: dict[str, list[str]], family: str, progress: Progress
+) -> dict[str, dict[str, Any]] | None:
+    """``--init-lora``'s weights per component, checked against the run (not when resuming: the checkpoint wins)."""
+    if config.init_lora is None or config.resume is not None:
+        return None
+    from lorax.training.init_lora import initial_lora
+
+    return initial_lora(
+        Path(config.init_lora),
+        pipe,
+        targets,
+        rank=config.rank,
+        alpha=config.lora_alpha,
+        family=family,
+        log=progress.log,
+    )
+
+
+def _warmup_steps(config: TrainConfig, max_steps: int) -> int:
+    from lorax.training.optim import warmup_steps_of
+
+    return warmup_steps_of(config.warmup_steps, config.warmup_ratio, max_steps)
+
+
+def _block_plan(config: TrainConfig, targets: list[str], family: str, unet: Any) -> Any:
+    """``--block-dims`` / ``--block-lr`` over kohya's UNet blocks, or ``None`` without them."""
+    if config.block_dims is None and config.block_lr is None:
+        return None
+    from lorax.training.blocks import BlockPlan
+
+    return BlockPlan(
+        targets,
+        family,
+        unet.config,
+        rank=config.rank,
+        alpha=config.alpha,
+        block_dims=config.block_dims,
+        block_lr=config.block_lr,
+    )

@@ -19,13 +19,28 @@ from lorax.errors import ConfigError, InputError
 
 FORMATS = ("kohya", "diffusers")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
-SCHEDULERS = ("constant", "linear", "cosine")
+SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 DEVICES = ("auto", "cpu", "cuda", "gpu")
 TEMPLATES = ("object", "style")
 TARGET_PRESETS = ("attn", "attn-ff", "all")
+# Options that only ``lorax train`` reads (invert and pivot configs inherit the fields and refuse them set).
+TRAIN_ONLY = (
+    "save_every",
+    "save_every_epochs",
+    "save_last",
+    "init_lora",
+    "warmup_ratio",
+    "lr_cycles",
+    "lr_power",
+    "loraplus_ratio",
+    "ema_decay",
+    "clip_skip",
+    "block_dims",
+    "block_lr",
+)
 # Memory levers, named in the out-of-memory message.
 MEMORY_FLAGS = (
     "--batch-size 1 (with --grad-accum)",
@@ -80,6 +95,8 @@ class TrainConfig:
     train_text: bool = False
     lora_dropout: float = 0.0
     dora: bool = False
+    block_dims: str | None = None  # kohya's block_dims: a rank per UNet block (train only)
+    init_lora: Path | None = None  # kohya's network_weights, train only
     # optimisation
     optimizer: str = "adamw"
     learning_rate: float = 1e-4
@@ -87,6 +104,13 @@ class TrainConfig:
     weight_decay: float = 1e-2
     lr_scheduler: str = "constant"
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # train only: warm-up as a fraction of the run's steps
+    lr_cycles: int = 1  # cosine_with_restarts' hard restarts (train only)
+    lr_power: float = 1.0  # polynomial's power (train only)
+    block_lr: str | None = None  # a --lr multiplier per kohya UNet block (train only)
+    loraplus_ratio: float | None = None  # LoRA+: lora_B at this × lr (train only)
+    clip_skip: int | None = None  # kohya's / A1111's clip skip (2: penultimate layer), train only
+    ema_decay: float | None = None  # EMA of the adapter weights, written as the output (train only)
     steps: int | None = None
     epochs: int | None = None
     batch_size: int = 1
@@ -109,6 +133,9 @@ class TrainConfig:
     resume: Path | None = None
     validation_prompt: list[str] = field(default_factory=list)
     validation_every: int = 0
+    save_every: int = 0  # usable snapshots (lorax.training.snapshots), train only
+    save_every_epochs: int = 0
+    save_last: int = 0
     # output
     save_dtype: str = "fp16"
     output_name: str | None = None
@@ -312,6 +339,7 @@ class TrainConfig:
             p.append(f"{opt('validation_every')} needs at least one {opt('validation_prompt')}")
         if self.targets not in TARGET_PRESETS and not [t for t in self.targets.split(",") if t.strip()]:
             p.append(f"{opt('targets')} must be one of {', '.join(TARGET_PRESETS)} or module patterns")
+        p += self.snapshot_problems() + self.lr_problems()
         if self.dora and self.format == "diffusers":
             p.append(
                 f"{opt('dora')} files are written in kohya (LyCORIS dora_scale) format: drop {opt('format')} "
@@ -322,6 +350,62 @@ class TrainConfig:
                 f"{opt('dora')} covers Linear layers only with PEFT: use {opt('targets')} attn or attn-ff"
             )
         return p
+
+    def snapshot_problems(self) -> list[str]:
+        """--save-every, --save-every-epochs and --save-last."""
+        opt = self.option_name
+        p = [
+            f"{opt(n)} must be ≥ 0 (got {getattr(self, n)})"
+            for n in ("save_every", "save_every_epochs", "save_last")
+            if getattr(self, n) < 0
+        ]
+        if self.save_last and not (self.save_every or self.save_every_epochs):
+            p.append(
+                f"{opt('save_last')} needs {opt('save_every')} or {opt('save_every_epochs')} (it bounds how many "
+                "snapshots stay)"
+            )
+        return p + self.train_only_problems()
+
+    def lr_problems(self) -> list[str]:
+        """--warmup-ratio, --lr-cycles, --lr-power, --loraplus-ratio, --clip-skip, --ema-decay."""
+        opt = self.option_name
+        p: list[str] = []
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            p.append(f"{opt('warmup_ratio')} must be in [0, 1) (got {self.warmup_ratio})")
+        if self.warmup_ratio and self.warmup_steps:
+            p.append(f"{opt('warmup_steps')} and {opt('warmup_ratio')} are exclusive: pass one")
+        if self.lr_cycles < 1:
+            p.append(f"{opt('lr_cycles')} must be ≥ 1 (got {self.lr_cycles})")
+        if self.lr_cycles != 1 and self.lr_scheduler != "cosine_with_restarts":
+            p.append(f"{opt('lr_cycles')} needs {opt('lr_scheduler')} cosine_with_restarts")
+        if self.lr_power <= 0:
+            p.append(f"{opt('lr_power')} must be > 0 (got {self.lr_power})")
+        if self.lr_power != 1.0 and self.lr_scheduler != "polynomial":
+            p.append(f"{opt('lr_power')} needs {opt('lr_scheduler')} polynomial")
+        if self.clip_skip is not None and self.clip_skip < 1:
+            p.append(f"{opt('clip_skip')} must be ≥ 1 (got {self.clip_skip}; 2 is the penultimate layer)")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            p.append(f"{opt('ema_decay')} must be in (0, 1) (got {self.ema_decay}; 0.999 is common)")
+        if self.loraplus_ratio is not None and self.loraplus_ratio <= 0:
+            p.append(
+                f"{opt('loraplus_ratio')} must be > 0 (got {self.loraplus_ratio}; 16 is the paper's default)"
+            )
+        if self.init_lora is not None and self.block_dims is not None:
+            p.append(f"{opt('init_lora')} takes its ranks from the file: drop {opt('block_dims')}")
+        if self.init_lora is not None and self.dora:
+            p.append(f"{opt('init_lora')} starts from a plain LoRA: drop {opt('dora')}")
+        return p
+
+    def train_only_problems(self) -> list[str]:
+        """Options of ``lorax train`` alone, refused when another command's config (TOML) sets them."""
+        if self.COMMAND == "train":
+            return []
+        defaults = TrainConfig()
+        return [
+            f"{self.option_name(n)} is lorax train's; lorax {self.COMMAND} does not use it"
+            for n in TRAIN_ONLY
+            if getattr(self, n) != getattr(defaults, n)
+        ]
 
     def validate(self) -> TrainConfig:
         problems = self.problems()

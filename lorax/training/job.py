@@ -86,6 +86,7 @@ class Sampler:
     seed: int
     is_main: bool = True
     release: Any = None  # called after sampling (e.g. to move the VAE off the device again)
+    clip_skip: int = 1  # kohya's / A1111's: 2 conditions on the penultimate text-encoder layer
 
     def __call__(self, step: int, autocast: Any) -> list[Path]:
         import torch
@@ -97,9 +98,15 @@ class Sampler:
         paths: list[Path] = []
         for i, prompt in enumerate(self.prompts):
             generator = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, "validation", i))
+            prompt_kwargs: dict[str, Any] = {"prompt": prompt}
+            if self.clip_skip > 1:
+                from lorax.training.text import clip_skip_embeds
+
+                with torch.no_grad():
+                    prompt_kwargs = clip_skip_embeds(pipe, prompt, None, self.clip_skip)
             with autocast():
                 image = pipe(
-                    prompt,
+                    **prompt_kwargs,
                     num_inference_steps=self.steps,
                     guidance_scale=self.guidance,
                     height=self.resolution,

@@ -126,6 +126,8 @@ class TrainingLoop:
         self.samples: list[Path] = []
         self._last_saved_step: int | None = None
         self._interrupted = False
+        # called with the state after each optimizer step, validation and checkpoint (e.g. usable snapshots)
+        self.step_hooks: list[Callable[[LoopState], None]] = []
 
     # ---------------------------------------------------------------------------------------------------------
     def restore(self, checkpoint: Checkpoint) -> None:
@@ -318,6 +320,8 @@ class TrainingLoop:
                     path = self.save()
                     if path is not None:
                         self.progress.log(f"checkpoint: {path}")
+                for hook in self.step_hooks:
+                    hook(self.state)
                 last_tick = time.perf_counter()  # samples and checkpoints are not optimisation time
 
     def _validate(self, step: int, models: list[Any]) -> None:

@@ -20,6 +20,8 @@ def inject_lora(
     dropout: float = 0.0,
     dora: bool = False,
     seed: int = 0,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
 ) -> list[Any]:
     """Add a trainable LoRA (or DoRA) to ``modules`` of ``model``; freeze everything else; return the LoRA parameters.
 
@@ -36,6 +38,8 @@ def inject_lora(
         use_dora=dora,
         target_modules=list(modules),
         init_lora_weights=True,
+        rank_pattern=dict(rank_pattern or {}),  # per-module ranks and alphas (--block-dims)
+        alpha_pattern=dict(alpha_pattern or {}),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -83,7 +87,14 @@ def lora_parameters(model: Any) -> list[Any]:
     return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
 
 
-def trained_state(models: dict[str, Any], *, rank: int, alpha: float, family: str | None = None) -> Any:
+def trained_state(
+    models: dict[str, Any],
+    *,
+    rank: int,
+    alpha: float,
+    family: str | None = None,
+    alpha_patterns: dict[str, dict[str, float]] | None = None,
+) -> Any:
     """``LoraState`` of the LoRA (or DoRA) trained in ``models`` (``{component: module}``), text paths on-disk style."""
     from lorax.adapters.lycoris import DoraModule
     from lorax.adapters.peft_bridge import lora_state_from_peft
@@ -99,7 +110,9 @@ def trained_state(models: dict[str, Any], *, rank: int, alpha: float, family: st
             if key.endswith(".lora_magnitude_vector"):
                 path = live_to_disk(component, key[: -len(".lora_magnitude_vector")])
                 magnitudes[f"{component}.{path}"] = value
-    configs = {c: {"r": rank, "lora_alpha": alpha} for c in models}
+    configs: dict[str, dict[str, Any]] = {c: {"r": rank, "lora_alpha": alpha} for c in models}
+    for component, pattern in (alpha_patterns or {}).items():  # per-module alphas (--block-dims)
+        configs[component]["alpha_pattern"] = pattern
     state = lora_state_from_peft(pairs, configs, family=family)
     for key, magnitude in magnitudes.items():
         module = state.modules[key]

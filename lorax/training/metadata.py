@@ -29,9 +29,11 @@ def training_metadata(
     modules: dict[str, int],
     images: TrainingImages | None = None,
     num_examples: int | None = None,
+    max_steps: int | None = None,
 ) -> dict[str, str]:
     """Header metadata of a trained LoRA (all values strings, as safetensors requires).
 
+    ``max_steps``: the run's planned steps when they differ from ``steps`` (a snapshot during the run).
     ``images`` adds kohya's dataset keys (``ss_dataset_dirs``, ``ss_reg_dataset_dirs``, ``ss_tag_frequency``) and
     the trigger words (``modelspec.trigger_phrase``); ``num_examples`` is one epoch's examples (images × repeats).
     """
@@ -44,6 +46,12 @@ def training_metadata(
         network_args["dora_wd"] = True
     if config.lora_dropout:
         network_args["module_dropout"] = 0
+    if config.block_dims or config.block_lr:  # kohya: network_args block_dims, down/mid/up_lr_weight
+        from lorax.training.blocks import block_network_args
+
+        network_args.update(block_network_args(config.block_dims, config.block_lr, family))
+    if config.loraplus_ratio is not None:  # kohya: network_args loraplus_lr_ratio=R
+        network_args["loraplus_lr_ratio"] = config.loraplus_ratio
     meta: dict[str, Any] = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": config.rank,
@@ -56,7 +64,7 @@ def training_metadata(
         "ss_sd_model_name": config.model,
         "ss_output_name": config.output_name or (config.output.stem if config.output else None),
         "ss_steps": steps,
-        "ss_max_train_steps": steps,
+        "ss_max_train_steps": max_steps if max_steps is not None else steps,
         "ss_epoch": epoch,
         "ss_num_batches_per_epoch": batches_per_epoch,
         "ss_learning_rate": config.learning_rate,
@@ -74,7 +82,11 @@ def training_metadata(
         "ss_batch_size_per_device": config.batch_size,
         "ss_gradient_accumulation_steps": config.grad_accum,
         "ss_lr_scheduler": config.lr_scheduler,
-        "ss_lr_warmup_steps": config.warmup_steps,
+        "ss_lr_warmup_steps": config.warmup_steps or int(config.warmup_ratio * (max_steps or steps)),
+        "ss_lr_scheduler_num_cycles": config.lr_cycles
+        if config.lr_scheduler == "cosine_with_restarts"
+        else None,
+        "ss_lr_scheduler_power": config.lr_power if config.lr_scheduler == "polynomial" else None,
         "ss_optimizer": config.optimizer,
         "ss_mixed_precision": config.mixed_precision,
         "ss_max_grad_norm": config.max_grad_norm,
@@ -87,6 +99,7 @@ def training_metadata(
         "ss_shuffle_caption": config.caption_shuffle,
         "ss_keep_tokens": config.keep_tokens if config.caption_shuffle else None,
         "ss_caption_dropout_rate": config.caption_dropout,
+        "ss_clip_skip": config.clip_skip,
         "lorax_base_model": config.model,
         "lorax_prediction_type": prediction_type,
         "lorax_training_seconds": f"{seconds:.1f}",
@@ -95,6 +108,8 @@ def training_metadata(
         "lorax_target_preset": config.targets,
         "lorax_modules": json.dumps(modules),
         "lorax_dora": config.dora or None,
+        "lorax_ema_decay": config.ema_decay,
+        "lorax_init_lora": config.init_lora.name if config.init_lora is not None else None,
     }
     output_name = meta["ss_output_name"] or "LoRA"
     trigger = ", ".join(images.summary.trigger_words) if images is not None else config.instance_prompt

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from lorax.training.config import TrainConfig, flag
+from lorax.training.config import TRAIN_ONLY, TrainConfig, flag
 
 EMBEDDING_FORMATS = ("a1111", "diffusers")
 PIVOT_FORMATS = ("kohya", "lora_diffusion")
@@ -95,7 +95,7 @@ class InvertConfig(InversionOptions):
             "sample_steps", "guidance_scale", "optimizer", "weight_decay", "max_grad_norm", "noise_offset",
             "snr_gamma", "prediction_type", "sdpa", "output_name",
         }
-    )  # fmt: skip
+    ) | frozenset(TRAIN_ONLY)  # fmt: skip
     # The seed's max_train_steps_ti. On shapes, all-default runs teach a held-out colour at 1000 steps (orange 69%
     # of "a <s1> square") and not at 300 (19%).
     DEFAULT_STEPS = 1000
@@ -167,7 +167,7 @@ class PivotConfig(InversionOptions):
             "guidance_scale", "optimizer", "weight_decay", "ti_weight_decay", "max_grad_norm", "noise_offset",
             "snr_gamma", "prediction_type", "sdpa", "output_name",
         }
-    )  # fmt: skip
+    ) | frozenset(TRAIN_ONLY)  # fmt: skip
 
     @property
     def inversion_lr(self) -> float:

@@ -84,6 +84,7 @@ def diffusion_batches(
     prior_weight: float,
     latent_cache: Any,
     cache_text: bool,
+    clip_skip: int = 1,
 ) -> Any:
     """The run's batches: ``DiffusionBatches`` over one text encoder, ``SdxlBatches`` (both encoders' context,
     pooled embeddings, size/crop ids) over two. ``cache_text``: encode each distinct prompt once (frozen encoders)."""
@@ -98,7 +99,7 @@ def diffusion_batches(
         batches_class = SdxlBatches
         prompts = SdxlPromptEncoder([pipe.tokenizer, pipe.tokenizer_2], encoders, device, cache=cache_text)
     else:
-        prompts = PromptEncoder(pipe.tokenizer, encoders[0], device, cache=cache_text)
+        prompts = PromptEncoder(pipe.tokenizer, encoders[0], device, cache=cache_text, clip_skip=clip_skip)
     return batches_class(
         data=data,
         vae=vae,
