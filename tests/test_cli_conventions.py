@@ -82,7 +82,9 @@ def test_rich_markup_in_help_is_shown_as_typed():
     demo = typer.Typer(cls=LoraxGroup)
 
     @demo.command(cls=LoraxCommand)
-    def show(x: str = typer.Option("a", help="keys [[lora]] and linear[a]B and [bold]b[/bold]")) -> None:
+    def show(
+        x: str = typer.Option("a", help="keys [[lora]] and linear[a]B and [bold]b[/bold] and linear:A:B"),
+    ) -> None:
         """Doc with [red]markup[/red]."""
 
     @demo.command()
@@ -93,6 +95,7 @@ def test_rich_markup_in_help_is_shown_as_typed():
     assert (
         "[[lora]]" in out and "linear[a]B" in out and "[bold]b[/bold]" in out and "[red]markup[/red]" in out
     )
+    assert "linear:A:B" in out  # not an emoji
 
 
 def test_global_flags_after_the_command(cli, tmp_path, lora):

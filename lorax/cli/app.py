@@ -50,13 +50,20 @@ def hoist_global_flags(args: list[str]) -> list[str]:
 
 
 class LoraxCommand(TyperCommand):
-    """Help text renders as typed: rich would take ``[[lora]]`` or ``linear[a]B`` for markup and drop it."""
+    """Help text renders as typed: rich would take ``[[lora]]`` or ``linear[a]B`` for markup and drop it, and
+    ``linear:A:B`` for an emoji."""
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        import rich.text
         from rich.markup import escape
 
         saved = [(p, getattr(p, "help", None)) for p in self.params]
         saved_help = self.help
+        from_markup = rich.text.Text.from_markup
+        # rich would also turn emoji codes into pictures: ``linear:A:B`` would show as ``linear🅰B``
+        rich.text.Text.from_markup = classmethod(  # type: ignore[method-assign, assignment]
+            lambda cls, text, **kw: from_markup(text, **{**kw, "emoji": False})
+        )
         try:
             for param, text in saved:
                 if text:
@@ -65,6 +72,7 @@ class LoraxCommand(TyperCommand):
                 self.help = escape(self.help)
             super().format_help(ctx, formatter)
         finally:
+            rich.text.Text.from_markup = from_markup  # type: ignore[method-assign]
             for param, text in saved:
                 if text:
                     param.help = text  # type: ignore[attr-defined]
