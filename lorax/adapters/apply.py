@@ -118,22 +118,12 @@ def _component(pipe: Any, name: str) -> Any:
 
 
 def pipeline_family(pipe: Any) -> str:
-    """Guess a pipeline's model family from its components (``sd1``, ``sd2``, ``sdxl``)."""
-    family = getattr(pipe, "lorax_family", None) or getattr(
-        getattr(pipe, "config", None), "lorax_family", None
-    )
-    if isinstance(family, str):
-        return family
-    if _component(pipe, "text_encoder_2") is not None:
-        return "sdxl"
-    unet = _component(pipe, "unet")
-    config = getattr(unet, "config", None)
-    if config is not None and (
-        getattr(config, "cross_attention_dim", None) == 1024
-        or getattr(config, "use_linear_projection", False)
-    ):
-        return "sd2"
-    return "sd1"
+    """A pipeline's model family: its ``lorax_family`` label, else what its components show (``detect``)."""
+    from lorax.models import families
+
+    found = families.detect(pipeline=pipe)
+    assert found is not None  # a pipeline always names a family
+    return found
 
 
 def check_fits(pipe: Any, request: LoraRequest) -> list[str]:

@@ -494,25 +494,17 @@ def load_loras(
     return out
 
 
-KOHYA_FAMILIES = {
-    "sd_v1": "sd1",
-    "sd_v2": "sd2",
-    "sd_v2_768_v": "sd2",
-    "sdxl_base_v1-0": "sdxl",
-    "sdxl_base_v0-9": "sdxl",
-}
-
-
 def declared_family(path: Path) -> str | None:
     """The family a LoRA file's header declares (lorax's ``lorax_family`` or kohya's ``ss_base_model_version``)."""
     from lorax.io.safetensors_io import read_header
+    from lorax.models import families
 
     if path.is_dir() or path.suffix.lower() != ".safetensors":
         return None
     meta = read_header(path).metadata
     if meta.get("lorax_family"):
         return meta["lorax_family"]
-    return KOHYA_FAMILIES.get(meta.get("ss_base_model_version", ""))
+    return families.detect(metadata=meta)
 
 
 def _check_plan(
