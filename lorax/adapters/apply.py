@@ -27,7 +27,6 @@ from lorax.errors import ConfigError, MismatchError
 # Block weights: ``down`` / ``mid`` / ``up`` for every block of that side, ``down.N`` / ``up.N`` for one block.
 BlockWeights = Mapping[str, float]
 _BLOCK_KEY = re.compile(r"^(down|up)(?:\.(\d+))?$|^mid$")
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
 
 @dataclass
@@ -115,6 +114,13 @@ def _component(pipe: Any, name: str) -> Any:
     """The component ``name`` of ``pipe`` if it is a torch module, else ``None``."""
     model = getattr(pipe, name, None)
     return model if isinstance(model, torch.nn.Module) else None
+
+
+def _lora_components(pipe: Any) -> tuple[str, ...]:
+    """The LoRA-able components of ``pipe``'s family (UNet first)."""
+    from lorax.models import families
+
+    return families.get(pipeline_family(pipe)).component_names()
 
 
 def pipeline_family(pipe: Any) -> str:
@@ -279,7 +285,7 @@ class AppliedLoras:
         if self._peft_names:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
-            for component in ("unet", *TEXT_COMPONENTS):
+            for component in _lora_components(self.pipe):
                 model = _component(self.pipe, component)
                 if model is None:
                     continue
@@ -320,7 +326,7 @@ class AppliedLoras:
             return
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        for component in ("unet", *TEXT_COMPONENTS):
+        for component in _lora_components(self.pipe):
             model = _component(self.pipe, component)
             if model is None:
                 continue
@@ -439,7 +445,7 @@ def _check_loaded(pipe: Any, name: str, low_rank: Mapping[str, torch.Tensor], re
 
     expected = sum(1 for key in low_rank if key.endswith(".lora_A.weight"))
     found = 0
-    for component in ("unet", *TEXT_COMPONENTS):
+    for component in _lora_components(pipe):
         model = _component(pipe, component)
         if model is None:
             continue
@@ -457,7 +463,11 @@ def _check_loaded(pipe: Any, name: str, low_rank: Mapping[str, torch.Tensor], re
 
 
 def _tokenizer_for(pipe: Any, component: str) -> Any:
-    return getattr(pipe, "tokenizer_2" if component == "text_encoder_2" else "tokenizer", None)
+    from lorax.models import families
+
+    found = families.find(pipeline_family(pipe))
+    spec = found.component(component) if found and found.has(component) else families.any_component(component)
+    return getattr(pipe, spec.tokenizer, None) if spec and spec.tokenizer else None
 
 
 def vector_tokens(token: str, n: int) -> list[str]:

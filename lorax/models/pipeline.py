@@ -64,9 +64,9 @@ def load_pipeline(
 def _pipeline_class(family: str, index: dict[str, Any] | None) -> Any:
     import diffusers
 
-    name = (index or {}).get("_class_name") or (
-        "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
-    )
+    from lorax.models import families
+
+    name = (index or {}).get("_class_name") or families.get(family).pipelines["txt2img"]
     cls = getattr(diffusers, name, None)
     if cls is None:
         raise FormatError(f"unknown pipeline class {name}")
@@ -139,7 +139,9 @@ def _from_single_file(ckpt: SingleFileCheckpoint, dtype: Any, config_from: str |
     sched_cls = getattr(diffusers, sched_config.get("_class_name", "DDIMScheduler"))
     components["scheduler"] = sched_cls.from_config(sched_config)
     cls = _pipeline_class(ckpt.family, configs.get("model_index"))
-    if ckpt.family != "sdxl":
+    from lorax.models import families
+
+    if "safety_checker" in families.get(ckpt.family).checkpoint.model_index:  # SD1/SD2 pipelines take one
         components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = cls(**components)
     if dtype is not None:

@@ -11,10 +11,10 @@ from lorax.errors import ConfigError, MismatchError
 from lorax.io.atomic import check_output
 from lorax.io.checkpoint import open_checkpoint
 from lorax.io.model_layout import DTYPES
+from lorax.models import families
 from lorax.progress import NullProgress, Progress
 
 TARGETS = ("attn", "attn-ff", "all")
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _ATTN = re.compile(
     r"(attn\d\.(to_q|to_k|to_v|to_out\.0)|self_attn\.(q_proj|k_proj|v_proj|out_proj))\.weight$"
 )
@@ -98,7 +98,7 @@ def extract(config: ExtractConfig, progress: Progress | None = None) -> ExtractR
         raise MismatchError(f"the models are different families: base {base.family}, tuned {tuned.family}")
     modules: dict[str, LoraModule] = {}
     result = ExtractResult(config.output, base.family, config.to, config.rank, config.targets)
-    components = [c for c in LORA_COMPONENTS if c in base.components()]
+    components = [c for c in families.get(base.family).component_names() if c in base.components()]
     missing = [c for c in components if c not in tuned.components()]
     if missing:
         raise MismatchError(f"the tuned model lacks {', '.join(missing)}")

@@ -11,7 +11,7 @@ import struct
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -457,7 +457,7 @@ def readable_training(metadata: Mapping[str, str]) -> dict[str, Any]:
                 value = raw
         if name.endswith("_at"):
             try:
-                value = datetime.fromtimestamp(float(raw), tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+                value = datetime.fromtimestamp(float(raw), tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
             except ValueError:
                 value = raw
         if name == "tag_frequency" and isinstance(value, dict):

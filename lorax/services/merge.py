@@ -671,7 +671,15 @@ def add_embeddings_to_folder(
     from transformers import CLIPTokenizer
 
     added: list[str] = []
-    for component, tok_dir in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+    from lorax.models import families
+
+    text = {
+        (c.name, c.tokenizer or ""): None
+        for f in families.all_families()
+        for c in f.components
+        if c.tokenizer
+    }
+    for component, tok_dir in text:
         wanted = {t: e[component] for t, e in embeddings.items() if component in e}
         if not wanted:
             continue
@@ -730,12 +738,14 @@ def write_embeddings_beside(
 ) -> list[str]:
     """A1111 embedding files next to a single-file output (A1111 uses the file name as the prompt word)."""
     from lorax.formats import save_embeddings
+    from lorax.models import families
 
     written = []
     for token, comps in embeddings.items():
         word = "".join(ch for ch in token if ch.isalnum() or ch in "-_") or "token"
         path = out.parent / f"{out.stem}.{word}.safetensors"
-        fmt = "sdxl-embedding" if family == "sdxl" else "a1111-embedding"
+        found = families.find(family)
+        fmt = found.embedding_format if found else "a1111-embedding"
         save_embeddings({token: comps}, path, format=fmt, force=force)
         progress.log(
             f"token {token}: a single file cannot hold new tokens; wrote an A1111 embedding to {path} "

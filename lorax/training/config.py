@@ -8,12 +8,11 @@ every problem into one ``ConfigError`` that names the flags.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from lorax.errors import ConfigError, InputError
 

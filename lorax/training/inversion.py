@@ -414,12 +414,12 @@ def learn_tokens(
 ) -> LearnedTokens | LearnedTokenSet:
     """The tokens ``pipe`` learns: one table (SD1/SD2), or both of SDXL's text encoders (``LearnedTokenSet``).
     ``options``: those of ``LearnedTokens.add``."""
-    if family == "sdxl":
+    from lorax.models import families
+
+    text = [c for c in families.get(family).components if c.kind == "text"]
+    if len(text) > 1:
         return LearnedTokenSet.add(
-            [
-                ("text_encoder", pipe.tokenizer, pipe.text_encoder),
-                ("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2),
-            ],
+            [(c.name, getattr(pipe, c.tokenizer or ""), getattr(pipe, c.name)) for c in text],
             tokens,
             **options,
         )

@@ -180,6 +180,11 @@ def embedding_keys() -> dict[str, str]:
     return {c.embedding_key: c.name for f in _REGISTRY.values() for c in f.components if c.embedding_key}
 
 
+def any_component(name: str) -> Component | None:
+    """The first registered family's component called ``name`` (components of one name agree across families)."""
+    return next((c for f in _REGISTRY.values() for c in f.components if c.name == name), None)
+
+
 def embedding_component(slot: str | None = None) -> str:
     """The text encoder an embedding-file slot (``clip_l``, ``clip_g``) feeds; the first one for no / another slot."""
     return embedding_keys().get(slot or "") or all_text_components()[0]

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorax.models.families.base import ComponentsView, all_families, all_text_components, get
+from lorax.models.families.base import ComponentsView, all_families, all_text_components, any_component, get
 
 if TYPE_CHECKING:
     from torch import nn
@@ -75,6 +75,13 @@ def meta_model(family: str, component: str) -> nn.Module:
 def has_text_model(model: Any) -> bool:
     """Whether a live text encoder keeps the ``text_model`` level (transformers < 5, or ``…WithProjection``)."""
     return hasattr(model, "text_model")
+
+
+def class_keeps_text_model(component: str) -> bool:
+    """Whether the component's model class keeps the ``text_model`` level under transformers ≥ 5 (only
+    ``CLIPTextModelWithProjection`` does; ``CLIPTextModel`` drops it)."""
+    spec = any_component(component)
+    return spec is not None and spec.model_class == "CLIPTextModelWithProjection"
 
 
 def live_to_disk(component: str, path: str) -> str:
