@@ -48,6 +48,15 @@ class Component:
     table: str | None = None
 
 
+def shipped(
+    family: str, name: str, kind: str, model_class: str, kohya_prefix: str, **fields: Any
+) -> Component:
+    """A component whose full-size config and module table ship with lorax as ``<family>_<name>.json`` (in
+    ``lorax/models/configs`` and ``lorax/models/tables``)."""
+    stem = f"{family}_{name}"
+    return Component(name, kind, model_class, stem, kohya_prefix, table=stem, **fields)
+
+
 @dataclass(frozen=True)
 class Family:
     """Everything lorax knows about one model family.

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 from lorax.io.checkpoint_layouts import SD1
-from lorax.models.families.base import Component, Family, register
+from lorax.models.families.base import Family, register, shipped
 
 FAMILY = register(
     Family(
         name="sd1",
         components=(
-            Component("unet", "unet", "UNet2DConditionModel", "sd1_unet", "lora_unet_", table="sd1_unet"),
-            Component(
-                "text_encoder",
-                "text",
-                "CLIPTextModel",
-                "sd1_text_encoder",
-                "lora_te_",
-                width=768,
-                tokenizer="tokenizer",
-                table="sd1_text_encoder",
+            shipped("sd1", "unet", "unet", "UNet2DConditionModel", "lora_unet_"),
+            shipped(
+                "sd1", "text_encoder", "text", "CLIPTextModel", "lora_te_", width=768, tokenizer="tokenizer"
             ),
         ),
         checkpoint=SD1,

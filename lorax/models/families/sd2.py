@@ -1,24 +1,18 @@
-"""Stable Diffusion 2.x: an OpenCLIP ViT-H text encoder (diffusers keeps 23 of its layers), width 1024."""
+"""Stable Diffusion 2.x: an OpenCLIP ViT-H text encoder (diffusers keeps 23 of its layers), width 1024; the 768 px
+models predict v (``ss_base_model_version`` ``sd_v2_v``)."""
 
 from __future__ import annotations
 
 from lorax.io.checkpoint_layouts import SD2
-from lorax.models.families.base import Component, Family, register
+from lorax.models.families.base import Family, register, shipped
 
 FAMILY = register(
     Family(
         name="sd2",
         components=(
-            Component("unet", "unet", "UNet2DConditionModel", "sd2_unet", "lora_unet_", table="sd2_unet"),
-            Component(
-                "text_encoder",
-                "text",
-                "CLIPTextModel",
-                "sd2_text_encoder",
-                "lora_te_",
-                width=1024,
-                tokenizer="tokenizer",
-                table="sd2_text_encoder",
+            shipped("sd2", "unet", "unet", "UNet2DConditionModel", "lora_unet_"),
+            shipped(
+                "sd2", "text_encoder", "text", "CLIPTextModel", "lora_te_", width=1024, tokenizer="tokenizer"
             ),
         ),
         checkpoint=SD2,

@@ -1,40 +1,38 @@
 """Stable Diffusion XL: CLIP ViT-L and OpenCLIP ViT-bigG text encoders, cross-attention width 2048.
 
 Kohya's SDXL trainer names UNet modules the original (SGM) way; conditioning adds pooled text embeddings and time
-ids (``lorax.training.sdxl``).
+ids (``lorax.training.sdxl``); a learned token has a vector per encoder (``clip_l``, ``clip_g``).
 """
 
 from __future__ import annotations
 
 from lorax.io.checkpoint_layouts import SDXL
-from lorax.models.families.base import Component, Family, register
+from lorax.models.families.base import Family, register, shipped
 
 FAMILY = register(
     Family(
         name="sdxl",
         components=(
-            Component("unet", "unet", "UNet2DConditionModel", "sdxl_unet", "lora_unet_", table="sdxl_unet"),
-            Component(
+            shipped("sdxl", "unet", "unet", "UNet2DConditionModel", "lora_unet_"),
+            shipped(
+                "sdxl",
                 "text_encoder",
                 "text",
                 "CLIPTextModel",
-                "sdxl_text_encoder",
                 "lora_te1_",
                 width=768,
                 tokenizer="tokenizer",
                 embedding_key="clip_l",
-                table="sdxl_text_encoder",
             ),
-            Component(
+            shipped(
+                "sdxl",
                 "text_encoder_2",
                 "text",
                 "CLIPTextModelWithProjection",
-                "sdxl_text_encoder_2",
                 "lora_te2_",
                 width=1280,
                 tokenizer="tokenizer_2",
                 embedding_key="clip_g",
-                table="sdxl_text_encoder_2",
             ),
         ),
         checkpoint=SDXL,
