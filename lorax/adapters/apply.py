@@ -13,8 +13,7 @@ Learned tokens are added to the tokenizer(s) and their rows to the text encoder'
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 
 from lorax.adapters.state import DeltaModule, LoraModule, LoraState
 from lorax.errors import ConfigError, MismatchError
+from lorax.libraries import quiet_libraries  # re-exported: gen and services import it from here
 
 # Block weights: ``down`` / ``mid`` / ``up`` for every block of that side, ``down.N`` / ``up.N`` for one block.
 BlockWeights = Mapping[str, float]
@@ -216,29 +216,6 @@ def peft_state_dict(state: LoraState, pipe: Any) -> dict[str, torch.Tensor]:
         elif isinstance(target, torch.nn.Linear) and tensor.dim() == 4:
             out[key] = tensor.flatten(1)
     return out
-
-
-@contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """diffusers and transformers log load reports and warnings while adapters load: keep them off the terminal."""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    d_level, t_level = dlog.get_verbosity(), tlog.get_verbosity()
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    d_bars, t_bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(d_level)
-        tlog.set_verbosity(t_level)
-        if d_bars:
-            dlog.enable_progress_bar()
-        if t_bars:
-            tlog.enable_progress_bar()
 
 
 @dataclass

@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Metadata keys lorax writes into single files it converts, so they convert back without outside configs.
-META_FAMILY = "lorax.family"
+# The family, spelled as in LoRA headers; single files written before this spelling say ``lorax.family`` (read too).
+META_FAMILY_KEYS = checkpoint_layouts.META_FAMILY_KEYS
+META_FAMILY = META_FAMILY_KEYS[0]
 META_CONFIGS = "lorax.configs"
 META_TOKENIZER = "lorax.tokenizer"
 _HUB_PATTERNS = [
@@ -326,6 +328,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 Checkpoint = SingleFileCheckpoint | DiffusersCheckpoint
 
 
+def stated_family(metadata: dict[str, str]) -> str | None:
+    """The family a header states (``lorax_family``, or the older ``lorax.family``), if any."""
+    return next((metadata[k] for k in META_FAMILY_KEYS if metadata.get(k)), None)
+
+
+def without_stated_family(metadata: dict[str, str]) -> dict[str, str]:
+    """``metadata`` less every spelling of the stated family (a writer states it once, as ``META_FAMILY``)."""
+    return {k: v for k, v in metadata.items() if k not in META_FAMILY_KEYS}
+
+
 def open_single_file(path: str | Path) -> SingleFileCheckpoint:
     p = check_readable_file(path)
     if p.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
@@ -333,7 +345,7 @@ def open_single_file(path: str | Path) -> SingleFileCheckpoint:
             "not a model checkpoint file (expected .safetensors, or .ckpt/.pt loaded safely)", path=p
         )
     source = open_source(p)
-    family = source.metadata.get(META_FAMILY) or family_from_single_keys(source.keys(), source.shape, path=p)
+    family = stated_family(source.metadata) or family_from_single_keys(source.keys(), source.shape, path=p)
     return SingleFileCheckpoint(p, source, family)
 
 

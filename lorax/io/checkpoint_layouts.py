@@ -21,6 +21,8 @@ from lorax.errors import FormatError
 # A single-file component's key kinds: the UNet and VAE map by block rules, ``clip`` keeps transformers names under
 # a prefix, ``openclip`` is OpenCLIP's layout (fused ``attn.in_proj_weight``).
 SINGLE_KINDS = ("unet", "vae", "clip", "openclip")
+# The header key stating a file's family (LoRAs and single files alike), then the older spelling single files had.
+META_FAMILY_KEYS = ("lorax_family", "lorax.family")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorax import dtypes
 from lorax.errors import ConfigError, FormatError, ModelNotFoundError
 from lorax.io.checkpoint import (
     META_CONFIGS,
@@ -44,7 +45,7 @@ from lorax.progress import NullProgress, Progress
 if TYPE_CHECKING:
     import torch
 
-DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+DTYPES = dtypes.SAFETENSORS
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
 WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}

@@ -11,10 +11,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from lorax import dtypes
 from lorax.errors import ConfigError, FormatError
 from lorax.io.checkpoint import DiffusersCheckpoint, SingleFileCheckpoint, open_checkpoint
 
-DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+DTYPE_NAMES = dtypes.LONG_NAMES
 # A model this big (on disk) takes seconds to read: commands say "loading model …" first (the built-in and tiny
 # test models, a few MB, load at once and say nothing).
 SLOW_LOAD_BYTES = 64 * 2**20

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorax import dtypes
 from lorax.errors import ConfigError, MismatchError
 from lorax.io.atomic import check_output
 from lorax.io.checkpoint import open_checkpoint
@@ -135,7 +136,7 @@ def extract(config: ExtractConfig, progress: Progress | None = None) -> ExtractR
         "lorax_extracted_from": f"{config.tuned} - {config.base}",
         "lorax_extract_targets": config.targets,
     }
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(config.dtype or "")
+    dtype = dtypes.torch_dtype_or_none(config.dtype)
     save_lora(state, config.output, format=config.to, dtype=dtype, force=config.force, metadata=meta)
     result.modules = len(modules)
     result.mean_energy = sum(m.energy for m in result.extracted) / len(result.extracted)

@@ -399,11 +399,11 @@ def _embedding(report: FileReport, info: _Tensors, fmt: str, p: Path) -> None:
 
 
 def _single_file_model(p: Path, info: _Tensors, metadata: dict[str, str]) -> FileReport:
-    from lorax.io.checkpoint import META_FAMILY
+    from lorax.io.checkpoint import stated_family
     from lorax.io.checkpoint_layouts import LAYOUTS
 
     keys = list(info.shapes)
-    family = metadata.get(META_FAMILY) or families.detect(single_keys=keys, shape_of=info.shapes.get, path=p)
+    family = stated_family(metadata) or families.detect(single_keys=keys, shape_of=info.shapes.get, path=p)
     assert family is not None  # single-file detection raises rather than return None
     layout = LAYOUTS.get(family)
     prefixes = layout.single_prefixes if layout else {}

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorax import dtypes
 from lorax.data.dataset import DataOptions, TrainData
 from lorax.data.images import ImageItem, load_image_folder
 from lorax.errors import ConfigError, MismatchError
@@ -427,7 +428,6 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
     ``pipeline``: an already loaded ``StableDiffusionPipeline`` (or ``StableDiffusionXLPipeline``) instead of
     ``config.model`` (tests, benchmarks).
     """
-    import torch
 
     from lorax.formats import save_embeddings
 
@@ -453,7 +453,7 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
     session.accelerator.wait_for_everyone()
 
     embeddings = session.tokens.embeddings()
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_dtype]
+    dtype = dtypes.torch_dtype(config.save_dtype)
     stored = {t: {c: v.to(dtype) for c, v in per.items()} for t, per in embeddings.items()}
     fmt = "a1111-embedding" if config.format == "a1111" else "diffusers-embedding"
     if session.family == "sdxl":  # family_problems refused the rest: clip_l / clip_g .safetensors

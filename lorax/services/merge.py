@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorax import dtypes
 from lorax.errors import ConfigError, FormatError, InputError, MismatchError
 from lorax.io.atomic import FILE, MODEL_FOLDER, atomic_path, check_output, scratch_dir
 from lorax.io.checkpoint import (
@@ -876,9 +877,8 @@ def merge_loras(config: MergeConfig, progress: Progress) -> MergeResult:
             merged, reports = resize_state(merged, config.rank)
     else:
         merged, reports = mix_states(weighted, config.rank)
-    import torch
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(config.dtype or "")
+    dtype = dtypes.torch_dtype_or_none(config.dtype)
     out = save_lora(merged, config.output, format=fmt, dtype=dtype, force=config.force)
     result = MergeResult(out, "lora", merged.family, dtype=config.dtype)
     result.loras = [

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorax import dtypes
 from lorax.errors import ConfigError
 from lorax.io.atomic import check_output
 from lorax.models.skeleton import skeleton
@@ -266,7 +267,6 @@ def _write(
     prediction_type: str,
     modules: dict[str, int],
 ) -> int:
-    import torch
 
     from lorax.formats import save_lora
     from lorax.training.lora import trained_state
@@ -295,7 +295,7 @@ def _write(
     )
     metadata.update(inversion_metadata(session, ti_steps, loop.state.seconds))
     metadata["lorax_continue_inversion"] = str(config.continue_inversion)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_dtype]
+    dtype = dtypes.torch_dtype(config.save_dtype)
     model = skeleton(session.pipe) if config.format == "lora_diffusion" else None
     save_lora(
         state, output, format=config.format, dtype=dtype, force=config.force, metadata=metadata, model=model

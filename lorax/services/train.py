@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorax import dtypes
 from lorax.data.dataset import DataOptions, TrainData, derive_seed
 from lorax.data.images import ImageItem, load_image_folder
 from lorax.data.kohya import TrainingImages, load_training_images
@@ -508,7 +509,6 @@ def _write_outputs(
     modules: dict[str, int],
     images: TrainingImages,
 ) -> int:
-    import torch
 
     from lorax.formats import save_lora
     from lorax.training.lora import trained_state
@@ -533,7 +533,7 @@ def _write_outputs(
         images=images,
         num_examples=len(data),
     )
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_dtype]
+    dtype = dtypes.torch_dtype(config.save_dtype)
     save_lora(state, output, format=config.format, dtype=dtype, force=config.force, metadata=metadata)
     with atomic_path(companions["loss_csv"], force=True) as tmp:
         tmp.write_text(loss_csv(loop.state.losses), encoding="utf-8")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lorax.errors import ModelNotFoundError
+from lorax.libraries import silence_libraries as quiet_libraries  # training keeps them silent for good
 
 
 def load_base_pipeline(spec: str) -> Any:
@@ -16,17 +17,6 @@ def load_base_pipeline(spec: str) -> Any:
     except ImportError:
         return _load_folder(spec)
     return load_pipeline(spec)
-
-
-def quiet_libraries() -> None:
-    """diffusers/transformers warnings and progress bars would break lorax's one-line output."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def _load_folder(spec: str) -> Any:

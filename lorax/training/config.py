@@ -14,13 +14,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lorax import dtypes
 from lorax.errors import ConfigError, InputError
 
 FORMATS = ("kohya", "diffusers")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 SCHEDULERS = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-SAVE_DTYPES = ("fp16", "bf16", "fp32")
+SAVE_DTYPES = dtypes.NAMES
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 DEVICES = ("auto", "cpu", "cuda", "gpu")
 TEMPLATES = ("object", "style")

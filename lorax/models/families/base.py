@@ -70,7 +70,6 @@ class Family:
         kohya_unet_names: ``diffusers`` or ``sgm``: how kohya's trainer names this family's UNet modules.
         pipelines: diffusers pipeline classes ``{"txt2img": …, "img2img": …}``.
         conditioning: ``text`` (prompt embeddings) or ``text_time`` (SDXL: pooled embeddings and time ids).
-        prediction_type: the training objective's default target (``epsilon``, ``v_prediction``).
         embedding_format: the format lorax writes a learned token in for this family.
     """
 
@@ -83,7 +82,6 @@ class Family:
     kohya_unet_names: str = "diffusers"
     pipelines: Mapping[str, str] = field(default_factory=dict)
     conditioning: str = "text"
-    prediction_type: str = "epsilon"
     embedding_format: str = "a1111-embedding"
 
     @property
@@ -261,7 +259,7 @@ def detect(
     return None
 
 
-META_KEYS = ("lorax_family", "lorax.family")
+META_KEYS = checkpoint_layouts.META_FAMILY_KEYS
 
 
 def _from_metadata(metadata: Mapping[str, str]) -> str | None:
