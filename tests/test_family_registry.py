@@ -181,3 +181,25 @@ def test_a_toy_single_file_is_told_from_sd1_by_its_width(cli, toy_family, toy_mo
     result = cli("inspect", "--json", bare)
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)[0]["family"] == TOY
+
+
+def test_single_files_state_their_family_as_lorax_family_and_the_older_spelling_still_reads(
+    cli, toy_family, toy_model: Path
+) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from lorax.io.checkpoint import open_checkpoint
+
+    single = toy_model.parent / "toy_meta.safetensors"
+    assert cli("convert", toy_model, "-o", single).exit_code == 0
+    with safe_open(single, "pt") as f:
+        meta = f.metadata()
+    assert meta["lorax_family"] == TOY and "lorax.family" not in meta
+    older = (
+        toy_model.parent / "toy_older.safetensors"
+    )  # its keys say toy1; its header (older spelling) says sd1
+    save_file(load_file(single), older, metadata={"lorax.family": "sd1"})
+    assert open_checkpoint(older).family == "sd1"
+    result = cli("inspect", "--json", older)
+    assert result.exit_code == 0 and json.loads(result.stdout)[0]["family"] == "sd1"

@@ -23,6 +23,7 @@ import torch
 from lorax.adapters.state import DeltaModule, LoraModule, LoraState
 from lorax.errors import ConfigError, MismatchError
 from lorax.libraries import quiet_libraries  # re-exported: gen and services import it from here
+from lorax.models.tokens import taken, vector_names
 
 # Block weights: ``down`` / ``mid`` / ``up`` for every block of that side, ``down.N`` / ``up.N`` for one block.
 BlockWeights = Mapping[str, float]
@@ -447,11 +448,6 @@ def _tokenizer_for(pipe: Any, component: str) -> Any:
     return getattr(pipe, spec.tokenizer, None) if spec and spec.tokenizer else None
 
 
-def vector_tokens(token: str, n: int) -> list[str]:
-    """The tokenizer entries of an ``n``-vector token: ``tok``, ``tok_1``, … (diffusers' multi-vector convention)."""
-    return [token] + [f"{token}_{i}" for i in range(1, n)]
-
-
 def register_tokens(
     pipe: Any, embeddings: Mapping[str, Mapping[str, torch.Tensor]], *, source: str | Path | None = None
 ) -> list[str]:
@@ -479,9 +475,8 @@ def register_tokens(
                     f"{table.weight.shape[1]}: the embedding is for another model",
                     path=source,
                 )
-            names = vector_tokens(token, vectors.shape[0])
-            vocab = tokenizer.get_vocab()
-            clash = [n for n in names if n in vocab]
+            names = vector_names(token, vectors.shape[0])
+            clash = taken(tokenizer, names)
             if clash:
                 raise MismatchError(
                     f"token {clash[0]} is already in the model's vocabulary; rename the token", path=source

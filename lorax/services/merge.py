@@ -673,6 +673,7 @@ def add_embeddings_to_folder(
 
     added: list[str] = []
     from lorax.models import families
+    from lorax.models.tokens import taken, vector_names
 
     text = {
         (c.name, c.tokenizer or ""): None
@@ -688,15 +689,11 @@ def add_embeddings_to_folder(
             raise MismatchError(f"the embeddings are for {component}, which the model does not have")
         tokenizer = CLIPTokenizer.from_pretrained(folder / tok_dir)
         files = _all_weight_files(folder / component)
-        names_by_token = {
-            t: [t] + [f"{t}_{j}" for j in range(1, e.reshape(-1, e.shape[-1]).shape[0])]
-            for t, e in wanted.items()
-        }
-        vocab = tokenizer.get_vocab()
-        taken = [n for names in names_by_token.values() for n in names if n in vocab]
-        if taken:
+        names_by_token = {t: vector_names(t, e.reshape(-1, e.shape[-1]).shape[0]) for t, e in wanted.items()}
+        clash = taken(tokenizer, [n for names in names_by_token.values() for n in names])
+        if clash:
             raise MismatchError(
-                f"token {taken[0]} is already in the model's {tok_dir}; rename the token in the LoRA "
+                f"token {clash[0]} is already in the model's {tok_dir}; rename the token in the LoRA "
                 "rather than overwrite a token the model knows"
             )
         tokenizer.add_tokens([n for names in names_by_token.values() for n in names])

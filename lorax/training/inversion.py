@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorax.errors import ConfigError, InputError
+from lorax.models.tokens import existing_id, vector_names
 
 DEFAULT_SIGMA = 0.017  # the seed's initializer noise
 NORM_TARGET = 0.4  # the seed's clip_ti_decay target norm
@@ -89,11 +90,6 @@ def replace_in_caption(caption: str, replacements: Sequence[tuple[str, str]]) ->
     for literal, replacement in replacements:
         caption = caption.replace(literal, replacement)
     return caption
-
-
-def vector_names(token: str, n: int) -> list[str]:
-    """The tokenizer entries of an ``n``-vector token (same convention as ``lorax.adapters.apply.vector_tokens``)."""
-    return [token] + [f"{token}_{i}" for i in range(1, n)]
 
 
 @dataclass
@@ -445,18 +441,6 @@ def pool_at_eos(text_encoder: Any, tokenizer: Any) -> None:
     config = getattr(text_encoder, "config", None)
     if config is not None and getattr(config, "eos_token_id", None) != eos:
         config.eos_token_id = int(eos)
-
-
-def existing_id(tokenizer: Any, name: str) -> int | None:
-    """The row of ``name`` if the tokenizer already has it: an entry of its vocabulary, or a word it encodes as
-    exactly one token (CLIP's vocabulary spells whole words ``sks</w>``)."""
-    vocab = tokenizer.get_vocab()
-    if name in vocab:
-        return int(vocab[name])
-    ids = tokenizer(name, add_special_tokens=False).input_ids
-    if len(ids) == 1 and ids[0] != getattr(tokenizer, "unk_token_id", None):
-        return int(ids[0])
-    return None
 
 
 def _init_vectors(

@@ -1,0 +1,32 @@
+"""Learned tokens in a tokenizer: the names of a multi-vector token and the one rule for a name that is taken.
+
+Every place that adds tokens (``invert``/``pivot`` training, loading an embedding for ``generate``, merging tokens
+into a model folder) names vectors and refuses clashes here, so they agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+def vector_names(token: str, n: int) -> list[str]:
+    """The tokenizer entries of an ``n``-vector token: ``tok``, ``tok_1``, … (diffusers' multi-vector convention)."""
+    return [token] + [f"{token}_{i}" for i in range(1, n)]
+
+
+def existing_id(tokenizer: Any, name: str) -> int | None:
+    """The row of ``name`` if the tokenizer already has it: an entry of its vocabulary, or a word it encodes as
+    exactly one token (CLIP's vocabulary spells whole words ``sks</w>``)."""
+    vocab = tokenizer.get_vocab()
+    if name in vocab:
+        return int(vocab[name])
+    ids = tokenizer(name, add_special_tokens=False).input_ids
+    if len(ids) == 1 and ids[0] != getattr(tokenizer, "unk_token_id", None):
+        return int(ids[0])
+    return None
+
+
+def taken(tokenizer: Any, names: Iterable[str]) -> list[str]:
+    """The ``names`` the tokenizer already has a row for (``existing_id``), in order: a new token must not be one."""
+    return [n for n in names if existing_id(tokenizer, n) is not None]
