@@ -196,9 +196,8 @@ def test_single_files_state_their_family_as_lorax_family_and_the_older_spelling_
     with safe_open(single, "pt") as f:
         meta = f.metadata()
     assert meta["lorax_family"] == TOY and "lorax.family" not in meta
-    older = (
-        toy_model.parent / "toy_older.safetensors"
-    )  # its keys say toy1; its header (older spelling) says sd1
+    # the same tensors (its keys say toy1) with a header in the older spelling that says sd1
+    older = toy_model.parent / "toy_older.safetensors"
     save_file(load_file(single), older, metadata={"lorax.family": "sd1"})
     assert open_checkpoint(older).family == "sd1"
     result = cli("inspect", "--json", older)

@@ -23,7 +23,7 @@ import torch
 from lorax.adapters.state import DeltaModule, LoraModule, LoraState
 from lorax.errors import ConfigError, MismatchError
 from lorax.libraries import quiet_libraries  # re-exported: gen and services import it from here
-from lorax.models.tokens import taken, vector_names
+from lorax.models.tokens import pool_at_eos, taken, vector_names
 
 # Block weights: ``down`` / ``mid`` / ``up`` for every block of that side, ``down.N`` / ``up.N`` for one block.
 BlockWeights = Mapping[str, float]
@@ -456,8 +456,6 @@ def register_tokens(
     Raises:
         MismatchError: a token already in the vocabulary, vectors of the wrong width, or a component the model lacks.
     """
-    from lorax.training.inversion import pool_at_eos
-
     added: list[str] = []
     for token, per_component in embeddings.items():
         for component, vectors in per_component.items():

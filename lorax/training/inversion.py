@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorax.errors import ConfigError, InputError
-from lorax.models.tokens import existing_id, vector_names
+from lorax.models.tokens import existing_id, pool_at_eos, vector_names
 
 DEFAULT_SIGMA = 0.017  # the seed's initializer noise
 NORM_TARGET = 0.4  # the seed's clip_ti_decay target norm
@@ -420,27 +420,6 @@ def learn_tokens(
             **options,
         )
     return LearnedTokens.add(pipe.tokenizer, pipe.text_encoder, tokens, **options)
-
-
-def pool_at_eos(text_encoder: Any, tokenizer: Any) -> None:
-    """Make ``text_encoder`` pool at ``tokenizer``'s end-of-text token, whatever ids were added after it.
-
-    transformers' CLIP text model pools at ``argmax(input_ids)`` when its config says ``eos_token_id: 2`` (the
-    original CLIP and SDXL configs; correct only while EOS is the highest id), else at the first ``eos_token_id``
-    (transformers PR #24773). With added tokens (ids above EOS) the argmax would pool at a placeholder: SDXL's
-    ``text_embeds`` conditioning would change, unlike A1111/ComfyUI, which pool at the real EOS. Setting the
-    tokenizer's EOS id makes both rules agree for every prompt without added tokens.
-    """
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        return
-    models = [text_encoder, getattr(text_encoder, "text_model", None)]
-    for model in models:
-        if model is not None and "eos_token_id" in vars(model) and model.eos_token_id != eos:
-            model.eos_token_id = int(eos)
-    config = getattr(text_encoder, "config", None)
-    if config is not None and getattr(config, "eos_token_id", None) != eos:
-        config.eos_token_id = int(eos)
 
 
 def _init_vectors(
