@@ -71,6 +71,9 @@ class Family:
         pipelines: diffusers pipeline classes ``{"txt2img": …, "img2img": …}``.
         conditioning: ``text`` (prompt embeddings) or ``text_time`` (SDXL: pooled embeddings and time ids).
         embedding_format: the format lorax writes a learned token in for this family.
+        modelspec: the Stability AI model-spec ``(architecture id, resolution)`` by prediction type (``epsilon``,
+            and ``v`` where it differs), as kohya's ``sai_model_spec.py`` writes them.
+        modelspec_implementation: ``diffusers`` or ``stability`` (kohya names SDXL LoRAs' implementation so).
     """
 
     name: str
@@ -83,6 +86,8 @@ class Family:
     pipelines: Mapping[str, str] = field(default_factory=dict)
     conditioning: str = "text"
     embedding_format: str = "a1111-embedding"
+    modelspec: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    modelspec_implementation: str = "diffusers"
 
     @property
     def cross_attention_dim(self) -> int:

@@ -17,6 +17,7 @@ FAMILY = register(
         checkpoint=SD1,
         kohya_versions=("sd_v1",),
         kohya_version="sd_v1",
+        modelspec={"epsilon": ("stable-diffusion-v1", 512)},
         pipelines={"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline"},
     )
 )

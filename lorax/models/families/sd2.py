@@ -19,6 +19,7 @@ FAMILY = register(
         kohya_versions=("sd_v2",),
         kohya_version="sd_v2",
         kohya_version_v="sd_v2_v",
+        modelspec={"epsilon": ("stable-diffusion-v2-512", 512), "v": ("stable-diffusion-v2-768-v", 768)},
         pipelines={"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline"},
     )
 )
