@@ -37,6 +37,7 @@ from lorax.services.invert import (
     token_info,
     write_companions,
 )
+from lorax.training import setup
 from lorax.training.job import LoraJob
 from lorax.training.pivot_config import PivotConfig
 
@@ -226,9 +227,7 @@ def _build_tuning(
         job,
         session.tokens,
         continue_inversion=config.continue_inversion,
-        text_encoders=[pipe.text_encoder, pipe.text_encoder_2]
-        if session.family == "sdxl"
-        else [pipe.text_encoder],
+        text_encoders=setup.text_encoders(pipe, session.family),
     )
     if config.continue_inversion:
         params = session.tokens.make_trainable()
