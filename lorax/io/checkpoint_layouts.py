@@ -12,7 +12,7 @@ combines them with the other evidence (LoRA keys, headers, live pipelines).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +100,10 @@ SD1 = CheckpointLayout(
         "requires_safety_checker": False,
     },
 )
-SD2 = CheckpointLayout(
+# SD2: SD1's layout with an OpenCLIP text encoder (diffusers keeps 23 of its 24 layers) and linear projections.
+SD2 = replace(
+    SD1,
     family="sd2",
-    components=("unet", "vae", "text_encoder"),
     single_prefixes={**_SD_SINGLE, "text_encoder": ("cond_stage_model.model.", "openclip")},
     cross_attention_dim=1024,
     single_markers=("cond_stage_model.model.",),
@@ -110,7 +111,6 @@ SD2 = CheckpointLayout(
     linear_projection=True,
     openclip_layers={"text_encoder": 23},
     reference_repo="stabilityai/stable-diffusion-2-1",
-    model_index=SD1.model_index,
 )
 SDXL = CheckpointLayout(
     family="sdxl",
