@@ -4,8 +4,8 @@ models predict v (``ss_base_model_version`` ``sd_v2_v``)."""
 from __future__ import annotations
 
 from lorax.io.checkpoint_layouts import SD2
-from lorax.models.families import sd1
 from lorax.models.families.base import Family, register, shipped
+from lorax.models.families.sd1 import FAMILY as SD1
 
 FAMILY = register(
     Family(
@@ -21,6 +21,6 @@ FAMILY = register(
         kohya_version="sd_v2",
         kohya_version_v="sd_v2_v",
         modelspec={"epsilon": ("stable-diffusion-v2-512", 512), "v": ("stable-diffusion-v2-768-v", 768)},
-        pipelines=sd1.FAMILY.pipelines,
+        pipelines=SD1.pipelines,
     )
 )
