@@ -13,8 +13,7 @@ Learned tokens are added to the tokenizer(s) and their rows to the text encoder'
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,12 @@ import torch
 
 from lorax.adapters.state import DeltaModule, LoraModule, LoraState
 from lorax.errors import ConfigError, MismatchError
+from lorax.libraries import quiet_libraries  # re-exported: gen and services import it from here
+from lorax.models.tokens import pool_at_eos, taken, vector_names
 
 # Block weights: ``down`` / ``mid`` / ``up`` for every block of that side, ``down.N`` / ``up.N`` for one block.
 BlockWeights = Mapping[str, float]
 _BLOCK_KEY = re.compile(r"^(down|up)(?:\.(\d+))?$|^mid$")
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
 
 @dataclass
@@ -117,23 +117,20 @@ def _component(pipe: Any, name: str) -> Any:
     return model if isinstance(model, torch.nn.Module) else None
 
 
+def _lora_components(pipe: Any) -> tuple[str, ...]:
+    """The LoRA-able components of ``pipe``'s family (UNet first)."""
+    from lorax.models import families
+
+    return families.get(pipeline_family(pipe)).component_names()
+
+
 def pipeline_family(pipe: Any) -> str:
-    """Guess a pipeline's model family from its components (``sd1``, ``sd2``, ``sdxl``)."""
-    family = getattr(pipe, "lorax_family", None) or getattr(
-        getattr(pipe, "config", None), "lorax_family", None
-    )
-    if isinstance(family, str):
-        return family
-    if _component(pipe, "text_encoder_2") is not None:
-        return "sdxl"
-    unet = _component(pipe, "unet")
-    config = getattr(unet, "config", None)
-    if config is not None and (
-        getattr(config, "cross_attention_dim", None) == 1024
-        or getattr(config, "use_linear_projection", False)
-    ):
-        return "sd2"
-    return "sd1"
+    """A pipeline's model family: its ``lorax_family`` label, else what its components show (``detect``)."""
+    from lorax.models import families
+
+    found = families.detect(pipeline=pipe)
+    assert found is not None  # a pipeline always names a family
+    return found
 
 
 def check_fits(pipe: Any, request: LoraRequest) -> list[str]:
@@ -222,29 +219,6 @@ def peft_state_dict(state: LoraState, pipe: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-@contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """diffusers and transformers log load reports and warnings while adapters load: keep them off the terminal."""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    d_level, t_level = dlog.get_verbosity(), tlog.get_verbosity()
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    d_bars, t_bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(d_level)
-        tlog.set_verbosity(t_level)
-        if d_bars:
-            dlog.enable_progress_bar()
-        if t_bars:
-            tlog.enable_progress_bar()
-
-
 @dataclass
 class _DeltaPatch:
     """A delta added in place to a weight (or bias); the weight's original lives in ``AppliedLoras._originals``."""
@@ -289,7 +263,7 @@ class AppliedLoras:
         if self._peft_names:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
-            for component in ("unet", *TEXT_COMPONENTS):
+            for component in _lora_components(self.pipe):
                 model = _component(self.pipe, component)
                 if model is None:
                     continue
@@ -330,7 +304,7 @@ class AppliedLoras:
             return
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        for component in ("unet", *TEXT_COMPONENTS):
+        for component in _lora_components(self.pipe):
             model = _component(self.pipe, component)
             if model is None:
                 continue
@@ -449,7 +423,7 @@ def _check_loaded(pipe: Any, name: str, low_rank: Mapping[str, torch.Tensor], re
 
     expected = sum(1 for key in low_rank if key.endswith(".lora_A.weight"))
     found = 0
-    for component in ("unet", *TEXT_COMPONENTS):
+    for component in _lora_components(pipe):
         model = _component(pipe, component)
         if model is None:
             continue
@@ -467,12 +441,11 @@ def _check_loaded(pipe: Any, name: str, low_rank: Mapping[str, torch.Tensor], re
 
 
 def _tokenizer_for(pipe: Any, component: str) -> Any:
-    return getattr(pipe, "tokenizer_2" if component == "text_encoder_2" else "tokenizer", None)
+    from lorax.models import families
 
-
-def vector_tokens(token: str, n: int) -> list[str]:
-    """The tokenizer entries of an ``n``-vector token: ``tok``, ``tok_1``, … (diffusers' multi-vector convention)."""
-    return [token] + [f"{token}_{i}" for i in range(1, n)]
+    found = families.find(pipeline_family(pipe))
+    spec = found.component(component) if found and found.has(component) else families.any_component(component)
+    return getattr(pipe, spec.tokenizer, None) if spec and spec.tokenizer else None
 
 
 def register_tokens(
@@ -483,8 +456,6 @@ def register_tokens(
     Raises:
         MismatchError: a token already in the vocabulary, vectors of the wrong width, or a component the model lacks.
     """
-    from lorax.training.inversion import pool_at_eos
-
     added: list[str] = []
     for token, per_component in embeddings.items():
         for component, vectors in per_component.items():
@@ -502,9 +473,8 @@ def register_tokens(
                     f"{table.weight.shape[1]}: the embedding is for another model",
                     path=source,
                 )
-            names = vector_tokens(token, vectors.shape[0])
-            vocab = tokenizer.get_vocab()
-            clash = [n for n in names if n in vocab]
+            names = vector_names(token, vectors.shape[0])
+            clash = taken(tokenizer, names)
             if clash:
                 raise MismatchError(
                     f"token {clash[0]} is already in the model's vocabulary; rename the token", path=source

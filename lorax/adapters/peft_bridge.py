@@ -43,7 +43,7 @@ def to_peft_state_dict(
     ``text_encoder`` and ``CLIPTextModelWithProjection``'s (with it) for ``text_encoder_2``.
     """
     if text_model is None and model is None:
-        text_model = component == "text_encoder_2"
+        text_model = families.class_keeps_text_model(component)
     out: dict[str, torch.Tensor] = {}
     for path, module in state.component_modules(component).items():
         if not isinstance(module, LoraModule):
@@ -60,7 +60,7 @@ def peft_config_for(
 ) -> dict[str, Any]:
     """LoraConfig kwargs that fit ``to_peft_state_dict(..., fold_alpha=True)``: alpha equals rank everywhere."""
     if text_model is None and model is None:
-        text_model = component == "text_encoder_2"
+        text_model = families.class_keeps_text_model(component)
     ranks: dict[str, int] = {}
     for path, module in state.component_modules(component).items():
         if isinstance(module, LoraModule):

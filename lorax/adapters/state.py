@@ -12,8 +12,6 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-
 
 @runtime_checkable
 class DeltaModule(Protocol):
@@ -88,8 +86,11 @@ class LoraState:
     family: str | None = None
 
     def components(self) -> list[str]:
+        from lorax.models.families import all_components
+
         found = {key.split(".", 1)[0] for key in self.modules}
-        return [c for c in COMPONENTS if c in found] + sorted(found - set(COMPONENTS))
+        order = all_components()
+        return [c for c in order if c in found] + sorted(found - set(order))
 
     def component_modules(self, component: str) -> dict[str, LoraModule | DeltaModule]:
         """The modules of one component, keyed by their path inside it (prefix stripped)."""

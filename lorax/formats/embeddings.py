@@ -18,12 +18,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorax.errors import FormatError
+from lorax.models import families
 
 if TYPE_CHECKING:
     import torch
 
 Embeddings = dict[str, dict[str, "torch.Tensor"]]
-SDXL_NAMES = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+
+
+def _slots() -> dict[str, str]:
+    """``{clip_l: text_encoder, clip_g: text_encoder_2}``: the families' embedding-file slots."""
+    return families.embedding_keys()
+
+
+def _first() -> str:
+    """The first text encoder, which single-encoder embedding formats feed."""
+    return families.embedding_component()
 
 
 def trained_token(metadata: Mapping[str, str] | None) -> str | None:
@@ -73,25 +83,21 @@ def read(
     if fmt == "a1111-embedding":
         if "emb_params" in content:
             return {
-                file_token(path, metadata): {
-                    "text_encoder": _vectors(content["emb_params"], "emb_params", path)
-                }
+                file_token(path, metadata): {_first(): _vectors(content["emb_params"], "emb_params", path)}
             }
         params = content.get("string_to_param")
         if not isinstance(params, Mapping) or len(params) != 1:
             raise FormatError("A1111 embedding needs exactly one string_to_param entry", path=path)
         token = str(content.get("name") or _token_from_path(path))
-        return {token: {"text_encoder": _vectors(next(iter(params.values())), "string_to_param", path)}}
+        return {token: {_first(): _vectors(next(iter(params.values())), "string_to_param", path)}}
     if fmt == "sdxl-embedding":
-        unknown = set(content) - set(SDXL_NAMES)
+        slots = _slots()
+        unknown = set(content) - set(slots)
         if unknown:
             raise FormatError(f"unexpected keys in an SDXL embedding: {sorted(unknown)}", path=path)
-        return {file_token(path, metadata): {SDXL_NAMES[k]: _vectors(v, k, path) for k, v in content.items()}}
+        return {file_token(path, metadata): {slots[k]: _vectors(v, k, path) for k, v in content.items()}}
     if fmt == "diffusers-embedding":
-        return {
-            str(token): {"text_encoder": _vectors(v, f"token {token!r}", path)}
-            for token, v in content.items()
-        }
+        return {str(token): {_first(): _vectors(v, f"token {token!r}", path)} for token, v in content.items()}
     raise FormatError(f"not an embedding format: {fmt}", path=path)
 
 
@@ -102,24 +108,24 @@ def write(embeddings: Mapping[str, Mapping[str, torch.Tensor]], fmt: str) -> dic
     if fmt == "diffusers-embedding":
         out = {}
         for token, per in embeddings.items():
-            if set(per) != {"text_encoder"}:
+            if set(per) != {_first()}:
                 raise FormatError(
                     f"token {token!r} has vectors for {sorted(per)}; the diffusers format holds the first "
                     "text encoder only (use sdxl-embedding)"
                 )
-            t = per["text_encoder"]
+            t = per[_first()]
             out[token] = (t[0] if t.shape[0] == 1 else t).contiguous()
         return out
     if len(embeddings) != 1:
         raise FormatError(f"{fmt} holds one token, got {len(embeddings)}: {sorted(embeddings)}")
     ((token, per),) = embeddings.items()
     if fmt == "sdxl-embedding":
-        names = {v: k for k, v in SDXL_NAMES.items()}
+        names = {v: k for k, v in _slots().items()}
         return {names[c]: t.contiguous() for c, t in per.items() if c in names}
     if fmt == "a1111-embedding":
-        if set(per) != {"text_encoder"}:
+        if set(per) != {_first()}:
             raise FormatError(f"the A1111 format holds one text encoder; token {token!r} has {sorted(per)}")
-        return {"emb_params": per["text_encoder"].contiguous()}
+        return {"emb_params": per[_first()].contiguous()}
     raise FormatError(f"not an embedding format: {fmt}")
 
 
@@ -143,7 +149,7 @@ def save(
     if format is None:
         if out.suffix == ".pt":
             format = "a1111-embedding"
-        elif any("text_encoder_2" in per for per in embeddings.values()):
+        elif any(set(per) - {_first()} for per in embeddings.values()):
             format = "sdxl-embedding"
         else:
             format = "diffusers-embedding"

@@ -15,12 +15,6 @@ from lorax.errors import FormatError
 from lorax.models import families
 
 # --- kohya / LyCORIS -------------------------------------------------------------------------------------------
-KOHYA_PREFIXES = {
-    "lora_unet_": "unet",
-    "lora_te_": "text_encoder",
-    "lora_te1_": "text_encoder",
-    "lora_te2_": "text_encoder_2",
-}
 BUNDLE = "bundle_emb."
 LORA_SUFFIXES = frozenset({"lora_down.weight", "lora_up.weight", "alpha"})
 LYCORIS_SUFFIXES = frozenset(
@@ -35,7 +29,7 @@ LYCORIS_SUFFIXES = frozenset(
 def kohya_split(key: str) -> tuple[str, str, str] | None:
     """``lora_unet_x_y.lora_down.weight`` → ``("unet", "x_y", "lora_down.weight")``; ``None`` if not kohya-named."""
     name, _, suffix = key.partition(".")
-    for prefix, component in KOHYA_PREFIXES.items():
+    for prefix, component in families.kohya_prefixes().items():
         if name.startswith(prefix) and suffix:
             return component, name[len(prefix) :], suffix
     return None
@@ -56,7 +50,6 @@ def kohya_groups(keys: Iterable[str]) -> tuple[dict[tuple[str, str], dict[str, s
 
 
 # --- diffusers / PEFT ------------------------------------------------------------------------------------------
-DIFFUSERS_COMPONENT_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
 PEFT_PREFIX = "base_model.model."
 _PROC = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0", "add_k_proj": "add_k_proj",
          "add_v_proj": "add_v_proj"}  # fmt: skip
@@ -84,9 +77,9 @@ _TEXT_ROOTS = ("text_model", "encoder", "embeddings", "final_layer_norm")
 
 
 def _strip_component(key: str) -> tuple[str | None, str]:
-    for prefix in DIFFUSERS_COMPONENT_PREFIXES:
-        if key.startswith(prefix):
-            return prefix[:-1], key[len(prefix) :]
+    for component in families.all_components():
+        if key.startswith(component + "."):
+            return component, key[len(component) + 1 :]
     if key.startswith(PEFT_PREFIX):
         return None, key[len(PEFT_PREFIX) :]
     return None, key
@@ -136,7 +129,7 @@ def component_configs(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for key, value in doc.items():
         component, dot, field = key.partition(".")
-        if dot and component in ("unet", "text_encoder", "text_encoder_2"):
+        if dot and component in families.all_components():
             out.setdefault(component, {})[field] = value
         else:  # an unprefixed config (a single model's adapter)
             out.setdefault("", {})[key] = value

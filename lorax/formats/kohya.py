@@ -25,10 +25,8 @@ if TYPE_CHECKING:
     import torch
 
 NAME = "kohya"
-PREFIXES = keys.KOHYA_PREFIXES
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 BUNDLE = keys.BUNDLE
-_EMB_COMPONENT = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 split_key = keys.kohya_split
 group_keys = keys.kohya_groups
 
@@ -65,9 +63,9 @@ def read_bundles(tensors: Mapping[str, torch.Tensor], path: Any = None) -> dict[
             continue
         token, _, rest = key[len(BUNDLE) :].partition(".")
         if rest.startswith("string_to_param"):
-            component = "text_encoder"
-        elif rest in _EMB_COMPONENT:
-            component = _EMB_COMPONENT[rest]
+            component = families.embedding_component()
+        elif rest in families.embedding_keys():
+            component = families.embedding_keys()[rest]
         else:
             raise FormatError(f"unknown bundled embedding key {key!r}", path=path)
         vectors = tensor if tensor.dim() == 2 else tensor.reshape(1, -1)
@@ -124,24 +122,27 @@ def _weight_shape(component: str, module_path: str, model: Any, family: str | No
     live = naming.components_of(model).get(component)
     if live is not None:
         return families.weight_table(live, component).get(module_path)
-    if family in families.FAMILIES and component in families.FAMILIES[family]:
+    if family is not None and family in families.FAMILIES and component in families.FAMILIES[family]:
         return families.module_table(family, component).get(module_path)
     return None
 
 
 def kohya_name(module_path: str, family: str | None) -> str:
-    """The kohya key stem of a lorax module path (``unet.down_blocks.0…`` → ``lora_unet_down_blocks_0…``)."""
+    """The kohya key stem of a lorax module path (``unet.down_blocks.0…`` → ``lora_unet_down_blocks_0…``).
+
+    The prefix is the family's (``Component.kohya_prefix``); with no family, that of the first family with the
+    component. A family with ``kohya_unet_names == "sgm"`` names UNet modules the original way."""
     component, _, inner = module_path.partition(".")
-    if component == "unet":
-        if family == "sdxl":
-            sgm = families.diffusers_to_sgm(inner, families.family_config("sdxl", "unet"))
-            inner = sgm if sgm is not None else inner
-        return "lora_unet_" + naming.flatten(inner)
-    if component == "text_encoder":
-        return ("lora_te1_" if family == "sdxl" else "lora_te_") + naming.flatten(inner)
-    if component == "text_encoder_2":
-        return "lora_te2_" + naming.flatten(inner)
-    raise FormatError(f"kohya format has no naming for component {component!r} (module {module_path})")
+    fam = families.find(family)
+    if fam is None or not fam.has(component):
+        fam = next((f for f in families.all_families() if f.has(component)), None)
+    if fam is None:
+        raise FormatError(f"kohya format has no naming for component {component!r} (module {module_path})")
+    part = fam.component(component)
+    if part.kind == "unet" and fam.kohya_unet_names == "sgm" and fam.name == family:
+        sgm = families.diffusers_to_sgm(inner, families.family_config(fam.name, component))
+        inner = sgm if sgm is not None else inner
+    return part.kohya_prefix + naming.flatten(inner)
 
 
 def write(
@@ -167,11 +168,14 @@ def write(
                 tensors[f"{stem}.{suffix}"] = tensor
         else:
             raise FormatError(f"module {module_path} ({type(module).__name__}) cannot be written as kohya")
+    first = families.embedding_component()
+    fam = families.find(state.family)
+    single = fam is None or len(fam.text_components()) == 1
     for token, per_component in state.embeddings.items():
-        if set(per_component) <= {"text_encoder"} and state.family != "sdxl":
-            tensors[f"{BUNDLE}{token}.string_to_param.*"] = _cast(per_component["text_encoder"], dtype)
+        if set(per_component) <= {first} and single:
+            tensors[f"{BUNDLE}{token}.string_to_param.*"] = _cast(per_component[first], dtype)
         else:
-            for name, component in _EMB_COMPONENT.items():
+            for name, component in families.embedding_keys().items():
                 if component in per_component:
                     tensors[f"{BUNDLE}{token}.{name}"] = _cast(per_component[component], dtype)
     return tensors, dict(state.metadata)

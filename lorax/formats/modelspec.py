@@ -13,25 +13,21 @@ SPEC_VERSION = "1.0.1"
 IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
 IMPL_DIFFUSERS = "diffusers"
 
-_ARCHITECTURES = {
-    "sd1": "stable-diffusion-v1",
-    "sd2": "stable-diffusion-v2-512",
-    "sd2-v": "stable-diffusion-v2-768-v",
-    "sdxl": "stable-diffusion-xl-v1-base",
-}
-_RESOLUTIONS = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
 
+def _spec(family: str | None, v_prediction: bool) -> tuple[str, int] | None:
+    """The family's ``(architecture id, resolution)`` (``Family.modelspec``); None for a family without one."""
+    from lorax.models import families
 
-def _key(family: str | None, v_prediction: bool) -> str | None:
-    if family == "sd2" and v_prediction:
-        return "sd2-v"
-    return family if family in _ARCHITECTURES else None
+    found = families.find(family)
+    if found is None or not found.modelspec:
+        return None
+    return found.modelspec.get("v" if v_prediction else "epsilon") or found.modelspec["epsilon"]
 
 
 def architecture(family: str | None, *, v_prediction: bool = False, adapter: str = "lora") -> str | None:
     """``stable-diffusion-v1/lora`` and the like (kohya's ``determine_architecture``); None for other families."""
-    key = _key(family, v_prediction)
-    return None if key is None else f"{_ARCHITECTURES[key]}/{adapter}"
+    spec = _spec(family, v_prediction)
+    return None if spec is None else f"{spec[0]}/{adapter}"
 
 
 def modelspec(
@@ -47,16 +43,18 @@ def modelspec(
 ) -> dict[str, str]:
     """The ``modelspec.*`` keys of a LoRA (or ``adapter="textual-inversion"``) for ``family``."""
     from lorax import __version__
+    from lorax.models import families
 
-    key = _key(family, v_prediction)
+    key = _spec(family, v_prediction)
     arch = architecture(family, v_prediction=v_prediction, adapter=adapter)
     if resolution is None and key is not None:
-        resolution = _RESOLUTIONS[key]
+        resolution = key[1]
     if isinstance(resolution, int):
         resolution = (resolution, resolution)
     stamp = datetime.datetime.now() if timestamp is None else datetime.datetime.fromtimestamp(int(timestamp))
     # kohya: (lora and sdxl) or textual inversion → the Stability implementation, else diffusers
-    impl = IMPL_STABILITY_AI if family == "sdxl" or adapter == "textual-inversion" else IMPL_DIFFUSERS
+    stability = getattr(families.find(family), "modelspec_implementation", "") == "stability"
+    impl = IMPL_STABILITY_AI if stability or adapter == "textual-inversion" else IMPL_DIFFUSERS
     values: dict[str, str | None] = {
         "modelspec.sai_model_spec": SPEC_VERSION,
         "modelspec.architecture": arch,

@@ -14,8 +14,6 @@ from typing import Any
 from lorax.errors import MismatchError
 from lorax.models import families
 
-COMPONENT_ORDER = ("unet", "text_encoder", "text_encoder_2")
-
 # Multi-token attribute names found in SD UNets, CLIP text encoders and the original (SGM) UNet layout.
 VOCABULARY = frozenset(
     [
@@ -102,7 +100,7 @@ def components_of(model: Any) -> dict[str, Any]:
         return {}
     if isinstance(model, Mapping):
         return {k: v for k, v in model.items() if v is not None}
-    return {c: getattr(model, c) for c in COMPONENT_ORDER if getattr(model, c, None) is not None}
+    return {c: getattr(model, c) for c in families.all_components() if getattr(model, c, None) is not None}
 
 
 def unet_config_of(module: Any) -> dict[str, Any] | None:
@@ -122,7 +120,7 @@ def _table_from_paths(
             sgm = families.diffusers_to_sgm(path, unet_config)
             if sgm is not None:
                 table.setdefault(flatten(sgm), path)
-        if component in families.TEXT_COMPONENTS and path.startswith("text_model."):
+        if component in families.all_text_components() and path.startswith("text_model."):
             table.setdefault(flatten(path[len("text_model.") :]), path)
     return table
 
@@ -162,10 +160,13 @@ class Resolver:
             "middle_block",
             "output_blocks",
         ):
-            # SGM names without a model or family table: the SDXL block layout is the only one kohya writes so.
-            mapped = families.sgm_to_diffusers(path, families.family_config("sdxl", "unet"))
-            if mapped is not None:
-                return mapped
+            # SGM names without a model or family table: the families whose kohya names are SGM (SDXL).
+            for fam in families.all_families():
+                if fam.kohya_unet_names != "sgm":
+                    continue
+                mapped = families.sgm_to_diffusers(path, families.family_config(fam.name, fam.unet().name))
+                if mapped is not None:
+                    return mapped
         return families.live_to_disk(self.component, path)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lorax.errors import FormatError, InputError, ModelNotFoundError
+from lorax.io import checkpoint_layouts
 from lorax.io.keymaps import (
     KeyMap,
     Layouts,
@@ -35,16 +36,12 @@ if TYPE_CHECKING:
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 # Metadata keys lorax writes into single files it converts, so they convert back without outside configs.
-META_FAMILY = "lorax.family"
+# The family, spelled as in LoRA headers; single files written before this spelling say ``lorax.family`` (read too).
+META_FAMILY_KEYS = checkpoint_layouts.META_FAMILY_KEYS
+META_FAMILY = META_FAMILY_KEYS[0]
 META_CONFIGS = "lorax.configs"
 META_TOKENIZER = "lorax.tokenizer"
-REFERENCE_REPOS = {
-    "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd2": "stabilityai/stable-diffusion-2-1",
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-}
 _HUB_PATTERNS = [
     "model_index.json",
     "*/config.json",
@@ -173,55 +170,9 @@ def open_source(path: Path) -> SafetensorsSource | PickleSource:
 # Family detection
 
 
-def family_from_single_keys(keys: list[str], shape_of: Any = None, *, path: Path | None = None) -> str:
-    """``sd1`` / ``sd2`` / ``sdxl`` from original-layout keys (and the cross-attention width when needed)."""
-    prefixes = {k.split(".", 2)[0] + "." + k.split(".", 2)[1] if "." in k else k for k in keys}
-    if any(k.startswith("conditioner.embedders.1.model.") for k in keys) or (
-        "model.diffusion_model.label_emb.0.0.weight" in keys
-    ):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"
-    probe = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    if probe in keys and shape_of is not None:
-        width = shape_of(probe)[-1]
-        found = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(width)
-        if found:
-            return found
-        raise FormatError(
-            f"cannot tell the model family: no text encoder and a cross-attention width of {width} "
-            "(sd1: 768, sd2: 1024, sdxl: 2048)",
-            path=path,
-        )
-    shown = ", ".join(sorted(prefixes)[:4])
-    raise FormatError(
-        "not a Stable Diffusion checkpoint in a layout lorax knows (sd1, sd2, sdxl): "
-        f"no model.diffusion_model / cond_stage_model keys (found {shown} …)",
-        path=path,
-    )
-
-
-def family_from_configs(model_index: dict[str, Any], text_config: dict[str, Any] | None, unet_config: dict[str, Any] | None, *, path: Path | None = None) -> str:  # fmt: skip
-    """``sd1`` / ``sd2`` / ``sdxl`` from a diffusers folder's configs."""
-    cls = str(model_index.get("_class_name", ""))
-    if "text_encoder_2" in model_index or "XL" in cls:
-        return "sdxl"
-    if cls and "StableDiffusion" not in cls and cls != "DiffusionPipeline":
-        raise FormatError(f"unsupported pipeline {cls}; lorax knows sd1, sd2 and sdxl", path=path)
-    width = (unet_config or {}).get("cross_attention_dim")
-    if width == 1024:
-        return "sd2"
-    if width == 768:
-        return "sd1"
-    if text_config is not None:
-        return "sd2" if text_config.get("hidden_act") == "gelu" else "sd1"
-    if unet_config is not None and unet_config.get("use_linear_projection"):
-        return "sd2"
-    if unet_config is not None:
-        return "sd1"
-    raise FormatError("cannot tell the model family (no UNet or text-encoder config)", path=path)
+# The rules read the registered families' layouts (``lorax.io.checkpoint_layouts``); re-exported here.
+family_from_single_keys = checkpoint_layouts.family_from_single_keys
+family_from_configs = checkpoint_layouts.family_from_configs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,11 +217,12 @@ class SingleFileCheckpoint:
             layouts.unet = UnetLayout.from_config(configs["unet"])
         if "vae" in configs:
             layouts.vae = VaeLayout.from_config(configs["vae"])
-        for c in ("text_encoder", "text_encoder_2"):
+        lay = checkpoint_layouts.layout(self.family)
+        for c in lay.text_components():
             if c in configs:
                 layouts.text[c] = TextLayout.from_config(configs[c])
-            elif self.family in ("sd2", "sdxl"):
-                layouts.text.update(_family_text_layouts(self.family))
+            elif c in lay.openclip_layers:
+                layouts.text[c] = TextLayout(lay.openclip_layers[c])
         return layouts
 
     @cached_property
@@ -281,7 +233,7 @@ class SingleFileCheckpoint:
             raise FormatError(str(err), path=self.path) from None
 
     def components(self) -> list[str]:
-        return [c for c in MODEL_COMPONENTS if c in self.keymap.components()]
+        return [c for c in checkpoint_layouts.layout(self.family).components if c in self.keymap.components()]
 
     def component_keys(self, component: str) -> list[str]:
         return self.keymap.component_keys(component)
@@ -292,21 +244,6 @@ class SingleFileCheckpoint:
             raise KeyError(f"{component}.{key}")
         entry, i = found
         return split_single(entry, self.source.get(entry.single))[i]
-
-
-def _family_text_layouts(family: str) -> dict[str, TextLayout]:
-    try:
-        from lorax.models.families import family_config
-    except ImportError:  # pragma: no cover - families lands with the formats work
-        return {}
-    out = {}
-    comps = ("text_encoder_2",) if family == "sdxl" else ("text_encoder",)
-    for c in comps:
-        try:
-            out[c] = TextLayout.from_config(family_config(family, c))
-        except Exception:
-            continue
-    return out
 
 
 @dataclass
@@ -320,7 +257,7 @@ class DiffusersCheckpoint:
     _sources: dict[str, SafetensorsSource | PickleSource] = field(default_factory=dict, repr=False)
 
     def components(self) -> list[str]:
-        return [c for c in MODEL_COMPONENTS if self.weight_files(c)]
+        return [c for c in checkpoint_layouts.layout(self.family).components if self.weight_files(c)]
 
     def config(self, component: str) -> dict[str, Any]:
         p = self.path / component / "config.json"
@@ -345,13 +282,14 @@ class DiffusersCheckpoint:
 
     def component_keys(self, component: str) -> list[str]:
         keys = self.source(component).keys()
-        if component.startswith("text_encoder"):
+        if component in checkpoint_layouts.layout(self.family).text_components():
             return [canonical_text_key(k) for k in keys if not k.endswith("position_ids")]
         return keys
 
     def _disk_key(self, component: str, key: str) -> str:
         src = self.source(component)
-        if component.startswith("text_encoder") and key not in src and key.startswith("text_model."):
+        text = checkpoint_layouts.layout(self.family).text_components()
+        if component in text and key not in src and key.startswith("text_model."):
             return key[len("text_model.") :]
         return key
 
@@ -390,6 +328,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 Checkpoint = SingleFileCheckpoint | DiffusersCheckpoint
 
 
+def stated_family(metadata: dict[str, str]) -> str | None:
+    """The family a header states (``lorax_family``, or the older ``lorax.family``), if any."""
+    return next((metadata[k] for k in META_FAMILY_KEYS if metadata.get(k)), None)
+
+
+def without_stated_family(metadata: dict[str, str]) -> dict[str, str]:
+    """``metadata`` less every spelling of the stated family (a writer states it once, as ``META_FAMILY``)."""
+    return {k: v for k, v in metadata.items() if k not in META_FAMILY_KEYS}
+
+
 def open_single_file(path: str | Path) -> SingleFileCheckpoint:
     p = check_readable_file(path)
     if p.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
@@ -397,7 +345,7 @@ def open_single_file(path: str | Path) -> SingleFileCheckpoint:
             "not a model checkpoint file (expected .safetensors, or .ckpt/.pt loaded safely)", path=p
         )
     source = open_source(p)
-    family = source.metadata.get(META_FAMILY) or family_from_single_keys(source.keys(), source.shape, path=p)
+    family = stated_family(source.metadata) or family_from_single_keys(source.keys(), source.shape, path=p)
     return SingleFileCheckpoint(p, source, family)
 
 
@@ -503,13 +451,16 @@ def iter_component_tensors(ckpt: Checkpoint, component: str) -> Iterator[tuple[s
         yield key, ckpt.tensor(component, key)
 
 
-def model_skeleton(ckpt: Checkpoint, components: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")) -> dict[str, Any]:  # fmt: skip
+def model_skeleton(ckpt: Checkpoint, components: tuple[str, ...] | None = None) -> dict[str, Any]:
     """``{component: nn.Module}`` holding only meta-device ``Linear``/``Conv2d`` layers at the checkpoint's module
     paths (and a UNet ``config`` with its block layout): enough for a LoRA reader to resolve names exactly against
-    this model, without building it (no diffusers import, no memory)."""
+    this model, without building it (no diffusers import, no memory). ``components``: the family's LoRA
+    components unless given."""
     from torch import nn
 
     out: dict[str, Any] = {}
+    if components is None:
+        components = checkpoint_layouts.layout(ckpt.family).lora_components()
     for component in components:
         if component not in ckpt.components():
             continue

@@ -15,19 +15,19 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorax import dtypes
 from lorax.errors import ConfigError, FormatError, ModelNotFoundError
 from lorax.io.checkpoint import (
     META_CONFIGS,
     META_FAMILY,
     META_TOKENIZER,
-    REFERENCE_REPOS,
     DiffusersCheckpoint,
     SingleFileCheckpoint,
     hub_snapshot,
     open_checkpoint,
 )
+from lorax.io.checkpoint_layouts import all_components, layout
 from lorax.io.keymaps import (
-    SINGLE_PREFIXES,
     KeyMap,
     Layouts,
     TextLayout,
@@ -45,7 +45,7 @@ from lorax.progress import NullProgress, Progress
 if TYPE_CHECKING:
     import torch
 
-DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+DTYPES = dtypes.SAFETENSORS
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
 WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
@@ -77,13 +77,13 @@ def diffusers_layouts(ckpt: DiffusersCheckpoint, components: list[str]) -> Layou
     if "vae" in components:
         layouts.vae = VaeLayout.from_config(ckpt.config("vae"))
     for c in components:
-        if c.startswith("text_encoder"):
+        if c in layout(ckpt.family).text_components():
             layouts.text[c] = TextLayout.from_config(ckpt.config(c))
     return layouts
 
 
 def diffusers_keymap(ckpt: DiffusersCheckpoint) -> tuple[KeyMap, list[str]]:
-    components = [c for c in ckpt.components() if c in SINGLE_PREFIXES[ckpt.family]]
+    components = [c for c in ckpt.components() if c in layout(ckpt.family).single_prefixes]
     keys = {c: ckpt.component_keys(c) for c in components}
     try:
         return keymap_from_diffusers(keys, ckpt.family, diffusers_layouts(ckpt, components)), components
@@ -158,7 +158,12 @@ def single_file_configs(ckpt: SingleFileCheckpoint, config_from: str | Path | No
     if own:
         tokenizers = json.loads(ckpt.metadata.get(META_TOKENIZER, "{}"))
         return {"configs": own, "tokenizers": tokenizers}
-    repo = REFERENCE_REPOS[ckpt.family]
+    repo = layout(ckpt.family).reference_repo
+    if repo is None:
+        raise ModelNotFoundError(
+            f"{ckpt.path}: this {ckpt.family} single file carries no configs and its family names no reference "
+            "model; pass --config-from with a diffusers folder of the same family"
+        )
     try:
         folder = hub_snapshot(repo, ["model_index.json", "*/*.json", "*/*.txt"])
     except ModelNotFoundError:
@@ -171,7 +176,7 @@ def single_file_configs(ckpt: SingleFileCheckpoint, config_from: str | Path | No
 
 def _configs_of_folder(folder: Path) -> dict[str, Any]:
     configs: dict[str, Any] = {}
-    for c in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for c in all_components():
         p = folder / c / "config.json"
         if p.is_file():
             configs[c] = json.loads(p.read_text())
@@ -193,7 +198,7 @@ def single_keymap(ckpt: SingleFileCheckpoint, configs: dict[str, Any]) -> KeyMap
         layouts.unet = UnetLayout.from_config(configs["unet"])
     if "vae" in configs:
         layouts.vae = VaeLayout.from_config(configs["vae"])
-    for c in ("text_encoder", "text_encoder_2"):
+    for c in layout(ckpt.family).text_components():
         if c in configs:
             layouts.text[c] = TextLayout.from_config(configs[c])
     return keymap_from_single(ckpt.keys(), ckpt.family, layouts)
@@ -223,7 +228,7 @@ def write_diffusers_folder(
     target = DTYPES[dtype] if dtype else None
     src = ckpt.source
     counts: dict[str, int] = {}
-    components = [c for c in ("unet", "vae", "text_encoder", "text_encoder_2") if c in keymap.components()]
+    components = [c for c in layout(ckpt.family).components if c in keymap.components()]
     missing = [c for c in components if c not in configs]
     if missing:
         raise ConfigError(f"no config for {', '.join(missing)}; pass --config-from a diffusers folder")
@@ -258,31 +263,12 @@ def write_diffusers_folder(
         (out / name).mkdir(exist_ok=True)
         for fname, text in files.items():
             (out / name / fname).write_text(text)
-    index = dict(configs.get("model_index") or _default_model_index(ckpt.family))
+    index = dict(configs.get("model_index") or layout(ckpt.family).model_index)
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     from lorax.models.defaults import read_metadata_defaults, write_folder_defaults
 
     write_folder_defaults(out, read_metadata_defaults(ckpt.metadata, str(ckpt.path)))
     return counts
-
-
-def _default_model_index(family: str) -> dict[str, Any]:
-    index: dict[str, Any] = {
-        "_class_name": "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline",
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    if family == "sdxl":
-        index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
-        index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
-    else:
-        index.update(
-            safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False
-        )
-    return index
 
 
 def single_file_state_dicts(

@@ -11,10 +11,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from lorax import dtypes
 from lorax.errors import ConfigError, FormatError
 from lorax.io.checkpoint import DiffusersCheckpoint, SingleFileCheckpoint, open_checkpoint
 
-DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+DTYPE_NAMES = dtypes.LONG_NAMES
 # A model this big (on disk) takes seconds to read: commands say "loading model …" first (the built-in and tiny
 # test models, a few MB, load at once and say nothing).
 SLOW_LOAD_BYTES = 64 * 2**20
@@ -64,9 +65,9 @@ def load_pipeline(
 def _pipeline_class(family: str, index: dict[str, Any] | None) -> Any:
     import diffusers
 
-    name = (index or {}).get("_class_name") or (
-        "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
-    )
+    from lorax.models import families
+
+    name = (index or {}).get("_class_name") or families.get(family).pipelines["txt2img"]
     cls = getattr(diffusers, name, None)
     if cls is None:
         raise FormatError(f"unknown pipeline class {name}")
@@ -139,7 +140,9 @@ def _from_single_file(ckpt: SingleFileCheckpoint, dtype: Any, config_from: str |
     sched_cls = getattr(diffusers, sched_config.get("_class_name", "DDIMScheduler"))
     components["scheduler"] = sched_cls.from_config(sched_config)
     cls = _pipeline_class(ckpt.family, configs.get("model_index"))
-    if ckpt.family != "sdxl":
+    from lorax.models import families
+
+    if "safety_checker" in families.get(ckpt.family).checkpoint.model_index:  # SD1/SD2 pipelines take one
         components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = cls(**components)
     if dtype is not None:

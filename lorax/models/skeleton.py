@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-SKELETON_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+from lorax.models import families
 
 
 def skeleton(pipe: Any) -> dict[str, Any]:
@@ -24,7 +24,7 @@ def skeleton(pipe: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with torch.device("meta"):
         out["unet"] = type(pipe.unet).from_config(pipe.unet.config)
-        for name in SKELETON_COMPONENTS[1:]:
+        for name in families.all_text_components():
             module = getattr(pipe, name, None)
             if module is not None:
                 out[name] = type(module)(module.config)
@@ -50,7 +50,7 @@ def skeleton_from_configs(configs: Mapping[str, Mapping[str, Any]]) -> dict[str,
     import torch
 
     with torch.device("meta"):
-        return {c: _build(c, configs[c]) for c in SKELETON_COMPONENTS if configs.get(c)}
+        return {c: _build(c, configs[c]) for c in families.all_components() if configs.get(c)}
 
 
 def load_skeleton(spec: str | Path, config_from: str | Path | None = None) -> tuple[dict[str, Any], str]:
@@ -66,7 +66,9 @@ def load_skeleton(spec: str | Path, config_from: str | Path | None = None) -> tu
     configs: dict[str, Any]
     if isinstance(ckpt, DiffusersCheckpoint):
         configs = {
-            c: ckpt.config(c) for c in SKELETON_COMPONENTS if (ckpt.path / c / "config.json").is_file()
+            c: ckpt.config(c)
+            for c in families.get(ckpt.family).component_names()
+            if (ckpt.path / c / "config.json").is_file()
         }
     else:
         from lorax.io.model_layout import single_file_configs

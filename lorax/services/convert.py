@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorax import dtypes
 from lorax.errors import ConfigError, FormatError, MismatchError
 from lorax.io.atomic import FILE, MODEL_FOLDER, atomic_path, check_output, check_outputs
 from lorax.io.checkpoint import (
@@ -163,10 +164,10 @@ def convert_model(config: ConvertConfig, progress: Progress) -> ConvertResult:
 
 def _resave_single(ckpt: SingleFileCheckpoint, out: Path, dtype: str | None, progress: Progress) -> int:
     """A single file re-written as safetensors (from a pickle, or in another dtype), tensor by tensor."""
-    from lorax.io.checkpoint import META_FAMILY
+    from lorax.io.checkpoint import META_FAMILY, without_stated_family
     from lorax.services.merge import merge_tensor_file
 
-    meta = {**ckpt.metadata, META_FAMILY: ckpt.family}
+    meta = {**without_stated_family(ckpt.metadata), META_FAMILY: ckpt.family}
     with progress.task(f"writing {out.name}", total=len(ckpt.keys())) as task:
         merged, copied = merge_tensor_file(
             ckpt.source, out, {}, dtype=DTYPES[dtype] if dtype else None, metadata=meta, task=task
@@ -177,9 +178,8 @@ def _resave_single(ckpt: SingleFileCheckpoint, out: Path, dtype: str | None, pro
 def _torch_dtype(name: str | None) -> Any:
     if name is None:
         return None
-    import torch
 
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    return dtypes.torch_dtype(name)
 
 
 def embedding_paths(output: str | Path, tokens: list[str]) -> dict[str, Path]:

@@ -7,14 +7,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorax import dtypes
 from lorax.errors import ConfigError, MismatchError
 from lorax.io.atomic import check_output
 from lorax.io.checkpoint import open_checkpoint
 from lorax.io.model_layout import DTYPES
+from lorax.models import families
 from lorax.progress import NullProgress, Progress
 
 TARGETS = ("attn", "attn-ff", "all")
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _ATTN = re.compile(
     r"(attn\d\.(to_q|to_k|to_v|to_out\.0)|self_attn\.(q_proj|k_proj|v_proj|out_proj))\.weight$"
 )
@@ -98,7 +99,7 @@ def extract(config: ExtractConfig, progress: Progress | None = None) -> ExtractR
         raise MismatchError(f"the models are different families: base {base.family}, tuned {tuned.family}")
     modules: dict[str, LoraModule] = {}
     result = ExtractResult(config.output, base.family, config.to, config.rank, config.targets)
-    components = [c for c in LORA_COMPONENTS if c in base.components()]
+    components = [c for c in families.get(base.family).component_names() if c in base.components()]
     missing = [c for c in components if c not in tuned.components()]
     if missing:
         raise MismatchError(f"the tuned model lacks {', '.join(missing)}")
@@ -135,7 +136,7 @@ def extract(config: ExtractConfig, progress: Progress | None = None) -> ExtractR
         "lorax_extracted_from": f"{config.tuned} - {config.base}",
         "lorax_extract_targets": config.targets,
     }
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(config.dtype or "")
+    dtype = dtypes.torch_dtype_or_none(config.dtype)
     save_lora(state, config.output, format=config.to, dtype=dtype, force=config.force, metadata=meta)
     result.modules = len(modules)
     result.mean_energy = sum(m.energy for m in result.extracted) / len(result.extracted)

@@ -11,7 +11,7 @@ import struct
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from lorax.formats.naming import Resolver
 from lorax.models import families
 from lorax.progress import NullProgress, Progress
 
-_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 LORA_FORMATS = ("kohya", "lycoris", "diffusers", "lora_diffusion")
 EMBEDDING_FORMATS = ("a1111-embedding", "sdxl-embedding", "diffusers-embedding")
 _TD_KINDS = {"Attention": "attention", "CrossAttention": "attention", "CLIPAttention": "attention",
@@ -241,8 +240,8 @@ def _describe(p: Path, fmt: str, info: _Tensors, metadata: dict[str, str]) -> Fi
 
 
 def _family(metadata: Mapping[str, str], info: _Tensors) -> str | None:
-    return families.family_from_metadata(metadata) or families.detect_family_from_lora_keys(
-        list(info.shapes), info.shapes
+    return families.detect(metadata=metadata) or families.detect(
+        lora_keys=list(info.shapes), shapes=info.shapes
     )
 
 
@@ -267,7 +266,7 @@ def _add_module(report: FileReport, algorithm: str, rank: int | None, alpha: flo
 
 
 def _finish(report: FileReport, components: set[str]) -> None:
-    report.components = [c for c in _COMPONENTS if c in components]
+    report.components = [c for c in families.all_components() if c in components]
     report.ranks.sort()
     report.alphas.sort()
     report.targets = [k for k in families.TARGET_KINDS if k in report.targets]
@@ -307,7 +306,7 @@ def _kohya(report: FileReport, info: _Tensors, p: Path) -> None:
     tokens = [k for k in rest if k.startswith(K.BUNDLE)]
     for key in tokens:
         token, _, slot = key[len(K.BUNDLE) :].partition(".")
-        component = "text_encoder_2" if slot == "clip_g" else "text_encoder"
+        component = families.embedding_component(slot)
         _add_token(report, token, component, info.shapes[key])
     _finish(report, {c for c, _ in groups})
 
@@ -345,7 +344,7 @@ def _lora_diffusion(report: FileReport, info: _Tensors, metadata: Mapping[str, s
         if m:
             slots.setdefault((m.group("c"), int(m.group("i"))), {})[m.group("r")] = shape
         else:
-            _add_token(report, key, "text_encoder", shape)
+            _add_token(report, key, families.embedding_component(), shape)
     for (component, i), pair in sorted(slots.items()):
         if set(pair) != {"up", "down"}:
             raise FormatError(f"{component}:{i} lacks its up or down tensor", path=p)
@@ -364,11 +363,11 @@ def _lora_diffusion(report: FileReport, info: _Tensors, metadata: Mapping[str, s
         names = listed or (["Attention", "GEGLU"] if component == "unet" else ["CLIPAttention"])
         kinds |= {_TD_KINDS.get(n, "other") for n in names}
     report.targets = [k for k in families.TARGET_KINDS if k in kinds]
-    report.components = [c for c in _COMPONENTS if c in {c for c, _ in slots}]
+    report.components = [c for c in families.all_components() if c in {c for c, _ in slots}]
     report.ranks.sort()
-    te = slots.get(("text_encoder", 0))
+    te = slots.get((families.embedding_component(), 0))
     if te and "down" in te:
-        report.family = {768: "sd1", 1024: "sd2"}.get(te["down"][1])
+        report.family = families.family_of_text_width(te["down"][1])
 
 
 def _add_token(report: FileReport, token: str, component: str, shape: Sequence[int]) -> None:
@@ -381,36 +380,34 @@ def _embedding(report: FileReport, info: _Tensors, fmt: str, p: Path) -> None:
     stem = p.name.removesuffix(".safetensors").removesuffix(".pt")
     if fmt == "sdxl-embedding":
         for key, shape in info.shapes.items():
-            _add_token(report, stem, "text_encoder_2" if key == "clip_g" else "text_encoder", shape)
-        report.family = "sdxl"
+            _add_token(report, stem, families.embedding_component(key), shape)
+        report.family = next(f.name for f in families.all_families() if f.embedding_format == fmt)
     elif fmt == "a1111-embedding":
         for key, shape in info.shapes.items():
             token = key.removeprefix("string_to_param.") if key.startswith("string_to_param.") else stem
-            _add_token(report, token, "text_encoder", shape)
+            _add_token(report, token, families.embedding_component(), shape)
     else:
         for key, shape in info.shapes.items():
-            _add_token(report, key, "text_encoder", shape)
+            _add_token(report, key, families.embedding_component(), shape)
     report.components = sorted({c for t in report.tokens.values() for c in t["dims"]})
     if report.family is None:
         dims = {d for t in report.tokens.values() for d in t["dims"].values()}
-        report.family = {768: "sd1", 1024: "sd2"}.get(next(iter(dims))) if len(dims) == 1 else None
+        report.family = families.family_of_text_width(next(iter(dims))) if len(dims) == 1 else None
 
 
 # --------------------------------------------------------------------------------------------------------------
 
 
 def _single_file_model(p: Path, info: _Tensors, metadata: dict[str, str]) -> FileReport:
-    from lorax.io.checkpoint import family_from_single_keys
+    from lorax.io.checkpoint import stated_family
+    from lorax.io.checkpoint_layouts import LAYOUTS
 
     keys = list(info.shapes)
-    family = metadata.get("lorax.family") or family_from_single_keys(keys, info.shapes.get, path=p)
-    prefixes = {
-        "unet": ("model.diffusion_model.",),
-        "vae": ("first_stage_model.",),
-        "text_encoder": ("cond_stage_model.", "conditioner.embedders.0."),
-        "text_encoder_2": ("conditioner.embedders.1.",),
-    }
-    components = [c for c, pre in prefixes.items() if any(k.startswith(pre) for k in keys)]
+    family = stated_family(metadata) or families.detect(single_keys=keys, shape_of=info.shapes.get, path=p)
+    assert family is not None  # single-file detection raises rather than return None
+    layout = LAYOUTS.get(family)
+    prefixes = layout.single_prefixes if layout else {}
+    components = [c for c, (pre, _) in prefixes.items() if any(k.startswith(pre) for k in keys)]
     return FileReport(
         path=str(p), kind="model", format="single-file", family=family, components=components,
         dtypes=sorted(set(info.dtypes.values())), tensors=len(keys), size_bytes=p.stat().st_size,
@@ -460,7 +457,7 @@ def readable_training(metadata: Mapping[str, str]) -> dict[str, Any]:
                 value = raw
         if name.endswith("_at"):
             try:
-                value = datetime.fromtimestamp(float(raw), tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+                value = datetime.fromtimestamp(float(raw), tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
             except ValueError:
                 value = raw
         if name == "tag_frequency" and isinstance(value, dict):

@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorax import dtypes
 from lorax.data.dataset import DataOptions, TrainData
 from lorax.data.images import ImageItem, load_image_folder
 from lorax.errors import ConfigError, MismatchError
 from lorax.io.atomic import atomic_path, check_output
+from lorax.models import families
 from lorax.progress import NullProgress, Progress
 from lorax.services.train import companion_paths, make_accelerator, total_steps
 from lorax.training.masks import MaskedBatches
@@ -453,7 +455,6 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
     ``pipeline``: an already loaded ``StableDiffusionPipeline`` (or ``StableDiffusionXLPipeline``) instead of
     ``config.model`` (tests, benchmarks).
     """
-    import torch
 
     from lorax.formats import save_embeddings
 
@@ -483,11 +484,14 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
     )
 
     embeddings = session.tokens.embeddings()
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_dtype]
+    dtype = dtypes.torch_dtype(config.save_dtype)
     stored = {t: {c: v.to(dtype) for c, v in per.items()} for t, per in embeddings.items()}
     fmt = "a1111-embedding" if config.format == "a1111" else "diffusers-embedding"
-    if session.family == "sdxl":  # family_problems refused the rest: clip_l / clip_g .safetensors
-        fmt = "sdxl-embedding"
+    family = families.get(session.family)
+    if (
+        len(family.text_components()) > 1
+    ):  # family_problems refused the rest: SDXL's clip_l / clip_g .safetensors
+        fmt = family.embedding_format
     file_bytes = 0
     if session.accelerator.is_main_process:
         if (

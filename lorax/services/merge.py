@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorax import dtypes
 from lorax.errors import ConfigError, FormatError, InputError, MismatchError
 from lorax.io.atomic import FILE, MODEL_FOLDER, atomic_path, check_output, scratch_dir
 from lorax.io.checkpoint import (
@@ -494,25 +495,17 @@ def load_loras(
     return out
 
 
-KOHYA_FAMILIES = {
-    "sd_v1": "sd1",
-    "sd_v2": "sd2",
-    "sd_v2_768_v": "sd2",
-    "sdxl_base_v1-0": "sdxl",
-    "sdxl_base_v0-9": "sdxl",
-}
-
-
 def declared_family(path: Path) -> str | None:
     """The family a LoRA file's header declares (lorax's ``lorax_family`` or kohya's ``ss_base_model_version``)."""
     from lorax.io.safetensors_io import read_header
+    from lorax.models import families
 
     if path.is_dir() or path.suffix.lower() != ".safetensors":
         return None
     meta = read_header(path).metadata
     if meta.get("lorax_family"):
         return meta["lorax_family"]
-    return KOHYA_FAMILIES.get(meta.get("ss_base_model_version", ""))
+    return families.detect(metadata=meta)
 
 
 def _check_plan(
@@ -679,7 +672,16 @@ def add_embeddings_to_folder(
     from transformers import CLIPTokenizer
 
     added: list[str] = []
-    for component, tok_dir in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+    from lorax.models import families
+    from lorax.models.tokens import taken, vector_names
+
+    text = {
+        (c.name, c.tokenizer or ""): None
+        for f in families.all_families()
+        for c in f.components
+        if c.tokenizer
+    }
+    for component, tok_dir in text:
         wanted = {t: e[component] for t, e in embeddings.items() if component in e}
         if not wanted:
             continue
@@ -687,15 +689,11 @@ def add_embeddings_to_folder(
             raise MismatchError(f"the embeddings are for {component}, which the model does not have")
         tokenizer = CLIPTokenizer.from_pretrained(folder / tok_dir)
         files = _all_weight_files(folder / component)
-        names_by_token = {
-            t: [t] + [f"{t}_{j}" for j in range(1, e.reshape(-1, e.shape[-1]).shape[0])]
-            for t, e in wanted.items()
-        }
-        vocab = tokenizer.get_vocab()
-        taken = [n for names in names_by_token.values() for n in names if n in vocab]
-        if taken:
+        names_by_token = {t: vector_names(t, e.reshape(-1, e.shape[-1]).shape[0]) for t, e in wanted.items()}
+        clash = taken(tokenizer, [n for names in names_by_token.values() for n in names])
+        if clash:
             raise MismatchError(
-                f"token {taken[0]} is already in the model's {tok_dir}; rename the token in the LoRA "
+                f"token {clash[0]} is already in the model's {tok_dir}; rename the token in the LoRA "
                 "rather than overwrite a token the model knows"
             )
         tokenizer.add_tokens([n for names in names_by_token.values() for n in names])
@@ -738,12 +736,14 @@ def write_embeddings_beside(
 ) -> list[str]:
     """A1111 embedding files next to a single-file output (A1111 uses the file name as the prompt word)."""
     from lorax.formats import save_embeddings
+    from lorax.models import families
 
     written = []
     for token, comps in embeddings.items():
         word = "".join(ch for ch in token if ch.isalnum() or ch in "-_") or "token"
         path = out.parent / f"{out.stem}.{word}.safetensors"
-        fmt = "sdxl-embedding" if family == "sdxl" else "a1111-embedding"
+        found = families.find(family)
+        fmt = found.embedding_format if found else "a1111-embedding"
         save_embeddings({token: comps}, path, format=fmt, force=force)
         progress.log(
             f"token {token}: a single file cannot hold new tokens; wrote an A1111 embedding to {path} "
@@ -874,9 +874,8 @@ def merge_loras(config: MergeConfig, progress: Progress) -> MergeResult:
             merged, reports = resize_state(merged, config.rank)
     else:
         merged, reports = mix_states(weighted, config.rank)
-    import torch
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(config.dtype or "")
+    dtype = dtypes.torch_dtype_or_none(config.dtype)
     out = save_lora(merged, config.output, format=fmt, dtype=dtype, force=config.force)
     result = MergeResult(out, "lora", merged.family, dtype=config.dtype)
     result.loras = [

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorax import dtypes
 from lorax.errors import ConfigError, InputError
 from lorax.io.atomic import check_output
 from lorax.io.model_layout import DTYPES
@@ -127,7 +128,6 @@ class MixResult:
 
 def mix(config: MixConfig, progress: Progress | None = None) -> MixResult:
     """``Σ wᵢ·ΔWᵢ`` over the inputs, written as one LoRA; see docs/mix.md."""
-    import torch
 
     from lorax.adapters.svd import mix_states
     from lorax.formats import LORA_WRITE_FORMATS, detect_format, load_lora, save_lora
@@ -150,7 +150,7 @@ def mix(config: MixConfig, progress: Progress | None = None) -> MixResult:
         raise ConfigError(f"--to {fmt}: mix writes {', '.join(LORA_WRITE_FORMATS)}")
     with progress.task("mixing", total=None):
         mixed, reports = mix_states(states, rank)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(config.dtype or "")
+    dtype = dtypes.torch_dtype_or_none(config.dtype)
     save_lora(mixed, output, format=fmt, dtype=dtype, force=config.force)
     result = MixResult(
         output, fmt, mixed.family, inputs, len(mixed.modules), rank is None, rank, mixed.ranks()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorax import dtypes
 from lorax.errors import ConfigError
 from lorax.io.atomic import check_output
 from lorax.models.skeleton import skeleton
@@ -36,6 +37,7 @@ from lorax.services.invert import (
     token_info,
     write_companions,
 )
+from lorax.training import setup
 from lorax.training.job import LoraJob
 from lorax.training.pivot_config import PivotConfig
 
@@ -244,9 +246,7 @@ def _build_tuning(
         job,
         session.tokens,
         continue_inversion=config.continue_inversion,
-        text_encoders=[pipe.text_encoder, pipe.text_encoder_2]
-        if session.family == "sdxl"
-        else [pipe.text_encoder],
+        text_encoders=setup.text_encoders(pipe, session.family),
     )
     if config.continue_inversion:
         params = session.tokens.make_trainable()
@@ -289,7 +289,6 @@ def _write(
     resumed: tuple[Path, int] | None = None,
     samples: list[Path] | None = None,
 ) -> int:
-    import torch
 
     from lorax.formats import save_lora
     from lorax.training.lora import trained_state
@@ -318,7 +317,7 @@ def _write(
     )
     metadata.update(inversion_metadata(session, ti_steps, loop.state.seconds))
     metadata["lorax_continue_inversion"] = str(config.continue_inversion)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_dtype]
+    dtype = dtypes.torch_dtype(config.save_dtype)
     model = skeleton(session.pipe) if config.format == "lora_diffusion" else None
     save_lora(
         state, output, format=config.format, dtype=dtype, force=config.force, metadata=metadata, model=model

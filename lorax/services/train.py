@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorax import dtypes
 from lorax.data.dataset import DataOptions, TrainData, derive_seed
 from lorax.data.images import ImageItem, load_image_folder
 from lorax.data.kohya import TrainingImages, load_training_images
@@ -695,7 +696,7 @@ def _save_lora_file(
         num_examples=len(data),
         max_steps=max_steps,
     )
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_dtype]
+    dtype = dtypes.torch_dtype(config.save_dtype)
     save_lora(state, path, format=config.format, dtype=dtype, force=config.force, metadata=metadata)
     return True
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lorax.errors import ModelNotFoundError
+from lorax.libraries import silence_libraries as quiet_libraries  # training keeps them silent for good
 
 
 def load_base_pipeline(spec: str) -> Any:
@@ -16,17 +17,6 @@ def load_base_pipeline(spec: str) -> Any:
     except ImportError:
         return _load_folder(spec)
     return load_pipeline(spec)
-
-
-def quiet_libraries() -> None:
-    """diffusers/transformers warnings and progress bars would break lorax's one-line output."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def _load_folder(spec: str) -> Any:
@@ -48,20 +38,21 @@ def _load_folder(spec: str) -> Any:
 
 
 def family_of(pipeline: Any) -> str:
-    """``sd1``, ``sd2`` or ``sdxl`` from the UNet's config."""
-    config = pipeline.unet.config
-    if getattr(config, "addition_embed_type", None) == "text_time" or hasattr(pipeline, "text_encoder_2"):
-        return "sdxl"
-    cross = config.cross_attention_dim
-    if cross == 1024 or getattr(config, "use_linear_projection", False):
-        return "sd2"
-    return "sd1"
+    """The family of a live pipeline (``lorax.models.families.detect``)."""
+    from lorax.models import families
+
+    found = families.detect(pipeline=pipeline)
+    assert found is not None  # a pipeline always names a family
+    return found
 
 
 def check_trainable(pipeline: Any, family: str) -> None:
+    from lorax.models import families
+
+    found = families.get(family)
     names = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
-    if family == "sdxl":
-        names += ["text_encoder_2", "tokenizer_2"]
+    for c in found.components:
+        names += [n for n in (c.name, c.tokenizer) if n and n not in names]
     for name in names:
         if getattr(pipeline, name, None) is None:
             raise ModelNotFoundError(f"the model has no {name}; lorax trains Stable Diffusion pipelines")
@@ -75,9 +66,10 @@ def default_resolution(pipeline: Any) -> int:
 
 def base_model_version(family: str, prediction_type: str) -> str:
     """kohya's ``ss_base_model_version`` spelling."""
-    if family == "sd2":
-        return "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
-    return {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0"}.get(family, family)
+    from lorax.models import families
+
+    found = families.find(family)
+    return found.base_model_version(prediction_type) if found else family
 
 
 def count_parameters(module: Any) -> int:

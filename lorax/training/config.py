@@ -8,20 +8,20 @@ every problem into one ``ConfigError`` that names the flags.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-import tomllib
-
+from lorax import dtypes
 from lorax.errors import ConfigError, InputError
 
 FORMATS = ("kohya", "diffusers")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-SAVE_DTYPES = ("fp16", "bf16", "fp32")
+SAVE_DTYPES = dtypes.NAMES
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 DEVICES = ("auto", "cpu", "cuda", "gpu")
 TEMPLATES = ("object", "style")

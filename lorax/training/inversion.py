@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorax.errors import ConfigError, InputError
+from lorax.models.tokens import existing_id, pool_at_eos, vector_names
 
 DEFAULT_SIGMA = 0.017  # the seed's initializer noise
 NORM_TARGET = 0.4  # the seed's clip_ti_decay target norm
@@ -89,11 +90,6 @@ def replace_in_caption(caption: str, replacements: Sequence[tuple[str, str]]) ->
     for literal, replacement in replacements:
         caption = caption.replace(literal, replacement)
     return caption
-
-
-def vector_names(token: str, n: int) -> list[str]:
-    """The tokenizer entries of an ``n``-vector token (same convention as ``lorax.adapters.apply.vector_tokens``)."""
-    return [token] + [f"{token}_{i}" for i in range(1, n)]
 
 
 @dataclass
@@ -414,49 +410,16 @@ def learn_tokens(
 ) -> LearnedTokens | LearnedTokenSet:
     """The tokens ``pipe`` learns: one table (SD1/SD2), or both of SDXL's text encoders (``LearnedTokenSet``).
     ``options``: those of ``LearnedTokens.add``."""
-    if family == "sdxl":
+    from lorax.models import families
+
+    text = [c for c in families.get(family).components if c.kind == "text"]
+    if len(text) > 1:
         return LearnedTokenSet.add(
-            [
-                ("text_encoder", pipe.tokenizer, pipe.text_encoder),
-                ("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2),
-            ],
+            [(c.name, getattr(pipe, c.tokenizer or ""), getattr(pipe, c.name)) for c in text],
             tokens,
             **options,
         )
     return LearnedTokens.add(pipe.tokenizer, pipe.text_encoder, tokens, **options)
-
-
-def pool_at_eos(text_encoder: Any, tokenizer: Any) -> None:
-    """Make ``text_encoder`` pool at ``tokenizer``'s end-of-text token, whatever ids were added after it.
-
-    transformers' CLIP text model pools at ``argmax(input_ids)`` when its config says ``eos_token_id: 2`` (the
-    original CLIP and SDXL configs; correct only while EOS is the highest id), else at the first ``eos_token_id``
-    (transformers PR #24773). With added tokens (ids above EOS) the argmax would pool at a placeholder: SDXL's
-    ``text_embeds`` conditioning would change, unlike A1111/ComfyUI, which pool at the real EOS. Setting the
-    tokenizer's EOS id makes both rules agree for every prompt without added tokens.
-    """
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        return
-    models = [text_encoder, getattr(text_encoder, "text_model", None)]
-    for model in models:
-        if model is not None and "eos_token_id" in vars(model) and model.eos_token_id != eos:
-            model.eos_token_id = int(eos)
-    config = getattr(text_encoder, "config", None)
-    if config is not None and getattr(config, "eos_token_id", None) != eos:
-        config.eos_token_id = int(eos)
-
-
-def existing_id(tokenizer: Any, name: str) -> int | None:
-    """The row of ``name`` if the tokenizer already has it: an entry of its vocabulary, or a word it encodes as
-    exactly one token (CLIP's vocabulary spells whole words ``sks</w>``)."""
-    vocab = tokenizer.get_vocab()
-    if name in vocab:
-        return int(vocab[name])
-    ids = tokenizer(name, add_special_tokens=False).input_ids
-    if len(ids) == 1 and ids[0] != getattr(tokenizer, "unk_token_id", None):
-        return int(ids[0])
-    return None
 
 
 def _init_vectors(

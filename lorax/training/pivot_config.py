@@ -10,7 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from lorax.models import families
 from lorax.training.config import TRAIN_ONLY, TrainConfig, flag
+
+
+def _several_text_encoders(family: str) -> bool:
+    """SDXL's two encoders: a learned token is a vector per encoder (``clip_l``, ``clip_g``)."""
+    found = families.find(family)
+    return found is not None and len(found.text_components()) > 1
+
 
 EMBEDDING_FORMATS = ("a1111", "diffusers")
 PIVOT_FORMATS = ("kohya", "lora_diffusion")
@@ -125,7 +133,7 @@ class InvertConfig(InversionOptions):
     def family_problems(self, family: str) -> list[str]:
         """SDXL embeddings exist in one format: ``.safetensors`` with ``clip_l`` / ``clip_g`` (A1111, ComfyUI)."""
         p = super().family_problems(family)
-        if family != "sdxl":
+        if not _several_text_encoders(family):
             return p
         if self.format == "diffusers":
             p.append(
@@ -215,7 +223,7 @@ class PivotConfig(InversionOptions):
 
     def family_problems(self, family: str) -> list[str]:
         p = super().family_problems(family)
-        if family == "sdxl" and self.format == "lora_diffusion":
+        if _several_text_encoders(family) and self.format == "lora_diffusion":
             p.append(
                 "--format lora_diffusion has no SDXL layout (one text encoder, no clip_g tokens): use --format kohya"
             )

@@ -16,9 +16,11 @@ from lorax.progress import Progress
 
 
 def text_encoders(pipe: Any, family: str) -> list[Any]:
-    """The text encoders that condition the UNet: SDXL's two, else one."""
-    second = getattr(pipe, "text_encoder_2", None) if family == "sdxl" else None
-    return [m for m in (pipe.text_encoder, second) if m is not None]
+    """The text encoders that condition the UNet: the family's (SDXL's two, else one)."""
+    from lorax.models import families
+
+    found = (getattr(pipe, c, None) for c in families.get(family).text_components())
+    return [m for m in found if m is not None]
 
 
 def weight_dtype(mixed_precision: str) -> Any:

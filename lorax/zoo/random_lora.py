@@ -34,7 +34,7 @@ def random_lora(
     for component, module in components_of(model).items():
         if components is not None and component not in set(components):
             continue
-        if component not in ("unet", *families.TEXT_COMPONENTS):
+        if component not in families.all_components():
             continue
         for path, shape in families.weight_table(module, component).items():
             if families.target_kind(path) not in kinds:

@@ -14,11 +14,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from lorax.errors import FormatError
+from lorax.io.checkpoint_layouts import layout as family_layout
 from lorax.io.keymaps.layout import TextLayout, UnetLayout, VaeLayout
 from lorax.io.keymaps.tables import PrefixMapper, unet_rules, vae_rules
 
 __all__ = [
-    "SINGLE_PREFIXES",
     "Entry",
     "KeyMap",
     "Layouts",
@@ -34,25 +34,6 @@ __all__ = [
     "split_single",
 ]
 
-# component → (single-file prefix, kind) per family
-SINGLE_PREFIXES: dict[str, dict[str, tuple[str, str]]] = {
-    "sd1": {
-        "unet": ("model.diffusion_model.", "unet"),
-        "vae": ("first_stage_model.", "vae"),
-        "text_encoder": ("cond_stage_model.transformer.", "clip"),
-    },
-    "sd2": {
-        "unet": ("model.diffusion_model.", "unet"),
-        "vae": ("first_stage_model.", "vae"),
-        "text_encoder": ("cond_stage_model.model.", "openclip"),
-    },
-    "sdxl": {
-        "unet": ("model.diffusion_model.", "unet"),
-        "vae": ("first_stage_model.", "vae"),
-        "text_encoder": ("conditioner.embedders.0.transformer.", "clip"),
-        "text_encoder_2": ("conditioner.embedders.1.model.", "openclip"),
-    },
-}
 _TEXT_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm.")
 
 
@@ -175,10 +156,9 @@ def _openclip_to_single(key: str) -> tuple[str, str, str] | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_family(family: str) -> dict[str, tuple[str, str]]:
-    if family not in SINGLE_PREFIXES:
-        raise FormatError(f"no single-file key tables for model family {family!r} (known: sd1, sd2, sdxl)")
-    return SINGLE_PREFIXES[family]
+def _check_family(family: str) -> Mapping[str, tuple[str, str]]:
+    """``{component: (single-file prefix, kind)}`` of ``family`` (its ``CheckpointLayout``)."""
+    return family_layout(family).single_prefixes
 
 
 def keymap_from_single(
@@ -221,7 +201,7 @@ def keymap_from_single(
 def _entry_from_single(
     key: str,
     family: str,
-    prefixes: dict[str, tuple[str, str]],
+    prefixes: Mapping[str, tuple[str, str]],
     mappers: dict[str, PrefixMapper],
     layouts: Layouts,
     default_text_layers: int | None,
@@ -244,7 +224,7 @@ def _entry_from_single(
             return Entry(key, component, (part,))
         layout = layouts.text.get(component)
         layers = layout.layers if layout else (default_text_layers or 10**9)
-        found = _openclip_from_single(rest, layers, with_projection=family == "sdxl")
+        found = _openclip_from_single(rest, layers, with_projection=family_layout(family).text_projection)
         if found is None:
             return None
         return Entry(key, component, found[0], found[1])
