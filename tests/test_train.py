@@ -89,7 +89,7 @@ def test_train_writes_kohya_lora_with_metadata_curve_and_config(tiny_model, imag
     assert rows[0] == "step,loss,smoothed_loss,lr" and len(rows) == 5
     assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4]
     with Image.open(result.loss_png) as png:
-        assert png.size == (640, 400)
+        assert png.size == (800, 450)  # the loss plot (lorax/training/report.py), axes and all
     reloaded = TrainConfig.from_sources({}, result.config_path)
     assert reloaded.rank == 2 and reloaded.alpha == 1.0 and reloaded.steps == 4
     assert Path(reloaded.data_dir) == images and reloaded.instance_prompt == "a sks star"
