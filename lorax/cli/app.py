@@ -27,6 +27,7 @@ COMMAND_ORDER = [
     "invert",
     "pivot",
     "generate",
+    "score",
     "merge",
     "mix",
     "convert",
