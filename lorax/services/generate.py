@@ -155,6 +155,7 @@ class GenerateConfig:
     size: tuple[int, int] | None = None
     out_dir: Path = DEFAULT_OUT
     init_image: Path | None = None
+    mask_image: Path | None = None  # inpainting (with init_image): white = repaint; see lorax.gen.inpaint
     strength: float = 0.75
     sweep: list[float] | None = None
     grid: bool = False
@@ -182,6 +183,8 @@ class GenerateConfig:
             )
         if self.size is not None and (min(self.size) < 8 or self.size[0] % 8 or self.size[1] % 8):
             problems.append(f"--size {self.size[0]}x{self.size[1]}: both sides must be multiples of 8")
+        if self.mask_image is not None and self.init_image is None:
+            problems.append("--mask-image needs --init-image (the picture to inpaint)")
         if self.init_image is None and self.strength != 0.75:
             problems.append("--strength only applies with --init-image")
         if not 0.0 < self.strength <= 1.0:
@@ -488,6 +491,9 @@ def generate(
         if note:
             progress.log(note)
     init = read_init_image(config.init_image) if config.init_image is not None else None
+    from lorax.gen import inpaint
+
+    mask = inpaint.read_mask_image(config.mask_image) if config.mask_image is not None else None
     jobs, grids = _plan(config, seed)
     _check_outputs([p for job in jobs for p in job.names] + [g[1] for g in grids], config.force)
 
@@ -545,7 +551,13 @@ def generate(
         progress.log(f"warning: {warning}")
 
     runner = pipe
-    if init is not None:
+    if inpaint.is_inpainting_model(pipe) and mask is None:
+        raise ConfigError(
+            f"{config.model} is an inpainting model (9-channel UNet): give --init-image and --mask-image"
+        )
+    if mask is not None:
+        runner = inpaint.inpaint_pipeline(pipe)
+    elif init is not None:
         from diffusers import AutoPipelineForImage2Image
 
         runner = AutoPipelineForImage2Image.from_pipe(pipe)
@@ -555,6 +567,8 @@ def generate(
     )
     if init is not None and init.size != (width, height):
         init = init.resize((width, height))
+    if mask is not None:
+        mask = inpaint.binary_mask(mask, (width, height))
 
     hashes = {
         name: file_hash(spec.path, lora=True)
@@ -640,12 +654,18 @@ def generate(
                     "callback_on_step_end": on_step_end,
                     "output_type": "pil",
                 }
-                if init is not None:
+                if mask is not None:
+                    kwargs.update(
+                        image=init, mask_image=mask, strength=config.strength, width=width, height=height
+                    )
+                elif init is not None:
                     kwargs.update(image=init, strength=config.strength)
                 else:
                     kwargs.update(width=width, height=height)
                 with torch.inference_mode():
                     images = runner(**kwargs).images
+                if mask is not None:
+                    images = inpaint.paste_unmasked(images, init, mask)
                 n_images += len(images)
                 if job.prompt_index in gridded:  # hold images only for the contact sheets asked for
                     frames.setdefault(job.prompt_index, []).append((job.factor, images))
