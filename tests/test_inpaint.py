@@ -101,3 +101,25 @@ def test_a_nine_channel_inpainting_pipeline_runs_end_to_end_with_a_lora(cli, tmp
     assert np.abs(outs[0] - outs[1])[:, side // 2 :].mean() > 0.5  # the LoRA reaches the inpainting UNet
     result = cli("generate", "a cat", "--model", inpaint_model, "--steps", "2", "-o", tmp_path / "txt2img")
     assert result.exit_code == 1 and "inpainting model" in result.stderr and "--mask-image" in result.stderr
+
+
+def test_sdxl_inpainting_runs_through_the_sdxl_inpaint_pipeline(cli, tmp_path):
+    from checkpoint_helpers import tiny_folder
+
+    from lorax.gen.inpaint import inpaint_pipeline
+    from lorax.services.generate import load_model
+
+    model = tiny_folder("sdxl")
+    assert type(inpaint_pipeline(load_model(str(model)))).__name__ == "StableDiffusionXLInpaintPipeline"
+    init, mask = _init_and_mask(tmp_path)
+    out = tmp_path / "out"
+    result = cli(
+        "generate", "a red circle", "-m", model, "--init-image", init, "--mask-image", mask, "--strength", "1",
+        "--steps", "2", "--seed", "3", "-o", out, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    path = json.loads(result.stdout.splitlines()[0])["path"]
+    after = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+    before = np.asarray(Image.open(init), dtype=np.float64)
+    assert after.shape == (32, 32, 3)
+    assert np.abs(after - before)[:, :16].mean() <= 1.0 and np.abs(after - before)[:, 16:].mean() >= 10.0
