@@ -343,7 +343,7 @@ def write_alignment_plot(points: Sequence[SweepPoint], path: Path, *, title: str
         for x, y in drawn:
             draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
         if drawn:
-            draw.text((width - margin - 120, margin + 8 + 14 * k), label, fill=colour)
+            draw.text((margin + 130 * k, 30), label, fill=colour)
     legend = len([1 for _, _, pts in series if any(v is not None for _, v in pts)])
     for key, colour in SHAPES_COLOURS.items():
         acc = [(p.scale, (p.summary.shapes or {}).get(key)) for p in points]
@@ -362,7 +362,7 @@ def write_alignment_plot(points: Sequence[SweepPoint], path: Path, *, title: str
                 )  # fmt: skip
         for x, y in drawn:
             draw.rectangle((x - 3, y - 3, x + 3, y + 3), fill=colour)
-        draw.text((width - margin - 120, margin + 8 + 14 * legend), f"{key} accuracy (right)", fill=colour)
+        draw.text((margin + 130 * legend, 30), f"{key} accuracy (right)", fill=colour)
         legend += 1
         draw.text((width - margin + 6, margin - 6), "1", fill="black")
         draw.text((width - margin + 6, height - margin - 6), "0", fill="black")
