@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test test-slow lint format demo bench docs shapes-model clean
+.PHONY: install test test-slow lint format demo bench docs pictures shapes-model clean
 
 install: $(VENV)/.installed
 
@@ -40,10 +40,14 @@ bench: install
 docs: install
 	$(PY) -m lorax.cli.docgen docs/cli.md
 
+# The pictures in docs/img/ (sweep, X/Y plot, loss plot, samples sheet), made from the shipped shapes model.
+pictures: install
+	nice -n 10 $(PY) scripts/docs_pictures.py --out docs/img
+
 # Retrain the built-in shapes model (docs/model-card.md) into SHAPES_OUT; copy it over lorax/zoo/shapes/model to ship it.
 SHAPES_OUT ?= shapes-model-out
 shapes-model: install
 	nice -n 10 $(PY) -m lorax.zoo.shapes.train_base --out $(SHAPES_OUT) --seed 0
 
 clean:
-	rm -rf $(VENV) demo-out bench/out .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) demo-out docs-pictures-work bench/out .pytest_cache .ruff_cache .mypy_cache

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # lorax end to end on a tiny model, offline: `make demo` runs this with the venv's bin first on PATH.
 # Part 1 tours the file tools on a tiny random model; part 2 is the main story on the built-in `shapes` model:
-# teach it a colour it never saw, generate before/after and a scale sweep, merge the LoRA in. Everything lands in demo-out/.
+# teach it a colour it never saw, generate before/after, a labelled scale sweep and an X/Y plot, merge the LoRA in.
+# Everything lands in demo-out/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=demo-out
@@ -48,15 +49,19 @@ echo "== lorax train: DreamBooth LoRA with prior preservation, a checkpoint half
 lorax train "$OUT/sks-circle" --model shapes --steps 500 --batch-size 4 --lr 5e-3 --snr-gamma 5 \
   --class-prompt "a circle" --num-class-images 24 --checkpoint-every 250 \
   --validation-prompt "a sks circle" --validation-every 250 -o "$OUT/sks-circle.safetensors" --force
-echo "loss curve: $OUT/sks-circle.loss.png, samples: $OUT/sks-circle.samples/, resolved config: $OUT/sks-circle.toml"
+echo "loss plot (checkpoint marked): $OUT/sks-circle.loss.png; validation samples: $OUT/sks-circle.samples.png"
+echo "resolved config: $OUT/sks-circle.toml"
 lorax inspect "$OUT/sks-circle.safetensors"
 
-echo "== lorax generate: after training, and a LoRA scale sweep 0 → 1 as one grid"
+echo "== lorax generate: after training, a labelled LoRA scale sweep 0 → 1, and an X/Y plot (scale × prompt)"
 lorax generate "a sks circle" --model shapes -n 8 --seed 1 --grid -o "$OUT/after" --force \
   --lora "$OUT/sks-circle.safetensors" > /dev/null
 lorax generate "a sks circle" --model shapes -n 3 --seed 1 -o "$OUT/sweep" --force \
   --lora "$OUT/sks-circle.safetensors" --sweep-scale 0,0.25,0.5,0.75,1 > /dev/null
+lorax generate "a sks circle" --model shapes --seed 1 -o "$OUT/xy" --force \
+  --lora "$OUT/sks-circle.safetensors" --xy scale=0,0.5,1 --xy prompt=circle,square > /dev/null
 echo "after: $OUT/after/a-sks-circle-1-grid.png; sweep: $OUT/sweep/a-sks-circle-1-sweep.png (columns: LoRA scale)"
+echo "X/Y plot: $OUT/xy/a-sks-circle-1-xy.png (columns: LoRA scale; rows: 'circle' replaced by 'square')"
 
 echo "== lorax merge: the LoRA baked into the shapes model (a plain diffusers folder any SD tool loads)"
 lorax merge shapes "$OUT/sks-circle.safetensors" -o "$OUT/shapes-sks-circle" --force
@@ -72,4 +77,5 @@ lorax pivot "$OUT/sks-circle" --model shapes --token '<s1>' --token-at-data 'sks
   --init-token 'red blue' --ti-steps 20 --steps 20 -o "$OUT/s1-pivot.safetensors" --force
 echo "learned token: $OUT/s1.pt; LoRA + token in one file: $OUT/s1-pivot.safetensors"
 echo
-echo "demo done: open the PNGs under $OUT/ (before/, after/, sweep/, merged/, sks-circle.loss.png)"
+echo "demo done: open the PNGs under $OUT/ (before/, after/, sweep/, xy/, merged/, sks-circle.loss.png,"
+echo "  sks-circle.samples.png)"

@@ -245,8 +245,11 @@ class DoraModule:
     def to_kohya(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
         magnitude = self.magnitude
-        if magnitude.dim() == 1:
-            magnitude = magnitude.reshape(-1, 1) if self.wd_on_out else magnitude.reshape(1, -1)
+        if (
+            magnitude.dim() == 1
+        ):  # LyCORIS' shapes: [out, 1, …] or [1, in, …], one axis per weight axis (conv: 4)
+            ones = [1] * (self.down.dim() - 2)
+            magnitude = magnitude.reshape(-1, 1, *ones) if self.wd_on_out else magnitude.reshape(1, -1, *ones)
         return {
             "lora_down.weight": cast(self.down).contiguous(),
             "lora_up.weight": cast(self.up).contiguous(),

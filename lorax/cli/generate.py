@@ -141,13 +141,29 @@ def generate(
         str | None,
         typer.Option(
             "--sweep-scale",
-            help="Generate once per scale factor, e.g. 0,0.25,0.5,0.75,1 (same seeds), plus one grid per prompt.",
+            help="Generate once per scale factor, e.g. 0,0.25,0.5,0.75,1 (same seeds), plus one labelled sheet per "
+            "prompt (a column per scale, a row per seed, the prompt on top).",
             show_default=False,
         ),
     ] = None,
     grid: Annotated[
-        bool, typer.Option("--grid", help="Also write a contact sheet of each prompt's batch.")
+        bool,
+        typer.Option(
+            "--grid",
+            help="Also write a contact sheet of each prompt's batch (with --sweep-scale: of each scale's).",
+        ),
     ] = False,
+    xy: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--xy",
+            help="An X/Y plot axis, KIND=V1,V2,… (A1111's X/Y plot): the first --xy gives the columns, a second the "
+            "rows. KIND: prompt (search/replace: the first value is searched for, each value replaces it), scale "
+            "(times every --lora's strength), lora (one LoRA per value: a name in --lora-dir or a path; none for "
+            "the model alone), seed, steps, guidance. Writes one labelled PNG per prompt.",
+            show_default=False,
+        ),
+    ] = None,
     scale_schedule: Annotated[
         str | None,
         typer.Option(
@@ -171,9 +187,12 @@ def generate(
     Each PNG records how it was made in a "parameters" text chunk (AUTOMATIC1111's convention) and its path is printed on stdout (with --json, one JSON object per image). Files are named PROMPT-SEED.png and are never overwritten without --force.
 
     Example: lorax generate "a red circle on a white background" --lora red.safetensors:0.8 -n 4 --seed 1 --grid
+
+    X/Y plot: lorax generate "a red circle on a white background" --lora red.safetensors --xy scale=0,0.5,1 --xy prompt=circle,square --seed 1
     """
     from lorax.adapters.apply import parse_blocks
     from lorax.cli.common import to_json
+    from lorax.gen.xy import parse_xy
     from lorax.services.generate import (
         GenerateConfig,
         GeneratedImage,
@@ -224,6 +243,7 @@ def generate(
         dtype=dtype,
         force=force,
         lora_dir=lora_dir,
+        xy=[parse_xy(v) for v in xy or []],
     )
 
     def show(image: GeneratedImage) -> None:

@@ -227,6 +227,8 @@ def train_command(
         f"{result.seconds:.1f}s; {result.file_bytes / 1e6:.2f} MB ({100 * result.file_bytes / result.base_model_bytes:.2f}% "
         f"of the base model); loss curve {result.loss_png}"
     )
+    if result.samples_png is not None:
+        summary += f"; samples sheet {result.samples_png}"
     from lorax.cli.app import STATE
     from lorax.cli.common import stderr_console
 

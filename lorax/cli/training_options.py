@@ -309,7 +309,8 @@ def print_summary(result: Any, what: str, model: str | None = None) -> None:
     on = f"; model {model}" if model is not None else ""
     stderr_console().print(
         f"{what}{on}; final loss {loss}, {result.seconds:.1f}s; {result.file_bytes / 1e3:.1f} kB; "
-        f"loss curve {result.loss_png}",
+        f"loss curve {result.loss_png}"
+        + (f"; samples sheet {result.samples_png}" if getattr(result, "samples_png", None) else ""),
         markup=False,
         highlight=False,
     )

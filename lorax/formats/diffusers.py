@@ -10,7 +10,8 @@ Alphas come from ``<path>.alpha`` keys, else from the ``lora_adapter_metadata`` 
 (``{"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": {...}}``, one LoraConfig per component), else ``alpha = r``.
 
 DoRA magnitudes are ``<path>.lora_magnitude_vector``: ``[out]`` for Linear, ``[1, out, 1, 1]`` for Conv2d (PEFT's
-shapes); both, and a flat ``[out]`` for convs, are read.
+shapes); both, and a flat ``[out]`` for convs, are read. Text encoders' are written ``….lora_magnitude_vector.weight``
+(``magnitude_key``: the name diffusers' text-encoder loader matches); both names are read.
 
 lorax writes the newest names, with ``text_model.`` kept for text encoders (diffusers strips it for models that lack
 it), with each module's ``alpha / r`` folded into ``lora_B`` (``prepare``) so the tensors alone give the strength, as
@@ -190,6 +191,32 @@ def prepare(state: LoraState) -> LoraState:
     return replace(state, modules=modules)
 
 
+# What each LyCORIS algorithm is, for the one line that refuses it in a diffusers/PEFT file.
+_ALGORITHMS = {
+    "loha": "a LoHa (a Hadamard product of two low-rank pairs)",
+    "lokr": "a LoKr (a Kronecker product)",
+    "ia3": "an IA3 (a per-channel scale of the base weight)",
+    "full": "a full weight difference (diff)",
+}
+
+
+def _no_peft_form(module: Any) -> str:
+    kind = str(getattr(module, "kind", type(module).__name__))
+    inner, dora, _ = kind.partition("+dora")
+    what = _ALGORITHMS.get(inner, f"a {type(module).__name__}")
+    return f"{what} with DoRA magnitudes" if dora else what
+
+
+def magnitude_key(module_path: str) -> str:
+    """The key of a DoRA module's magnitude: PEFT's ``<path>.lora_magnitude_vector`` for the UNet;
+    ``<path>.lora_magnitude_vector.weight`` for text encoders, which diffusers (0.42) loads through transformers'
+    (≥ 5) adapter loader, which matches only that name (it drops the bare name: the text encoder's DoRA would fuse as
+    a plain LoRA). PEFT's own loader, diffusers' UNet path, and lorax's reader take both names."""
+    component = module_path.partition(".")[0]
+    suffix = ".weight" if component in families.TEXT_COMPONENTS else ""
+    return f"{module_path}.lora_magnitude_vector{suffix}"
+
+
 def write(
     state: LoraState, *, dtype: torch.dtype | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -206,8 +233,8 @@ def write(
             )
         if not isinstance(module, LoraModule | DoraModule):
             raise FormatError(
-                f"module {module_path} ({type(module).__name__}) cannot be written in diffusers format; "
-                "write it in the kohya format (--to kohya; --format kohya in train and pivot)"
+                f"module {module_path} is {_no_peft_form(module)}, which a diffusers/PEFT file (lora_A/lora_B "
+                "pairs) cannot hold; write it in the kohya format (--to kohya; --format kohya in train and pivot)"
             )
         down, up = (module.down, module.up) if dtype is None else (module.down.to(dtype), module.up.to(dtype))
         tensors[f"{module_path}.lora_A.weight"] = down.contiguous()
@@ -216,7 +243,7 @@ def write(
             magnitude = module.magnitude.reshape(-1)
             if module.down.dim() == 4:  # PEFT's Conv2d magnitude: [1, out, 1, 1]
                 magnitude = magnitude.reshape(1, -1, 1, 1)
-            tensors[f"{module_path}.lora_magnitude_vector"] = (
+            tensors[magnitude_key(module_path)] = (
                 magnitude if dtype is None else magnitude.to(dtype)
             ).contiguous()
     packed: dict[str, Any] = {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorax.errors import ConfigError, MismatchError
+from lorax.errors import ConfigError, FormatError, MismatchError
 from lorax.io.atomic import FILE, MODEL_FOLDER, atomic_path, check_output, check_outputs
 from lorax.io.checkpoint import (
     DiffusersCheckpoint,
@@ -316,15 +316,20 @@ def convert_lora(config: ConvertConfig, fmt: str, progress: Progress) -> Convert
                 f"worst {worst.energy:.4f} ({worst.module})"
             )
     dtype = _torch_dtype(config.dtype)
-    if target == "diffusers" and state.embeddings:
-        result.embedding_files = _save_diffusers_with_embeddings(
-            state, Path(config.output), dtype, config.force
-        )
-        result.outputs = [Path(config.output), *result.embedding_files.values()]
-    else:
-        from lorax.formats import save_lora
+    try:
+        if target == "diffusers" and state.embeddings:
+            result.embedding_files = _save_diffusers_with_embeddings(
+                state, Path(config.output), dtype, config.force
+            )
+            result.outputs = [Path(config.output), *result.embedding_files.values()]
+        else:
+            from lorax.formats import save_lora
 
-        save_lora(state, config.output, format=target, dtype=dtype, force=config.force, model=skeleton)
+            save_lora(state, config.output, format=target, dtype=dtype, force=config.force, model=skeleton)
+    except FormatError as err:  # what the target format cannot hold: said of the input that holds it
+        if err.path is not None:
+            raise
+        raise FormatError(str(err), path=config.input) from None
     result.modules = len(state.modules)
     result.tokens = sorted(state.embeddings)
     return result

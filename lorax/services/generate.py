@@ -25,6 +25,7 @@ from typing import Any
 from lorax import __version__
 from lorax.adapters.state import LoraState
 from lorax.errors import ConfigError, InputError, OutputExistsError
+from lorax.gen.xy import XYAxis
 from lorax.models.defaults import model_defaults
 from lorax.progress import NullProgress, Progress
 
@@ -166,6 +167,7 @@ class GenerateConfig:
     dtype: str = "auto"
     force: bool = False
     lora_dir: Path | None = None  # where <lora:NAME:W> prompt tags are looked up (None: the current folder)
+    xy: list[XYAxis] = field(default_factory=list)  # --xy axes: X (columns), then Y (rows)
 
     def validate(self) -> None:
         problems: list[str] = []
@@ -203,13 +205,47 @@ class GenerateConfig:
             problems.append(f"--device {self.device!r} is unknown; choose one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
             problems.append(f"--dtype {self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+        problems += self._xy_problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _xy_problems(self) -> list[str]:
+        if not self.xy:
+            return []
+        problems: list[str] = []
+        kinds = [axis.kind for axis in self.xy]
+        if len(self.xy) > 2:
+            problems.append("--xy is given more than twice; an X/Y plot has two axes (X: columns, Y: rows)")
+        if len(set(kinds)) < len(kinds):
+            problems.append(f"--xy {kinds[-1]} is given twice; give each kind once, with all its values")
+        if self.sweep is not None:
+            problems.append("--sweep-scale and --xy both make a sheet: use --xy scale=… as one of the axes")
+        if self.n != 1:
+            problems.append("--xy makes one image per cell (-n 1); vary seeds with --xy seed=1,2,3")
+        if self.grid:
+            problems.append("--xy writes its own labelled grid; leave out --grid")
+        if "scale" in kinds and not self.loras and "lora" not in kinds:
+            problems.append("--xy scale needs at least one --lora (or an --xy lora axis)")
+        if self.fuse and ("scale" in kinds or "lora" in kinds):
+            problems.append(
+                "--fuse fixes the LoRAs and their scales: it cannot be combined with --xy scale or lora"
+            )
+        for axis in self.xy:
+            if axis.kind == "prompt":
+                search = axis.values[0]
+                missing = [p for p in self.prompts if search not in p and search not in self.negative]
+                if missing:
+                    problems.append(
+                        f"--xy prompt: the search text {search!r} (the first value) is not in the prompt "
+                        f"{missing[0]!r} nor in the negative prompt"
+                    )
+        return problems
 
 
 @dataclass
 class GeneratedImage:
-    """One written file. ``kind``: ``image``, ``sweep`` (one frame of a sweep), ``sweep-grid`` or ``grid``."""
+    """One written file. ``kind``: ``image``, ``sweep`` (one frame of a sweep), ``xy`` (one cell of an X/Y plot),
+    ``grid`` (a batch's contact sheet), ``sweep-grid`` or ``xy-grid`` (the labelled sheets)."""
 
     path: Path
     kind: str
@@ -387,35 +423,154 @@ def _load_embedding_file(path: Path) -> dict[str, dict[str, Any]]:
 
 @dataclass
 class _Job:
-    """One pipeline call: a prompt, its seeds, and (for sweeps) the scale factor."""
+    """One pipeline call: a prompt, its seeds, and what a sweep or an X/Y cell changes."""
 
     prompt_index: int
-    prompt: str
+    prompt: str  # as typed (after an --xy prompt replacement); learned-token tags expand at run time
+    negative: str
     seeds: list[int]
-    factor: float | None
+    factor: float | None  # the LoRA scale factor of a sweep frame or an --xy scale cell
     names: list[Path]
+    steps: int | None = None  # an --xy steps / guidance cell's own value (None: the run's)
+    guidance: float | None = None
+    lora: int | None = (
+        None  # an --xy lora cell: which of the axis's LoRAs is on (-1: none); None: no such axis
+    )
+    kind: str = "image"
 
 
-def _plan(config: GenerateConfig, seed: int) -> tuple[list[_Job], list[tuple[int, Path, str]]]:
-    """Every pipeline call and every file name, before anything runs; grids as (prompt index, path, kind)."""
+@dataclass
+class _Sheet:
+    """One grid file: ``cells[row][col]`` = (job index, image index in that job's batch)."""
+
+    path: Path
+    kind: str  # "grid" (a batch's plain contact sheet), "sweep-grid" or "xy-grid" (labelled)
+    prompt_index: int
+    cells: list[list[tuple[int, int]]]
+    col_labels: list[str] = field(default_factory=list)
+    row_labels: list[str] | None = None
+    factor: float | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def _stem(config: GenerateConfig, index: int) -> str:
+    stem = slugify(config.prompts[index])
+    return f"{index + 1:03d}-{stem}" if len(config.prompts) > 1 else stem
+
+
+def _plan(config: GenerateConfig, seed: int) -> tuple[list[_Job], list[_Sheet]]:
+    """Every pipeline call and every file name, before anything runs."""
+    from lorax.gen.xy import search_replace
+
     out = config.out_dir
     jobs: list[_Job] = []
-    grids: list[tuple[int, Path, str]] = []
+    sheets: list[_Sheet] = []
     seeds = [seed + i for i in range(config.n)]
     for index, prompt in enumerate(config.prompts):
-        stem = slugify(prompt)
-        if len(config.prompts) > 1:
-            stem = f"{index + 1:03d}-{stem}"
-        if config.sweep is not None:
-            for factor in config.sweep:
-                names = [out / f"{stem}-{s}-s{factor:g}.png" for s in seeds]
-                jobs.append(_Job(index, prompt, seeds, factor, names))
-            grids.append((index, out / f"{stem}-{seed}-sweep.png", "sweep-grid"))
-        else:
-            jobs.append(_Job(index, prompt, seeds, None, [out / f"{stem}-{s}.png" for s in seeds]))
+        stem = _stem(config, index)
+        if config.xy:
+            x_axis = config.xy[0]
+            y_axis = config.xy[1] if len(config.xy) > 1 else None
+            rows: list[list[tuple[int, int]]] = []
+            for r in range(len(y_axis.values) if y_axis is not None else 1):
+                row: list[tuple[int, int]] = []
+                for c in range(len(x_axis.values)):
+                    cell = [(x_axis, c)] + ([(y_axis, r)] if y_axis is not None else [])
+                    job = _Job(index, prompt, config.negative, [seed], None, [], kind="xy")
+                    for axis, i in cell:
+                        value = axis.values[i]
+                        if axis.kind == "prompt":
+                            job.prompt = search_replace(job.prompt, axis.values[0], value)
+                            job.negative = search_replace(job.negative, axis.values[0], value)
+                        elif axis.kind == "scale":
+                            job.factor = float(value)
+                        elif axis.kind == "seed":
+                            job.seeds = [int(float(value))]
+                        elif axis.kind == "steps":
+                            job.steps = int(float(value))
+                        elif axis.kind == "guidance":
+                            job.guidance = float(value)
+                        elif axis.kind == "lora":
+                            job.lora = -1 if _is_no_lora(value) else i
+                    tags = "-".join(axis.file_tag(i) for axis, i in cell if axis.kind != "seed")
+                    job.names = [out / ("-".join(p for p in (stem, str(job.seeds[0]), tags) if p) + ".png")]
+                    row.append((len(jobs), 0))
+                    jobs.append(job)
+                rows.append(row)
+            extra = {"X Type": x_axis.label, "X Values": ",".join(x_axis.values)}
+            if y_axis is not None:
+                extra |= {"Y Type": y_axis.label, "Y Values": ",".join(y_axis.values)}
+            sheets.append(
+                _Sheet(
+                    out / f"{stem}-{seed}-xy.png",
+                    "xy-grid",
+                    index,
+                    rows,
+                    [x_axis.cell_label(c) for c in range(len(x_axis.values))],
+                    [y_axis.cell_label(r) for r in range(len(y_axis.values))] if y_axis is not None else None,
+                    extra=extra,
+                )
+            )
+            continue
+        factors: list[float | None] = list(config.sweep) if config.sweep is not None else [None]
+        first = len(jobs)
+        for factor in factors:
+            tag = "" if factor is None else f"-s{factor:g}"
+            names = [out / f"{stem}-{s}{tag}.png" for s in seeds]
+            kind = "image" if factor is None else "sweep"
+            jobs.append(_Job(index, prompt, config.negative, seeds, factor, names, kind=kind))
             if config.grid:
-                grids.append((index, out / f"{stem}-{seed}-grid.png", "grid"))
-    return jobs, grids
+                cells = [[(len(jobs) - 1, i) for i in range(len(seeds))]]
+                sheets.append(
+                    _Sheet(out / f"{stem}-{seed}{tag}-grid.png", "grid", index, cells, factor=factor)
+                )
+        if config.sweep is not None:  # rows are seeds, columns are scales
+            sheets.append(
+                _Sheet(
+                    out / f"{stem}-{seed}-sweep.png",
+                    "sweep-grid",
+                    index,
+                    [[(first + c, r) for c in range(len(factors))] for r in range(len(seeds))],
+                    [f"scale {f:g}" for f in config.sweep],
+                    [f"seed {s}" for s in seeds] if len(seeds) > 1 else None,
+                    extra={"Lora sweep": ",".join(f"{f:g}" for f in config.sweep)},
+                )
+            )
+    return jobs, sheets
+
+
+def _is_no_lora(value: str) -> bool:
+    from lorax.gen.xy import NO_LORA
+
+    return value.strip().lower() == NO_LORA and not Path(value).exists()
+
+
+def xy_lora_specs(config: GenerateConfig) -> list[LoraSpec | None]:
+    """The files of an ``--xy lora`` axis, one per value (None for ``none``): a path as given, else a name looked up in
+    ``--lora-dir`` (default: the current folder) as ``<lora:NAME:…>`` tags are."""
+    from lorax.gen.prompt_loras import resolve_name
+
+    axis = next((a for a in config.xy if a.kind == "lora"), None)
+    if axis is None:
+        return []
+    folder = config.lora_dir if config.lora_dir is not None else Path.cwd()
+    specs: list[LoraSpec | None] = []
+    for value in axis.values:
+        if _is_no_lora(value):
+            specs.append(None)
+            continue
+        path = Path(value)
+        if not path.is_file():
+            try:
+                path = resolve_name(value, folder)
+            except InputError:
+                raise InputError(
+                    f"--xy lora: {value!r} is neither a file nor the name of a LoRA file in this folder; "
+                    "pass --lora-dir or a path",
+                    path=folder,
+                ) from None
+        specs.append(LoraSpec(path, name=path.stem))
+    return specs
 
 
 def _check_outputs(paths: Sequence[Path], force: bool) -> None:
@@ -461,7 +616,7 @@ def generate(
         quiet_libraries,
         register_tokens,
     )
-    from lorax.gen.grid import make_grid
+    from lorax.gen.grid import make_grid, xy_grid
     from lorax.gen.params import format_parameters, save_png
     from lorax.gen.prompt_loras import format_tag, with_tags
     from lorax.gen.schedule import parse_schedule
@@ -478,11 +633,20 @@ def generate(
     seed = config.seed if config.seed is not None else random.randrange(2**32)
 
     # Check every input before the (slow) model load, so bad input fails fast.
-    for spec in config.loras:
+    axis_specs = xy_lora_specs(
+        config
+    )  # an --xy lora axis: its files go on after the --lora ones, all at once
+    specs = [*config.loras, *[spec for spec in axis_specs if spec is not None]]
+    axis_request: list[int | None] = []  # axis value → index of its request (None: the model alone)
+    for spec in axis_specs:
+        axis_request.append(
+            None if spec is None else len(config.loras) + sum(i is not None for i in axis_request)
+        )
+    for spec in specs:
         if spec.state is None:
             if spec.path is None:
                 raise ConfigError("a LoRA needs a file or an in-memory state")
-            _check_input_file(spec.path, "--lora")
+            _check_input_file(spec.path, "--lora" if spec in config.loras else "--xy lora")
     for path in config.embeddings:
         _check_input_file(path, "--embedding")
     embeddings = [(path, _load_embedding_file(path)) for path in config.embeddings]
@@ -494,8 +658,8 @@ def generate(
     from lorax.gen import inpaint
 
     mask = inpaint.read_mask_image(config.mask_image) if config.mask_image is not None else None
-    jobs, grids = _plan(config, seed)
-    _check_outputs([p for job in jobs for p in job.names] + [g[1] for g in grids], config.force)
+    jobs, sheets = _plan(config, seed)
+    _check_outputs([p for job in jobs for p in job.names] + [sheet.path for sheet in sheets], config.force)
 
     own_pipe = pipe is None
     if own_pipe:
@@ -514,7 +678,7 @@ def generate(
     # kohya names and lora_diffusion indices resolve exactly against the live model
     states = [
         spec.state if spec.state is not None else _load_lora_file(spec.path, pipe)  # type: ignore[arg-type]
-        for spec in config.loras
+        for spec in specs
     ]
     if config.scheduler:
         set_scheduler(pipe, config.scheduler)
@@ -523,7 +687,7 @@ def generate(
     for path, embedding in embeddings:
         taken |= set(register_tokens(pipe, embedding, source=path))
     lora_tokens: dict[int, list[str]] = {}
-    for number, (spec, state) in enumerate(zip(config.loras, states, strict=True), start=1):
+    for number, (spec, state) in enumerate(zip(specs, states, strict=True), start=1):
         if not state.embeddings:
             continue
         bundled = dict(state.embeddings)
@@ -533,7 +697,9 @@ def generate(
         lora_tokens[number] = list(bundled)
     prompts = [expand_lora_tokens(p, lora_tokens) for p in config.prompts]
     negative = expand_lora_tokens(config.negative, lora_tokens)
-    check_prompt_tokens(pipe, [*prompts, negative])
+    job_prompts = [expand_lora_tokens(job.prompt, lora_tokens) for job in jobs]
+    job_negatives = [expand_lora_tokens(job.negative, lora_tokens) for job in jobs]
+    check_prompt_tokens(pipe, [*prompts, negative, *job_prompts, *job_negatives])
 
     requests = [
         LoraRequest(
@@ -544,11 +710,28 @@ def generate(
             blocks=config.blocks,
             source=spec.path,
         )
-        for spec, state in zip(config.loras, states, strict=True)
+        for spec, state in zip(specs, states, strict=True)
     ]
     applied = apply_loras(pipe, requests, fuse=config.fuse) if requests else None
     for warning in applied.warnings if applied is not None else []:
         progress.log(f"warning: {warning}")
+
+    def active(job: _Job) -> list[int]:
+        """The requests on for ``job``: every --lora, and of an --xy lora axis only the cell's own."""
+        if job.lora is None:
+            return list(range(len(requests)))
+        chosen = axis_request[job.lora] if job.lora >= 0 else None
+        return [*range(len(config.loras)), *([chosen] if chosen is not None else [])]
+
+    def switch(job: _Job) -> None:
+        """With an --xy lora axis, the LoRAs of the other cells go to scale 0 (exactly the model without them)."""
+        if applied is None or not axis_specs:
+            return
+        on = set(active(job))
+        for i, request in enumerate(requests):
+            applied.requests[i] = (
+                request if i in on else dataclasses.replace(request, unet_scale=0.0, text_scale=0.0)
+            )
 
     runner = pipe
     if inpaint.is_inpainting_model(pipe) and mask is None:
@@ -570,44 +753,47 @@ def generate(
     if mask is not None:
         mask = inpaint.binary_mask(mask, (width, height))
 
+    names = applied.names if applied is not None else []
     hashes = {
-        name: file_hash(spec.path, lora=True)
-        for name, spec in zip(applied.names if applied else [], config.loras, strict=True)
-        if spec.path is not None
+        names[i]: file_hash(spec.path, lora=True) for i, spec in enumerate(specs) if spec.path is not None
     }
     ti_hashes = {path.stem: file_hash(path) for path, _ in embeddings}
-    fields_base: dict[str, object] = {
-        "Steps": steps,
-        "Sampler": sampler_name(pipe),
-        "CFG scale": f"{guidance:g}",
-    }
+    sampler = sampler_name(pipe)
+    # a sheet's own PNG info names the run-wide LoRAs (an --xy lora axis's files are in X/Y Values)
+    on_all = list(range(len(config.loras) if axis_specs else len(requests)))
 
-    def infotext_prompt(prompt: str, factor: float | None) -> str:
+    def infotext_prompt(prompt: str, factor: float | None, on: list[int]) -> str:
         """The prompt with a ``<lora:…>`` tag per LoRA file, so the PNG's parameters paste into A1111."""
-        if applied is None:
-            return prompt
         f = 1.0 if factor is None else factor
         tags = [
-            format_tag(name, f * r.unet_scale, f * r.effective_text_scale)
-            for name, r, spec in zip(applied.names, applied.requests, config.loras, strict=True)
-            if spec.path is not None
+            format_tag(names[i], f * requests[i].unet_scale, f * requests[i].effective_text_scale)
+            for i in on
+            if specs[i].path is not None
         ]
         return with_tags(prompt, tags) if tags else prompt
 
-    def fields_for(image_seed: int, factor: float | None) -> dict[str, object]:
-        fields = dict(fields_base)
-        fields["Seed"] = image_seed
-        fields["Size"] = f"{width}x{height}"
-        fields["Model"] = _model_label(config.model)
+    def fields_for(
+        image_seed: int, factor: float | None, on: list[int], job_steps: int, job_guidance: float
+    ) -> dict[str, object]:
+        fields: dict[str, object] = {
+            "Steps": job_steps,
+            "Sampler": sampler,
+            "CFG scale": f"{job_guidance:g}",
+            "Seed": image_seed,
+            "Size": f"{width}x{height}",
+            "Model": _model_label(config.model),
+        }
         if init is not None:
             fields["Denoising strength"] = f"{config.strength:g}"
-        if applied is not None:
-            if hashes:
-                fields["Lora hashes"] = ", ".join(f"{k}: {v}" for k, v in hashes.items())
+        if applied is not None and on:
+            if any(names[i] in hashes for i in on):
+                fields["Lora hashes"] = ", ".join(
+                    f"{names[i]}: {hashes[names[i]]}" for i in on if names[i] in hashes
+                )
             f = 1.0 if factor is None else factor
             fields["Lora scales"] = ", ".join(
-                f"{name}: {f * r.unet_scale:g}/{f * r.effective_text_scale:g}"
-                for name, r in zip(applied.names, applied.requests, strict=True)
+                f"{names[i]}: {f * requests[i].unet_scale:g}/{f * requests[i].effective_text_scale:g}"
+                for i in on
             )
             if config.blocks:
                 fields["Lora blocks"] = ",".join(f"{k}={v:g}" for k, v in config.blocks.items())
@@ -620,19 +806,36 @@ def generate(
         fields["Version"] = f"lorax {__version__}"
         return fields
 
-    steps_per_call = steps if init is None else max(1, min(int(steps * config.strength), steps))
+    def calls_steps(job_steps: int) -> int:
+        return job_steps if init is None else max(1, min(int(job_steps * config.strength), job_steps))
+
     written: list[GeneratedImage] = []
-    frames: dict[int, list[tuple[float | None, list[Any]]]] = {}
-    gridded = {index for index, _, _ in grids}
+    held: dict[int, list[Any]] = {}  # job index → its images, only for jobs a sheet shows
+    shown = {j for sheet in sheets for row in sheet.cells for j, _ in row}
     started = time.perf_counter()
     n_images = 0
+
+    def emit(record: GeneratedImage) -> None:
+        written.append(record)
+        if on_image is not None:
+            on_image(record)
+
     try:
-        with progress.task("generating", total=len(jobs) * steps_per_call) as task:
-            for job in jobs:
+        total = sum(calls_steps(job.steps or steps) for job in jobs)
+        with progress.task("generating", total=total) as task:
+            for j, job in enumerate(jobs):
                 factor = 1.0 if job.factor is None else job.factor
+                job_steps = job.steps or steps
+                job_guidance = guidance if job.guidance is None else job.guidance
+                steps_per_call = calls_steps(job_steps)
 
                 def on_step_end(
-                    p: Any, step: int, timestep: Any, kwargs: dict[str, Any], factor: float = factor
+                    p: Any,
+                    step: int,
+                    timestep: Any,
+                    kwargs: dict[str, Any],
+                    factor: float = factor,
+                    steps_per_call: int = steps_per_call,
                 ) -> dict[str, Any]:
                     if schedule is not None and applied is not None:
                         total = int(getattr(p, "num_timesteps", 0) or steps_per_call)
@@ -640,15 +843,16 @@ def generate(
                     task.advance()
                     return kwargs
 
+                switch(job)
                 if applied is not None and not applied.fused:
                     first = schedule.for_step(0, steps_per_call) if schedule is not None else 1.0
                     applied.set_scales(factor * first, factor)
                 generators = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
                 kwargs: dict[str, Any] = {
-                    "prompt": prompts[job.prompt_index],
-                    "negative_prompt": negative or None,
-                    "num_inference_steps": steps,
-                    "guidance_scale": guidance,
+                    "prompt": job_prompts[j],
+                    "negative_prompt": job_negatives[j] or None,
+                    "num_inference_steps": job_steps,
+                    "guidance_scale": job_guidance,
                     "num_images_per_prompt": len(job.seeds),
                     "generator": generators,
                     "callback_on_step_end": on_step_end,
@@ -667,53 +871,55 @@ def generate(
                 if mask is not None:
                     images = inpaint.paste_unmasked(images, init, mask)
                 n_images += len(images)
-                if job.prompt_index in gridded:  # hold images only for the contact sheets asked for
-                    frames.setdefault(job.prompt_index, []).append((job.factor, images))
+                if j in shown:  # hold images only for the sheets asked for
+                    held[j] = images
+                on = active(job)
                 for image, image_seed, path in zip(images, job.seeds, job.names, strict=True):
                     text = format_parameters(
-                        infotext_prompt(prompts[job.prompt_index], job.factor),
-                        negative,
-                        fields_for(image_seed, job.factor),
+                        infotext_prompt(job_prompts[j], job.factor, on),
+                        job_negatives[j],
+                        fields_for(image_seed, job.factor, on, job_steps, job_guidance),
                     )
                     with atomic_path(path, config.force) as tmp:
                         save_png(image, tmp, text)
-                    record = GeneratedImage(
-                        path=path,
-                        kind="image" if job.factor is None else "sweep",
-                        prompt=prompts[job.prompt_index],
-                        seed=image_seed,
-                        width=image.width,
-                        height=image.height,
-                        scale=job.factor,
-                        parameters=text,
+                    emit(
+                        GeneratedImage(
+                            path=path,
+                            kind=job.kind,
+                            prompt=job_prompts[j],
+                            seed=image_seed,
+                            width=image.width,
+                            height=image.height,
+                            scale=job.factor,
+                            parameters=text,
+                        )
                     )
-                    written.append(record)
-                    if on_image is not None:
-                        on_image(record)
         elapsed = time.perf_counter() - started
-        for index, path, kind in grids:
-            columns = frames[index]
-            prompt = prompts[index]
-            if kind == "sweep-grid":
-                # rows are seeds, columns are scales
-                cells = [columns[c][1][r] for r in range(config.n) for c in range(len(columns))]
-                sheet = make_grid(cells, len(columns), col_labels=[f"{f:g}" for f, _ in columns])
-                extra = {"Lora sweep": ",".join(f"{f:g}" for f, _ in columns)}
+        for sheet in sheets:
+            prompt = prompts[sheet.prompt_index]
+            cells = [[held[j][i] for j, i in row] for row in sheet.cells]
+            if sheet.kind == "grid":
+                flat = [image for row in cells for image in row]
+                picture = make_grid(flat, math.ceil(math.sqrt(len(flat))))
             else:
-                cells = columns[0][1]
-                sheet = make_grid(cells, math.ceil(math.sqrt(len(cells))))
-                extra = {}
+                picture = xy_grid(
+                    cells, col_labels=sheet.col_labels, row_labels=sheet.row_labels, title=prompt
+                )
             text = format_parameters(
-                infotext_prompt(prompt, None), negative, {**fields_for(seed, None), **extra}
+                infotext_prompt(prompt, sheet.factor, on_all),
+                negative,
+                {**fields_for(seed, sheet.factor, on_all, steps, guidance), **sheet.extra},
             )
-            with atomic_path(path, config.force) as tmp:
-                save_png(sheet, tmp, text)
-            record = GeneratedImage(path, kind, prompt, seed, sheet.width, sheet.height, None, text)
-            written.append(record)
-            if on_image is not None:
-                on_image(record)
+            with atomic_path(sheet.path, config.force) as tmp:
+                save_png(picture, tmp, text)
+            emit(
+                GeneratedImage(
+                    sheet.path, sheet.kind, prompt, seed, picture.width, picture.height, sheet.factor, text
+                )
+            )
     finally:
         if applied is not None and not own_pipe:
+            applied.requests[:] = requests
             applied.remove()
     return GenerateResult(
         images=written,

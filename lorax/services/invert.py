@@ -25,9 +25,9 @@ from lorax.errors import ConfigError, MismatchError
 from lorax.io.atomic import atomic_path, check_output
 from lorax.progress import NullProgress, Progress
 from lorax.services.train import companion_paths, make_accelerator, total_steps
-from lorax.training.config import MEMORY_FLAGS
 from lorax.training.masks import MaskedBatches
 from lorax.training.pivot_config import InversionOptions, InvertConfig
+from lorax.training.report import sample_files
 from lorax.training.sdxl import SdxlBatches
 
 
@@ -51,6 +51,9 @@ class InvertResult:
     norms: dict[str, list[float]] = field(default_factory=dict)  # learned vectors' norms per token
     norms_2: dict[str, list[float]] = field(default_factory=dict)  # SDXL: the same in text_encoder_2 (clip_g)
     losses: list[list[float]] = field(default_factory=list)
+    samples_png: Path | None = (
+        None  # the validation samples as one sheet (prompts × steps), when there are any
+    )
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -326,7 +329,7 @@ def build_inversion(
     settings = LoopSettings.from_config(
         config,
         max_steps,
-        memory_flags=MEMORY_FLAGS,
+        memory_flags=config.memory_flags(),
         info=info,
         description="inversion",
     )
@@ -396,15 +399,38 @@ def inversion_metadata(session: Session, steps: int, seconds: float) -> dict[str
     return {k: str(v) for k, v in meta.items() if v is not None}
 
 
-def write_companions(config: InversionOptions, losses: list[list[float]], output: Path) -> dict[str, Path]:
-    """The loss curve (CSV + PNG) and resolved config beside ``output``."""
-    from lorax.training.report import loss_csv, write_loss_png
+def write_companions(
+    config: InversionOptions,
+    losses: list[list[float]],
+    output: Path,
+    *,
+    checkpoints: list[Path] | None = None,
+    resumed: tuple[Path, int] | None = None,
+    samples: list[Path] | None = None,
+) -> dict[str, Path]:
+    """The loss curve (CSV + PNG, marking ``checkpoints`` and where a ``resumed`` run started), the validation
+    ``samples`` as one sheet, and the resolved config beside ``output``."""
+    from lorax.training.report import loss_csv, run_markers, write_loss_png, write_samples_sheet
 
     companions = companion_paths(output)
     with atomic_path(companions["loss_csv"], force=True) as tmp:
         tmp.write_text(loss_csv(losses), encoding="utf-8")
     with atomic_path(companions["loss_png"], force=True) as tmp:
-        write_loss_png(losses, tmp, title=f"lorax {config.COMMAND}: {output.name}")
+        write_loss_png(
+            losses,
+            tmp,
+            title=f"lorax {config.COMMAND}: {output.name}",
+            checkpoints=run_markers(checkpoints or [], *(resumed or (None, None))),
+            resumed_at=resumed[1] if resumed is not None else None,
+        )
+    if samples:
+        with atomic_path(companions["samples_png"], force=True) as tmp:
+            write_samples_sheet(
+                samples,
+                list(config.validation_prompt or []),
+                tmp,
+                title=f"lorax {config.COMMAND}: {output.name}, validation samples",
+            )
     with atomic_path(companions["config"], force=True) as tmp:
         tmp.write_text(config.to_toml(), encoding="utf-8")
     return companions
@@ -449,8 +475,12 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
                 f"--resume: the checkpoint is at step {loop.state.global_step}, past this run's {max_steps} steps"
             )
         progress.log(f"resuming from {resume.path} at step {loop.state.global_step}")
+    resumed = (resume.path, loop.state.global_step) if resume is not None else None
     result = loop.run()
     session.accelerator.wait_for_everyone()
+    sheet_files = sample_files(
+        result.samples, companion_paths(output)["samples"], resumed[1] if resumed is not None else None
+    )
 
     embeddings = session.tokens.embeddings()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_dtype]
@@ -470,6 +500,12 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
                 f"lorax generate --embedding {output.name} reads the trained token '{config.tokens[0]}' from its "
                 "header"
             )
+        if fmt == "diffusers-embedding" and len(config.tokens) > 1:
+            progress.log(
+                f"note: diffusers' load_textual_inversion takes one token per file; load {output.name}'s tokens "
+                "with load_textual_inversion(list(tensors.values()), token=list(tensors)), tensors = "
+                "safetensors.torch.load_file(...)"
+            )
         save_embeddings(
             stored,
             output,
@@ -477,7 +513,14 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
             force=config.force,
             metadata=inversion_metadata(session, loop.state.global_step, loop.state.seconds),
         )
-        write_companions(config, loop.state.losses, output)
+        write_companions(
+            config,
+            loop.state.losses,
+            output,
+            checkpoints=result.checkpoints,
+            resumed=resumed,
+            samples=sheet_files,
+        )
         file_bytes = output.stat().st_size
     session.accelerator.wait_for_everyone()
     companions = companion_paths(output)
@@ -498,6 +541,7 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
         resumed_from=resume.path if resume is not None else None,
         checkpoints=result.checkpoints,
         samples=result.samples,
+        samples_png=companions["samples_png"] if sheet_files else None,
         norms=_norms(embeddings),
         norms_2=_norms(embeddings, "text_encoder_2"),
         losses=losses,

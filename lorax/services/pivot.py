@@ -61,6 +61,9 @@ class PivotResult:
     samples: list[Path] = field(default_factory=list)
     modules: dict[str, int] = field(default_factory=dict)
     losses: list[list[float]] = field(default_factory=list)
+    samples_png: Path | None = (
+        None  # the validation samples as one sheet (prompts × steps), when there are any
+    )
 
 
 class PivotJob(LoraJob):
@@ -128,6 +131,7 @@ def pivot(config: PivotConfig, progress: Progress | None = None, *, pipeline: An
         )
     info["ti_steps"] = ti_steps
 
+    resumed = (resume.path, resume.state.global_step) if resume is not None else None
     # Phase 1: textual inversion (skipped when resuming inside phase 2).
     state = None
     checkpoints: list[Path] = []
@@ -169,10 +173,24 @@ def pivot(config: PivotConfig, progress: Progress | None = None, *, pipeline: An
     checkpoints += result2.checkpoints
     samples += result2.samples
     session.accelerator.wait_for_everyone()
+    from lorax.training.report import sample_files
+
+    sheet_files = sample_files(samples, companion_paths(output)["samples"], resumed[1] if resumed else None)
 
     file_bytes = 0
     if session.accelerator.is_main_process:
-        file_bytes = _write(session, job, loop2, output, ti_steps, prediction_type, modules)
+        file_bytes = _write(
+            session,
+            job,
+            loop2,
+            output,
+            ti_steps,
+            prediction_type,
+            modules,
+            checkpoints=checkpoints,
+            resumed=resumed,
+            samples=sheet_files,
+        )
     session.accelerator.wait_for_everyone()
     companions = companion_paths(output)
     losses = loop2.state.losses
@@ -196,6 +214,7 @@ def pivot(config: PivotConfig, progress: Progress | None = None, *, pipeline: An
         samples=samples,
         modules=modules,
         losses=losses,
+        samples_png=companions["samples_png"] if sheet_files else None,
     )
 
 
@@ -265,6 +284,10 @@ def _write(
     ti_steps: int,
     prediction_type: str,
     modules: dict[str, int],
+    *,
+    checkpoints: list[Path] | None = None,
+    resumed: tuple[Path, int] | None = None,
+    samples: list[Path] | None = None,
 ) -> int:
     import torch
 
@@ -300,7 +323,9 @@ def _write(
     save_lora(
         state, output, format=config.format, dtype=dtype, force=config.force, metadata=metadata, model=model
     )
-    write_companions(config, loop.state.losses, output)
+    write_companions(
+        config, loop.state.losses, output, checkpoints=checkpoints, resumed=resumed, samples=samples
+    )
     return output.stat().st_size
 
 

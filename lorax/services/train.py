@@ -20,7 +20,7 @@ from lorax.data.kohya import TrainingImages, load_training_images
 from lorax.errors import ConfigError
 from lorax.io.atomic import atomic_path, check_output
 from lorax.progress import NullProgress, Progress
-from lorax.training.config import MEMORY_FLAGS, TrainConfig
+from lorax.training.config import TrainConfig
 
 
 @dataclass
@@ -45,6 +45,9 @@ class TrainResult:
     losses: list[list[float]] = field(default_factory=list)  # [step, loss, lr, training seconds so far]
     processes: int = 1
     main_process: bool = True  # under accelerate/torchrun only the main process writes and reports
+    samples_png: Path | None = (
+        None  # the validation samples as one sheet (prompts × steps), when there are any
+    )
 
 
 def companion_paths(output: Path) -> dict[str, Path]:
@@ -55,6 +58,7 @@ def companion_paths(output: Path) -> dict[str, Path]:
         "loss_png": stem.with_name(stem.name + ".loss.png"),
         "config": stem.with_name(stem.name + ".toml"),
         "samples": stem.with_name(stem.name + ".samples"),
+        "samples_png": stem.with_name(stem.name + ".samples.png"),
     }
 
 
@@ -82,11 +86,11 @@ def resume_identity(config: TrainConfig) -> dict[str, Any]:
 
 def check_resume_fits(config: TrainConfig, info: dict[str, Any], path: Path) -> None:
     """Refuse to resume a checkpoint written with other values of the settings that define the run."""
-    from lorax.training.config import flag
-
     mine = resume_identity(config)
     differ = [
-        f"{flag(k)} {info[k]!r} (now {mine[k]!r})" for k in RESUME_KEYS if k in info and info[k] != mine[k]
+        f"{config.option_name(k)} {info[k]!r} (now {mine[k]!r})"
+        for k in RESUME_KEYS
+        if k in info and info[k] != mine[k]
     ]
     if differ:
         raise ConfigError(
@@ -305,10 +309,14 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
                 f"--resume: the checkpoint is at step {loop.state.global_step}, past this run's {max_steps} steps"
             )
         progress.log(f"resuming from {resume_ckpt.path} at step {loop.state.global_step}")
+    resumed_at = loop.state.global_step if resume_ckpt is not None else None
     if accelerator.is_main_process:
         _check_checkpoint_room(config, loop, max_steps)
     result = loop.run()
     accelerator.wait_for_everyone()
+    from lorax.training.report import sample_files
+
+    sheet_files = sample_files(result.samples, companions["samples"], resumed_at)
 
     file_bytes = 0
     if accelerator.is_main_process:
@@ -326,6 +334,10 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
             started_at,
             modules,
             images,
+            resumed=(resume_ckpt.path, resumed_at)
+            if resume_ckpt is not None and resumed_at is not None
+            else None,
+            samples=sheet_files,
         )
     accelerator.wait_for_everyone()
     losses = loop.state.losses
@@ -350,6 +362,7 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
         losses=losses,
         processes=accelerator.num_processes,
         main_process=accelerator.is_main_process,
+        samples_png=companions["samples_png"] if sheet_files else None,
     )
 
 
@@ -479,7 +492,7 @@ def _build(
     settings = LoopSettings.from_config(
         config,
         max_steps,
-        memory_flags=MEMORY_FLAGS,
+        memory_flags=config.memory_flags(),
         info={"family": family, **resume_identity(config)},
     )
     loop = TrainingLoop(
@@ -507,13 +520,16 @@ def _write_outputs(
     started_at: float,
     modules: dict[str, int],
     images: TrainingImages,
+    *,
+    resumed: tuple[Path, int] | None = None,
+    samples: list[Path] | None = None,
 ) -> int:
     import torch
 
     from lorax.formats import save_lora
     from lorax.training.lora import trained_state
     from lorax.training.metadata import training_metadata
-    from lorax.training.report import loss_csv, write_loss_png
+    from lorax.training.report import loss_csv, run_markers, write_loss_png, write_samples_sheet
 
     state = trained_state(job.components(), rank=config.rank, alpha=config.lora_alpha, family=family)
     metadata = training_metadata(
@@ -538,7 +554,21 @@ def _write_outputs(
     with atomic_path(companions["loss_csv"], force=True) as tmp:
         tmp.write_text(loss_csv(loop.state.losses), encoding="utf-8")
     with atomic_path(companions["loss_png"], force=True) as tmp:
-        write_loss_png(loop.state.losses, tmp, title=f"lorax train: {output.name}")
+        write_loss_png(
+            loop.state.losses,
+            tmp,
+            title=f"lorax train: {output.name}",
+            checkpoints=run_markers(loop.checkpoints, *(resumed or (None, None))),
+            resumed_at=resumed[1] if resumed is not None else None,
+        )
+    if samples:
+        with atomic_path(companions["samples_png"], force=True) as tmp:
+            write_samples_sheet(
+                samples,
+                config.validation_prompt or [],
+                tmp,
+                title=f"lorax train: {output.name}, validation samples",
+            )
     with atomic_path(companions["config"], force=True) as tmp:
         tmp.write_text(config.to_toml(), encoding="utf-8")
     return output.stat().st_size

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import tomllib
 
@@ -115,6 +115,10 @@ class TrainConfig:
 
     DEFAULT_STEPS = 500
     COMMAND = "train"  # subclasses (invert, pivot) name their command: TOML section and messages
+    # Fields that no option of this command sets (a --config file, a model's lorax.json or the Python API do):
+    # messages name them as config keys, never as a flag the command lacks. tests/test_config_messages.py pins each
+    # command's set to its options.
+    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"data_dir"})
 
     # ---------------------------------------------------------------------------------------------------------
     @classmethod
@@ -211,25 +215,45 @@ class TrainConfig:
         out = Path(self.output)
         return out.with_name(out.stem + ".checkpoints")
 
+    @classmethod
+    def option_name(cls, name: str) -> str:
+        """How a message names field ``name``: this command's flag (``--weight-decay``), or, where the command has
+        no such flag, the config key (``config key weight_decay``)."""
+        return f"config key {name}" if name in cls.CONFIG_ONLY else flag(name)
+
+    @classmethod
+    def memory_flags(cls) -> tuple[str, ...]:
+        """The memory levers (``MEMORY_FLAGS``) this command has a flag for, named in its out-of-memory message."""
+        import re
+
+        def field_of(lever: str) -> str:
+            found = re.search(r"--([a-z0-9-]+)", lever)
+            return found.group(1).replace("-", "_") if found else ""
+
+        return tuple(lever for lever in MEMORY_FLAGS if field_of(lever) not in cls.CONFIG_ONLY)
+
     def problems(self) -> list[str]:
-        """Every inconsistency, each naming its flag(s)."""
+        """Every inconsistency, each naming its flag(s) (``option_name``: only flags this command has)."""
         p: list[str] = []
+        opt = self.option_name
 
         def choice(name: str, allowed: tuple[str, ...]) -> None:
             value = getattr(self, name)
             if value is not None and value not in allowed:
-                p.append(f"{flag(name)} must be one of {', '.join(allowed)} (got {value!r})")
+                p.append(f"{opt(name)} must be one of {', '.join(allowed)} (got {value!r})")
 
         def positive(name: str, *, zero: bool = False) -> None:
             value = getattr(self, name)
             if value is not None and (value < 0 or (value == 0 and not zero)):
-                p.append(f"{flag(name)} must be {'≥ 0' if zero else '> 0'} (got {value})")
+                p.append(f"{opt(name)} must be {'≥ 0' if zero else '> 0'} (got {value})")
 
         if self.data_dir is None and self.dataset_config is None:
-            either = " or --dataset-config" if self.COMMAND == "train" else ""
+            either = f" or {opt('dataset_config')}" if "dataset_config" not in self.CONFIG_ONLY else ""
             p.append(f"DATA_DIR is required (a folder of training images){either}")
         if self.data_dir is not None and self.dataset_config is not None:
-            p.append("give DATA_DIR or --dataset-config, not both (the dataset config names its image_dir)")
+            p.append(
+                f"give DATA_DIR or {opt('dataset_config')}, not both (the dataset config names its image_dir)"
+            )
         if self.output is None:
             p.append("-o/--output is required (the LoRA file to write)")
         elif self.format == "kohya" and Path(self.output).suffix != ".safetensors":
@@ -243,7 +267,7 @@ class TrainConfig:
         choice("device", DEVICES)
         choice("template", TEMPLATES)
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
-            p.append(f"--resolution must be a positive multiple of 8 (got {self.resolution})")
+            p.append(f"{opt('resolution')} must be a positive multiple of 8 (got {self.resolution})")
         for name in ("rank", "repeats", "batch_size", "grad_accum", "learning_rate", "num_class_images"):
             positive(name)
         for name in ("sample_steps", "steps", "epochs"):
@@ -259,32 +283,46 @@ class TrainConfig:
         for name in ("caption_dropout", "lora_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
-                p.append(f"{flag(name)} must be in [0, 1) (got {value})")
+                p.append(f"{opt(name)} must be in [0, 1) (got {value})")
         if self.steps is not None and self.epochs is not None:
-            p.append("--steps and --epochs are exclusive: pass one")
+            p.append(f"{opt('steps')} and {opt('epochs')} are exclusive: pass one")
         if self.text_learning_rate is not None and not self.train_text:
-            p.append("--text-learning-rate needs --train-text (the text encoder is frozen without it)")
+            p.append(
+                f"{opt('text_learning_rate')} needs {opt('train_text')} (the text encoder is frozen without it)"
+            )
         if self.class_dir is not None and self.class_prompt is None and not self.kohya_class_dir:
             p.append(
-                "--class-dir needs --class-prompt (prior preservation is on when a class prompt is given), "
-                "or '<repeats>_<class>' sub-folders as in kohya's layout"
+                f"{opt('class_dir')} needs {opt('class_prompt')} (prior preservation is on when a class prompt is "
+                "given)"
+                + (
+                    ", or '<repeats>_<class>' sub-folders as in kohya's layout"
+                    if self.COMMAND == "train"
+                    else ""
+                )
             )
         if self.kohya_class_dir and self.class_prompt is not None:
             p.append(
-                "--class-dir in kohya's '<repeats>_<class>' layout captions its images by folder: drop --class-prompt"
+                f"{opt('class_dir')} in kohya's '<repeats>_<class>' layout captions its images by folder: drop "
+                f"{opt('class_prompt')}"
             )
         if self.cache_latents and self.random_crop:
             p.append(
-                "--cache-latents and --random-crop are exclusive (a random crop changes the latents every step)"
+                f"{opt('cache_latents')} and {opt('random_crop')} are exclusive (a random crop changes the latents "
+                "every step)"
             )
         if self.validation_every and not self.validation_prompt:
-            p.append("--validation-every needs at least one --validation-prompt")
+            p.append(f"{opt('validation_every')} needs at least one {opt('validation_prompt')}")
         if self.targets not in TARGET_PRESETS and not [t for t in self.targets.split(",") if t.strip()]:
-            p.append(f"--targets must be one of {', '.join(TARGET_PRESETS)} or module patterns")
+            p.append(f"{opt('targets')} must be one of {', '.join(TARGET_PRESETS)} or module patterns")
         if self.dora and self.format == "diffusers":
-            p.append("--dora files are written in kohya (LyCORIS dora_scale) format: drop --format diffusers")
+            p.append(
+                f"{opt('dora')} files are written in kohya (LyCORIS dora_scale) format: drop {opt('format')} "
+                "diffusers"
+            )
         if self.dora and self.targets == "all":
-            p.append("--dora covers Linear layers only with PEFT: use --targets attn or attn-ff")
+            p.append(
+                f"{opt('dora')} covers Linear layers only with PEFT: use {opt('targets')} attn or attn-ff"
+            )
         return p
 
     def validate(self) -> TrainConfig:
@@ -389,7 +427,7 @@ def _coerce(values: dict[str, Any], cls: type[TrainConfig] | None = None) -> dic
             else:
                 out[name] = str(value)
         except (TypeError, ValueError) as err:
-            problems.append(f"{flag(name)}: {err} (got {value!r})")
+            problems.append(f"{cls.option_name(name)}: {err} (got {value!r})")
     if problems:
         raise ConfigError("; ".join(problems))
     return out

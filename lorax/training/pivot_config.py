@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from lorax.training.config import TrainConfig, flag
 
@@ -85,6 +86,16 @@ class InvertConfig(InversionOptions):
     lr_scheduler: str = "constant"
 
     COMMAND = "invert"
+    # The LoRA, prior-preservation, caption and loss options are train's and pivot's; invert's TOML still takes them.
+    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset(
+        {
+            "data_dir", "dataset_config", "alpha", "rank", "dora", "targets", "train_text", "text_learning_rate",
+            "lora_dropout", "buckets", "cache_text", "caption_dropout", "caption_shuffle", "keep_tokens",
+            "random_crop", "recursive", "strict", "class_dir", "class_prompt", "num_class_images", "prior_weight",
+            "sample_steps", "guidance_scale", "optimizer", "weight_decay", "max_grad_norm", "noise_offset",
+            "snr_gamma", "prediction_type", "sdpa", "output_name",
+        }
+    )  # fmt: skip
     # The seed's max_train_steps_ti. On shapes, all-default runs teach a held-out colour at 1000 steps (orange 69%
     # of "a <s1> square") and not at 300 (19%).
     DEFAULT_STEPS = 1000
@@ -108,7 +119,7 @@ class InvertConfig(InversionOptions):
                 )
         for name in ("train_text", "dora"):
             if getattr(self, name):
-                p.append(f"{flag(name)} is a LoRA option: use lorax pivot")
+                p.append(f"{self.option_name(name)} is a LoRA option: use lorax pivot")
         return p
 
     def family_problems(self, family: str) -> list[str]:
@@ -149,6 +160,14 @@ class PivotConfig(InversionOptions):
 
     COMMAND = "pivot"
     DEFAULT_STEPS = 300
+    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset(
+        {
+            "data_dir", "dataset_config", "dora", "lora_dropout", "buckets", "cache_text", "caption_dropout",
+            "caption_shuffle", "keep_tokens", "random_crop", "recursive", "strict", "sample_steps",
+            "guidance_scale", "optimizer", "weight_decay", "ti_weight_decay", "max_grad_norm", "noise_offset",
+            "snr_gamma", "prediction_type", "sdpa", "output_name",
+        }
+    )  # fmt: skip
 
     @property
     def inversion_lr(self) -> float:
@@ -168,7 +187,8 @@ class PivotConfig(InversionOptions):
         p = [
             x
             for x in super().problems()
-            if not x.startswith(flag("format")) and not x.startswith("--text-learning-rate needs")
+            if not x.startswith(flag("format"))
+            and not x.startswith(f"{self.option_name('text_learning_rate')} needs")
         ]
         if self.format not in PIVOT_FORMATS:
             p.append(f"--format must be one of {', '.join(PIVOT_FORMATS)} (got {self.format!r})")
@@ -179,16 +199,18 @@ class PivotConfig(InversionOptions):
         for name in ("ti_learning_rate", "continue_ti_learning_rate"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                p.append(f"{flag(name)} must be > 0 (got {value})")
+                p.append(f"{self.option_name(name)} must be > 0 (got {value})")
         if self.ti_weight_decay < 0:
-            # a config field (Python API, a model's lorax.json) that no pivot option sets
             p.append(
-                f"ti_weight_decay (the inversion's AdamW weight decay) must be ≥ 0 (got {self.ti_weight_decay})"
+                f"{self.option_name('ti_weight_decay')} (the inversion's AdamW weight decay) must be ≥ 0 "
+                f"(got {self.ti_weight_decay})"
             )
         if self.continue_ti_learning_rate is not None and not self.continue_inversion:
             p.append("--continue-ti-learning-rate needs --continue-inversion")
         if self.dora and self.format == "lora_diffusion":
-            p.append("--dora cannot be written in the lora_diffusion format: use --format kohya")
+            p.append(
+                f"{self.option_name('dora')} cannot be written in the lora_diffusion format: use --format kohya"
+            )
         return p
 
     def family_problems(self, family: str) -> list[str]:
