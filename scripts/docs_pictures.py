@@ -7,7 +7,7 @@ draws the same pictures. CPU only, a few minutes on two cores: the LoRAs of the 
 concept edits (``lorax.gen.concept``, no training); one short ``lorax train`` run gives the loss plot and the
 validation-samples sheet.
 
-Writes into --out: generate-sweep.png, generate-xy.png, train-loss.png, train-samples.png.
+Writes into --out: generate-sweep.png, generate-xy.png, generate-inpaint.png, train-loss.png, train-samples.png.
 """
 
 from __future__ import annotations
@@ -45,6 +45,37 @@ def last_path(stdout: str, suffix: str) -> Path:
     return Path(next(line for line in reversed(stdout.split()) if line.endswith(suffix)))
 
 
+def inpaint_sheet(work: Path, out: Path) -> None:
+    """docs/generate.md's inpainting example: init image, mask (right half white), two inpainted seeds, side by side."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from lorax.zoo.shapes.world import Scene, render
+
+    folder = work / "inpaint"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(render(Scene("circle", "red", "white", 14, 2, 9))).save(folder / "init.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, 16:] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
+    made = lorax(
+        "generate", "a blue square on a white background", "--model", "shapes", "--init-image", folder / "init.png",
+        "--mask-image", folder / "mask.png", "--strength", "1", "-n", "2", "--seed", "0", "-o", folder / "out",
+        "--force",
+    )  # fmt: skip
+    cells = [(folder / "init.png", "--init-image"), (folder / "mask.png", "--mask-image")]
+    cells += [(Path(p), f"seed {i}") for i, p in enumerate(made.split())]
+    side = 128
+    sheet = Image.new("RGB", (len(cells) * (side + 12) + 8, side + 30), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (path, label) in enumerate(cells):
+        x = 8 + i * (side + 12)
+        draw.text((x, 4), label, fill="black")
+        sheet.paste(Image.open(path).convert("RGB").resize((side, side), Image.Resampling.NEAREST), (x, 20))
+        draw.rectangle((x - 1, 19, x + side, 20 + side), outline=(160, 160, 160))
+    sheet.save(out / "generate-inpaint.png", optimize=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
@@ -73,6 +104,8 @@ def main() -> None:
     )  # fmt: skip
     shutil.copyfile(last_path(xy, "-xy.png"), out / "generate-xy.png")
 
+    inpaint_sheet(work, out)
+
     # docs/train.md: a short DreamBooth-LoRA run with a checkpoint and validation samples
     data = work / "sks-circle"
     if not data.exists():
@@ -88,7 +121,13 @@ def main() -> None:
     shutil.copyfile(work / "sks-circle.loss.png", out / "train-loss.png")
     shutil.copyfile(work / "sks-circle.samples.png", out / "train-samples.png")
 
-    for name in ("generate-sweep.png", "generate-xy.png", "train-loss.png", "train-samples.png"):
+    for name in (
+        "generate-sweep.png",
+        "generate-xy.png",
+        "generate-inpaint.png",
+        "train-loss.png",
+        "train-samples.png",
+    ):
         size = (out / name).stat().st_size
         print(f"{out / name} ({size / 1e3:.0f} kB)")
         if size > 300_000:

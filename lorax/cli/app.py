@@ -21,7 +21,19 @@ from lorax.cli._click import click
 from lorax.errors import LoraxError
 
 # The order commands appear in --help. A module missing from lorax/cli is not registered.
-COMMAND_ORDER = ["train", "invert", "pivot", "generate", "merge", "mix", "convert", "extract", "inspect"]
+COMMAND_ORDER = [
+    "prepare",
+    "train",
+    "invert",
+    "pivot",
+    "generate",
+    "score",
+    "merge",
+    "mix",
+    "convert",
+    "extract",
+    "inspect",
+]
 
 
 class _State:
@@ -128,8 +140,8 @@ class LoraxGroup(TyperGroup):
 app = typer.Typer(
     name="lorax",
     cls=LoraxGroup,
-    help="Low-Rank Adaptation of text-to-image diffusion models: train, invert, pivot, merge, mix, "
-    "convert, extract, generate and inspect LoRAs and embeddings.",
+    help="Low-Rank Adaptation of text-to-image diffusion models: prepare data; train, invert, pivot, merge, "
+    "mix, convert, extract, generate and inspect LoRAs and embeddings.",
     no_args_is_help=True,
     add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,

@@ -134,6 +134,15 @@ def generate(
     init_image: Annotated[
         Path | None, typer.Option("--init-image", help="img2img: start from this image.", show_default=False)
     ] = None,
+    mask_image: Annotated[
+        Path | None,
+        typer.Option(
+            "--mask-image",
+            help="Inpainting, with --init-image: repaint where this mask is white (inpainting checkpoints and "
+            "ordinary models alike).",
+            show_default=False,
+        ),
+    ] = None,
     strength: Annotated[
         float, typer.Option("--strength", help="img2img: how much of the init image to repaint, in (0, 1].")
     ] = 0.75,
@@ -232,6 +241,7 @@ def generate(
         size=parse_size(size) if size is not None else None,
         out_dir=output,
         init_image=init_image,
+        mask_image=mask_image,
         strength=strength,
         sweep=parse_scales(sweep_scale) if sweep_scale is not None else None,
         grid=grid,

@@ -156,6 +156,7 @@ class GenerateConfig:
     size: tuple[int, int] | None = None
     out_dir: Path = DEFAULT_OUT
     init_image: Path | None = None
+    mask_image: Path | None = None  # inpainting (with init_image): white = repaint; see lorax.gen.inpaint
     strength: float = 0.75
     sweep: list[float] | None = None
     grid: bool = False
@@ -185,6 +186,8 @@ class GenerateConfig:
             )
         if self.size is not None and (min(self.size) < 8 or self.size[0] % 8 or self.size[1] % 8):
             problems.append(f"--size {self.size[0]}x{self.size[1]}: both sides must be multiples of 8")
+        if self.mask_image is not None and self.init_image is None:
+            problems.append("--mask-image needs --init-image (the picture to inpaint)")
         if self.init_image is None and self.strength != 0.75:
             problems.append("--strength only applies with --init-image")
         if not 0.0 < self.strength <= 1.0:
@@ -655,6 +658,9 @@ def generate(
         if note:
             progress.log(note)
     init = read_init_image(config.init_image) if config.init_image is not None else None
+    from lorax.gen import inpaint
+
+    mask = inpaint.read_mask_image(config.mask_image) if config.mask_image is not None else None
     jobs, sheets = _plan(config, seed)
     _check_outputs([p for job in jobs for p in job.names] + [sheet.path for sheet in sheets], config.force)
 
@@ -732,7 +738,13 @@ def generate(
             )
 
     runner = pipe
-    if init is not None:
+    if inpaint.is_inpainting_model(pipe) and mask is None:
+        raise ConfigError(
+            f"{config.model} is an inpainting model (9-channel UNet): give --init-image and --mask-image"
+        )
+    if mask is not None:
+        runner = inpaint.inpaint_pipeline(pipe)
+    elif init is not None:
         from diffusers import AutoPipelineForImage2Image
 
         runner = AutoPipelineForImage2Image.from_pipe(pipe)
@@ -742,6 +754,8 @@ def generate(
     )
     if init is not None and init.size != (width, height):
         init = init.resize((width, height))
+    if mask is not None:
+        mask = inpaint.binary_mask(mask, (width, height))
 
     names = applied.names if applied is not None else []
     hashes = {
@@ -859,12 +873,18 @@ def generate(
                                 runner, kwargs.pop("prompt"), kwargs.pop("negative_prompt"), clip_skip
                             )
                         )
-                if init is not None:
+                if mask is not None:
+                    kwargs.update(
+                        image=init, mask_image=mask, strength=config.strength, width=width, height=height
+                    )
+                elif init is not None:
                     kwargs.update(image=init, strength=config.strength)
                 else:
                     kwargs.update(width=width, height=height)
                 with torch.inference_mode():
                     images = runner(**kwargs).images
+                if mask is not None:
+                    images = inpaint.paste_unmasked(images, init, mask)
                 n_images += len(images)
                 if j in shown:  # hold images only for the sheets asked for
                     held[j] = images

@@ -181,12 +181,14 @@ class TrainConfig:
     @classmethod
     def model_defaults_for(cls, values: Mapping[str, Any]) -> dict[str, Any]:
         """The config defaults of this command that the model named in ``values`` carries, less those the given
-        values rule out (a default ``steps`` when ``epochs`` is given)."""
+        values rule out (a default ``steps`` when ``epochs`` is given, ``auto_mask`` when ``mask_dir`` is)."""
         from lorax.models.defaults import model_defaults
 
         defaults = model_defaults(values.get("model", cls.model)).for_command(cls.COMMAND)
         if values.get("epochs") is not None:
             defaults.pop("steps", None)
+        if values.get("mask_dir") is not None:  # the user's masks (lorax prepare's) win over computed ones
+            defaults.pop("auto_mask", None)
         return defaults
 
     def resume_command(self, checkpoint: Path) -> str:

@@ -1,6 +1,8 @@
 """Loss masks: a weight per latent pixel from a mask image per training image (the seed's ``lora_pti`` masks).
 
-A mask is found by the image's file name in ``--mask-dir`` (same stem, any image extension), or computed with
+A mask is found by the image's file name in ``--mask-dir``: ``NAME.mask.png`` first (as ``lorax prepare`` writes
+them beside the images, so ``--mask-dir`` may be the training folder itself), else the same stem with any image
+extension (never the image itself), or computed with
 ``--auto-mask`` (foreground = pixels far from the image's border colour: right for plain-background images such as
 the shapes world). It is cropped and flipped exactly like its image, resized to the latent size, mapped from [0, 1]
 to [0.5, 1.5], then weighted as the seed does: ``w = (m + 0.01) ** temperature / max``. Prediction and target are
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorax.data.images import IMAGE_EXTENSIONS, ImageItem
+from lorax.data.images import IMAGE_EXTENSIONS, MASK_SUFFIX, ImageItem, is_mask_file
 from lorax.errors import InputError
 from lorax.training.job import DiffusionBatches
 
@@ -25,15 +27,29 @@ AUTO_THRESHOLD = (
 
 
 def find_masks(items: Sequence[ImageItem], mask_dir: Path) -> list[Path]:
-    """The mask of every image, by stem; raises naming the images that have none."""
+    """The mask of every image, by stem (``NAME.mask.png`` before ``NAME.png``); raises naming the images that
+    have none."""
     mask_dir = Path(mask_dir)
     if not mask_dir.is_dir():
         raise InputError("--mask-dir is not a folder", path=mask_dir)
+    marked: dict[str, Path] = {}  # NAME.mask.png, by NAME
     by_stem: dict[str, Path] = {}
     for p in sorted(mask_dir.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+        if not (p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+            continue
+        if is_mask_file(p):
+            marked.setdefault(p.stem[: -len(MASK_SUFFIX)], p)
+        else:
             by_stem.setdefault(p.stem, p)
-    missing = [it.path.name for it in items if it.path.stem not in by_stem]
+
+    def mask_of(item: ImageItem) -> Path | None:
+        found = marked.get(item.path.stem) or by_stem.get(item.path.stem)
+        if found is not None and found.resolve() == item.path.resolve():
+            return None  # the image itself (--mask-dir is the training folder): not a mask
+        return found
+
+    found = {it.path: mask_of(it) for it in items}
+    missing = [it.path.name for it in items if found[it.path] is None]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise InputError(
@@ -41,7 +57,7 @@ def find_masks(items: Sequence[ImageItem], mask_dir: Path) -> list[Path]:
             "give every image a mask of the same name",
             path=mask_dir,
         )
-    return [by_stem[it.path.stem] for it in items]
+    return [found[it.path] for it in items]  # type: ignore[misc]
 
 
 def foreground_mask(pixels: Any) -> Any:
