@@ -460,3 +460,32 @@ def test_checkpoint_folder_under_a_file_fails_before_step_1(
     line = _one_error_line(result.stderr)
     assert str(blocker / "ckpts") in line and "cannot be written" in line, line
     assert no_step == []
+
+
+# ---- item 1: a non-finite stop without --checkpoint-every still leaves a usable state ----------------------------
+
+
+def test_non_finite_stop_without_checkpoints_keeps_a_finite_resumable_state(
+    cli, tmp_path: Path, model_dir: Path, image_dir: Path
+) -> None:
+    """lr 1e3 turns the weights NaN within a few steps. The state written (from memory: no --checkpoint-every) is the
+    last one that trained on cleanly: finite, and a lower --learning-rate resumed from it finishes the run."""
+    import re
+
+    out = tmp_path / "hot.safetensors"
+    result = cli(*_train_args(image_dir, model_dir, out, "--steps", "6", "--lr", "1e3"))
+    assert result.exit_code == 1, result.output
+    line = _one_error_line(result.stderr)
+    found = re.search(
+        r"became nan at step (\d+); the last good state, from step (\d+), is kept in (\S+) ", line
+    )
+    assert found, line
+    stop, step, kept = int(found[1]), int(found[2]), Path(found[3])
+    assert step < stop and kept.name == f"step-{step:06d}" and not out.exists()
+    tensors = load_file(kept / "weights.safetensors")
+    assert tensors and all(bool(torch.isfinite(t).all()) for t in tensors.values())
+    resumed = cli(*_train_args(image_dir, model_dir, out, "--steps", "6", "--lr", "1e-4", "--resume", kept))
+    assert resumed.exit_code == 0, resumed.output
+    assert "learning rate 0.0001 (the checkpoint was trained with 1000)" in resumed.stderr
+    written = load_file(out)
+    assert written and all(bool(torch.isfinite(t).all()) for t in written.values())

@@ -88,8 +88,10 @@ def save_checkpoint(
     scaler: Any = None,
     info: dict[str, Any] | None = None,
     config_toml: str | None = None,
+    rng: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``folder/step-<N>`` (replacing one of the same step) and return its path."""
+    """Write ``folder/step-<N>`` (replacing one of the same step) and return its path; ``rng``: the RNG states to
+    store (default: the current ones)."""
     import torch
     from safetensors.torch import save_file
 
@@ -102,7 +104,7 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        torch.save(rng_states(), tmp / "rng.pt")
+        torch.save(rng if rng is not None else rng_states(), tmp / "rng.pt")
         body = {"state": asdict(state), "info": info or {}}
         (tmp / STATE_FILE).write_text(json.dumps(body, indent=1), encoding="utf-8")
         if config_toml is not None:
