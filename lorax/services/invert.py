@@ -22,9 +22,9 @@ from typing import Any
 from lorax.data.dataset import DataOptions, TrainData
 from lorax.data.images import ImageItem, load_image_folder
 from lorax.errors import ConfigError, MismatchError
-from lorax.io.atomic import atomic_path, check_output
+from lorax.io.atomic import atomic_path
 from lorax.progress import NullProgress, Progress
-from lorax.services.train import companion_paths, make_accelerator, total_steps
+from lorax.services.train import companion_paths, make_accelerator, plan_outputs, total_steps
 from lorax.training.config import MEMORY_FLAGS
 from lorax.training.masks import MaskedBatches
 from lorax.training.pivot_config import InversionOptions, InvertConfig
@@ -401,11 +401,11 @@ def write_companions(config: InversionOptions, losses: list[list[float]], output
     from lorax.training.report import loss_csv, write_loss_png
 
     companions = companion_paths(output)
-    with atomic_path(companions["loss_csv"], force=True) as tmp:
+    with atomic_path(companions["loss_csv"], config.force) as tmp:
         tmp.write_text(loss_csv(losses), encoding="utf-8")
-    with atomic_path(companions["loss_png"], force=True) as tmp:
+    with atomic_path(companions["loss_png"], config.force) as tmp:
         write_loss_png(losses, tmp, title=f"lorax {config.COMMAND}: {output.name}")
-    with atomic_path(companions["config"], force=True) as tmp:
+    with atomic_path(companions["config"], config.force) as tmp:
         tmp.write_text(config.to_toml(), encoding="utf-8")
     return companions
 
@@ -435,7 +435,7 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
     config.validate()
     assert config.output is not None
     output = Path(config.output)
-    check_output(output, config.force)
+    plan_outputs(config, output)
     resume = load_resume(config)
     session = prepare(config, progress, pipeline)
     max_steps = steps_of(config, session.data.batches_per_epoch())
