@@ -181,3 +181,185 @@ def test_fp16_overflow_is_refused_after_the_cast(cli, tmp_path: Path) -> None:
     assert "not finite in F16" in errors[0] and "unet." in errors[0], errors[0]
     assert "Traceback" not in result.output
     assert not out.exists()
+
+
+# ---- item 5: one rule for every alpha and weight a file gives -------------------------------------------------------
+
+_KOHYA = "lora_unet_down_blocks_0_attentions_0_proj_in"
+_DIFF = "unet.down_blocks.0.attentions.0.proj_in"
+
+
+def _bad_lora(tmp_path: Path, case: str) -> tuple[Path, str]:
+    """A LoRA with one bad alpha or weight, and the words its one line must hold (the key or module named)."""
+    import torch
+    from safetensors.torch import save_file
+
+    nan, path = float("nan"), tmp_path / f"{case}.safetensors"
+    down, up = torch.ones(1, 4), torch.ones(4, 1)
+    pair = {f"{_DIFF}.lora_A.weight": down, f"{_DIFF}.lora_B.weight": up}
+    kohya = {f"{_KOHYA}.lora_down.weight": down, f"{_KOHYA}.lora_up.weight": up}
+    loha = {f"{_KOHYA}.hada_w{i}_{ab}": t.clone() for i in (1, 2) for ab, t in (("a", up), ("b", down))}
+
+    def meta(config: dict) -> dict[str, str]:
+        return {"lora_adapter_metadata": json.dumps({"unet.r": 1, **config})}
+
+    cases: dict[str, tuple[dict, dict | None, str]] = {
+        "kohya-rank-0": (
+            {f"{_KOHYA}.lora_down.weight": torch.ones(0, 4), f"{_KOHYA}.lora_up.weight": torch.ones(4, 0)},
+            None,
+            f"{_DIFF} has rank 0",
+        ),
+        "kohya-alpha-empty": (
+            {**kohya, f"{_KOHYA}.alpha": torch.ones(0)},
+            None,
+            f"{_KOHYA}.alpha must hold one",
+        ),
+        "kohya-nan-weights": (
+            {**kohya, f"{_KOHYA}.lora_down.weight": torch.full((1, 4), nan)},
+            None,
+            f"module {_DIFF}: its down weights hold NaN",
+        ),
+        "diffusers-alpha-nan": ({**pair, f"{_DIFF}.alpha": torch.tensor(nan)}, None, f"{_DIFF}.alpha is nan"),
+        "diffusers-alpha-vector": (
+            {**pair, f"{_DIFF}.alpha": torch.ones(3)},
+            None,
+            f"{_DIFF}.alpha must hold one",
+        ),
+        "diffusers-metadata-nan": (pair, meta({"unet.lora_alpha": nan}), "unet.lora_alpha is nan"),
+        "diffusers-metadata-inf": (pair, meta({"unet.lora_alpha": float("inf")}), "unet.lora_alpha is inf"),
+        "diffusers-metadata-string": (
+            pair,
+            meta({"unet.lora_alpha": "abc"}),
+            "unet.lora_alpha must be a number",
+        ),
+        "diffusers-metadata-pattern": (
+            pair,
+            meta({"unet.lora_alpha": 1, "unet.alpha_pattern": {"proj_in": nan}}),
+            "unet.alpha_pattern for down_blocks.0.attentions.0.proj_in is nan",
+        ),
+        "lycoris-alpha-nan": ({**loha, f"{_KOHYA}.alpha": torch.tensor(nan)}, None, f"{_KOHYA}.alpha is nan"),
+        "lycoris-alpha-vector": (
+            {**loha, f"{_KOHYA}.alpha": torch.ones(2)},
+            None,
+            f"{_KOHYA}.alpha must hold one",
+        ),
+        "lokr-nan-weights": (
+            {f"{_KOHYA}.lokr_w1": torch.ones(2, 2), f"{_KOHYA}.lokr_w2": torch.full((2, 2), nan)},
+            None,
+            f"module {_DIFF}: its w2 weights hold NaN",
+        ),
+    }
+    tensors, metadata, words = cases[case]
+    save_file(tensors, str(path), metadata=metadata)
+    return path, words
+
+
+BAD_LORAS = [
+    "kohya-rank-0",
+    "kohya-alpha-empty",
+    "kohya-nan-weights",
+    "diffusers-alpha-nan",
+    "diffusers-alpha-vector",
+    "diffusers-metadata-nan",
+    "diffusers-metadata-inf",
+    "diffusers-metadata-string",
+    "diffusers-metadata-pattern",
+    "lycoris-alpha-nan",
+    "lycoris-alpha-vector",
+    "lokr-nan-weights",
+]
+
+
+# inspect reads the header and the alphas only, not the weights
+_HEADER_ONLY = [c for c in BAD_LORAS if "weights" not in c and "rank-0" not in c]
+
+
+@pytest.mark.parametrize(
+    ("case", "command"),
+    [(c, cmd) for c in BAD_LORAS for cmd in ("mix", "convert")] + [(c, "inspect") for c in _HEADER_ONLY],
+)
+def test_bad_alpha_or_weights_are_one_line_naming_file_and_key(
+    cli, tmp_path: Path, case: str, command: str
+) -> None:
+    lora, words = _bad_lora(tmp_path, case)
+    out = tmp_path / "out.safetensors"
+    args = {
+        "mix": ["mix", lora, "-o", out],
+        "convert": ["convert", lora, "--to", "kohya", "-o", out],
+        "inspect": ["inspect", lora],
+    }
+    result = cli(*args[command])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lorax: error: {lora}: "), result.stderr
+    assert words in lines[0] and "Error" not in lines[0] and "--debug" not in lines[0], lines[0]
+    assert not out.exists()
+
+
+def test_generate_refuses_a_nan_lora_before_generating(cli, tmp_path: Path) -> None:
+    from lorax.zoo.tiny import tiny_pipeline
+
+    model = tmp_path / "model"
+    tiny_pipeline("sd1").save_pretrained(model)
+    lora, words = _bad_lora(tmp_path, "kohya-nan-weights")
+    out = tmp_path / "images"
+    result = cli("generate", "x", "--model", model, "--steps", "1", "--lora", lora, "-o", out)
+    assert result.exit_code == 1, result.output
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("lorax: error: ")]
+    assert errors == [f"lorax: error: {lora}: {words} values"], result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "where", ["--lora FILE:nan", "--lora FILE:1:inf", "<lora:NAME:nan>", "--sweep-scale"]
+)
+def test_generate_refuses_non_finite_scales(cli, tmp_path: Path, where: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "good.safetensors"
+    save_file(
+        {f"{_KOHYA}.lora_down.weight": torch.ones(1, 4), f"{_KOHYA}.lora_up.weight": torch.ones(4, 1)},
+        str(lora),
+    )
+    args = {
+        "--lora FILE:nan": ["x", "--lora", f"{lora}:nan"],
+        "--lora FILE:1:inf": ["x", "--lora", f"{lora}:1:inf"],
+        "<lora:NAME:nan>": ["x <lora:good:nan>", "--lora-dir", tmp_path],
+        "--sweep-scale": ["x", "--lora", lora, "--sweep-scale", "0,nan"],
+    }[where]
+    out = tmp_path / "images"
+    result = cli("generate", *args, "--model", "no-such-model-needed", "-o", out)
+    assert result.exit_code != 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a finite number" in lines[0], result.stderr
+    assert not out.exists()
+
+
+def test_merge_that_overflows_names_the_lora_and_module(cli, tmp_path: Path) -> None:
+    """Finite factors whose product overflows fp32: the line names the LoRA file and the module."""
+    import torch
+    from checkpoint_helpers import tiny_single
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "huge.safetensors"
+    base = tiny_single("sd1")
+    from lorax.io.safetensors_io import read_header
+
+    key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    shape = read_header(base).tensors[key].shape
+    save_file(
+        {
+            f"{_KOHYA}.lora_down.weight": torch.full((1, *shape[1:]), 3e38),
+            f"{_KOHYA}.lora_up.weight": torch.full((shape[0], 1, *([1] * (len(shape) - 2))), 3e38),
+        },
+        str(lora),
+    )
+    out = tmp_path / "m.safetensors"
+    result = cli("merge", base, lora, "-o", out)
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.startswith("lorax: error: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"lorax: error: {lora}: merging module {_DIFF}"), (
+        result.stderr
+    )
+    assert "not finite" in lines[0] and not out.exists()

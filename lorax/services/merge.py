@@ -61,11 +61,9 @@ class LoraSpec:
     alpha: float | None = None
 
     def __post_init__(self) -> None:
-        # one rule for every scale a user or recipe gives: finite, or refused naming the LoRA
-        if self.alpha is not None and not (
-            math.isfinite(self.alpha) and abs(self.alpha) <= 3.4028234663852886e38
-        ):
-            raise InputError(f"scale {self.alpha!r} is not a finite number in float32 range", path=self.path)
+        from lorax.adapters.finite import check_scale
+
+        check_scale(self.alpha, self.path)  # one rule for every scale a user or recipe gives
 
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
@@ -158,6 +156,7 @@ class Contribution:
     weight: float
     part: int = 0
     parts: int = 1
+    lora: str = ""  # the file it comes from, for messages
 
 
 @dataclass
@@ -242,7 +241,9 @@ def plan_targets(
                 mismatches.append(f"{name} (LoRA {shape}, model {list(slot.shape)})")
                 continue
             weight = alpha_text if component.startswith("text_encoder") else alpha
-            targets.setdefault(slot.key, []).append(Contribution(name, module, weight, slot.part, slot.parts))
+            targets.setdefault(slot.key, []).append(
+                Contribution(name, module, weight, slot.part, slot.parts, label)
+            )
             matched[label] += 1
             bias = getattr(module, "diff_b", None)  # LyCORIS full-difference modules may carry a bias delta
             if bias is not None:
@@ -251,7 +252,9 @@ def plan_targets(
                     mismatches.append(f"{name} bias (LoRA {list(bias.shape)}, model has no matching bias)")
                     continue
                 targets.setdefault(bias_slot.key, []).append(
-                    Contribution(name + ".bias", _BiasDelta(bias), weight, bias_slot.part, bias_slot.parts)
+                    Contribution(
+                        name + ".bias", _BiasDelta(bias), weight, bias_slot.part, bias_slot.parts, label
+                    )
                 )
     return targets, unmatched, mismatches, matched
 
@@ -280,9 +283,24 @@ def apply_contributions(weight: torch.Tensor, contributions: list[Contribution])
             flat.addmm_(up, down, alpha=c.weight * c.module.scale)
         else:
             view.add_(c.module.delta(torch.float32).reshape(view.shape), alpha=c.weight)
-    if not math.isfinite(float(w.sum())):  # NaN and inf survive a sum: one cheap pass over the merged weight
-        raise MismatchError("merging produced NaN or infinite weights (check the LoRA and alpha)")
+    if not bool(
+        torch.isfinite(w).all()
+    ):  # one cheap pass over the merged weight (a sum could overflow alone)
+        raise MismatchError(
+            _not_finite(contributions, "weights that are not finite (lower the LoRA's scale)")
+        )
     return w
+
+
+def _not_finite(contributions: list[Contribution], what: str) -> str:
+    """Names the LoRA file(s) and the module whose merge gives non-finite weights."""
+    files = ", ".join(dict.fromkeys(c.lora for c in contributions if c.lora))
+    modules = ", ".join(dict.fromkeys(c.module_name for c in contributions))
+    return (
+        f"{files}: merging module {modules} gives {what}"
+        if files
+        else f"merging module {modules} gives {what}"
+    )
 
 
 class CopyingWriter(StreamingWriter):
@@ -386,8 +404,11 @@ def merge_tensor_file(
                         float(w.float().sum())
                     ):  # after the cast: fp16 overflows to inf here
                         raise MismatchError(
-                            f"merging {targets[k][0].module_name} into {k} gives weights that are not finite "
-                            f"in {dt} (lower the LoRA's scale or merge to a wider --dtype)"
+                            _not_finite(
+                                targets[k],
+                                f"weights that are not finite in {dt} in {k} "
+                                "(lower the LoRA's scale or merge to a wider --dtype)",
+                            )
                         )
                     writer.write(k, w)
                     merged += 1
