@@ -363,3 +363,121 @@ def test_merge_that_overflows_names_the_lora_and_module(cli, tmp_path: Path) -> 
         result.stderr
     )
     assert "not finite" in lines[0] and not out.exists()
+
+
+# ---- item 10: the rest of the bare exception texts -----------------------------------------------------------------
+
+
+def _error_line(result) -> str:  # type: ignore[no-untyped-def]
+    assert result.exit_code != 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lorax: error: "), result.stderr
+    assert "Traceback" not in result.output and "--debug" not in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["inspect", "mix", "convert"])
+def test_pickle_named_safetensors_is_called_a_pickle(cli, tmp_path: Path, command: str) -> None:
+    import torch
+
+    path = tmp_path / "lora.safetensors"
+    torch.save({"lora_unet_x.lora_down.weight": torch.ones(1, 4)}, path)
+    out = tmp_path / "out.safetensors"
+    line = _error_line(cli(command, path) if command == "inspect" else cli(command, path, "-o", out))
+    assert line.startswith(f"lorax: error: {path}: is a torch pickle, not a safetensors file"), line
+    assert not out.exists()
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(folder / "a.png")
+    return folder
+
+
+def _checkpoint(tmp_path: Path) -> Path:
+    import torch
+
+    from lorax.training.checkpoint import LoopState, save_checkpoint
+
+    weight = torch.nn.Parameter(torch.ones(2, 2))
+    optimizer = torch.optim.AdamW([weight])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return save_checkpoint(
+        tmp_path / "ckpts",
+        state=LoopState(global_step=1, micro_step=1),
+        tensors={"w": weight},
+        optimizer=optimizer,
+        scheduler=scheduler,
+    )
+
+
+def _damage(folder: Path, how: str) -> None:
+    if how == "truncated-weights":
+        raw = (folder / "weights.safetensors").read_bytes()
+        (folder / "weights.safetensors").write_bytes(raw[:20])
+    elif how == "missing-weights":
+        (folder / "weights.safetensors").unlink()
+    elif how == "garbage-rng":
+        (folder / "rng.pt").write_bytes(b"garbage\n")
+    elif how == "wrong-rng":
+        import torch
+
+        torch.save({"a": 1}, folder / "rng.pt")
+    else:
+        doc = json.loads((folder / "state.json").read_text())
+        doc["state"]["global_step"] = {"string-step": "2", "negative-step": -3}[how]
+        (folder / "state.json").write_text(json.dumps(doc))
+
+
+DAMAGE = {
+    "truncated-weights": "weights.safetensors cannot be read",
+    "missing-weights": "weights.safetensors is missing",
+    "garbage-rng": "rng.pt is not the pickle of plain tensors",
+    "wrong-rng": "rng.pt does not hold the random number generators' states",
+    "string-step": "state.json's global_step is '2', not a whole number",
+    "negative-step": "state.json's global_step is -3, not a whole number",
+}
+
+
+@pytest.mark.parametrize("how", sorted(DAMAGE))
+def test_damaged_resume_folder_is_one_line_naming_it(cli, tmp_path: Path, images: Path, how: str) -> None:
+    folder = _checkpoint(tmp_path)
+    _damage(folder, how)
+    out = tmp_path / "out.safetensors"
+    line = _error_line(cli("train", images, "--instance-prompt", "x", "--resume", folder, "-o", out))
+    assert line.startswith(f"lorax: error: {folder}: damaged checkpoint: {DAMAGE[how]}"), line
+    assert not out.exists()
+
+
+def test_non_utf8_caption_names_the_caption_file(cli, tmp_path: Path, images: Path) -> None:
+    caption = images / "a.txt"
+    caption.write_bytes(b"\xff\xfe a red \x80 square")
+    out = tmp_path / "out.safetensors"
+    line = _error_line(cli("train", images, "-o", out, "--steps", "1"))
+    assert (
+        line == f"lorax: error: {caption}: is not UTF-8 text (byte 0xff at position 0); save it as UTF-8"
+    ), line
+
+
+@pytest.mark.parametrize(
+    ("toml", "words"),
+    [
+        ('steps = "ten"\n', "key steps: expected an integer (got 'ten')"),
+        ("learning-rate = [1]\n", "key learning-rate: expected a number (got [1])"),
+        ("flip = 3\n", "key flip: expected true or false (got 3)"),
+        ('[train]\nrank = "x"\n', "[train] key rank: expected an integer (got 'x')"),
+    ],
+)
+def test_config_value_of_wrong_type_names_the_toml_file_and_key(
+    cli, tmp_path: Path, images: Path, toml: str, words: str
+) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text(toml)
+    line = _error_line(
+        cli("train", images, "--instance-prompt", "x", "--config", config, "-o", tmp_path / "o.safetensors")
+    )
+    assert line == f"lorax: error: {config}: {words}", line

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lorax.errors import FormatError, UnsafeFileError
-from lorax.io.safetensors_io import check_readable_file
+from lorax.io.safetensors_io import check_readable_file, pickle_named_safetensors
 
 
 def load_pickle(path: str | Path) -> Any:
@@ -16,6 +16,10 @@ def load_pickle(path: str | Path) -> Any:
     import torch
 
     p = check_readable_file(path)
+    if (
+        p.suffix.lower() == ".safetensors"
+    ):  # torch.load would hand it to safetensors, which calls it "too large"
+        raise pickle_named_safetensors(p)
     try:
         return torch.load(p, map_location="cpu", weights_only=True, mmap=_is_zip(p))
     except pickle.UnpicklingError as err:
@@ -31,7 +35,7 @@ def load_pickle(path: str | Path) -> Any:
                 path=p,
             ) from None
         raise FormatError(f"not a readable torch checkpoint ({first})", path=p) from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as err:
+    except Exception as err:  # EOFError, RuntimeError, BadZipFile, ValueError, OSError, a library's own error
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FormatError(f"not a readable torch checkpoint ({first})", path=p) from None
 
