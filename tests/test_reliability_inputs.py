@@ -481,3 +481,44 @@ def test_config_value_of_wrong_type_names_the_toml_file_and_key(
         cli("train", images, "--instance-prompt", "x", "--config", config, "-o", tmp_path / "o.safetensors")
     )
     assert line == f"lorax: error: {config}: {words}", line
+
+
+# ---- item 11: a refused pickle is lorax's one line, without the libraries' advice ----------------------------------
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("command", ["generate", "convert"])
+def test_model_folder_pickle_is_refused_in_lorax_words(cli, tmp_path: Path, command: str) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from lorax.zoo.tiny import tiny_pipeline
+
+    model = tmp_path / "model"
+    tiny_pipeline("sd1").save_pretrained(model)
+    marker = tmp_path / "payload-ran"
+    weights = load_file(model / "text_encoder" / "model.safetensors")
+    (model / "text_encoder" / "model.safetensors").unlink()
+    pickled = model / "text_encoder" / "pytorch_model.bin"
+    torch.save({**weights, "payload": _Payload(marker)}, pickled)
+    out = tmp_path / ("images" if command == "generate" else "model.safetensors")
+    args = (
+        ["generate", "x", "--model", model, "--steps", "1"] if command == "generate" else ["convert", model]
+    )
+    result = cli(*args, "-o", out)
+    line = _error_line(result)
+    assert line.startswith(f"lorax: error: {pickled}: refused: it is a pickle, and a pickle can hold code"), (
+        line
+    )
+    assert "posix.system" in line and "in a sandbox" in line and "model.safetensors" in line, line
+    assert "Re-running" not in result.stderr and "Warning" not in result.stderr, result.stderr
+    assert not marker.exists() and not out.exists()
