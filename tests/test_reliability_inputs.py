@@ -522,3 +522,66 @@ def test_model_folder_pickle_is_refused_in_lorax_words(cli, tmp_path: Path, comm
     assert "posix.system" in line and "in a sandbox" in line and "model.safetensors" in line, line
     assert "Re-running" not in result.stderr and "Warning" not in result.stderr, result.stderr
     assert not marker.exists() and not out.exists()
+
+
+# ---- item 12: options that do not apply are refused; a one-slash path that is not there ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--rank", "4"], "--rank applies only when BASE is a LoRA"),
+        (["--mode", "concat"], "--mode applies only when BASE is a LoRA"),
+        (["--rank", "4", "--mode", "seed-blend"], "--rank and --mode apply only when BASE is a LoRA"),
+    ],
+)
+def test_merge_into_a_model_refuses_lora_merge_options(cli, tmp_path: Path, extra: list, words: str) -> None:
+    from checkpoint_helpers import save, tiny_lora, tiny_single
+
+    lora = save(tiny_lora("sd1", seed=2), tmp_path / "l.safetensors")
+    out = tmp_path / "m.safetensors"
+    line = _error_line(cli("merge", tiny_single("sd1"), lora, "-o", out, *extra))
+    assert words in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra", [["--config-from", "somewhere"], ["--allow-unmatched"]])
+def test_merge_of_loras_refuses_model_merge_options(cli, tmp_path: Path, extra: list) -> None:
+    from checkpoint_helpers import save, tiny_lora
+
+    a = save(tiny_lora("sd1", seed=2), tmp_path / "a.safetensors")
+    b = save(tiny_lora("sd1", seed=3), tmp_path / "b.safetensors")
+    out = tmp_path / "ab.safetensors"
+    line = _error_line(cli("merge", a, b, "-o", out, *extra))
+    assert f"{extra[0]} applies only when merging into a model" in line, line
+    assert not out.exists()
+
+
+def test_one_slash_path_whose_folder_exists_is_missing_without_the_hub(
+    cli, tmp_path: Path, monkeypatch
+) -> None:
+    import lorax.io.checkpoint as checkpoint
+
+    def no_hub(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the Hub was asked about a local path")
+
+    monkeypatch.setattr(checkpoint, "hub_snapshot", no_hub)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    line = _error_line(cli("convert", "models/mine", "-o", "x.safetensors"))
+    assert line == "lorax: error: models/mine: no such file or folder (models/ exists, mine is not in it)", (
+        line
+    )
+
+
+def test_one_slash_path_neither_local_nor_cached(cli, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.chdir(tmp_path)
+    line = _error_line(cli("convert", "nobody/nothing", "-o", "x.safetensors"))
+    assert line.startswith(
+        "lorax: error: nobody/nothing: neither a local path (no such file or folder) nor a Hub"
+    ), line
+    assert "HF_HUB_OFFLINE" in line

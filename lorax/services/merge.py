@@ -92,7 +92,7 @@ class MergeConfig:
     force: bool = False
     allow_unmatched: bool = False
     rank: int | None = None
-    mode: str = "concat"
+    mode: str | None = None  # LoRA+LoRA only; None: concat
     config_from: str | None = None
 
     def validate(self) -> None:
@@ -105,7 +105,7 @@ class MergeConfig:
             problems.append(
                 f"--to must be one of {', '.join(dict.fromkeys((*MODEL_LAYOUTS, *LORA_FORMATS)))}"
             )
-        if self.mode not in MODES:
+        if self.mode is not None and self.mode not in MODES:
             problems.append(f"--mode must be one of {', '.join(MODES)} (got {self.mode!r})")
         if self.rank is not None and self.rank < 1:
             problems.append(f"--rank must be at least 1 (got {self.rank})")
@@ -815,7 +815,33 @@ def _layout_from_name(out: Path, base_kind: str) -> str:
     return base_kind
 
 
+def _refuse_options(config: MergeConfig, into_model: bool) -> None:
+    """Options of the other kind of merge are refused, not ignored."""
+    if into_model:
+        given = [f for f, v in (("--rank", config.rank), ("--mode", config.mode)) if v is not None]
+        if given:
+            raise ConfigError(
+                f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only when BASE is a LoRA (LoRAs merged with each other); {config.base} is a "
+                "model, into which LoRAs merge exactly: leave them out"
+            )
+        return
+    given = [
+        f
+        for f, v in (
+            ("--config-from", config.config_from),
+            ("--allow-unmatched", config.allow_unmatched or None),
+        )
+        if v is not None
+    ]
+    if given:
+        raise ConfigError(
+            f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only when merging into a model; {config.base} is a LoRA (LoRAs merged with each "
+            "other): leave them out"
+        )
+
+
 def merge_model(config: MergeConfig, progress: Progress) -> MergeResult:
+    _refuse_options(config, into_model=True)
     ckpt = open_checkpoint(config.base)
     layout = config.to or _layout_from_name(Path(config.output), ckpt.kind)
     if layout not in MODEL_LAYOUTS:
@@ -865,6 +891,7 @@ def merge_loras(config: MergeConfig, progress: Progress) -> MergeResult:
     from lorax.adapters.svd import blend_states, join_tokens, mix_states, resize_state
     from lorax.formats import LORA_WRITE_FORMATS, detect_format, load_lora, save_lora
 
+    _refuse_options(config, into_model=False)
     alpha = 0.5 if config.alpha is None else config.alpha
     base_fmt = detect_format(config.base)
     states = [load_lora(config.base)]
