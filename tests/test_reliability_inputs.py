@@ -310,6 +310,20 @@ def test_generate_refuses_a_nan_lora_before_generating(cli, tmp_path: Path) -> N
     assert not out.exists()
 
 
+def test_generate_refuses_a_nan_embedding(cli, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    emb = tmp_path / "bad.safetensors"
+    save_file({"emb_params": torch.full((1, 32), float("nan"))}, str(emb))
+    out = tmp_path / "images"
+    line = _error_line(cli("generate", "x", "--model", "no-such-model-needed", "--embedding", emb, "-o", out))
+    assert (
+        line == f"lorax: error: {emb}: token 'bad' (text_encoder): its embedding holds NaN or infinite values"
+    )
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "where", ["--lora FILE:nan", "--lora FILE:1:inf", "<lora:NAME:nan>", "--sweep-scale"]
 )

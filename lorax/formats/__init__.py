@@ -347,9 +347,12 @@ def load_embeddings(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     p = _resolve_folder(Path(path))
     content, metadata, fmt = read_file(p)
     if fmt in EMBEDDING_FORMATS:
+        from lorax.adapters.state import LoraState
         from lorax.formats import embeddings
 
-        return embeddings.read(content, fmt, path=p, metadata=metadata)
+        found = embeddings.read(content, fmt, path=p, metadata=metadata)
+        check_state(LoraState(embeddings=found), p)
+        return found
     state = load_lora(p)
     if not state.embeddings:
         raise FormatError(f"is a {fmt} file with no token embeddings", path=p)

@@ -247,10 +247,8 @@ class TrainingLoop:
             grads = [p.grad.detach().float().norm() for p in self.job.parameters() if p.grad is not None]
             grad_norm = torch.stack(grads).norm() if grads else 0.0
         if math.isfinite(float(grad_norm)):
-            self._good, self._pending = (
-                self._pending,
-                self._good,
-            )  # the older copy's buffers serve the next one
+            # the older copy's buffers serve the next one
+            self._good, self._pending = self._pending, self._good
 
     def _save_good_state(self) -> Path | None:
         """The kept copy as a checkpoint (or the checkpoint already written of that step)."""
