@@ -259,12 +259,14 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
     config.validate()
     assert config.output is not None
     output = Path(config.output)
-    companions = plan_outputs(config, output)
-    if config.dataset_config is not None and _same_file(companions["config"], Path(config.dataset_config)):
+    if config.dataset_config is not None and _same_file(
+        companion_paths(output)["config"], Path(config.dataset_config)
+    ):
         raise ConfigError(
             f"-o {output.name} would write its resolved config over --dataset-config {config.dataset_config}; "
             "name the output differently"
         )
+    companions = plan_outputs(config, output)
     resume_ckpt = None
     if config.resume is not None:
         from lorax.training.checkpoint import load_checkpoint
