@@ -27,7 +27,13 @@ def load_is_slow(spec: str | Path) -> bool:
     path = local_model_path(spec)
     if path is None:
         text = str(spec)
-        return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).suffix
+        looks_local = Path(text.split("/")[0]).expanduser().is_dir()  # `models/mine`: a missing local path
+        return (
+            text.count("/") == 1
+            and not text.startswith((".", "/", "~"))
+            and not Path(text).suffix
+            and not looks_local
+        )
     if path.is_file():
         return path.stat().st_size >= SLOW_LOAD_BYTES
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) >= SLOW_LOAD_BYTES
@@ -83,8 +89,7 @@ def _from_folder(ckpt: DiffusersCheckpoint, dtype: Any) -> Any:
     import pickle
     import warnings
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:  # the filters in force still choose what is kept
         try:
             pipe = cls.from_pretrained(ckpt.path, **kwargs)
         except pickle.UnpicklingError as err:  # a component's pickle that torch's weights-only loader refused
