@@ -460,3 +460,84 @@ def test_checkpoint_folder_under_a_file_fails_before_step_1(
     line = _one_error_line(result.stderr)
     assert str(blocker / "ckpts") in line and "cannot be written" in line, line
     assert no_step == []
+
+
+# ---- item 1: a non-finite stop without --checkpoint-every still leaves a usable state ----------------------------
+
+
+def test_non_finite_stop_without_checkpoints_keeps_a_finite_resumable_state(
+    cli, tmp_path: Path, model_dir: Path, image_dir: Path
+) -> None:
+    """lr 1e3 turns the weights NaN within a few steps. The state written (from memory: no --checkpoint-every) is the
+    last one that trained on cleanly: finite, and a lower --learning-rate resumed from it finishes the run."""
+    import re
+
+    out = tmp_path / "hot.safetensors"
+    result = cli(*_train_args(image_dir, model_dir, out, "--steps", "6", "--lr", "1e3"))
+    assert result.exit_code == 1, result.output
+    line = _one_error_line(result.stderr)
+    found = re.search(
+        r"became nan at step (\d+); the last good state, from step (\d+), is kept in (\S+) ", line
+    )
+    assert found, line
+    stop, step, kept = int(found[1]), int(found[2]), Path(found[3])
+    assert step < stop and kept.name == f"step-{step:06d}" and not out.exists()
+    tensors = load_file(kept / "weights.safetensors")
+    assert tensors and all(bool(torch.isfinite(t).all()) for t in tensors.values())
+    resumed = cli(*_train_args(image_dir, model_dir, out, "--steps", "6", "--lr", "1e-4", "--resume", kept))
+    assert resumed.exit_code == 0, resumed.output
+    assert "learning rate 0.0001 (the checkpoint was trained with 1000)" in resumed.stderr
+    written = load_file(out)
+    assert written and all(bool(torch.isfinite(t).all()) for t in written.values())
+
+
+# ---- item 7: companions are planned with the output -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".loss.csv", ".loss.png", ".samples", ".samples.png"])
+def test_existing_companion_is_refused_before_step_1(
+    cli, tmp_path: Path, image_dir: Path, model_dir: Path, no_step: list[int], suffix: str
+) -> None:
+    out = tmp_path / "out.safetensors"
+    companion = tmp_path / f"out{suffix}"
+    if suffix == ".samples":
+        companion.mkdir()
+        (companion / "step-000001-0.png").write_bytes(b"an earlier run's sample")
+    else:
+        companion.write_bytes(b"an earlier run's file")
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file())
+    extra = ("--validation-prompt", "x", "--validation-every", "1")
+    result = cli(*_train_args(image_dir, model_dir, out, *extra))
+    assert result.exit_code == 1, result.output
+    line = _one_error_line(result.stderr)
+    assert line == f"lorax: error: {companion}: already exists; pass --force to overwrite it", line
+    assert no_step == [] and not out.exists()
+    assert sorted((p.name, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()) == before
+
+
+def test_force_replaces_companions(cli, tmp_path: Path, image_dir: Path, model_dir: Path) -> None:
+    import tomllib
+
+    out = tmp_path / "out.safetensors"
+    for suffix in (".toml", ".loss.csv", ".loss.png"):
+        (tmp_path / f"out{suffix}").write_bytes(b"old")
+    result = cli(*_train_args(image_dir, model_dir, out, "--force"))
+    assert result.exit_code == 0, result.output
+    assert tomllib.loads((tmp_path / "out.toml").read_text())["steps"] == 2
+    assert (tmp_path / "out.loss.csv").read_text().startswith("step,loss")
+    assert (tmp_path / "out.loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("command", ["invert", "pivot"])
+def test_inversion_companion_is_refused_before_step_1(
+    cli, tmp_path: Path, image_dir: Path, model_dir: Path, no_step: list[int], command: str
+) -> None:
+    out = tmp_path / ("e.pt" if command == "invert" else "e.safetensors")
+    (tmp_path / "e.loss.csv").write_text("mine")
+    args = [command, image_dir, "--model", model_dir, "--token", "<s1>", "--init-token", "x"]
+    result = cli(*args, "--resolution", "32", "--steps", "1", "--device", "cpu", "-o", out)
+    assert result.exit_code == 1, result.output
+    assert _one_error_line(result.stderr).startswith(
+        f"lorax: error: {tmp_path / 'e.loss.csv'}: already exists"
+    )
+    assert no_step == [] and not out.exists() and (tmp_path / "e.loss.csv").read_text() == "mine"

@@ -223,11 +223,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model, images, tmp_p
 
     monkeypatch.setattr(DiffusionObjective, "loss", poisoned)
     out = tmp_path / "nan.safetensors"
-    with pytest.raises(TrainingError, match=r"loss became nan at step 3.*step-000002") as err:
+    # step 3's loss comes from step 2's weights: the last state that trained on cleanly is step 1's
+    with pytest.raises(TrainingError, match=r"loss became nan at step 3.*from step 1.*step-000001") as err:
         run(config(tiny_model, images, out))
     assert "\n" not in str(err.value)
     assert not out.exists()
-    kept = load_file(tmp_path / "nan.checkpoints" / "step-000002" / "weights.safetensors")
+    kept = load_file(tmp_path / "nan.checkpoints" / "step-000001" / "weights.safetensors")
     assert kept and all(torch.isfinite(t).all() for t in kept.values())
 
 
@@ -265,7 +266,8 @@ def test_weights_that_go_non_finite_are_never_kept(tiny_model, images, tmp_path,
     for folder in folders:
         kept = load_file(folder / "weights.safetensors")
         assert kept and all(torch.isfinite(t).all() for t in kept.values()), folder.name
-    assert folders[-1].name in str(err.value)
+    # step 3's gradients come from step 2's weights: the state named is step 1's, the last that trained on cleanly
+    assert "from step 1" in str(err.value) and "step-000001" in str(err.value)
 
 
 def test_prior_preservation_generates_and_caches_class_images(tiny_model, images, tmp_path):

@@ -67,12 +67,12 @@ def merge_command(
         typer.Option(help="LoRA+LoRA: compress the result to this rank by SVD (reports the kept energy)."),
     ] = None,
     mode: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="LoRA+LoRA: concat (exact, ranks add up), seed-blend (the seed's lpl: up and down blended "
-            "separately) or seed-join (the seed's ljl: concat, tokens renamed <s{i}-{j}>)."
+            "separately) or seed-join (the seed's ljl: concat, tokens renamed <s{i}-{j}>). Default: concat."
         ),
-    ] = "concat",
+    ] = None,
     allow_unmatched: Annotated[
         bool,
         typer.Option(

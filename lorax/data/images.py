@@ -54,13 +54,26 @@ def find_images(folder: Path, *, recursive: bool = False) -> list[Path]:
     )
 
 
+def read_text_file(path: Path) -> str:
+    """A caption (or captions) file's text: UTF-8, else one line naming the file and the first bad byte."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(
+            f"is not UTF-8 text (byte 0x{err.object[err.start]:02x} at position {err.start}); save it as UTF-8",
+            path=path,
+        ) from None
+    except OSError as err:
+        raise InputError(f"cannot be read ({err.strerror or err})", path=path) from None
+
+
 def read_metadata_jsonl(folder: Path) -> dict[str, str]:
     """Captions from ``folder/metadata.jsonl`` keyed by the image's path relative to ``folder``."""
     path = folder / "metadata.jsonl"
     if not path.exists():
         return {}
     captions: dict[str, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text_file(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -133,7 +146,7 @@ def load_image_folder(
         caption = metadata.get(rel)
         if caption is None:
             txt = path.with_suffix(".txt")
-            caption = txt.read_text(encoding="utf-8").strip() if txt.exists() else None
+            caption = read_text_file(txt).strip() if txt.exists() else None
         if caption is None:
             caption = instance_prompt
         if caption is None:

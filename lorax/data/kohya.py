@@ -293,7 +293,9 @@ def read_caption(image: Path, extension: str | None) -> str | None:
     for ext in (extension,) if extension is not None else DEFAULT_CAPTION_EXTENSIONS:
         path = image.with_suffix(ext)
         if path.is_file():
-            lines = path.read_text(encoding="utf-8").splitlines()
+            from lorax.data.images import read_text_file
+
+            lines = read_text_file(path).splitlines()
             if not lines or not lines[0].strip():
                 raise InputError("caption file is empty", path=path)
             return lines[0].strip()

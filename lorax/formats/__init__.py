@@ -164,25 +164,65 @@ def load_lora(path: str | Path, *, model: Any = None, family: str | None = None)
     if fmt in EMBEDDING_FORMATS:
         from lorax.formats import embeddings
 
-        return LoraState(
+        state = LoraState(
             embeddings=embeddings.read(content, fmt, path=p, metadata=metadata),
             metadata=metadata,
             family=family,
         )
+        check_state(state, p)
+        return state
     if fmt not in FORMATS:
         raise FormatError(f"is a {fmt} file, not a LoRA", path=p)
     module = FORMATS[fmt].load()
     if fmt == "lora_diffusion":
-        return module.read_path(p, model=model, family=family)  # type: ignore[no-any-return]
+        state = module.read_path(p, model=model, family=family)
+        check_state(state, p)
+        return state  # type: ignore[no-any-return]
     kwargs: dict[str, Any] = {}
     if fmt == "diffusers" and (p.parent / "adapter_config.json").is_file():
         kwargs["adapter_config"] = json.loads((p.parent / "adapter_config.json").read_text())
     try:
-        return module.read(content, metadata, model=model, family=family, path=p, **kwargs)  # type: ignore[no-any-return]
+        state = module.read(content, metadata, model=model, family=family, path=p, **kwargs)
     except FormatError as err:
         if err.path is None:
             raise FormatError(str(err), path=p) from None
         raise
+    check_state(state, p)
+    return state  # type: ignore[no-any-return]
+
+
+def check_state(state: LoraState, path: Any) -> None:
+    """The one rule for every LoRA and embedding lorax reads, whatever its format: each module has a rank, a finite
+    alpha and finite weights; each token embedding is finite. Else one line naming the file and the module, before
+    anything is merged, mixed, converted or generated with it (NaN weights would give NaN weights or a black image)."""
+    import dataclasses
+    import math
+
+    import torch
+
+    for name, module in state.modules.items():
+        down = getattr(module, "down", None)
+        if isinstance(down, torch.Tensor) and down.dim() >= 1 and down.shape[0] == 0:
+            raise FormatError(
+                f"module {name} has rank 0 (its down weight {list(down.shape)} has no rows)", path=path
+            )
+        alpha = getattr(module, "alpha", None)
+        if alpha is not None and not math.isfinite(float(alpha)):
+            raise FormatError(
+                f"module {name}: alpha is {float(alpha):g} (an alpha must be a finite number)", path=path
+            )
+        fields = dataclasses.fields(module) if dataclasses.is_dataclass(module) else ()
+        for field in fields:
+            t = getattr(module, field.name)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = "NaN" if bool(torch.isnan(t).any()) else "infinite"
+                raise FormatError(f"module {name}: its {field.name} weights hold {bad} values", path=path)
+    for token, per in state.embeddings.items():
+        for component, t in per.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise FormatError(
+                    f"token {token!r} ({component}): its embedding holds NaN or infinite values", path=path
+                )
 
 
 def lorax_metadata(state: LoraState, fmt: str) -> dict[str, str]:
@@ -307,9 +347,12 @@ def load_embeddings(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     p = _resolve_folder(Path(path))
     content, metadata, fmt = read_file(p)
     if fmt in EMBEDDING_FORMATS:
+        from lorax.adapters.state import LoraState
         from lorax.formats import embeddings
 
-        return embeddings.read(content, fmt, path=p, metadata=metadata)
+        found = embeddings.read(content, fmt, path=p, metadata=metadata)
+        check_state(LoraState(embeddings=found), p)
+        return found
     state = load_lora(p)
     if not state.embeddings:
         raise FormatError(f"is a {fmt} file with no token embeddings", path=p)

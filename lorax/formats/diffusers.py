@@ -96,10 +96,12 @@ def read(
         component, _, inner = module_path.partition(".")
         rank = int(down.shape[0])
         if "alpha" in slot:
-            alpha = float(slot["alpha"].item())
+            alpha = keys.finite_alpha(slot["alpha"], f"{module_path}.alpha", path)
         else:
             config = configs.get(component) or configs.get("")
-            alpha = module_alpha(config, inner, rank) if config else float(rank)
+            alpha = (
+                module_alpha(config, inner, rank, component=component, path=path) if config else float(rank)
+            )
         if "magnitude" in slot:
             from lorax.adapters.lycoris import DoraModule
 

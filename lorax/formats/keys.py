@@ -145,15 +145,46 @@ def _pattern_value(patterns: Mapping[str, Any], candidates: list[str]) -> Any:
     return None
 
 
-def module_alpha(config: Mapping[str, Any], module_path: str, rank: int) -> float:
+def finite_alpha(value: Any, what: str, path: Any = None) -> float:
+    """An alpha a file gives (a tensor, or a JSON value from a header): one finite number, or a ``FormatError`` naming
+    ``what`` (its key) and the file. The one rule for every format's alphas."""
+    import math
+
+    from lorax.errors import FormatError
+
+    shape = getattr(value, "shape", None)
+    if shape is not None:  # a tensor
+        if value.numel() != 1:
+            raise FormatError(f"{what} must hold one number, it has shape {list(shape)}", path=path)
+        number = float(value.float().item())
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise FormatError(f"{what} must be a number, not {value!r:.40}", path=path)
+    if not math.isfinite(number) or abs(number) > 3.4028234663852886e38:
+        raise FormatError(f"{what} is {number:g} (an alpha must be a finite number)", path=path)
+    return number
+
+
+def module_alpha(
+    config: Mapping[str, Any], module_path: str, rank: int, *, component: str = "", path: Any = None
+) -> float:
     """The effective alpha (``scale · r``) PEFT would use for one module under ``config``."""
     candidates = [module_path]
     if module_path.startswith("text_model."):
         candidates.append(module_path[len("text_model.") :])
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, candidates)
+    where = f"{component}." if component else ""
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, Mapping):
+        from lorax.errors import FormatError
+
+        raise FormatError(f"lora_adapter_metadata's {where}alpha_pattern must be a JSON object", path=path)
+    alpha = _pattern_value(patterns, candidates)
+    what = f"lora_adapter_metadata's {where}alpha_pattern for {module_path}"
     if alpha is None:
         alpha = config.get("lora_alpha", rank)
-    alpha = float(alpha)
+        what = f"lora_adapter_metadata's {where}lora_alpha"
+    alpha = finite_alpha(alpha, what, path)
     if config.get("use_rslora"):
         return alpha * math.sqrt(rank)  # rsLoRA scales by alpha / sqrt(r)
     return alpha

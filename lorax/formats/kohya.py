@@ -12,7 +12,6 @@ When writing, SDXL UNet modules use kohya's original (SGM) naming; other familie
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +107,8 @@ def read(
             continue
         from lorax.formats import lycoris
 
+        if "alpha" in parts:  # named by the file's own key
+            file_alpha(tensors[parts["alpha"]], parts["alpha"], path)
         module = lycoris.module_from_parts(
             module_path,
             {s: tensors[k] for s, k in parts.items()},
@@ -187,9 +188,6 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 def file_alpha(tensor: Any, key: str, path: Any) -> float:
     """A file's own alpha: one finite number, or one line naming the key and the file."""
-    if tensor.numel() != 1:
-        raise FormatError(f"{key} must hold one number, it has shape {list(tensor.shape)}", path=path)
-    value = float(tensor.float().item())
-    if not math.isfinite(value):
-        raise FormatError(f"{key} is {value} (an alpha must be a finite number)", path=path)
-    return value
+    from lorax.formats.keys import finite_alpha
+
+    return finite_alpha(tensor, key, path)

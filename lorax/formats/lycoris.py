@@ -31,8 +31,10 @@ NAME = "lycoris"
 _LOHA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
 
 
-def _alpha(parts: Mapping[str, torch.Tensor]) -> float | None:
-    return float(parts["alpha"].item()) if "alpha" in parts else None
+def _alpha(parts: Mapping[str, torch.Tensor], name: str = "", path: Any = None) -> float | None:
+    from lorax.formats.keys import finite_alpha
+
+    return finite_alpha(parts["alpha"], f"{name}.alpha", path) if "alpha" in parts else None
 
 
 def module_from_parts(
@@ -48,7 +50,7 @@ def module_from_parts(
     module: Any
     if keys >= _LOHA:
         module = LohaModule(
-            parts["hada_w1_a"], parts["hada_w1_b"], parts["hada_w2_a"], parts["hada_w2_b"], _alpha(parts),
+            parts["hada_w1_a"], parts["hada_w1_b"], parts["hada_w2_a"], parts["hada_w2_b"], _alpha(parts, name, path),
             parts.get("hada_t1"), parts.get("hada_t2"), weight_shape,
         )  # fmt: skip
         used |= _LOHA | ({"hada_t1", "hada_t2"} & keys)
@@ -61,7 +63,7 @@ def module_from_parts(
             raise FormatError(f"LoKr module {name} has neither lokr_w2 nor lokr_w2_a/_b", path=path)
         module = LokrModule(
             got["lokr_w1"], got["lokr_w1_a"], got["lokr_w1_b"], got["lokr_w2"], got["lokr_w2_a"], got["lokr_w2_b"],
-            got["lokr_t2"], _alpha(parts), weight_shape,
+            got["lokr_t2"], _alpha(parts, name, path), weight_shape,
         )  # fmt: skip
         used |= {n for n in names if got[n] is not None}
     elif {"lora_down.weight", "lora_up.weight"} <= keys:
@@ -74,7 +76,7 @@ def module_from_parts(
             )
             used.add("lora_mid.weight")
         kohya.check_pair(name, down, up, path)
-        alpha = _alpha(parts)
+        alpha = _alpha(parts, name, path)
         if "dora_scale" in keys:
             scale = parts["dora_scale"]
             wd_on_out = magnitude_on_out(scale, up.shape[0])

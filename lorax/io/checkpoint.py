@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -376,8 +377,34 @@ def resolve_model(spec: str | Path) -> Path:
     if p.suffix.lower() in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES or text.startswith((".", "/", "~")):
         raise InputError("no such file", path=p)
     if text.count("/") == 1 and all(text.split("/")):
-        return hub_snapshot(text)
+        return _local_or_hub(text, p)
     raise ModelNotFoundError(f"{text!r} is not a file, a folder, a built-in model or a Hub id (owner/name)")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _local_or_hub(text: str, p: Path) -> Path:
+    """``owner/name`` that is no local path: a path that looks local (its first folder exists here, or no Hub id
+    could be spelled so) is reported missing without asking the Hub; else the Hub's cache (or the Hub itself)."""
+    first = Path(text.split("/")[0]).expanduser()
+    if first.is_dir():
+        raise InputError(f"no such file or folder ({first}/ exists, {p.name} is not in it)", path=p)
+    if not _HUB_ID.fullmatch(text):
+        raise InputError("no such file or folder", path=p)
+    try:
+        return hub_snapshot(text)
+    except ModelNotFoundError as err:
+        if hub_offline():
+            raise ModelNotFoundError(
+                "neither a local path (no such file or folder) nor a Hub model in the local Hugging Face cache "
+                "(the hub is offline: HF_HUB_OFFLINE); pass a local path (a diffusers folder or a single-file "
+                "checkpoint) or a cached Hub id",
+                path=p,
+            ) from None
+        raise ModelNotFoundError(
+            f"{p}: neither a local path (no such file or folder) nor a Hub model lorax can fetch ({err})"
+        ) from None
 
 
 def _resolve_builtin(name: str) -> Path | None:

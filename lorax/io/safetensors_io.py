@@ -66,12 +66,29 @@ def check_readable_file(path: str | Path) -> Path:
     return p
 
 
+def looks_like_pickle(head: bytes) -> bool:
+    """A torch pickle's first bytes: a zip archive (``torch.save``'s default) or a raw pickle's protocol opcode."""
+    return head[:4] == b"PK\x03\x04" or (
+        head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    )
+
+
+def pickle_named_safetensors(p: Path) -> FormatError:
+    return FormatError(
+        "is a torch pickle, not a safetensors file as its name says; rename it to .pt to read it "
+        "(lorax loads pickles with weights_only=True, which runs no code)",
+        path=p,
+    )
+
+
 def read_header(path: str | Path) -> Header:
     """Parse and validate a safetensors header. Every problem becomes a ``FormatError`` naming the file."""
     p = check_readable_file(path)
     size = p.stat().st_size
     with open(p, "rb") as f:
         head = f.read(8)
+        if looks_like_pickle(head):
+            raise pickle_named_safetensors(p)
         if len(head) < 8:
             raise FormatError("not a safetensors file (shorter than its 8-byte header length)", path=p)
         (n,) = struct.unpack("<Q", head)

@@ -28,7 +28,13 @@ def load_is_slow(spec: str | Path) -> bool:
     path = local_model_path(spec)
     if path is None:
         text = str(spec)
-        return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).suffix
+        looks_local = Path(text.split("/")[0]).expanduser().is_dir()  # `models/mine`: a missing local path
+        return (
+            text.count("/") == 1
+            and not text.startswith((".", "/", "~"))
+            and not Path(text).suffix
+            and not looks_local
+        )
     if path.is_file():
         return path.stat().st_size >= SLOW_LOAD_BYTES
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) >= SLOW_LOAD_BYTES
@@ -81,7 +87,31 @@ def _from_folder(ckpt: DiffusersCheckpoint, dtype: Any) -> Any:
         kwargs["torch_dtype"] = dtype
     if "safety_checker" in ckpt.model_index and (ckpt.model_index["safety_checker"] or [None])[0] is None:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    return cls.from_pretrained(ckpt.path, **kwargs)
+    import pickle
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # the filters in force still choose what is kept
+        try:
+            pipe = cls.from_pretrained(ckpt.path, **kwargs)
+        except pickle.UnpicklingError as err:  # a component's pickle that torch's weights-only loader refused
+            from lorax.io.pickle_safe import refusal, weights_only_detail
+
+            detail = weights_only_detail(err)
+            if detail is None:
+                raise
+            # the libraries' advice (weights_only=False) and warnings stay below lorax's own line: not shown
+            raise refusal(_pickled_weights(ckpt.path), detail) from None
+    for w in caught:  # a load that worked shows what the libraries had to say, as it would have
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return pipe
+
+
+def _pickled_weights(folder: Path) -> Path:
+    """The pickle a model folder's components were read from (the first, when several are)."""
+    from lorax.io.pickle_safe import PICKLE_WEIGHTS
+
+    found = sorted(p for p in Path(folder).glob("*/*") if p.suffix.lower() in PICKLE_WEIGHTS)
+    return found[0] if found else Path(folder)
 
 
 def _from_single_file(ckpt: SingleFileCheckpoint, dtype: Any, config_from: str | Path | None) -> Any:

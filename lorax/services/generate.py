@@ -57,6 +57,13 @@ class LoraSpec:
     state: LoraState | None = None
     name: str | None = None
 
+    def __post_init__(self) -> None:
+        from lorax.adapters.finite import check_scale
+
+        where = f"<lora:{self.name}>" if self.name else self.path
+        check_scale(self.scale, where)  # the one rule for every scale: finite, or one line naming the LoRA
+        check_scale(self.text_scale, where, "text scale")
+
     @property
     def label(self) -> str:
         if self.name:
@@ -100,6 +107,11 @@ def parse_scales(value: str) -> list[float]:
         raise ConfigError(f"--sweep-scale {value!r} is not a comma-separated list of numbers") from None
     if not scales:
         raise ConfigError("--sweep-scale is empty; give scales such as 0,0.5,1")
+    from lorax.adapters.finite import is_finite_scale
+
+    bad = [s for s in scales if not is_finite_scale(s)]
+    if bad:
+        raise ConfigError(f"--sweep-scale {bad[0]!r} is not a finite number in float32 range")
     return scales
 
 

@@ -152,6 +152,16 @@ def _scalar_from_bytes(raw: bytes, dtype: str) -> float:
     raise FormatError(f"cannot read a scalar of dtype {dtype}")
 
 
+def _alpha_of_header(sf: Any, name: str, p: Path) -> float:
+    """A scalar (an alpha) read from its few bytes: one finite number, or one line naming the key and the file."""
+    import math
+
+    shape = sf.header.tensors[name].shape
+    if math.prod(shape) != 1:
+        raise FormatError(f"{name} must hold one number, it has shape {list(shape)}", path=p)
+    return K.finite_alpha(_scalar_from_bytes(sf.raw(name), sf.header.tensors[name].dtype), name, p)
+
+
 def _safetensors(p: Path) -> FileReport:
     from lorax.io.safetensors_io import SafetensorsFile
 
@@ -160,7 +170,7 @@ def _safetensors(p: Path) -> FileReport:
     info = _Tensors(
         {k: t.shape for k, t in header.tensors.items()},
         {k: t.dtype for k, t in header.tensors.items()},
-        lambda name: _scalar_from_bytes(sf.raw(name), header.tensors[name].dtype),
+        lambda name: _alpha_of_header(sf, name, p),
     )
     fmt = K.detect(list(info.shapes), header.metadata, info.shapes)
     if fmt is None:
@@ -203,7 +213,7 @@ def _pickle(p: Path) -> FileReport:
     info = _Tensors(
         {k: tuple(v.shape) for k, v in tensors.items()},
         {k: st_names.get(str(v.dtype), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()},
-        lambda name: float(tensors[name].float().item()),
+        lambda name: K.finite_alpha(tensors[name], name, p),
     )
     if fmt == "checkpoint":
         return _single_file_model(p, info, {})
@@ -332,7 +342,7 @@ def _diffusers(report: FileReport, info: _Tensors, metadata: Mapping[str, str], 
             alpha = info.scalar(roles["alpha"])
         else:
             config = configs.get(component) or configs.get("")
-            alpha = K.module_alpha(config, path, rank) if config else float(rank)
+            alpha = K.module_alpha(config, path, rank, component=component, path=p) if config else float(rank)
         _add_module(report, "dora" if "magnitude" in roles else "lora", rank, alpha, path)
     _finish(report, {c for c, _ in parts})
 

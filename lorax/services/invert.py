@@ -23,10 +23,10 @@ from lorax import dtypes
 from lorax.data.dataset import DataOptions, TrainData
 from lorax.data.images import ImageItem, load_image_folder
 from lorax.errors import ConfigError, MismatchError
-from lorax.io.atomic import atomic_path, check_output
+from lorax.io.atomic import atomic_path
 from lorax.models import families
 from lorax.progress import NullProgress, Progress
-from lorax.services.train import companion_paths, make_accelerator, total_steps
+from lorax.services.train import companion_paths, make_accelerator, plan_outputs, total_steps
 from lorax.training.masks import MaskedBatches
 from lorax.training.pivot_config import InversionOptions, InvertConfig
 from lorax.training.report import sample_files
@@ -415,9 +415,9 @@ def write_companions(
     from lorax.training.report import loss_csv, run_markers, write_loss_png, write_samples_sheet
 
     companions = companion_paths(output)
-    with atomic_path(companions["loss_csv"], force=True) as tmp:
+    with atomic_path(companions["loss_csv"], config.force) as tmp:
         tmp.write_text(loss_csv(losses), encoding="utf-8")
-    with atomic_path(companions["loss_png"], force=True) as tmp:
+    with atomic_path(companions["loss_png"], config.force) as tmp:
         write_loss_png(
             losses,
             tmp,
@@ -426,14 +426,14 @@ def write_companions(
             resumed_at=resumed[1] if resumed is not None else None,
         )
     if samples:
-        with atomic_path(companions["samples_png"], force=True) as tmp:
+        with atomic_path(companions["samples_png"], config.force) as tmp:
             write_samples_sheet(
                 samples,
                 list(config.validation_prompt or []),
                 tmp,
                 title=f"lorax {config.COMMAND}: {output.name}, validation samples",
             )
-    with atomic_path(companions["config"], force=True) as tmp:
+    with atomic_path(companions["config"], config.force) as tmp:
         tmp.write_text(config.to_toml(), encoding="utf-8")
     return companions
 
@@ -462,7 +462,7 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
     config.validate()
     assert config.output is not None
     output = Path(config.output)
-    check_output(output, config.force)
+    plan_outputs(config, output)
     resume = load_resume(config)
     session = prepare(config, progress, pipeline)
     max_steps = steps_of(config, session.data.batches_per_epoch())

@@ -62,11 +62,9 @@ class LoraSpec:
     alpha: float | None = None
 
     def __post_init__(self) -> None:
-        # one rule for every scale a user or recipe gives: finite, or refused naming the LoRA
-        if self.alpha is not None and not (
-            math.isfinite(self.alpha) and abs(self.alpha) <= 3.4028234663852886e38
-        ):
-            raise InputError(f"scale {self.alpha!r} is not a finite number in float32 range", path=self.path)
+        from lorax.adapters.finite import check_scale
+
+        check_scale(self.alpha, self.path)  # one rule for every scale a user or recipe gives
 
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
@@ -95,7 +93,7 @@ class MergeConfig:
     force: bool = False
     allow_unmatched: bool = False
     rank: int | None = None
-    mode: str = "concat"
+    mode: str | None = None  # LoRA+LoRA only; None: concat
     config_from: str | None = None
 
     def validate(self) -> None:
@@ -108,7 +106,7 @@ class MergeConfig:
             problems.append(
                 f"--to must be one of {', '.join(dict.fromkeys((*MODEL_LAYOUTS, *LORA_FORMATS)))}"
             )
-        if self.mode not in MODES:
+        if self.mode is not None and self.mode not in MODES:
             problems.append(f"--mode must be one of {', '.join(MODES)} (got {self.mode!r})")
         if self.rank is not None and self.rank < 1:
             problems.append(f"--rank must be at least 1 (got {self.rank})")
@@ -159,6 +157,7 @@ class Contribution:
     weight: float
     part: int = 0
     parts: int = 1
+    lora: str = ""  # the file it comes from, for messages
 
 
 @dataclass
@@ -243,7 +242,9 @@ def plan_targets(
                 mismatches.append(f"{name} (LoRA {shape}, model {list(slot.shape)})")
                 continue
             weight = alpha_text if component.startswith("text_encoder") else alpha
-            targets.setdefault(slot.key, []).append(Contribution(name, module, weight, slot.part, slot.parts))
+            targets.setdefault(slot.key, []).append(
+                Contribution(name, module, weight, slot.part, slot.parts, label)
+            )
             matched[label] += 1
             bias = getattr(module, "diff_b", None)  # LyCORIS full-difference modules may carry a bias delta
             if bias is not None:
@@ -252,7 +253,9 @@ def plan_targets(
                     mismatches.append(f"{name} bias (LoRA {list(bias.shape)}, model has no matching bias)")
                     continue
                 targets.setdefault(bias_slot.key, []).append(
-                    Contribution(name + ".bias", _BiasDelta(bias), weight, bias_slot.part, bias_slot.parts)
+                    Contribution(
+                        name + ".bias", _BiasDelta(bias), weight, bias_slot.part, bias_slot.parts, label
+                    )
                 )
     return targets, unmatched, mismatches, matched
 
@@ -281,9 +284,24 @@ def apply_contributions(weight: torch.Tensor, contributions: list[Contribution])
             flat.addmm_(up, down, alpha=c.weight * c.module.scale)
         else:
             view.add_(c.module.delta(torch.float32).reshape(view.shape), alpha=c.weight)
-    if not math.isfinite(float(w.sum())):  # NaN and inf survive a sum: one cheap pass over the merged weight
-        raise MismatchError("merging produced NaN or infinite weights (check the LoRA and alpha)")
+    if not bool(
+        torch.isfinite(w).all()
+    ):  # one cheap pass over the merged weight (a sum could overflow alone)
+        raise MismatchError(
+            _not_finite(contributions, "weights that are not finite (lower the LoRA's scale)")
+        )
     return w
+
+
+def _not_finite(contributions: list[Contribution], what: str) -> str:
+    """Names the LoRA file(s) and the module whose merge gives non-finite weights."""
+    files = ", ".join(dict.fromkeys(c.lora for c in contributions if c.lora))
+    modules = ", ".join(dict.fromkeys(c.module_name for c in contributions))
+    return (
+        f"{files}: merging module {modules} gives {what}"
+        if files
+        else f"merging module {modules} gives {what}"
+    )
 
 
 class CopyingWriter(StreamingWriter):
@@ -387,8 +405,11 @@ def merge_tensor_file(
                         float(w.float().sum())
                     ):  # after the cast: fp16 overflows to inf here
                         raise MismatchError(
-                            f"merging {targets[k][0].module_name} into {k} gives weights that are not finite "
-                            f"in {dt} (lower the LoRA's scale or merge to a wider --dtype)"
+                            _not_finite(
+                                targets[k],
+                                f"weights that are not finite in {dt} in {k} "
+                                "(lower the LoRA's scale or merge to a wider --dtype)",
+                            )
                         )
                     writer.write(k, w)
                     merged += 1
@@ -794,7 +815,33 @@ def _layout_from_name(out: Path, base_kind: str) -> str:
     return base_kind
 
 
+def _refuse_options(config: MergeConfig, into_model: bool) -> None:
+    """Options of the other kind of merge are refused, not ignored."""
+    if into_model:
+        given = [f for f, v in (("--rank", config.rank), ("--mode", config.mode)) if v is not None]
+        if given:
+            raise ConfigError(
+                f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only when BASE is a LoRA (LoRAs merged with each other); {config.base} is a "
+                "model, into which LoRAs merge exactly: leave them out"
+            )
+        return
+    given = [
+        f
+        for f, v in (
+            ("--config-from", config.config_from),
+            ("--allow-unmatched", config.allow_unmatched or None),
+        )
+        if v is not None
+    ]
+    if given:
+        raise ConfigError(
+            f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only when merging into a model; {config.base} is a LoRA (LoRAs merged with each "
+            "other): leave them out"
+        )
+
+
 def merge_model(config: MergeConfig, progress: Progress) -> MergeResult:
+    _refuse_options(config, into_model=True)
     ckpt = open_checkpoint(config.base)
     layout = config.to or _layout_from_name(Path(config.output), ckpt.kind)
     if layout not in MODEL_LAYOUTS:
@@ -844,6 +891,7 @@ def merge_loras(config: MergeConfig, progress: Progress) -> MergeResult:
     from lorax.adapters.svd import blend_states, join_tokens, mix_states, resize_state
     from lorax.formats import LORA_WRITE_FORMATS, detect_format, load_lora, save_lora
 
+    _refuse_options(config, into_model=False)
     alpha = 0.5 if config.alpha is None else config.alpha
     base_fmt = detect_format(config.base)
     states = [load_lora(config.base)]

@@ -22,7 +22,6 @@ from typing import Any
 
 from lorax import dtypes
 from lorax.errors import ConfigError
-from lorax.io.atomic import check_output
 from lorax.models.skeleton import skeleton
 from lorax.progress import NullProgress, Progress
 from lorax.services.invert import (
@@ -32,6 +31,7 @@ from lorax.services.invert import (
     inversion_metadata,
     load_resume,
     make_batches,
+    plan_outputs,
     prepare,
     steps_of,
     token_info,
@@ -120,7 +120,7 @@ def pivot(config: PivotConfig, progress: Progress | None = None, *, pipeline: An
     config.validate()
     assert config.output is not None
     output = Path(config.output)
-    check_output(output, config.force)
+    plan_outputs(config, output)
     resume = load_resume(config)
     phase = resume.info.get("phase") if resume is not None else None
     session = prepare(config, progress, pipeline)

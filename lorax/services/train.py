@@ -19,7 +19,7 @@ from lorax.data.dataset import DataOptions, TrainData, derive_seed
 from lorax.data.images import ImageItem, load_image_folder
 from lorax.data.kohya import TrainingImages, load_training_images
 from lorax.errors import ConfigError
-from lorax.io.atomic import atomic_path, check_output
+from lorax.io.atomic import FILES_FOLDER, Planned, atomic_path, check_outputs
 from lorax.progress import NullProgress, Progress
 from lorax.training.config import TrainConfig
 
@@ -61,6 +61,22 @@ def companion_paths(output: Path) -> dict[str, Path]:
         "samples": stem.with_name(stem.name + ".samples"),
         "samples_png": stem.with_name(stem.name + ".samples.png"),
     }
+
+
+def plan_outputs(config: TrainConfig, output: Path) -> dict[str, Path]:
+    """Check the command's output and every companion it will write together, before step 1 (``check_outputs``):
+    without ``--force`` an existing one is refused with one line, as the output itself is; returns the companions.
+
+    The samples folder (and sheet) are planned only when validation samples are asked for, and not on ``--resume``:
+    the interrupted run being continued wrote them.
+    """
+    companions = companion_paths(output)
+    planned: list[Planned] = [output, companions["config"], companions["loss_csv"], companions["loss_png"]]
+    if config.validation_prompt and config.validation_every and config.resume is None:
+        sheet = companions.get("samples_png", output.with_name(output.stem + ".samples.png"))
+        planned += [(companions["samples"], FILES_FOLDER), sheet]
+    check_outputs(planned, config.force)
+    return companions
 
 
 # Settings a resumed run must share with the run that wrote the checkpoint (else it would not continue it).
@@ -251,13 +267,14 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
     config.validate()
     assert config.output is not None
     output = Path(config.output)
-    check_output(output, config.force)
-    companions = companion_paths(output)
-    if config.dataset_config is not None and _same_file(companions["config"], Path(config.dataset_config)):
+    if config.dataset_config is not None and _same_file(
+        companion_paths(output)["config"], Path(config.dataset_config)
+    ):
         raise ConfigError(
             f"-o {output.name} would write its resolved config over --dataset-config {config.dataset_config}; "
             "name the output differently"
         )
+    companions = plan_outputs(config, output)
     resume_ckpt = None
     if config.resume is not None:
         from lorax.training.checkpoint import load_checkpoint
@@ -618,9 +635,9 @@ def _write_outputs(
         modules,
         images,
     )
-    with atomic_path(companions["loss_csv"], force=True) as tmp:
+    with atomic_path(companions["loss_csv"], config.force) as tmp:
         tmp.write_text(loss_csv(loop.state.losses), encoding="utf-8")
-    with atomic_path(companions["loss_png"], force=True) as tmp:
+    with atomic_path(companions["loss_png"], config.force) as tmp:
         write_loss_png(
             loop.state.losses,
             tmp,
@@ -629,14 +646,14 @@ def _write_outputs(
             resumed_at=resumed[1] if resumed is not None else None,
         )
     if samples:
-        with atomic_path(companions["samples_png"], force=True) as tmp:
+        with atomic_path(companions["samples_png"], config.force) as tmp:
             write_samples_sheet(
                 samples,
                 config.validation_prompt or [],
                 tmp,
                 title=f"lorax train: {output.name}, validation samples",
             )
-    with atomic_path(companions["config"], force=True) as tmp:
+    with atomic_path(companions["config"], config.force) as tmp:
         tmp.write_text(config.to_toml(), encoding="utf-8")
     return output.stat().st_size
 

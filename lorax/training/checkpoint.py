@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorax.errors import InputError
+from lorax.errors import InputError, LoraxError, UnsafeFileError
 from lorax.io.atomic import CHECKPOINT, atomic_path
 
 STATE_FILE = "state.json"
@@ -88,8 +88,10 @@ def save_checkpoint(
     scaler: Any = None,
     info: dict[str, Any] | None = None,
     config_toml: str | None = None,
+    rng: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``folder/step-<N>`` (replacing one of the same step) and return its path."""
+    """Write ``folder/step-<N>`` (replacing one of the same step) and return its path; ``rng``: the RNG states to
+    store (default: the current ones)."""
     import torch
     from safetensors.torch import save_file
 
@@ -102,7 +104,7 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        torch.save(rng_states(), tmp / "rng.pt")
+        torch.save(rng if rng is not None else rng_states(), tmp / "rng.pt")
         body = {"state": asdict(state), "info": info or {}}
         (tmp / STATE_FILE).write_text(json.dumps(body, indent=1), encoding="utf-8")
         if config_toml is not None:
@@ -141,17 +143,85 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     folder = find_checkpoint(path)
     try:
         body = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        if not isinstance(body, dict) or not isinstance(body.get("state"), dict):
+            raise ValueError('not {"state": {…}, "info": {…}}')
         state = LoopState(**body["state"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise InputError(f"damaged checkpoint state ({err})", path=folder / STATE_FILE) from None
-    scaler = load_pickle(folder / "scaler.pt") if (folder / "scaler.pt").exists() else None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise InputError(f"damaged checkpoint: {STATE_FILE} cannot be read ({err})", path=folder) from None
+    _check_state(state, folder)
+
+    def part(name: str, optional: bool = False) -> Any:
+        file = folder / name
+        if not file.exists():
+            if optional:
+                return None
+            raise InputError(f"damaged checkpoint: {name} is missing", path=folder)
+        try:
+            return load_file(str(file)) if name == WEIGHTS_FILE else load_pickle(file)
+        except UnsafeFileError:
+            raise InputError(
+                f"damaged checkpoint: {name} is not the pickle of plain tensors lorax writes; refused, nothing in "
+                "it was run",
+                path=folder,
+            ) from None
+        except LoraxError as err:
+            reason = str(err).split(": ", 1)[-1]
+            raise InputError(f"damaged checkpoint: {name} {reason}", path=folder) from None
+        except Exception as err:  # safetensors' own errors: truncated, bad header
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(f"damaged checkpoint: {name} cannot be read ({first})", path=folder) from None
+
+    rng = part("rng.pt")
+    _check_rng(rng, folder)
     return Checkpoint(
         path=folder,
         state=state,
-        tensors=load_file(str(folder / WEIGHTS_FILE)),
-        optimizer=load_pickle(folder / "optimizer.pt"),
-        scheduler=load_pickle(folder / "scheduler.pt"),
-        scaler=scaler,
-        rng=load_pickle(folder / "rng.pt"),
-        info=body.get("info", {}),
+        tensors=part(WEIGHTS_FILE),
+        optimizer=part("optimizer.pt"),
+        scheduler=part("scheduler.pt"),
+        scaler=part("scaler.pt", optional=True),
+        rng=rng,
+        info=body.get("info", {}) if isinstance(body.get("info", {}), dict) else {},
     )
+
+
+def _check_state(state: LoopState, folder: Path) -> None:
+    """The counters and history of ``state.json``, each of its type: else one line naming the folder and the key."""
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    for name in ("global_step", "micro_step", "epoch"):
+        value = getattr(state, name)
+        if not count(value):
+            raise InputError(
+                f"damaged checkpoint: {STATE_FILE}'s {name} is {value!r}, not a whole number ≥ 0", path=folder
+            )
+    if not isinstance(state.seconds, int | float) or isinstance(state.seconds, bool) or state.seconds < 0:
+        raise InputError(f"damaged checkpoint: {STATE_FILE}'s seconds is {state.seconds!r}", path=folder)
+    rows_ok = isinstance(state.losses, list) and all(
+        isinstance(r, list) and len(r) == 4 and all(isinstance(v, int | float) for v in r)
+        for r in state.losses
+    )
+    if not rows_ok:
+        raise InputError(
+            f"damaged checkpoint: {STATE_FILE}'s losses are not rows of [step, loss, lr, seconds]",
+            path=folder,
+        )
+
+
+def _check_rng(rng: Any, folder: Path) -> None:
+    import torch
+
+    ok = (
+        isinstance(rng, dict)
+        and isinstance(rng.get("torch"), torch.Tensor)
+        and isinstance(rng.get("numpy_keys"), torch.Tensor)
+        and isinstance(rng.get("numpy_pos"), int)
+        and isinstance(rng.get("python"), tuple | list)
+        and len(rng["python"]) == 3
+    )
+    if not ok:
+        raise InputError(
+            "damaged checkpoint: rng.pt does not hold the random number generators' states", path=folder
+        )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -449,13 +449,17 @@ def load_toml(path: str | Path, cls: type[TrainConfig] | None = None) -> dict[st
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"not valid TOML ({err})", path=path) from None
     cls = cls or TrainConfig
+    section = ""
     if isinstance(data.get(cls.COMMAND), dict):
-        data = data[cls.COMMAND]
+        data, section = data[cls.COMMAND], f"[{cls.COMMAND}] "
     values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    spelled = {str(k).replace("-", "_"): str(k) for k in data}  # each key as the file writes it
     if "validation_prompts" in values:
         values["validation_prompt"] = values.pop("validation_prompts")
+        spelled["validation_prompt"] = spelled["validation_prompts"]
     if "network_alpha" in values:  # kohya's name of --alpha
         values["alpha"] = values.pop("network_alpha")
+        spelled["alpha"] = spelled["network_alpha"]
     unknown = sorted(set(values) - field_names(cls))
     if unknown:
         names = ", ".join(k.replace("_", "-") for k in unknown)
@@ -467,6 +471,8 @@ def load_toml(path: str | Path, cls: type[TrainConfig] | None = None) -> dict[st
         if isinstance(values.get(name), str):
             p = Path(values[name]).expanduser()
             values[name] = p if p.is_absolute() else path.parent / p
+    # each value of the type its key takes: a wrong one names this file and the key, not the flag
+    _coerce(values, cls, name_of=lambda n: f"{section}key {spelled.get(n, n)}", path=path)
     return values
 
 
@@ -481,8 +487,16 @@ def resumed_config(resume: str | Path) -> Path | None:
     return saved if saved.is_file() else None
 
 
-def _coerce(values: dict[str, Any], cls: type[TrainConfig] | None = None) -> dict[str, Any]:
+def _coerce(
+    values: dict[str, Any],
+    cls: type[TrainConfig] | None = None,
+    *,
+    name_of: Callable[[str], str] | None = None,
+    path: Path | None = None,
+) -> dict[str, Any]:
+    """Each value converted to its field's type; problems named by ``name_of`` (the flag, or a TOML key)."""
     cls = cls or TrainConfig
+    name_of = name_of or cls.option_name
     types = {f.name: str(f.type) for f in fields(cls)}
     path_fields = _path_fields(cls)
     out: dict[str, Any] = {}
@@ -501,20 +515,29 @@ def _coerce(values: dict[str, Any], cls: type[TrainConfig] | None = None) -> dic
                     raise TypeError("expected true or false")
                 out[name] = value
             elif kind.startswith("int"):
-                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                    raise TypeError("expected an integer")
-                out[name] = int(value)
+                out[name] = _number(value, int)
             elif kind.startswith("float"):
-                if isinstance(value, bool):
-                    raise TypeError("expected a number")
-                out[name] = float(value)
+                out[name] = _number(value, float)
             else:
                 out[name] = str(value)
         except (TypeError, ValueError) as err:
-            problems.append(f"{cls.option_name(name)}: {err} (got {value!r})")
+            problems.append(f"{name_of(name)}: {err} (got {value!r})")
     if problems:
-        raise ConfigError("; ".join(problems))
+        raise ConfigError("; ".join(problems), path=path)
     return out
+
+
+def _number(value: Any, kind: type[int] | type[float]) -> int | float:
+    """An int or float from a flag's text or a TOML value; ``TypeError`` saying what was expected otherwise."""
+    expected = "expected an integer" if kind is int else "expected a number"
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TypeError(expected)
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise TypeError(expected)
+    try:
+        return kind(value)
+    except (ValueError, OverflowError):
+        raise TypeError(expected) from None
 
 
 def _plain(value: Any) -> Any:

@@ -128,19 +128,42 @@ class TrainingLoop:
         self._interrupted = False
         # called with the state after each optimizer step, validation and checkpoint (e.g. usable snapshots)
         self.step_hooks: list[Callable[[LoopState], None]] = []
+        # In memory: the state after the last step (``_pending``), and the last one that trained on cleanly: finite
+        # weights from which the next step's loss and gradients were finite (``_good``, written on a non-finite stop).
+        self._pending: _GoodState | None = None
+        self._good: _GoodState | None = None
 
     # ---------------------------------------------------------------------------------------------------------
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue from ``checkpoint``: trainable tensors, optimizer, scheduler, scaler, RNG, counters, history."""
         self.job.load_state_tensors(checkpoint.tensors)
+        wanted = list(getattr(self.scheduler, "base_lrs", []))  # this run's learning rates
         self.optimizer.load_state_dict(checkpoint.optimizer)
         self.scheduler.load_state_dict(checkpoint.scheduler)
+        self._keep_learning_rates(wanted)
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and checkpoint.scaler is not None:
             scaler.load_state_dict(checkpoint.scaler)
         set_rng_states(checkpoint.rng)
         self.state = checkpoint.state
         self._last_saved_step = self.state.global_step
+
+    def _keep_learning_rates(self, wanted: list[float]) -> None:
+        """A run resumed with another learning rate (after a non-finite stop: "try a lower --learning-rate") goes on
+        with it, on the schedule where the checkpoint left it; the same rates resume bitwise exactly."""
+        sched = self.scheduler
+        stored = list(getattr(sched, "base_lrs", []))
+        lambdas = getattr(sched, "lr_lambdas", None)
+        if not wanted or stored == wanted or lambdas is None or len(wanted) != len(stored):
+            return
+        sched.base_lrs = wanted
+        for group, base, factor in zip(self.optimizer.param_groups, wanted, lambdas, strict=False):
+            group["initial_lr"] = base
+            group["lr"] = base * factor(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        old = ", ".join(f"{lr:g}" for lr in stored)
+        new = ", ".join(f"{lr:g}" for lr in wanted)
+        self.progress.log(f"learning rate {new} (the checkpoint was trained with {old})")
 
     def _weights_finite(self, tensors: dict[str, Any] | None = None) -> bool:
         import torch
@@ -155,22 +178,95 @@ class TrainingLoop:
         tensors = self.job.state_tensors()
         if not self._weights_finite(tensors):
             return None
+        return self._write(
+            self.state, tensors, self.optimizer, self.scheduler, getattr(self.accelerator, "scaler", None)
+        )
+
+    def _write(
+        self,
+        state: LoopState,
+        tensors: dict[str, Any],
+        optimizer: Any,
+        scheduler: Any,
+        scaler: Any,
+        rng: Any = None,
+    ) -> Path | None:
+        assert self.settings.checkpoint_dir is not None
         path: Path | None = None
         if self.accelerator.is_main_process:
             path = save_checkpoint(
                 self.settings.checkpoint_dir,
-                state=self.state,
+                state=state,
                 tensors=tensors,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                scaler=getattr(self.accelerator, "scaler", None),
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
                 info=self.settings.info,
                 config_toml=self.settings.config_toml,
+                rng=rng,
             )
             self.checkpoints.append(path)
         self.accelerator.wait_for_everyone()
-        self._last_saved_step = self.state.global_step
+        self._last_saved_step = state.global_step
         return path
+
+    def _keep_state(self) -> None:
+        """After a step whose weights are finite: copy what its checkpoint would hold (the trainable tensors, the
+        optimizer, scheduler and scaler states, counters, RNG) into memory, reusing an older copy's buffers. Once the
+        next step's loss and gradients from it are finite it becomes the good state that a non-finite stop writes, so
+        a run without ``--checkpoint-every`` still leaves a state to resume (a lower learning rate can go on from it;
+        the state just before the stop, finite or not, is the one that overflowed)."""
+        import copy
+
+        from lorax.training.checkpoint import rng_states
+
+        good = self._pending
+        scaler = getattr(self.accelerator, "scaler", None)
+        self._pending = _GoodState(
+            state=LoopState(
+                global_step=self.state.global_step,
+                micro_step=self.state.micro_step,
+                epoch=self.state.epoch,
+                losses=[],
+                seconds=self.state.seconds,
+            ),
+            n_losses=len(self.state.losses),
+            tensors=_copy_into(self.job.state_tensors(), good.tensors if good else None),
+            optimizer=_copy_into(self.optimizer.state_dict(), good.optimizer if good else None),
+            scheduler=copy.deepcopy(self.scheduler.state_dict()),
+            scaler=copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
+            rng=rng_states(),
+        )
+
+    def _confirm_state(self, grad_norm: Any) -> None:
+        """The kept state's gradients were finite (its loss was): it is the good one now. Under fp16 an overflowing
+        step (skipped by the gradient scaler) confirms nothing."""
+        if self._pending is None:
+            return
+        if grad_norm is None:
+            import torch
+
+            grads = [p.grad.detach().float().norm() for p in self.job.parameters() if p.grad is not None]
+            grad_norm = torch.stack(grads).norm() if grads else 0.0
+        if math.isfinite(float(grad_norm)):
+            # the older copy's buffers serve the next one
+            self._good, self._pending = self._pending, self._good
+
+    def _save_good_state(self) -> Path | None:
+        """The kept copy as a checkpoint (or the checkpoint already written of that step)."""
+        good, folder = self._good, self.settings.checkpoint_dir
+        if good is None or folder is None:
+            return None
+        step = good.state.global_step
+        if self._last_saved_step == step:
+            from lorax.training.checkpoint import checkpoint_name
+
+            return folder / checkpoint_name(step)
+        state = LoopState(**{**vars(good.state), "losses": self.state.losses[: good.n_losses]})
+        scaler = _StateDict(good.scaler) if good.scaler is not None else None
+        return self._write(
+            state, good.tensors, _StateDict(good.optimizer), _StateDict(good.scheduler), scaler, good.rng
+        )
 
     # ---------------------------------------------------------------------------------------------------------
     def run(self) -> LoopResult:
@@ -242,15 +338,17 @@ class TrainingLoop:
         return generator
 
     def _stop_non_finite(self, value: float, what: str = "loss") -> None:
-        kept = None
-        if self.state.global_step > 0 and self._last_saved_step != self.state.global_step:
-            kept = self.save()  # None when this state's weights are themselves not finite
+        # the last state whose weights were finite: the copy kept in memory after each step, else (just resumed)
+        # the checkpoint the run started from
+        kept = self._save_good_state()
+        kept_step = self._good.state.global_step if self._good is not None else None
         if kept is None and self._last_saved_step is not None and self.settings.checkpoint_dir is not None:
             from lorax.training.checkpoint import checkpoint_name
 
-            kept = self.settings.checkpoint_dir / checkpoint_name(self._last_saved_step)
+            kept_step = self._last_saved_step
+            kept = self.settings.checkpoint_dir / checkpoint_name(kept_step)
         where = (
-            f"the last good state is kept in {kept} (resume with --resume {kept})"
+            f"the last good state, from step {kept_step}, is kept in {kept} (resume with --resume {kept})"
             if kept is not None
             else "no good state to keep yet"
         )
@@ -270,6 +368,7 @@ class TrainingLoop:
         session_steps = 0
         with self.progress.task(s.description, total=s.max_steps) as task:
             task.update(completed=self.state.global_step)
+            self._keep_state()  # the start (step 0, or the checkpoint resumed) is good once its gradients are
             while self.state.global_step < s.max_steps:
                 if self._interrupted:
                     self._stop_interrupted()
@@ -292,8 +391,10 @@ class TrainingLoop:
                         acc.backward(loss / s.grad_accum)
                     step_loss += value_f / s.grad_accum
                     self.state.micro_step += 1
+                grad_norm = None
                 if s.max_grad_norm and acc.sync_gradients:
-                    acc.clip_grad_norm_(self.job.parameters(), s.max_grad_norm)
+                    grad_norm = acc.clip_grad_norm_(self.job.parameters(), s.max_grad_norm)
+                self._confirm_state(grad_norm)
                 self.optimizer.step()
                 if not self._weights_finite():  # a finite loss, then non-finite weights (e.g. inf gradients)
                     self._stop_non_finite(float("nan"), "the trained weights")
@@ -320,6 +421,7 @@ class TrainingLoop:
                     path = self.save()
                     if path is not None:
                         self.progress.log(f"checkpoint: {path}")
+                self._keep_state()
                 for hook in self.step_hooks:
                     hook(self.state)
                 last_tick = time.perf_counter()  # samples and checkpoints are not optimisation time
@@ -337,3 +439,49 @@ class TrainingLoop:
         for p in paths:
             self.progress.log(f"sample at step {step}: {p}")
         self.samples.extend(paths)
+
+
+@dataclass
+class _GoodState:
+    state: LoopState  # counters; the losses are the run's first ``n_losses``
+    n_losses: int
+    tensors: dict[str, Any]
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    rng: Any
+
+
+class _StateDict:
+    """A kept ``state_dict()``, handed to ``save_checkpoint`` where it expects an optimizer or scheduler."""
+
+    def __init__(self, state: Any) -> None:
+        self._state = state
+
+    def state_dict(self) -> Any:
+        return self._state
+
+
+def _copy_into(src: Any, buf: Any) -> Any:
+    """A deep copy of ``src`` (a state dict: tensors in dicts and lists), written into ``buf``'s tensors where their
+    shapes, dtypes and devices match (no allocation per step)."""
+    import copy
+
+    import torch
+
+    if isinstance(src, torch.Tensor):
+        if (
+            isinstance(buf, torch.Tensor)
+            and buf.shape == src.shape
+            and buf.dtype == src.dtype
+            and buf.device == src.device
+        ):
+            return buf.copy_(src.detach())
+        return src.detach().clone()
+    if isinstance(src, dict):
+        old = buf if isinstance(buf, dict) else {}
+        return {k: _copy_into(v, old.get(k)) for k, v in src.items()}
+    if isinstance(src, list | tuple):
+        old_seq = buf if isinstance(buf, list | tuple) and len(buf) == len(src) else [None] * len(src)
+        return type(src)(_copy_into(v, b) for v, b in zip(src, old_seq, strict=True))
+    return copy.deepcopy(src)
