@@ -37,7 +37,7 @@ def load_transformers(spec: str, what: str, model_cls: Any) -> tuple[Any, Any]:
 
     from transformers import AutoProcessor
 
-    from lorax.adapters.apply import quiet_libraries
+    from lorax.libraries import quiet_libraries
 
     try:
         with quiet_libraries(), warnings.catch_warnings():
