@@ -89,6 +89,22 @@ def read_metadata_jsonl(folder: Path) -> dict[str, str]:
     return captions
 
 
+def read_image_file(path: Path, option: str, mode: str = "RGB") -> Any:
+    """The image an option names (``--init-image``, ``--mask-image``), loaded and converted to ``mode``; a missing or
+    unreadable file is one line naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    what = option.lstrip("-").replace("-", " ")
+    if not path.is_file():
+        raise InputError(f"no such image file ({option})", path=path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert(mode)
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise InputError(f"cannot read the {what}: {' '.join(str(err).split())}", path=path) from None
+
+
 def image_size(path: Path) -> tuple[int, int]:
     """Open and decode ``path`` fully (so truncated files are caught now), returning ``(width, height)``."""
     from PIL import Image

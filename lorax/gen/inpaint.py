@@ -15,8 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lorax.errors import InputError
-
 INPAINT_CHANNELS = 9  # latents 4 + mask 1 + masked-image latents 4
 
 
@@ -27,16 +25,9 @@ def is_inpainting_model(pipe: Any) -> bool:
 
 def read_mask_image(path: Path) -> Any:
     """The mask as a greyscale PIL image (white = repaint, black = keep)."""
-    from PIL import Image, UnidentifiedImageError
+    from lorax.data.images import read_image_file
 
-    if not path.is_file():
-        raise InputError("no such image file (--mask-image)", path=path)
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("L")
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise InputError(f"cannot read the mask image: {' '.join(str(err).split())}", path=path) from None
+    return read_image_file(path, "--mask-image", "L")
 
 
 def inpaint_pipeline(pipe: Any) -> Any:

@@ -379,16 +379,9 @@ def default_size(pipe: Any) -> tuple[int, int]:
 
 
 def read_init_image(path: Path) -> Any:
-    from PIL import Image, UnidentifiedImageError
+    from lorax.data.images import read_image_file
 
-    if not path.is_file():
-        raise InputError("no such image file (--init-image)", path=path)
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise InputError(f"cannot read the init image: {' '.join(str(err).split())}", path=path) from None
+    return read_image_file(path, "--init-image")
 
 
 def _check_input_file(path: Path, flag: str) -> None:
