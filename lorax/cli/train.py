@@ -84,6 +84,15 @@ def train_command(
     recursive: Annotated[
         bool, typer.Option("--recursive", help="Include images in sub-folders.", rich_help_panel=DATA)
     ] = False,
+    mask_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of loss masks named like the images (NAME.png or NAME.mask.png; white = train, black = "
+            "ignore); every image needs one. Without it, a NAME.mask.png beside an image is its mask.",
+            rich_help_panel=opts.MASKS,
+        ),
+    ] = None,
+    auto_mask: opts.AutoMaskOpt = False,
     class_prompt: Annotated[
         str | None,
         typer.Option(

@@ -4,6 +4,7 @@ A training folder holds images (``.png .jpg .jpeg .webp .bmp .gif .tif .tiff``),
 ``<image stem>.txt`` beside each image or by a ``metadata.jsonl`` (one ``{"file_name": ..., "text": ...}`` per line,
 the Hugging Face image-folder convention; ``caption`` / ``prompt`` are accepted for ``text``). An image without a
 caption takes the instance prompt. Unreadable images are named and skipped, or refused with ``strict``.
+``NAME.mask.png`` files (loss masks beside their images, as ``lorax prepare`` writes them) are not images.
 """
 
 from __future__ import annotations
@@ -31,11 +32,24 @@ class ImageItem:
     options: Any = None  # a kohya subset's caption/augmentation settings (lorax.data.kohya.SubsetOptions)
 
 
+MASK_SUFFIX = ".mask"  # NAME.mask.png: the loss mask of NAME.png
+
+
+def is_mask_file(path: Path) -> bool:
+    """``NAME.mask.png`` (any image extension): a loss mask, not a training image."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.stem.lower().endswith(MASK_SUFFIX)
+
+
 def find_images(folder: Path, *, recursive: bool = False) -> list[Path]:
-    """Image files in ``folder`` sorted by relative path (so captions never misalign with images)."""
+    """Image files in ``folder`` sorted by relative path (so captions never misalign with images); masks
+    (``NAME.mask.png``) left out."""
     pattern = "**/*" if recursive else "*"
     return sorted(
-        (p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+        (
+            p
+            for p in folder.glob(pattern)
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not is_mask_file(p)
+        ),
         key=lambda p: p.relative_to(folder).as_posix(),
     )
 

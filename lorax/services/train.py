@@ -453,6 +453,9 @@ def _build(
         latent_cache=cache,
         cache_text=config.cache_text and not config.train_text,
     )
+    from lorax.training.masks import with_train_masks
+
+    batches = with_train_masks(batches, config, progress.log)
 
     sampler = None
     if config.validation_prompt and config.validation_every:

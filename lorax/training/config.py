@@ -112,6 +112,9 @@ class TrainConfig:
     # output
     save_dtype: str = "fp16"
     output_name: str | None = None
+    # issue 19: loss masks, trackers, speed knobs (checked in lorax.training.extras)
+    mask_dir: Path | None = None
+    auto_mask: bool = False
 
     DEFAULT_STEPS = 500
     COMMAND = "train"  # subclasses (invert, pivot) name their command: TOML section and messages
@@ -321,6 +324,9 @@ class TrainConfig:
             p.append(
                 f"{opt('dora')} covers Linear layers only with PEFT: use {opt('targets')} attn or attn-ff"
             )
+        from lorax.training.extras import extra_problems
+
+        p.extend(extra_problems(self))
         return p
 
     def validate(self) -> TrainConfig:

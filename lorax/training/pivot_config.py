@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from lorax.training.config import TrainConfig, flag
+from lorax.training.extras import TRAIN_ONLY_EXTRAS
 
 EMBEDDING_FORMATS = ("a1111", "diffusers")
 PIVOT_FORMATS = ("kohya", "lora_diffusion")
@@ -96,6 +97,7 @@ class InvertConfig(InversionOptions):
             "snr_gamma", "prediction_type", "sdpa", "output_name",
         }
     )  # fmt: skip
+    CONFIG_ONLY = CONFIG_ONLY | TRAIN_ONLY_EXTRAS
     # The seed's max_train_steps_ti. On shapes, all-default runs teach a held-out colour at 1000 steps (orange 69%
     # of "a <s1> square") and not at 300 (19%).
     DEFAULT_STEPS = 1000
@@ -168,6 +170,7 @@ class PivotConfig(InversionOptions):
             "snr_gamma", "prediction_type", "sdpa", "output_name",
         }
     )  # fmt: skip
+    CONFIG_ONLY = CONFIG_ONLY | TRAIN_ONLY_EXTRAS
 
     @property
     def inversion_lr(self) -> float:
