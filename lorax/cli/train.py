@@ -197,6 +197,18 @@ def train_command(
         typer.Option(help="Prompt to sample during training (repeatable).", rich_help_panel=DURING),
     ] = None,
     validation_every: opts.ValidationEveryOpt = 0,
+    log_with: Annotated[
+        str | None,
+        typer.Option(
+            help="Tracker for loss, lr, grad norm and samples: tensorboard, wandb (offline without a network) "
+            "or csv.",
+            rich_help_panel=DURING,
+        ),
+    ] = None,
+    logging_dir: Annotated[
+        Path | None,
+        typer.Option(help="Tracker folder (default: OUTPUT's stem + .logs).", rich_help_panel=DURING),
+    ] = None,
     save_dtype: opts.SaveDtypeOpt = "fp16",
     output_name: Annotated[
         str | None,

@@ -307,7 +307,11 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
         progress.log(f"resuming from {resume_ckpt.path} at step {loop.state.global_step}")
     if accelerator.is_main_process:
         _check_checkpoint_room(config, loop, max_steps)
-    result = loop.run()
+    try:
+        result = loop.run()
+    finally:
+        if loop.settings.tracker is not None:
+            loop.settings.tracker.finish()
     accelerator.wait_for_everyone()
 
     file_bytes = 0
@@ -485,6 +489,9 @@ def _build(
         memory_flags=config.memory_flags(),
         info={"family": family, **resume_identity(config)},
     )
+    from lorax.training.trackers import make_tracker
+
+    settings.tracker = make_tracker(config, accelerator, progress.log)
     loop = TrainingLoop(
         job,
         accelerator=accelerator,

@@ -115,6 +115,8 @@ class TrainConfig:
     # issue 19: loss masks, trackers, speed knobs (checked in lorax.training.extras)
     mask_dir: Path | None = None
     auto_mask: bool = False
+    log_with: str | None = None
+    logging_dir: Path | None = None
 
     DEFAULT_STEPS = 500
     COMMAND = "train"  # subclasses (invert, pivot) name their command: TOML section and messages

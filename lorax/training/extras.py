@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+TRACKERS = ("tensorboard", "wandb", "csv")
 # Fields only `lorax train` has flags for (invert and pivot take them from a --config file or the Python API).
-TRAIN_ONLY_EXTRAS: frozenset[str] = frozenset()
+TRAIN_ONLY_EXTRAS = frozenset({"log_with", "logging_dir"})
 
 
 def extra_problems(config: Any) -> list[str]:
@@ -14,4 +15,10 @@ def extra_problems(config: Any) -> list[str]:
     opt = config.option_name
     if config.COMMAND == "train" and config.mask_dir is not None and config.auto_mask:
         p.append(f"{opt('mask_dir')} and {opt('auto_mask')} are exclusive: pass one")
+    if config.log_with is not None and config.log_with not in TRACKERS:
+        p.append(f"{opt('log_with')} must be one of {', '.join(TRACKERS)} (got {config.log_with!r})")
+    if config.COMMAND != "train" and config.log_with is not None:
+        p.append(f"{opt('log_with')} is an option of lorax train only")
+    if config.logging_dir is not None and config.log_with is None:
+        p.append(f"{opt('logging_dir')} needs {opt('log_with')}")
     return p
