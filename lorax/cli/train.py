@@ -188,6 +188,23 @@ def train_command(
             rich_help_panel=SPEED,
         ),
     ] = True,
+    compile: Annotated[
+        bool,
+        typer.Option("--compile", help="torch.compile the UNet (slow first steps).", rich_help_panel=SPEED),
+    ] = False,
+    channels_last: Annotated[
+        bool,
+        typer.Option("--channels-last", help="UNet in channels_last memory format.", rich_help_panel=SPEED),
+    ] = False,
+    cache_latents_to_disk: Annotated[
+        bool,
+        typer.Option(
+            "--cache-latents-to-disk",
+            help="--cache-latents kept as safetensors in the lorax cache (by image, size and VAE), reused by "
+            "later runs.",
+            rich_help_panel=SPEED,
+        ),
+    ] = False,
     device: opts.DeviceOpt = None,
     checkpoint_every: opts.CheckpointEveryOpt = 0,
     checkpoint_dir: opts.CheckpointDirOpt = None,

@@ -427,6 +427,9 @@ def _build(
                     gradient_checkpointing_kwargs={"use_reentrant": False}
                 )
 
+    from lorax.training.speed import apply_unet_knobs
+
+    apply_unet_knobs(unet, config, progress.log)
     optimizer = build_optimizer(config.optimizer, groups, weight_decay=config.weight_decay)
     scheduler = build_scheduler(
         config.lr_scheduler, optimizer, warmup_steps=config.warmup_steps, total_steps=max_steps
@@ -444,7 +447,9 @@ def _build(
         m for m in (text_encoder, text_encoder_2) if m is not None
     ]  # accelerate's wrappers when trained
     objective = setup.objective_for(pipe, config)
-    cache = setup.cache_latents(vae, data, progress) if config.cache_latents else None
+    from lorax.training.speed import cache_latents
+
+    cache = cache_latents(config, vae, data, progress)
     batches = setup.diffusion_batches(
         pipe,
         data,

@@ -117,6 +117,9 @@ class TrainConfig:
     auto_mask: bool = False
     log_with: str | None = None
     logging_dir: Path | None = None
+    compile: bool = False
+    channels_last: bool = False
+    cache_latents_to_disk: bool = False
 
     DEFAULT_STEPS = 500
     COMMAND = "train"  # subclasses (invert, pivot) name their command: TOML section and messages

@@ -7,7 +7,9 @@ from typing import Any
 
 TRACKERS = ("tensorboard", "wandb", "csv")
 # Fields only `lorax train` has flags for (invert and pivot take them from a --config file or the Python API).
-TRAIN_ONLY_EXTRAS = frozenset({"log_with", "logging_dir"})
+TRAIN_ONLY_EXTRAS = frozenset(
+    {"log_with", "logging_dir", "compile", "channels_last", "cache_latents_to_disk"}
+)
 
 
 def extra_problems(config: Any) -> list[str]:
@@ -21,4 +23,9 @@ def extra_problems(config: Any) -> list[str]:
         p.append(f"{opt('log_with')} is an option of lorax train only")
     if config.logging_dir is not None and config.log_with is None:
         p.append(f"{opt('logging_dir')} needs {opt('log_with')}")
+    if config.cache_latents_to_disk and config.random_crop:
+        p.append(
+            f"{opt('cache_latents_to_disk')} and {opt('random_crop')} are exclusive (a random crop changes the "
+            "latents every step)"
+        )
     return p
