@@ -84,6 +84,15 @@ def train_command(
     recursive: Annotated[
         bool, typer.Option("--recursive", help="Include images in sub-folders.", rich_help_panel=DATA)
     ] = False,
+    mask_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of loss masks named like the images (NAME.png or NAME.mask.png; white = train, black = "
+            "ignore); every image needs one. Without it, a NAME.mask.png beside an image is its mask.",
+            rich_help_panel=opts.MASKS,
+        ),
+    ] = None,
+    auto_mask: opts.AutoMaskOpt = False,
     class_prompt: Annotated[
         str | None,
         typer.Option(
@@ -191,6 +200,23 @@ def train_command(
             rich_help_panel=SPEED,
         ),
     ] = True,
+    compile: Annotated[
+        bool,
+        typer.Option("--compile", help="torch.compile the UNet (slow first steps).", rich_help_panel=SPEED),
+    ] = False,
+    channels_last: Annotated[
+        bool,
+        typer.Option("--channels-last", help="UNet in channels_last memory format.", rich_help_panel=SPEED),
+    ] = False,
+    cache_latents_to_disk: Annotated[
+        bool,
+        typer.Option(
+            "--cache-latents-to-disk",
+            help="--cache-latents kept as safetensors in the lorax cache (by image, size and VAE), reused by "
+            "later runs.",
+            rich_help_panel=SPEED,
+        ),
+    ] = False,
     device: opts.DeviceOpt = None,
     checkpoint_every: opts.CheckpointEveryOpt = 0,
     checkpoint_dir: opts.CheckpointDirOpt = None,
@@ -203,6 +229,18 @@ def train_command(
     save_every: opts.SaveEveryOpt = 0,
     save_every_epochs: opts.SaveEveryEpochsOpt = 0,
     save_last: opts.SaveLastOpt = 0,
+    log_with: Annotated[
+        str | None,
+        typer.Option(
+            help="Tracker for loss, lr, grad norm and samples: tensorboard, wandb (offline without a network) "
+            "or csv.",
+            rich_help_panel=DURING,
+        ),
+    ] = None,
+    logging_dir: Annotated[
+        Path | None,
+        typer.Option(help="Tracker folder (default: OUTPUT's stem + .logs).", rich_help_panel=DURING),
+    ] = None,
     save_dtype: opts.SaveDtypeOpt = "fp16",
     output_name: Annotated[
         str | None,

@@ -365,7 +365,11 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
                 is_main=accelerator.is_main_process,
             )
         )
-    result = loop.run()
+    try:
+        result = loop.run()
+    finally:
+        if loop.settings.tracker is not None:
+            loop.settings.tracker.finish()
     accelerator.wait_for_everyone()
     from lorax.training.report import sample_files
 
@@ -519,6 +523,10 @@ def _build(
         from lorax.training.optim import loraplus_groups
 
         groups = loraplus_groups(groups, [unet, text_encoder, text_encoder_2], config.loraplus_ratio)
+
+    from lorax.training.speed import apply_unet_knobs
+
+    apply_unet_knobs(unet, config, progress.log)
     optimizer = build_optimizer(config.optimizer, groups, weight_decay=config.weight_decay)
     scheduler = build_scheduler(
         config.lr_scheduler,
@@ -541,7 +549,9 @@ def _build(
         m for m in (text_encoder, text_encoder_2) if m is not None
     ]  # accelerate's wrappers when trained
     objective = setup.objective_for(pipe, config)
-    cache = setup.cache_latents(vae, data, progress) if config.cache_latents else None
+    from lorax.training.speed import cache_latents
+
+    cache = cache_latents(config, vae, data, progress)
     batches = setup.diffusion_batches(
         pipe,
         data,
@@ -555,6 +565,9 @@ def _build(
         cache_text=config.cache_text and not config.train_text,
         **({"clip_skip": config.clip_skip} if config.clip_skip else {}),
     )
+    from lorax.training.masks import with_train_masks
+
+    batches = with_train_masks(batches, config, progress.log)
 
     sampler = None
     if config.validation_prompt and config.validation_every:
@@ -589,6 +602,9 @@ def _build(
         memory_flags=config.memory_flags(),
         info={"family": family, **resume_identity(config)},
     )
+    from lorax.training.trackers import make_tracker
+
+    settings.tracker = make_tracker(config, accelerator, progress.log)
     loop = TrainingLoop(
         job,
         accelerator=accelerator,

@@ -139,6 +139,14 @@ class TrainConfig:
     # output
     save_dtype: str = "fp16"
     output_name: str | None = None
+    # issue 19: loss masks, trackers, speed knobs (checked in lorax.training.extras)
+    mask_dir: Path | None = None
+    auto_mask: bool = False
+    log_with: str | None = None
+    logging_dir: Path | None = None
+    compile: bool = False
+    channels_last: bool = False
+    cache_latents_to_disk: bool = False
 
     DEFAULT_STEPS = 500
     COMMAND = "train"  # subclasses (invert, pivot) name their command: TOML section and messages
@@ -351,6 +359,9 @@ class TrainConfig:
             p.append(
                 f"{opt('dora')} covers Linear layers only with PEFT: use {opt('targets')} attn or attn-ff"
             )
+        from lorax.training.extras import extra_problems
+
+        p.extend(extra_problems(self))
         return p
 
     def snapshot_problems(self) -> list[str]:

@@ -69,6 +69,7 @@ class LoopSettings:
     info: dict[str, Any] = field(default_factory=dict)
     description: str = "training"
     resume_command: Callable[[Path], str] | None = None  # the command line that continues from a checkpoint
+    tracker: Any = None  # lorax.training.trackers.StepTracker (--log-with): loss, lr, grad norm, samples
 
     @classmethod
     def from_config(cls, config: Any, max_steps: int, **extra: Any) -> LoopSettings:
@@ -394,6 +395,8 @@ class TrainingLoop:
                 grad_norm = None
                 if s.max_grad_norm and acc.sync_gradients:
                     grad_norm = acc.clip_grad_norm_(self.job.parameters(), s.max_grad_norm)
+                elif s.tracker is not None:  # the norm alone (an infinite bound clips nothing)
+                    grad_norm = acc.clip_grad_norm_(self.job.parameters(), float("inf"))
                 self._confirm_state(grad_norm)
                 self.optimizer.step()
                 if not self._weights_finite():  # a finite loss, then non-finite weights (e.g. inf gradients)
@@ -415,6 +418,11 @@ class TrainingLoop:
                 rate = session_steps / max(1e-9, now - session_start)
                 task.update(completed=self.state.global_step, loss=smoothed, lr=lr, **{"it/s": rate})
                 step = self.state.global_step
+                if s.tracker is not None:
+                    values = {"loss": step_loss, "lr": lr, "seconds": self.state.seconds}
+                    if grad_norm is not None:
+                        values["grad_norm"] = float(grad_norm)
+                    s.tracker.log_step(step, values)
                 if s.validation_every and step % s.validation_every == 0:
                     self._validate(step, models)
                 if s.checkpoint_every and step % s.checkpoint_every == 0 and step < s.max_steps:
@@ -438,6 +446,8 @@ class TrainingLoop:
         self.accelerator.wait_for_everyone()
         for p in paths:
             self.progress.log(f"sample at step {step}: {p}")
+        if self.settings.tracker is not None:
+            self.settings.tracker.log_samples(step, paths)
         self.samples.extend(paths)
 
 

@@ -7,6 +7,11 @@ extension (never the image itself), or computed with
 the shapes world). It is cropped and flipped exactly like its image, resized to the latent size, mapped from [0, 1]
 to [0.5, 1.5], then weighted as the seed does: ``w = (m + 0.01) ** temperature / max``. Prediction and target are
 both multiplied by ``w`` (``DiffusionObjective.loss(..., weight=w)``).
+
+``lorax train`` weights its loss as kohya's masked loss (its masked_loss option) does instead (``weighting="kohya"``): the mask in
+[0, 1], area-downsampled to the latent size, multiplies the per-pixel squared error (so a black region gives no
+gradient at all), the mean still taken over every pixel. Its masks come from ``NAME.mask.png`` beside each image (what
+``lorax prepare`` writes; ``find_images`` skips those files), from ``--mask-dir`` or from ``--auto-mask``.
 """
 
 from __future__ import annotations
@@ -20,10 +25,25 @@ from typing import Any
 from lorax.data.images import IMAGE_EXTENSIONS, MASK_SUFFIX, ImageItem, is_mask_file
 from lorax.errors import InputError
 from lorax.training.job import DiffusionBatches
+from lorax.training.sdxl import SdxlBatches
 
 AUTO_THRESHOLD = (
     0.3  # RGB distance from the border colour that counts as foreground (the shapes scorers' value)
 )
+
+
+def mask_beside(image: Path) -> Path | None:
+    """``NAME.mask.<ext>`` next to ``NAME.<ext>`` (any image extension, ``.png`` first), or ``None``."""
+    for ext in (".png", *sorted(IMAGE_EXTENSIONS - {".png"})):
+        for candidate in (image.with_name(image.stem + MASK_SUFFIX + e) for e in (ext, ext.upper())):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def masks_beside(items: Sequence[ImageItem]) -> list[Path | None]:
+    """Each image's ``NAME.mask.png`` where it has one (``None``: no mask, the whole image counts)."""
+    return [mask_beside(it.path) for it in items]
 
 
 def find_masks(items: Sequence[ImageItem], mask_dir: Path) -> list[Path]:
@@ -110,6 +130,14 @@ def load_mask(
     return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
 
 
+def kohya_mask_weight(masks: Any, latent_size: tuple[int, int]) -> Any:
+    """``[B, H, W]`` masks in [0, 1] → ``[B, 1, h, w]`` factors of the squared error (kohya's ``apply_masked_loss``:
+    area interpolation to the loss's size, no renormalisation)."""
+    import torch.nn.functional as F
+
+    return F.interpolate(masks[:, None].float(), size=latent_size, mode="area")
+
+
 def mask_weight(masks: Any, latent_size: tuple[int, int], temperature: float) -> Any:
     """``[B, H, W]`` masks in [0, 1] → ``[B, 1, h, w]`` loss weights: to [0.5, 1.5], ``(m + 0.01)^T``, ``/ max``."""
     import torch.nn.functional as F
@@ -125,6 +153,10 @@ class MaskedBatches(DiffusionBatches):
 
     mask_paths: list[Path | None] = field(default_factory=list)  # per instance item; None → automatic mask
     temperature: float = 1.0
+    weighting: str = (
+        "seed"  # "seed": invert/pivot's (m + 0.01)^T weights; "kohya": train's plain mask × error
+    )
+    auto: bool = True  # an item without a mask path: an automatic mask (else the whole image, weight 1)
 
     def weights(self, epoch: int, indices: list[int], latent_size: tuple[int, int]) -> Any:
         import torch
@@ -139,6 +171,9 @@ class MaskedBatches(DiffusionBatches):
                 masks.append(torch.ones(key.size[1], key.size[0]))
                 continue
             item = self.data.items[key.item]
+            if self.mask_paths[key.item] is None and not self.auto:
+                masks.append(torch.ones(key.size[1], key.size[0]))
+                continue
             masks.append(
                 load_mask(
                     self.mask_paths[key.item],
@@ -150,6 +185,9 @@ class MaskedBatches(DiffusionBatches):
                     rng=rng,
                 )
             )
+        if self.weighting == "kohya":
+            # the objective multiplies prediction and target by the weight, so the squared error by its square
+            return kohya_mask_weight(torch.stack(masks), latent_size).sqrt()
         weight = mask_weight(torch.stack(masks), latent_size, self.temperature)
         for i, key in enumerate(keys):
             if key.source != "instance":
@@ -158,3 +196,33 @@ class MaskedBatches(DiffusionBatches):
 
     def loss_weight(self, epoch: int, indices: list[int], latents: Any) -> Any:
         return self.weights(epoch, indices, tuple(latents.shape[-2:])).to(latents.device)
+
+
+class MaskedSdxlBatches(MaskedBatches, SdxlBatches):
+    """Masked losses on SDXL: ``MaskedBatches``' loss weights, ``SdxlBatches``' conditioning with size/crop ids."""
+
+
+def with_train_masks(batches: DiffusionBatches, config: Any, log: Any) -> DiffusionBatches:
+    """``lorax train``'s batches with kohya-style loss masks when the run has any: ``--auto-mask``, ``--mask-dir``
+    (every image needs one), else each image's ``NAME.mask.png`` where it has one (the others count whole)."""
+    import dataclasses
+
+    items = batches.data.items
+    auto = bool(config.auto_mask)
+    paths: list[Path | None]
+    if config.mask_dir is not None:
+        paths = list(find_masks(items, config.mask_dir))
+        log(f"loss masks: {len(paths)} from {config.mask_dir}")
+    elif auto:
+        paths = [None] * len(items)
+        log("loss masks: automatic (foreground against the border colour)")
+    else:
+        paths = masks_beside(items)
+        found = sum(p is not None for p in paths)
+        if not found:
+            return batches
+        rest = f"; the other {len(items) - found} count whole" if found < len(items) else ""
+        log(f"loss masks: {found} of {len(items)} images have NAME.mask.png{rest}")
+    values = {f.name: getattr(batches, f.name) for f in dataclasses.fields(batches) if f.init}
+    masked = MaskedSdxlBatches if isinstance(batches, SdxlBatches) else MaskedBatches
+    return masked(**values, mask_paths=paths, weighting="kohya", auto=auto)

@@ -12,6 +12,7 @@ from typing import ClassVar
 
 from lorax.models import families
 from lorax.training.config import TRAIN_ONLY, TrainConfig, flag
+from lorax.training.extras import TRAIN_ONLY_EXTRAS
 
 
 def _several_text_encoders(family: str) -> bool:
@@ -104,6 +105,7 @@ class InvertConfig(InversionOptions):
             "snr_gamma", "prediction_type", "sdpa", "output_name",
         }
     ) | frozenset(TRAIN_ONLY)  # fmt: skip
+    CONFIG_ONLY = CONFIG_ONLY | TRAIN_ONLY_EXTRAS
     # The seed's max_train_steps_ti. On shapes, all-default runs teach a held-out colour at 1000 steps (orange 69%
     # of "a <s1> square") and not at 300 (19%).
     DEFAULT_STEPS = 1000
@@ -176,6 +178,7 @@ class PivotConfig(InversionOptions):
             "snr_gamma", "prediction_type", "sdpa", "output_name",
         }
     ) | frozenset(TRAIN_ONLY)  # fmt: skip
+    CONFIG_ONLY = CONFIG_ONLY | TRAIN_ONLY_EXTRAS
 
     @property
     def inversion_lr(self) -> float:
