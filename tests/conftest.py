@@ -21,6 +21,9 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     # the user's default model (LORAX_MODEL, ~/.config/lorax/config.toml) never reaches a test
     monkeypatch.delenv("LORAX_MODEL", raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
+    # a slow (loaded) machine would otherwise add plain progress lines to a stderr that a test counts the lines of;
+    # the tests of those lines set their own interval
+    monkeypatch.setenv("LORAX_PROGRESS_INTERVAL", "3600")
 
 
 @pytest.fixture()
