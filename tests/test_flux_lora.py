@@ -408,6 +408,9 @@ def test_inspect_names_the_variant(cli, tmp_path):
     report = report[0] if isinstance(report, list) else report
     assert report["family"] == "flux"
     assert report["format"] == "kohya"
+    assert report["layout"].startswith("kohya") and any(
+        b.startswith("single blocks") for b in report["blocks"]
+    )
     text = cli("inspect", str(path))
     assert "flux" in text.stdout and "double blocks" in text.stdout and "single blocks" in text.stdout
 
@@ -433,3 +436,23 @@ def test_merge_refuses_flux_loras(cli, tmp_path):
     assert result.exit_code != 0
     assert "merging Flux LoRAs into a model is not supported yet" in result.output
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_t5_modules_keep_kohya_names_and_diffusers_refuses_them(tmp_path):
+    g = torch.Generator().manual_seed(13)
+    stem = "lora_te3_encoder_block_0_layer_0_SelfAttention_q"
+    d, u = _pair(g, 4096, 4096)
+    tensors = {f"{stem}.lora_down.weight": d, f"{stem}.lora_up.weight": u, f"{stem}.alpha": torch.tensor(2.0)}
+    tensors |= kohya_file({"double_blocks.0.img_attn.proj": (H, H)}, te=False)
+    path = tmp_path / "t5.safetensors"
+    save_file(tensors, path)
+    state = load_lora(path)
+    assert "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q" in state.modules
+    out = tmp_path / "t5-bfl.safetensors"
+    save_lora(state, out, format="bfl")
+    assert f"{stem}.lora_down.weight" in load_file(out)
+    from lorax.errors import FormatError
+
+    with pytest.raises(FormatError, match="reads no text_encoder_2 LoRA"):
+        save_lora(state, tmp_path / "t5-d.safetensors", format="diffusers")
+    assert not (tmp_path / "t5-d.safetensors").exists()
