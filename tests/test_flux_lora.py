@@ -456,3 +456,13 @@ def test_t5_modules_keep_kohya_names_and_diffusers_refuses_them(tmp_path):
     with pytest.raises(FormatError, match="reads no text_encoder_2 LoRA"):
         save_lora(state, tmp_path / "t5-d.safetensors", format="diffusers")
     assert not (tmp_path / "t5-d.safetensors").exists()
+
+
+def test_generate_refuses_flux_loras_before_loading_them(tmp_path):
+    from lorax.errors import ConfigError
+    from lorax.services.generate import _load_lora_file
+
+    src = tmp_path / "k.safetensors"
+    save_file(kohya_file(bfl_shapes(with_top=False), te=False), src)
+    with pytest.raises(ConfigError, match="merging Flux LoRAs into a model is not supported yet"):
+        _load_lora_file(src, None)
