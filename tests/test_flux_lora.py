@@ -446,8 +446,12 @@ def test_t5_modules_keep_kohya_names_and_diffusers_refuses_them(tmp_path):
     tensors |= kohya_file({"double_blocks.0.img_attn.proj": (H, H)}, te=False)
     path = tmp_path / "t5.safetensors"
     save_file(tensors, path)
+    assert detect_format(path) == "kohya"
     state = load_lora(path)
     assert "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q" in state.modules
+    only_t5 = tmp_path / "only-t5.safetensors"
+    save_file({k: v for k, v in tensors.items() if k.startswith("lora_te3_")}, only_t5)
+    assert detect_format(only_t5) == "kohya" and load_lora(only_t5).family == "flux"
     out = tmp_path / "t5-bfl.safetensors"
     save_lora(state, out, format="bfl")
     assert f"{stem}.lora_down.weight" in load_file(out)

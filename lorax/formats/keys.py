@@ -210,7 +210,7 @@ def flux_variant(keys: Sequence[str]) -> str | None:
     keys name no module only Flux has (``lorax.formats.flux`` reads every layout)."""
     if FLUX_FAMILY not in families.names() or families.detect(lora_keys=keys) != FLUX_FAMILY:
         return None
-    if any(k.startswith("lora_unet_") for k in keys):
+    if any(re.match(r"lora_(unet|te\d?)_", k) for k in keys):
         return "kohya"
     if any(".processor." in k for k in keys):
         return "xlabs"
