@@ -31,7 +31,7 @@ def convert_command(
         str | None,
         typer.Option(
             "--to",
-            help="LoRA: kohya, diffusers or lora_diffusion (default: the input's). Embedding: a1111, sdxl-embedding "
+            help="LoRA: kohya, diffusers, bfl (Flux only) or lora_diffusion (default: the input's). Embedding: a1111, sdxl-embedding "
             "or diffusers (default: from OUT's name). Model: diffusers or single-file (default: single-file when OUT "
             "ends in .safetensors).",
         ),

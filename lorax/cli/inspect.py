@@ -74,12 +74,16 @@ def _render(console: Any, report: Any, show_metadata: bool, titled: bool = False
     table.add_row("kind", report.kind)
     table.add_row("format", report.format)
     table.add_row("family", report.family or "unknown")
+    if report.layout:
+        table.add_row("layout", report.layout)
     table.add_row("components", _join(report.components))
     if report.kind == "lora":
         table.add_row("modules", f"{report.modules} ({_join(report.algorithms)})")
         table.add_row("rank", _join(report.ranks))
         table.add_row("alpha", _join(report.alphas))
         table.add_row("targets", _join(report.targets))
+        for line in report.blocks:
+            table.add_row("blocks", line)
     table.add_row("dtype", _join(report.dtypes))
     table.add_row("size", f"{_size(report.size_bytes)} ({report.tensors} tensors)")
     if report.tokens:

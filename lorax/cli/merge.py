@@ -55,8 +55,8 @@ def merge_command(
         typer.Option(
             "--to",
             help="Output layout: diffusers or single-file for models (default: OUTPUT's name decides, as in "
-            "convert: OUT.safetensors one file, OUT or OUT/ a folder); kohya, diffusers or "
-            "lora_diffusion for LoRA+LoRA (default: BASE's format).",
+            "convert: OUT.safetensors one file, OUT or OUT/ a folder); kohya, diffusers, "
+            "bfl (Flux) or lora_diffusion for LoRA+LoRA (default: BASE's format).",
         ),
     ] = None,
     dtype: Annotated[

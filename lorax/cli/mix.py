@@ -44,7 +44,8 @@ def mix_command(
     to: Annotated[
         str | None,
         typer.Option(
-            "--to", help="Output format: kohya, diffusers or lora_diffusion (default: the first's)."
+            "--to",
+            help="Output format: kohya, diffusers, bfl (Flux) or lora_diffusion (default: the first's).",
         ),
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="Output precision: fp16, bf16 or fp32.")] = None,

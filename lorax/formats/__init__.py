@@ -47,6 +47,15 @@ FORMATS: dict[str, FormatInfo] = {
     "diffusers": FormatInfo(
         "diffusers", "lorax.formats.diffusers", True, "diffusers / PEFT (unet.….lora_A.weight)"
     ),
+    "bfl": FormatInfo(
+        "bfl",
+        "lorax.formats.flux",
+        True,
+        "Flux BFL / ComfyUI (diffusion_model.double_blocks.….lora_A.weight)",
+    ),
+    "xlabs": FormatInfo(
+        "xlabs", "lorax.formats.flux", False, "Flux XLabs (double_blocks.….processor.qkv_lora1.down.weight)"
+    ),
     "lora_diffusion": FormatInfo(
         "lora_diffusion", "lorax.formats.lora_diffusion", True, "cloneofsimo/lora (unet:{i}:up, by index)"
     ),
@@ -62,7 +71,7 @@ FORMATS: dict[str, FormatInfo] = {
     ),
 }
 EMBEDDING_FORMATS = ("a1111-embedding", "sdxl-embedding", "diffusers-embedding")
-LORA_WRITE_FORMATS = ("kohya", "diffusers", "lora_diffusion")
+LORA_WRITE_FORMATS = ("kohya", "diffusers", "bfl", "lora_diffusion")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 _FOLDER_FILES = (
     "pytorch_lora_weights.safetensors",

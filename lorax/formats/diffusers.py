@@ -54,8 +54,13 @@ def read(
     path: Any = None,
     adapter_config: Mapping[str, Any] | None = None,
 ) -> LoraState:
-    """diffusers/PEFT tensors → ``LoraState`` (``adapter_config``: a raw PEFT adapter's ``adapter_config.json``)."""
+    """diffusers/PEFT tensors → ``LoraState`` (``adapter_config``: a raw PEFT adapter's ``adapter_config.json``;
+    Flux files go to ``lorax.formats.flux``)."""
     metadata = dict(metadata or {})
+    if keys.flux_variant(list(tensors)) is not None or family == keys.FLUX_FAMILY:
+        from lorax.formats import flux
+
+        return flux.read(tensors, metadata, model=model, family=family, path=path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     leftovers: list[str] = []
     for key, tensor in tensors.items():
@@ -226,6 +231,11 @@ def write(
     header."""
     from lorax.adapters.lycoris import DoraModule
 
+    if state.family == keys.FLUX_FAMILY:
+        from lorax.formats import flux
+
+        tensors_, header = flux.write(state, dtype=dtype, variant="diffusers")
+        return tensors_, {**header, "format": "pt"}
     state = prepare(state)
     tensors: dict[str, torch.Tensor] = {}
     for module_path, module in state.modules.items():

@@ -202,18 +202,38 @@ _CHECKPOINT_PREFIXES = (
 )
 
 
+FLUX_FAMILY = "flux"
+
+
+def flux_variant(keys: Sequence[str]) -> str | None:
+    """The Flux LoRA layout of a file's keys (``kohya``, ``xlabs``, ``bfl``, ``diffusers``), or ``None`` when the
+    keys name no module only Flux has (``lorax.formats.flux`` reads every layout)."""
+    if FLUX_FAMILY not in families.names() or families.detect(lora_keys=keys) != FLUX_FAMILY:
+        return None
+    if any(re.match(r"lora_(unet|te\d?)_", k) for k in keys):
+        return "kohya"
+    if any(".processor." in k for k in keys):
+        return "xlabs"
+    if any(re.search(r"(^|\.)(double|single)_blocks\.\d", k) for k in keys):
+        return "bfl"
+    return "diffusers"
+
+
 def detect(
     keys: Sequence[str], metadata: Mapping[str, str], shapes: Mapping[str, Sequence[int]]
 ) -> str | None:
     """The format of a file from its tensor names, header metadata and shapes; ``None`` when unknown.
 
-    Answers: ``kohya``, ``lycoris``, ``diffusers``, ``lora_diffusion``, ``a1111-embedding``, ``sdxl-embedding``,
+    Answers: ``kohya``, ``lycoris``, ``diffusers``, ``bfl``, ``xlabs`` (Flux layouts), ``lora_diffusion``, ``a1111-embedding``, ``sdxl-embedding``,
     ``diffusers-embedding``, ``checkpoint`` (single-file model), ``model-weights`` (a diffusers component file).
     """
     if not keys:
         return None
     if any(LORA_DIFFUSION_KEY.match(k) for k in keys):
         return "lora_diffusion"
+    flux = flux_variant(keys)
+    if flux is not None:
+        return flux
     groups, rest = kohya_groups(keys)
     if (groups or rest) and all(k.startswith(BUNDLE) for k in rest):
         suffixes = {s for parts in groups.values() for s in parts}

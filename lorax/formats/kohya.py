@@ -80,9 +80,14 @@ def read(
     family: str | None = None,
     path: Any = None,
 ) -> LoraState:
-    """kohya tensors → ``LoraState``. LyCORIS algorithms in the same naming are handed to ``lycoris``."""
+    """kohya tensors → ``LoraState``. LyCORIS algorithms in the same naming are handed to ``lycoris``; Flux files
+    (BFL module names) to ``lorax.formats.flux``."""
     metadata = dict(metadata or {})
     names = list(tensors)
+    if keys.flux_variant(names) is not None or family == keys.FLUX_FAMILY:
+        from lorax.formats import flux
+
+        return flux.read(tensors, metadata, model=model, family=family, path=path)
     groups, rest = group_keys(names)
     leftovers = [k for k in rest if not k.startswith(BUNDLE)]
     if leftovers:
@@ -151,6 +156,11 @@ def write(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``LoraState`` → kohya tensors and header metadata (``alpha`` scalars stay float32)."""
     import torch
+
+    if state.family == keys.FLUX_FAMILY:
+        from lorax.formats import flux
+
+        return flux.write(state, dtype=dtype, variant="kohya")
 
     from lorax.adapters.state import DeltaModule
 

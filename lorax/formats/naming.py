@@ -14,7 +14,8 @@ from typing import Any
 from lorax.errors import MismatchError
 from lorax.models import families
 
-# Multi-token attribute names found in SD UNets, CLIP text encoders and the original (SGM) UNet layout.
+# Multi-token attribute names found in SD UNets, CLIP text encoders, the original (SGM) UNet layout, Flux's
+# transformer and T5.
 VOCABULARY = frozenset(
     [
         "down_blocks",
@@ -66,6 +67,18 @@ VOCABULARY = frozenset(
         "norm_out",
         "conv_act",
         "ff_context",
+        # Flux's transformer (diffusers names) and the T5 encoder
+        "single_transformer_blocks",
+        "time_text_embed",
+        "timestep_embedder",
+        "guidance_embedder",
+        "text_embedder",
+        "context_embedder",
+        "x_embedder",
+        "norm1_context",
+        "proj_mlp",
+        "wi_0",
+        "wi_1",
     ]
 )
 _MAX_JOIN = max(len(w.split("_")) for w in VOCABULARY)

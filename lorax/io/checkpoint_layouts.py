@@ -221,8 +221,14 @@ def family_from_configs(
     """The family of a diffusers folder from its ``model_index.json`` and its UNet / first text-encoder configs."""
     cls = str(model_index.get("_class_name", ""))
     layouts = list(LAYOUTS.values())
-    for lay in layouts:
-        if any(c in model_index for c in lay.folder_markers) or any(m in cls for m in lay.pipeline_markers):
+    for lay in layouts:  # a pipeline class only one family has (``…XL…``, ``Flux…``)
+        if any(m in cls for m in lay.pipeline_markers):
+            return lay.family
+    for (
+        lay
+    ) in layouts:  # a component only one family has, beside that family's denoiser (Flux has a second text
+        own = any(c in model_index for c in lay.folder_markers)  # encoder like SDXL, but no UNet)
+        if own and (lay.components[0] in model_index or "_class_name" not in model_index):
             return lay.family
     if (
         cls

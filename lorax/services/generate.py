@@ -395,7 +395,9 @@ def _check_input_file(path: Path, flag: str) -> None:
 
 def _load_lora_file(path: Path, pipe: Any) -> LoraState:
     from lorax.formats import load_lora
+    from lorax.services.merge import refuse_unmergeable
 
+    refuse_unmergeable(path)
     state: LoraState = load_lora(path, model=pipe)
     return state
 

@@ -21,7 +21,7 @@ from lorax.formats.naming import Resolver
 from lorax.models import families
 from lorax.progress import NullProgress, Progress
 
-LORA_FORMATS = ("kohya", "lycoris", "diffusers", "lora_diffusion")
+LORA_FORMATS = ("kohya", "lycoris", "diffusers", "bfl", "xlabs", "lora_diffusion")
 EMBEDDING_FORMATS = ("a1111-embedding", "sdxl-embedding", "diffusers-embedding")
 _TD_KINDS = {"Attention": "attention", "CrossAttention": "attention", "CLIPAttention": "attention",
              "GEGLU": "ff", "ResnetBlock2D": "conv"}  # fmt: skip
@@ -53,6 +53,8 @@ class FileReport:
     metadata: dict[str, str] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     parameters: dict[str, Any] | None = None  # an image's A1111 "parameters": text, prompt, negative, fields
+    layout: str | None = None  # a Flux LoRA's key layout, in words (kohya, BFL / ComfyUI, XLabs, diffusers)
+    blocks: list[str] = field(default_factory=list)  # a Flux LoRA's targeted blocks and projections
 
 
 @dataclass
@@ -234,7 +236,9 @@ def _describe(p: Path, fmt: str, info: _Tensors, metadata: dict[str, str]) -> Fi
         metadata=dict(metadata),
         training=readable_training(metadata),
     )
-    if fmt in ("kohya", "lycoris"):
+    if fmt in LORA_FORMATS and K.flux_variant(list(info.shapes)) is not None:
+        _flux(report, info, p)
+    elif fmt in ("kohya", "lycoris"):
         _kohya(report, info, p)
     elif fmt == "diffusers":
         _diffusers(report, info, metadata, p)
@@ -319,6 +323,45 @@ def _kohya(report: FileReport, info: _Tensors, p: Path) -> None:
         component = families.embedding_component(slot)
         _add_token(report, token, component, info.shapes[key])
     _finish(report, {c for c, _ in groups})
+
+
+def _flux(report: FileReport, info: _Tensors, p: Path) -> None:
+    """A Flux LoRA in any layout, from its header: the layout, blocks and projections, ranks, alphas."""
+    from lorax.formats import flux_names
+
+    groups: dict[str, dict[str, str]] = {}
+    where: dict[str, tuple[str, str]] = {}
+    for key in info.shapes:
+        found = flux_names.classify(key)
+        if found is None:
+            raise FormatError(f"key {key!r} is in no Flux LoRA layout", path=p)
+        name, component, module, role = found
+        groups.setdefault(name, {})[role] = key
+        where[name] = (component, module)
+    report.family = "flux"
+    report.layout = flux_names.LAYOUTS[report.format]
+    components: set[str] = set()
+    bfl: set[str] = set()
+    for name, roles in groups.items():
+        if "down" not in roles or "up" not in roles:
+            raise FormatError(
+                f"module {name} has no {'down' if 'down' not in roles else 'up'} weight", path=p
+            )
+        down, up = info.shapes[roles["down"]], info.shapes[roles["up"]]
+        _check_pair(name, down, up, p)
+        alpha = info.scalar(roles["alpha"]) if "alpha" in roles else float(down[0])
+        component, module = where[name]
+        components.add(component)
+        if component == flux_names.TRANSFORMER:
+            bfl.add(module)
+            parts = flux_names.bfl_parts(module) or flux_names.bfl_parts(module.replace(".qkv", ".linear1"))
+            module = parts[0] if parts else module  # a diffusers path tells the target kind
+        _add_module(report, "lora", down[0], alpha, module)
+    report.blocks = flux_names.block_summary(bfl)
+    text = sorted(c for c in components if c != flux_names.TRANSFORMER)
+    if text:
+        report.blocks.append("text encoders: " + ", ".join(text))
+    _finish(report, components)
 
 
 def _diffusers(report: FileReport, info: _Tensors, metadata: Mapping[str, str], p: Path) -> None:

@@ -488,6 +488,7 @@ def load_loras(
         if not spec.path.exists():
             raise InputError("no such file", path=spec.path)
         fmt = detect_format(spec.path)
+        refuse_unmergeable(spec.path)
         declared = declared_family(spec.path)
         if family and declared and declared != family:
             raise MismatchError(f"is a {declared} LoRA but the base model is {family}", path=spec.path)
@@ -514,6 +515,22 @@ def load_loras(
         )
         out.append((str(spec.path), state, alpha, alpha_text, fmt))
     return out
+
+
+def refuse_unmergeable(path: Path) -> None:
+    """One line for a LoRA of a family whose LoRAs lorax cannot apply to a model yet (``Family.mergeable``: Flux)."""
+    from lorax.errors import ConfigError
+    from lorax.formats import is_safetensors
+    from lorax.io.safetensors_io import read_header
+    from lorax.models import families
+
+    if not is_safetensors(path):
+        return
+    header = read_header(path)
+    family = families.detect(metadata=header.metadata) or families.detect(lora_keys=list(header.tensors))
+    found = families.find(family)
+    if found is not None and not found.mergeable:
+        raise ConfigError(f"merging {found.label} LoRAs into a model is not supported yet", path=path)
 
 
 def declared_family(path: Path) -> str | None:

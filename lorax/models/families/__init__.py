@@ -16,6 +16,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from lorax.models.families import sd1, sd2, sdxl  # noqa: F401  (registers the built-in families)
+
+# isort: split
+# Flux after SD: the first family to use a kohya prefix (``lora_unet_``) names its component.
+from lorax.models.families import flux  # noqa: F401
 from lorax.models.families.base import (
     META_KEYS,
     Component,

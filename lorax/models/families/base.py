@@ -74,6 +74,9 @@ class Family:
         modelspec: the Stability AI model-spec ``(architecture id, resolution)`` by prediction type (``epsilon``,
             and ``v`` where it differs), as kohya's ``sai_model_spec.py`` writes them.
         modelspec_implementation: ``diffusers`` or ``stability`` (kohya names SDXL LoRAs' implementation so).
+        lora_markers: regular expressions over a LoRA key (any format, ``.`` as ``_`` or not) that only this
+            family's modules match (Flux's ``double_blocks_0``): the strongest LoRA-key evidence.
+        mergeable: whether ``merge`` / ``generate`` can apply this family's LoRAs to a model (Flux: not yet).
     """
 
     name: str
@@ -88,6 +91,13 @@ class Family:
     embedding_format: str = "a1111-embedding"
     modelspec: Mapping[str, tuple[str, int]] = field(default_factory=dict)
     modelspec_implementation: str = "diffusers"
+    lora_markers: tuple[str, ...] = ()
+    mergeable: bool = True
+
+    @property
+    def label(self) -> str:
+        """The family's name in messages (``Flux``, ``SDXL`` …)."""
+        return self.name.upper() if self.name.startswith("sd") else self.name.capitalize()
 
     @property
     def cross_attention_dim(self) -> int:
@@ -183,7 +193,14 @@ def all_text_components() -> tuple[str, ...]:
 
 def kohya_prefixes() -> dict[str, str]:
     """``{kohya prefix: component}`` over every registered family, longest prefix first."""
-    found = {c.kohya_prefix: c.name for f in _REGISTRY.values() for c in f.components}
+    found: dict[str, str] = {}
+    for f in (
+        _REGISTRY.values()
+    ):  # the first family to use a prefix names its component (Flux's transformer shares
+        for c in (
+            f.components
+        ):  # ``lora_unet_`` with SD's UNet; lorax.formats.flux reads Flux's kohya names itself)
+            found.setdefault(c.kohya_prefix, c.name)
     return dict(sorted(found.items(), key=lambda kv: -len(kv[0])))
 
 
@@ -285,9 +302,11 @@ def _from_pipeline(pipe: Any) -> str:
     if isinstance(label, str):
         return label
     families = list(_REGISTRY.values())
-    for f in families:  # a family with a component of its own (SDXL's second text encoder)
+    for (
+        f
+    ) in families:  # a family with a component of its own (SDXL's second text encoder) beside its own UNet
         own = [c for c in f.checkpoint.folder_markers if _module(pipe, c) is not None]
-        if own:
+        if own and _module(pipe, f.unet().name) is not None:
             return f.name
     config = getattr(_module(pipe, "unet"), "config", None)
     for f in families:
@@ -320,6 +339,10 @@ def _from_lora_keys(keys: Iterable[str], shapes: Mapping[str, Sequence[int]] | N
     shapes = shapes or {}
     flat = {k: k.replace(".", "_") for k in keys}
     families = list(_REGISTRY.values())
+    for fam in families:  # module names only one family has (Flux's double / single blocks)
+        markers = [re.compile(m) for m in fam.lora_markers]
+        if any(m.search(k) for m in markers for k in keys):
+            return fam.name
     for f in flat.values():
         for fam in families:
             if _only_this_family(f, fam, families):
@@ -357,7 +380,7 @@ def _only_this_family(flat_key: str, family: Family, families: list[Family]) -> 
     for c in family.components:
         if any(o.has(c.name) for o in others):
             continue
-        if flat_key.startswith((c.name + "_", c.kohya_prefix)):
+        if flat_key.startswith(c.name + "_"):
             return True
     for c in family.components:
         if any(c.kohya_prefix == oc.kohya_prefix for o in others for oc in o.components):

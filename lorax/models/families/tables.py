@@ -55,14 +55,15 @@ def _build(config: dict[str, Any]) -> nn.Module:
     cls_name = config.pop("_class_name")
     config.pop("architectures", None)
     with torch.device("meta"):
-        if cls_name == "UNet2DConditionModel":
-            from diffusers import UNet2DConditionModel
+        if cls_name in ("UNet2DConditionModel", "FluxTransformer2DModel"):
+            import diffusers
 
-            return UNet2DConditionModel(**config)  # type: ignore[no-any-return,return-value]
+            return getattr(diffusers, cls_name)(**config)  # type: ignore[no-any-return]
         import transformers
 
         cls = getattr(transformers, cls_name)
-        return cls(transformers.CLIPTextConfig(**config))  # type: ignore[no-any-return]
+        config_cls = transformers.T5Config if cls_name.startswith("T5") else transformers.CLIPTextConfig
+        return cls(config_cls(**config))  # type: ignore[no-any-return]
 
 
 @cache
@@ -108,9 +109,12 @@ def weight_table(model: nn.Module, component: str) -> dict[str, tuple[int, ...]]
     from torch import nn
 
     table: dict[str, tuple[int, ...]] = {}
+    clip = type(model).__name__.startswith(
+        "CLIP"
+    )  # only CLIP text encoders have the ``text_model.`` convention
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            table[live_to_disk(component, name)] = tuple(module.weight.shape)
+            table[live_to_disk(component, name) if clip else name] = tuple(module.weight.shape)
     return table
 
 
@@ -161,7 +165,9 @@ def target_kind(path: str) -> str:
     parts = path.split(".")
     if "ff" in parts or "mlp" in parts:
         return "ff"
-    if any(p in ("attn1", "attn2", "self_attn", "attentions") for p in parts):
+    if "proj_mlp" in parts:  # Flux's single-block MLP input
+        return "ff"
+    if any(p in ("attn1", "attn2", "attn", "self_attn", "attentions") for p in parts):
         return "attention"
     if any(p in ("resnets", "downsamplers", "upsamplers", "conv_in", "conv_out") for p in parts):
         return "conv" if parts[-1] != "time_emb_proj" else "other"
