@@ -193,6 +193,8 @@ class TrainConfig:
             defaults.pop("steps", None)
         if values.get("mask_dir") is not None:  # the user's masks (lorax prepare's) win over computed ones
             defaults.pop("auto_mask", None)
+        if "auto_mask" in defaults and (values.get("ignore_masks") or _masks_beside(values.get("data_dir"))):
+            defaults.pop("auto_mask", None)  # NAME.mask.png beside the images win too; --ignore-masks: none
         return defaults
 
     def resume_command(self, checkpoint: Path) -> str:
@@ -440,6 +442,13 @@ class TrainConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def _masks_beside(data_dir: Any) -> bool:
+    """Whether ``NAME.mask.png`` loss masks lie in ``data_dir`` (or its sub-folders, kohya's layout)."""
+    from lorax.data.images import has_mask_files
+
+    return data_dir is not None and has_mask_files(Path(data_dir))
 
 
 def field_names(cls: type[TrainConfig] | None = None) -> set[str]:
