@@ -194,3 +194,12 @@ def test_loss_plot_draws_the_validation_series(tmp_path):
     green = (46, 160, 67)
     assert not (np.abs(a - green).sum(-1) < 30).any()
     assert (np.abs(b - green).sum(-1) < 30).sum() > 100
+
+
+def test_config_file_takes_sample_every_and_the_prompt_file_beside_it(tmp_path):
+    from lorax.training.config import load_toml
+
+    path = tmp_path / "run.toml"
+    path.write_text('sample-prompts = "prompts.txt"\nsample-every = 25\nval-split = 0.1\n', encoding="utf-8")
+    values = load_toml(path)
+    assert values == {"sample_prompts": tmp_path / "prompts.txt", "validation_every": 25, "val_split": 0.1}

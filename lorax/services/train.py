@@ -103,6 +103,7 @@ RESUME_KEYS = (
     "ema_decay",
     "block_dims",
     "block_lr",
+    "val_split",  # the held-out images are not trained on
 )
 
 

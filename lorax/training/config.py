@@ -477,6 +477,9 @@ def load_toml(path: str | Path, cls: type[TrainConfig] | None = None) -> dict[st
     if "validation_prompts" in values:
         values["validation_prompt"] = values.pop("validation_prompts")
         spelled["validation_prompt"] = spelled["validation_prompts"]
+    if "sample_every" in values:  # the other name of --validation-every (kohya's sample_every_n_steps)
+        values["validation_every"] = values.pop("sample_every")
+        spelled["validation_every"] = spelled["sample_every"]
     if "network_alpha" in values:  # kohya's name of --alpha
         values["alpha"] = values.pop("network_alpha")
         spelled["alpha"] = spelled["network_alpha"]
