@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lorax.errors import InputError
+from lorax.errors import ConfigError, InputError
 from lorax.training.sample_prompts import SamplePrompt, parse_line, read_sample_prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -120,7 +120,7 @@ def test_held_out_split_is_seeded_and_disjoint(image_dir):
     assert len(held) == 2 and len(train) == 8
     assert not {it.path for it in held} & {it.path for it in train}
     assert split_held_out(items, 0.2, seed=3)[1] == held  # fixed by the seed
-    with pytest.raises(Exception, match="leave none to train on"):
+    with pytest.raises(ConfigError, match="leave none to train on"):
         split_held_out(items[:1], 0.5, seed=3)
 
 
