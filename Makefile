@@ -40,7 +40,7 @@ bench: install
 docs: install
 	$(PY) -m lorax.cli.docgen docs/cli.md
 
-# The pictures in docs/img/ (sweep, X/Y plot, loss plot, samples sheet), made from the shipped shapes model.
+# The pictures in docs/img/ (sweep, X/Y plot, inpainting, prepare, loss plot, samples sheet), made from the shipped shapes model.
 pictures: install
 	nice -n 10 $(PY) scripts/docs_pictures.py --out docs/img
 

@@ -51,6 +51,7 @@ def invert_command(
     mask_dir: opts.MaskDirOpt = None,
     auto_mask: opts.AutoMaskOpt = False,
     mask_temperature: opts.MaskTempOpt = 1.0,
+    ignore_masks: opts.IgnoreMasksOpt = False,
     learning_rate: Annotated[
         float,
         typer.Option("--learning-rate", "--lr", help="Embedding learning rate.", rich_help_panel=OPTIM),

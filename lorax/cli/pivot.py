@@ -73,6 +73,7 @@ def pivot_command(
     mask_dir: opts.MaskDirOpt = None,
     auto_mask: opts.AutoMaskOpt = False,
     mask_temperature: opts.MaskTempOpt = 1.0,
+    ignore_masks: opts.IgnoreMasksOpt = False,
     class_prompt: Annotated[
         str | None,
         typer.Option(

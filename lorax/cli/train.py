@@ -225,7 +225,31 @@ def train_command(
         list[str] | None,
         typer.Option(help="Prompt to sample during training (repeatable).", rich_help_panel=DURING),
     ] = None,
-    validation_every: opts.ValidationEveryOpt = 0,
+    validation_every: Annotated[
+        int,
+        typer.Option(
+            "--validation-every",
+            "--sample-every",
+            help="Sample the validation prompts (and the --val-split loss) every N steps.",
+            rich_help_panel=DURING,
+        ),
+    ] = 0,
+    sample_prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help="kohya's prompt file: one prompt a line, with --n negative, --s steps, --l guidance, --d seed, "
+            "--w width, --h height ('#' comments).",
+            rich_help_panel=DURING,
+        ),
+    ] = None,
+    val_split: Annotated[
+        float,
+        typer.Option(
+            help="Hold out this share of the images (fixed by --seed) for a validation loss at fixed timesteps "
+            "and noise, in the loss CSV and plot.",
+            rich_help_panel=DURING,
+        ),
+    ] = 0.0,
     save_every: opts.SaveEveryOpt = 0,
     save_every_epochs: opts.SaveEveryEpochsOpt = 0,
     save_last: opts.SaveLastOpt = 0,

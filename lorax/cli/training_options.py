@@ -209,6 +209,14 @@ MaskDirOpt = Annotated[
         rich_help_panel=MASKS,
     ),
 ]
+IgnoreMasksOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ignore-masks",
+        help="Train on whole images even when NAME.mask.png loss masks lie beside them (used by default).",
+        rich_help_panel=MASKS,
+    ),
+]
 AutoMaskOpt = Annotated[
     bool,
     typer.Option(

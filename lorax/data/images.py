@@ -40,6 +40,16 @@ def is_mask_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and path.stem.lower().endswith(MASK_SUFFIX)
 
 
+def has_mask_files(folder: Path) -> bool:
+    """Whether ``folder`` or a sub-folder of it holds a ``NAME.mask.png`` (``lorax prepare``'s loss masks)."""
+    if not folder.is_dir():
+        return False
+    for path in folder.iterdir():
+        if is_mask_file(path) or (path.is_dir() and any(is_mask_file(p) for p in path.iterdir())):
+            return True
+    return False
+
+
 def find_images(folder: Path, *, recursive: bool = False) -> list[Path]:
     """Image files in ``folder`` sorted by relative path (so captions never misalign with images); masks
     (``NAME.mask.png``) left out."""

@@ -130,7 +130,7 @@ def prepare(config: InversionOptions, progress: Progress, pipeline: Any = None) 
     from lorax.services.train import _class_items, load_base_model
     from lorax.training import base
     from lorax.training.inversion import learn_tokens, parse_init
-    from lorax.training.masks import find_masks
+    from lorax.training.masks import find_masks, masks_beside_every
 
     items = read_items(config, progress)
     mask_paths: list[Path | None] | None = None
@@ -138,6 +138,11 @@ def prepare(config: InversionOptions, progress: Progress, pipeline: Any = None) 
         mask_paths = list(find_masks(items, config.mask_dir))
     elif config.auto_mask:
         mask_paths = [None] * len(items)
+    elif not config.ignore_masks:
+        beside = masks_beside_every(items)  # NAME.mask.png from lorax prepare
+        if beside is not None:
+            mask_paths = list(beside)
+            progress.log(f"loss masks: the {len(set(beside))} NAME.mask.png files beside the images")
     started_at = time.time()
     pipe = pipeline if pipeline is not None else load_base_model(config.model, progress)
     family = base.family_of(pipe)
@@ -396,7 +401,9 @@ def inversion_metadata(session: Session, steps: int, seconds: float) -> dict[str
         "lorax_training_seconds": f"{seconds:.1f}",
         "lorax_training_started_at": f"{session.started_at:.3f}",
         "lorax_training_finished_at": f"{time.time():.3f}",
-        "lorax_masks": ("auto" if config.auto_mask else "dir") if config.masked else None,
+        "lorax_masks": ("auto" if config.auto_mask else "dir")
+        if config.masked
+        else ("beside" if session.mask_paths is not None else None),
     }
     return {k: str(v) for k, v in meta.items() if v is not None}
 

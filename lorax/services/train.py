@@ -49,6 +49,8 @@ class TrainResult:
     samples_png: Path | None = (
         None  # the validation samples as one sheet (prompts × steps), when there are any
     )
+    val_losses: list[list[float]] = field(default_factory=list)  # [step, held-out loss] (--val-split)
+    num_val_images: int = 0
 
 
 def companion_paths(output: Path) -> dict[str, Path]:
@@ -72,7 +74,11 @@ def plan_outputs(config: TrainConfig, output: Path) -> dict[str, Path]:
     """
     companions = companion_paths(output)
     planned: list[Planned] = [output, companions["config"], companions["loss_csv"], companions["loss_png"]]
-    if config.validation_prompt and config.validation_every and config.resume is None:
+    if (
+        (config.validation_prompt or config.sample_prompts)
+        and config.validation_every
+        and config.resume is None
+    ):
         sheet = companions.get("samples_png", output.with_name(output.stem + ".samples.png"))
         planned += [(companions["samples"], FILES_FOLDER), sheet]
     check_outputs(planned, config.force)
@@ -97,6 +103,7 @@ RESUME_KEYS = (
     "ema_decay",
     "block_dims",
     "block_lr",
+    "val_split",  # the held-out images are not trained on
 )
 
 
@@ -275,6 +282,11 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
             "name the output differently"
         )
     companions = plan_outputs(config, output)
+    from lorax.training.sample_prompts import run_prompts
+
+    run_prompts(
+        config.validation_prompt, config.sample_prompts
+    )  # a bad prompt file fails before the model loads
     resume_ckpt = None
     if config.resume is not None:
         from lorax.training.checkpoint import load_checkpoint
@@ -291,6 +303,12 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
         warn=progress.log,
     )
     items = images.items
+    held_out: list[ImageItem] = []
+    if config.val_split:
+        from lorax.training.val_loss import split_held_out
+
+        items, held_out = split_held_out(items, config.val_split, config.seed)
+        progress.log(f"validation loss on {len(held_out)} held-out image(s), not trained on")
     warn_if_toy_model(config.model, items, progress)
     started_at = time.time()
 
@@ -331,6 +349,10 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
             )
         progress.log(f"resuming from {resume_ckpt.path} at step {loop.state.global_step}")
     resumed_at = loop.state.global_step if resume_ckpt is not None else None
+    val_loss = None
+    if held_out:
+        val_loss = _validation_loss(config, job, data, held_out, accelerator, max_steps, progress)
+        loop.step_hooks.append(val_loss)
     if accelerator.is_main_process:
         _check_checkpoint_room(config, loop, max_steps)
     if config.save_every or config.save_every_epochs:
@@ -395,6 +417,7 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
             if resume_ckpt is not None and resumed_at is not None
             else None,
             samples=sheet_files,
+            val_losses=val_loss.history if val_loss is not None else None,
         )
     accelerator.wait_for_everyone()
     losses = loop.state.losses
@@ -420,6 +443,34 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
         processes=accelerator.num_processes,
         main_process=accelerator.is_main_process,
         samples_png=companions["samples_png"] if sheet_files else None,
+        val_losses=[[s, v] for s, v in val_loss.history] if val_loss is not None else [],
+        num_val_images=len(held_out),
+    )
+
+
+def _validation_loss(
+    config: TrainConfig,
+    job: Any,
+    data: TrainData,
+    held_out: list[ImageItem],
+    accelerator: Any,
+    max_steps: int,
+    progress: Progress,
+) -> Any:
+    """The ``--val-split`` step hook over the held-out images (``lorax.training.val_loss``)."""
+    from lorax.training.val_loss import ValidationLoss, held_out_data, validation_every
+
+    return ValidationLoss(
+        job.batches,
+        held_out_data(held_out, data),
+        unet=accelerator.unwrap_model(job.unet),
+        models=job.trainable_models(),
+        autocast=accelerator.autocast,
+        seed=config.seed,
+        every=validation_every(config.validation_every, max_steps),
+        max_steps=max_steps,
+        is_main=accelerator.is_main_process,
+        log=progress.log,
     )
 
 
@@ -570,12 +621,15 @@ def _build(
     batches = with_train_masks(batches, config, progress.log)
 
     sampler = None
-    if config.validation_prompt and config.validation_every:
+    from lorax.training.sample_prompts import run_prompts
+
+    sample_prompts = run_prompts(config.validation_prompt, config.sample_prompts)
+    if sample_prompts and config.validation_every:
         assert config.output is not None
         folder = companion_paths(Path(config.output))["samples"]
         sampler = Sampler(
             setup.sampling_pipeline(pipe, accelerator, unet, live_encoders),
-            list(config.validation_prompt),
+            list(sample_prompts),
             folder,
             resolution,
             *config.sampling,
@@ -634,8 +688,10 @@ def _write_outputs(
     *,
     resumed: tuple[Path, int] | None = None,
     samples: list[Path] | None = None,
+    val_losses: list[tuple[int, float]] | None = None,
 ) -> int:
     from lorax.training.report import loss_csv, run_markers, write_loss_png, write_samples_sheet
+    from lorax.training.sample_prompts import run_prompts
 
     _save_lora_file(
         config,
@@ -652,7 +708,7 @@ def _write_outputs(
         images,
     )
     with atomic_path(companions["loss_csv"], config.force) as tmp:
-        tmp.write_text(loss_csv(loop.state.losses), encoding="utf-8")
+        tmp.write_text(loss_csv(loop.state.losses, val_losses), encoding="utf-8")
     with atomic_path(companions["loss_png"], config.force) as tmp:
         write_loss_png(
             loop.state.losses,
@@ -660,12 +716,13 @@ def _write_outputs(
             title=f"lorax train: {output.name}",
             checkpoints=run_markers(loop.checkpoints, *(resumed or (None, None))),
             resumed_at=resumed[1] if resumed is not None else None,
+            val_losses=val_losses,
         )
     if samples:
         with atomic_path(companions["samples_png"], config.force) as tmp:
             write_samples_sheet(
                 samples,
-                config.validation_prompt or [],
+                [spec.prompt for spec in run_prompts(config.validation_prompt, config.sample_prompts)],
                 tmp,
                 title=f"lorax train: {output.name}, validation samples",
             )

@@ -40,6 +40,8 @@ TRAIN_ONLY = (
     "clip_skip",
     "block_dims",
     "block_lr",
+    "sample_prompts",
+    "val_split",
 )
 # Memory levers, named in the out-of-memory message.
 MEMORY_FLAGS = (
@@ -136,6 +138,8 @@ class TrainConfig:
     save_every: int = 0  # usable snapshots (lorax.training.snapshots), train only
     save_every_epochs: int = 0
     save_last: int = 0
+    sample_prompts: Path | None = None  # kohya's prompt file (lorax.training.sample_prompts), train only
+    val_split: float = 0.0  # held-out share of the images for a validation loss (lorax.training.val_loss)
     # output
     save_dtype: str = "fp16"
     output_name: str | None = None
@@ -197,6 +201,8 @@ class TrainConfig:
             defaults.pop("steps", None)
         if values.get("mask_dir") is not None:  # the user's masks (lorax prepare's) win over computed ones
             defaults.pop("auto_mask", None)
+        if "auto_mask" in defaults and (values.get("ignore_masks") or _masks_beside(values.get("data_dir"))):
+            defaults.pop("auto_mask", None)  # NAME.mask.png beside the images win too; --ignore-masks: none
         return defaults
 
     def resume_command(self, checkpoint: Path) -> str:
@@ -345,8 +351,15 @@ class TrainConfig:
                 f"{opt('cache_latents')} and {opt('random_crop')} are exclusive (a random crop changes the latents "
                 "every step)"
             )
-        if self.validation_every and not self.validation_prompt:
-            p.append(f"{opt('validation_every')} needs at least one {opt('validation_prompt')}")
+        if self.validation_every and not (self.validation_prompt or self.sample_prompts or self.val_split):
+            p.append(
+                f"{opt('validation_every')} needs at least one {opt('validation_prompt')}"
+                + (f", {opt('sample_prompts')} or {opt('val_split')}" if self.COMMAND == "train" else "")
+            )
+        if self.sample_prompts is not None and not self.validation_every:
+            p.append(f"{opt('sample_prompts')} needs {opt('validation_every')} N (alias --sample-every)")
+        if not 0.0 <= self.val_split < 1.0:
+            p.append(f"{opt('val_split')} must be in [0, 1) (got {self.val_split})")
         if self.targets not in TARGET_PRESETS and not [t for t in self.targets.split(",") if t.strip()]:
             p.append(f"{opt('targets')} must be one of {', '.join(TARGET_PRESETS)} or module patterns")
         p += self.snapshot_problems() + self.lr_problems()
@@ -442,6 +455,13 @@ class TrainConfig:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
 
+def _masks_beside(data_dir: Any) -> bool:
+    """Whether ``NAME.mask.png`` loss masks lie in ``data_dir`` (or its sub-folders, kohya's layout)."""
+    from lorax.data.images import has_mask_files
+
+    return data_dir is not None and has_mask_files(Path(data_dir))
+
+
 def field_names(cls: type[TrainConfig] | None = None) -> set[str]:
     return {f.name for f in fields(cls or TrainConfig)}
 
@@ -468,6 +488,9 @@ def load_toml(path: str | Path, cls: type[TrainConfig] | None = None) -> dict[st
     if "validation_prompts" in values:
         values["validation_prompt"] = values.pop("validation_prompts")
         spelled["validation_prompt"] = spelled["validation_prompts"]
+    if "sample_every" in values:  # the other name of --validation-every (kohya's sample_every_n_steps)
+        values["validation_every"] = values.pop("sample_every")
+        spelled["validation_every"] = spelled["sample_every"]
     if "network_alpha" in values:  # kohya's name of --alpha
         values["alpha"] = values.pop("network_alpha")
         spelled["alpha"] = spelled["network_alpha"]

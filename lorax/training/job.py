@@ -78,7 +78,7 @@ class Sampler:
     """Validation images: the current models through a diffusers pipeline, one seeded generator per prompt."""
 
     pipeline_factory: Any  # () -> a StableDiffusionPipeline sharing the training modules
-    prompts: list[str]
+    prompts: list[Any]  # str, or a SamplePrompt (lorax.training.sample_prompts) with its own options
     folder: Path
     resolution: int
     steps: int
@@ -96,25 +96,32 @@ class Sampler:
         pipe = self.pipeline_factory()
         self.folder.mkdir(parents=True, exist_ok=True)
         paths: list[Path] = []
-        for i, prompt in enumerate(self.prompts):
-            generator = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, "validation", i))
-            prompt_kwargs: dict[str, Any] = {"prompt": prompt}
+        from lorax.gen.params import save_png
+        from lorax.training.sample_prompts import SamplePrompt, sample_settings
+
+        for i, entry in enumerate(self.prompts):
+            spec = entry if isinstance(entry, SamplePrompt) else SamplePrompt(str(entry))
+            run = sample_settings(
+                spec, self.steps, self.guidance, self.resolution, derive_seed(self.seed, "validation", i)
+            )
+            generator = torch.Generator(device="cpu").manual_seed(run.seed)
+            prompt_kwargs: dict[str, Any] = {"prompt": spec.prompt, "negative_prompt": spec.negative}
             if self.clip_skip > 1:
                 from lorax.training.text import clip_skip_embeds
 
                 with torch.no_grad():
-                    prompt_kwargs = clip_skip_embeds(pipe, prompt, None, self.clip_skip)
+                    prompt_kwargs = clip_skip_embeds(pipe, spec.prompt, spec.negative, self.clip_skip)
             with autocast():
                 image = pipe(
                     **prompt_kwargs,
-                    num_inference_steps=self.steps,
-                    guidance_scale=self.guidance,
-                    height=self.resolution,
-                    width=self.resolution,
+                    num_inference_steps=run.steps,
+                    guidance_scale=run.guidance,
+                    height=run.height,
+                    width=run.width,
                     generator=generator,
                 ).images[0]
             path = self.folder / f"step-{step:06d}-{i}.png"
-            image.save(path)
+            save_png(image, path, run.parameters(spec, step, self.clip_skip))
             paths.append(path)
         if self.release is not None:
             self.release()

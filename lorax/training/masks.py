@@ -226,3 +226,27 @@ def with_train_masks(batches: DiffusionBatches, config: Any, log: Any) -> Diffus
     values = {f.name: getattr(batches, f.name) for f in dataclasses.fields(batches) if f.init}
     masked = MaskedSdxlBatches if isinstance(batches, SdxlBatches) else MaskedBatches
     return masked(**values, mask_paths=paths, weighting="kohya", auto=auto)
+
+
+def masks_beside_every(items: Sequence[ImageItem]) -> list[Path] | None:
+    """invert and pivot's rule: ``NAME.mask.png`` (any image extension) beside every image, as ``lorax prepare`` writes them, or ``None``
+    when no image has one. Some with and some without is refused, naming those without: a run would otherwise
+    weight some images' loss and not others'."""
+    found: dict[Path, Path | None] = {}
+    for item in items:
+        if item.path in found:
+            continue
+        candidates = [item.path.with_name(item.path.stem + MASK_SUFFIX + ext) for ext in IMAGE_EXTENSIONS]
+        found[item.path] = next((c for c in candidates if c.is_file()), None)
+    if not any(found.values()):
+        return None
+    missing = [p.name for p, m in found.items() if m is None]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise InputError(
+            f"{len(found) - len(missing)} images have a NAME{MASK_SUFFIX}.png loss mask beside them but "
+            f"{len(missing)} have none ({', '.join(missing[:3])}{more}): give every image one, or pass "
+            "--ignore-masks",
+            path=items[0].path.parent,
+        )
+    return [found[it.path] for it in items]  # type: ignore[misc]

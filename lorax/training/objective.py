@@ -42,11 +42,14 @@ class DiffusionObjective:
         alphas_cumprod = self.scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
         return alphas_cumprod / (1.0 - alphas_cumprod)
 
-    def loss(self, unet: Any, latents: Any, cond: Any, generator: Any, weight: Any = None) -> Any:
+    def loss(
+        self, unet: Any, latents: Any, cond: Any, generator: Any, weight: Any = None, timesteps: Any = None
+    ) -> Any:
         """Per-example loss ``[B]`` (float32), drawing noise and timesteps from ``generator``.
 
         ``weight`` (broadcastable to the latents, e.g. ``[B, 1, h, w]``): a loss mask; prediction and target are both
-        multiplied by it (the seed's ``lora_pti`` masks).
+        multiplied by it (the seed's ``lora_pti`` masks). ``timesteps`` (``[B]``): fixed ones instead of drawn ones
+        (the validation loss, ``lorax.training.val_loss``).
         """
         import torch
         import torch.nn.functional as F
@@ -58,7 +61,10 @@ class DiffusionObjective:
             noise = noise + self.noise_offset * torch.randn(
                 (bsz, latents.shape[1], 1, 1), generator=generator, device=device, dtype=torch.float32
             )
-        timesteps = torch.randint(0, self.num_timesteps, (bsz,), generator=generator, device=device).long()
+        if timesteps is None:
+            timesteps = torch.randint(
+                0, self.num_timesteps, (bsz,), generator=generator, device=device
+            ).long()
         latents = latents.float()
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         if self.prediction_type == "epsilon":

@@ -39,6 +39,7 @@ class InversionOptions(TrainConfig):
     mask_dir: Path | None = None
     auto_mask: bool = False
     mask_temperature: float = 1.0
+    ignore_masks: bool = False  # NAME.mask.png beside the images are used unless this is set
 
     COMMAND = "invert"
 
@@ -78,6 +79,8 @@ class InversionOptions(TrainConfig):
             p.append(f"--mask-temperature must be > 0 (got {self.mask_temperature})")
         if self.mask_dir is not None and self.auto_mask:
             p.append("--mask-dir and --auto-mask are exclusive: pass one")
+        if self.ignore_masks and self.masked:
+            p.append("--ignore-masks and --mask-dir/--auto-mask are exclusive: pass one")
         return p
 
     def family_problems(self, family: str) -> list[str]:

@@ -30,11 +30,19 @@ def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def loss_csv(losses: Sequence[Sequence[float]]) -> str:
+def loss_csv(losses: Sequence[Sequence[float]], val_losses: Sequence[Sequence[float]] | None = None) -> str:
+    """The loss CSV; with ``val_losses`` (``[step, loss]``, ``--val-split``) a ``val_loss`` column, empty at the
+    steps it was not measured."""
     smoothed = smooth([row[1] for row in losses])
-    lines = ["step,loss,smoothed_loss,lr"]
-    lines += [f"{int(r[0])},{r[1]:.6g},{s:.6g},{r[2]:.6g}" for r, s in zip(losses, smoothed, strict=True)]
-    return "\n".join(lines) + "\n"
+    rows = [f"{int(r[0])},{r[1]:.6g},{s:.6g},{r[2]:.6g}" for r, s in zip(losses, smoothed, strict=True)]
+    if not val_losses:
+        return "\n".join(["step,loss,smoothed_loss,lr", *rows]) + "\n"
+    val = {int(step): value for step, value in val_losses}
+    rows = [
+        f"{row},{val[int(r[0])]:.6g}" if int(r[0]) in val else row + ","
+        for row, r in zip(rows, losses, strict=True)
+    ]
+    return "\n".join(["step,loss,smoothed_loss,lr,val_loss", *rows]) + "\n"
 
 
 def wants_log_scale(values: Sequence[float], ratio: float = LOG_SCALE_RATIO) -> bool:
@@ -118,6 +126,7 @@ _CHECKPOINT = (120, 120, 120)
 _RESUME = (200, 30, 30)
 _AXIS = (60, 60, 60)
 _GRID = (232, 232, 232)
+_VAL = (46, 160, 67)
 
 
 def write_loss_png(
@@ -129,6 +138,7 @@ def write_loss_png(
     resumed_at: int | None = None,
     log_scale: bool | None = None,
     size: tuple[int, int] = (800, 450),
+    val_losses: Sequence[Sequence[float]] | None = None,
 ) -> None:
     """A line chart of ``losses`` rows ``[step, loss, lr, …]``, written as PNG to ``path``.
 
@@ -136,6 +146,7 @@ def write_loss_png(
         checkpoints: steps a checkpoint was written at (dashed grey lines).
         resumed_at: the step a resumed run started from (a red line).
         log_scale: force the loss axis's scale; None decides with :func:`wants_log_scale`.
+        val_losses: ``[step, loss]`` rows of the held-out loss (``--val-split``), a second series on the loss axis.
     """
     from PIL import Image, ImageDraw
 
@@ -158,12 +169,14 @@ def write_loss_png(
     raw = [float(r[1]) for r in rows]
     lrs = [float(r[2]) for r in rows if len(r) > 2]
     smoothed = smooth(raw)
-    log = wants_log_scale(raw) if log_scale is None else bool(log_scale and min(raw) > 0)
+    val = [(float(r[0]), float(r[1])) for r in val_losses or () if math.isfinite(r[1]) and r[1] > 0]
+    both = raw + [v for _, v in val]
+    log = wants_log_scale(both) if log_scale is None else bool(log_scale and min(both) > 0)
 
     s0, s1 = min(steps), max(steps)
     if s1 - s0 < 1:
         s0, s1 = s0 - 0.5, s1 + 0.5
-    lo, hi = min(raw), max(raw)
+    lo, hi = min(both), max(both)
     if log:
         flo, fhi = math.log10(lo), math.log10(hi)
         pad = max(0.05, (fhi - flo) * 0.04)
@@ -226,10 +239,17 @@ def write_loss_png(
     _polyline(
         draw, [(sx(s), sy(v)) for s, v in zip(steps, smoothed, strict=True) if v > 0 or not log], _SMOOTH, 2
     )
+    if val:
+        points = [(sx(s), sy(v)) for s, v in val]
+        _polyline(draw, points, _VAL, 2)
+        for x, y in points:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=_VAL)
     draw.rectangle((x0, y0, x1, y1), outline=_AXIS)
 
     # legend, top right above the box
     items = [("loss", _RAW), ("smoothed (EMA 0.9)", _SMOOTH), ("lr", _LR)]
+    if val:
+        items.append(("validation (held out)", _VAL))
     if checkpoints:
         items.append(("checkpoint", _CHECKPOINT))
     x = x1 - 20 - sum(_text_width(draw, name, text) + 30 for name, _ in items)
