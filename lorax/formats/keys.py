@@ -210,7 +210,8 @@ def flux_variant(keys: Sequence[str]) -> str | None:
     keys name no module only Flux has (``lorax.formats.flux`` reads every layout)."""
     if FLUX_FAMILY not in families.names() or families.detect(lora_keys=keys) != FLUX_FAMILY:
         return None
-    if any(re.match(r"lora_(unet|te\d?)_", k) for k in keys):
+    # kohya: its transformer names, or only its text-encoder names (a BFL file keeps kohya's names for those)
+    if any(k.startswith("lora_unet_") for k in keys) or all(re.match(r"lora_te\d?_", k) for k in keys):
         return "kohya"
     if any(".processor." in k for k in keys):
         return "xlabs"

@@ -196,7 +196,15 @@ def make_batches(session: Session, batches: Any) -> Any:
     batches.prompts = ExpandingPrompts(batches.prompts, session.tokens.expand)
     if session.mask_paths is None:
         return batches
-    values = {f.name: getattr(batches, f.name) for f in dataclasses.fields(batches) if f.init}
+    own = {
+        "mask_paths",
+        "temperature",
+        "weighting",
+        "auto",
+    }  # train's masks (pivot's LoRA phase) give way to these
+    values = {
+        f.name: getattr(batches, f.name) for f in dataclasses.fields(batches) if f.init and f.name not in own
+    }
     masked = MaskedSdxlBatches if isinstance(batches, SdxlBatches) else MaskedBatches
     return masked(**values, mask_paths=session.mask_paths, temperature=session.config.mask_temperature)
 
