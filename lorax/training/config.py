@@ -40,6 +40,9 @@ TRAIN_ONLY = (
     "clip_skip",
     "block_dims",
     "block_lr",
+    "algo",
+    "conv_rank",
+    "conv_alpha",
 )
 # Memory levers, named in the out-of-memory message.
 MEMORY_FLAGS = (
@@ -95,6 +98,9 @@ class TrainConfig:
     train_text: bool = False
     lora_dropout: float = 0.0
     dora: bool = False
+    algo: str = "lora"  # lora, locon, loha, lokr, dora (= --dora) (train only; lorax/training/algos.py)
+    conv_rank: int | None = None  # locon/loha/lokr: the convs' rank (kohya's conv_dim; default --rank)
+    conv_alpha: float | None = None  # … and alpha (kohya's conv_alpha; default the conv rank)
     block_dims: str | None = None  # kohya's block_dims: a rank per UNet block (train only)
     init_lora: Path | None = None  # kohya's network_weights, train only
     # optimisation
@@ -396,7 +402,14 @@ class TrainConfig:
             p.append(f"{opt('init_lora')} takes its ranks from the file: drop {opt('block_dims')}")
         if self.init_lora is not None and self.dora:
             p.append(f"{opt('init_lora')} starts from a plain LoRA: drop {opt('dora')}")
+        from lorax.training.algo_config import algo_problems
+
+        p += algo_problems(self, opt)
         return p
+
+    def __post_init__(self) -> None:
+        if self.algo == "dora":  # --algo dora is --dora
+            self.dora = True
 
     def train_only_problems(self) -> list[str]:
         """Options of ``lorax train`` alone, refused when another command's config (TOML) sets them."""
