@@ -177,3 +177,39 @@ def test_algo_flags_that_do_not_fit(cli, tmp_path, model_dir, image_dir, args, e
     result = train(cli, model_dir, image_dir, tmp_path / "x.safetensors", *args)
     assert result.exit_code != 0
     assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_the_written_modules_load_in_lycoris_own_modules(
+    cli, tmp_path, model_dir, image_dir, monkeypatch, algo
+):
+    # The independent oracle: LyCORIS' LohaModule / LokrModule built from the file's tensors (its
+    # make_module_from_state_dict, as its kohya loader does) give PEFT's live deltas. Skipped without lycoris-lora.
+    lycoris = pytest.importorskip(f"lycoris.modules.{algo}")
+    live = capture_live_deltas(monkeypatch)
+    out = tmp_path / f"{algo}.safetensors"
+    rank = 4 if algo == "loha" else 8  # rank 8: LoKr's layers of both kinds (full w2 and factored)
+    result = train(cli, model_dir, image_dir, out, "--algo", algo, "--rank", rank, "--alpha", 2)
+    assert result.exit_code == 0, result.stderr
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
+    tensors = load_file(out)
+    names = (
+        ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+        if algo == "loha"
+        else ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", None, "lokr_t2")
+    )
+    kind = lycoris.LohaModule if algo == "loha" else lycoris.LokrModule
+    for key, delta in live.items():
+        path = key.removeprefix("unet.")
+        lora_name = "lora_unet_" + path.replace(".", "_")
+        org = unet.get_submodule(path)
+        parts = [tensors.get(f"{lora_name}.{n}") if n else None for n in names]
+        with torch.no_grad():
+            module = kind.make_module_from_state_dict(
+                lora_name, org, *parts, tensors[f"{lora_name}.alpha"], None
+            )
+            theirs = module.get_weight(org.weight.shape).reshape(delta.shape).float()
+        err = float((theirs - delta).norm() / delta.norm())
+        assert err <= 1e-5, (key, err)

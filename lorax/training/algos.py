@@ -131,6 +131,7 @@ def lycoris_state(models: dict[str, Any], family: str | None = None) -> Any:
             w1, w2 = get("lokr_w1"), get("lokr_w2")
             if w1 is not None and w2 is not None:  # LyCORIS' scale is 1 here; PEFT's alpha / r goes into w1
                 w1 = w1 * float(layer.scaling[ADAPTER])
+                alpha = float(layer.r[ADAPTER])  # and LyCORIS writes alpha = its dim then
             state.modules[key] = LokrModule(
                 w1, get("lokr_w1_a"), get("lokr_w1_b"), w2, get("lokr_w2_a"), get("lokr_w2_b"), get("lokr_t2"),
                 alpha, weight_shape=shape,
