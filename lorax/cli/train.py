@@ -30,6 +30,16 @@ def train_command(
         typer.Option("--output", "-o", help="The LoRA file to write (.safetensors).", rich_help_panel=OUT),
     ] = None,
     config: opts.ConfigOpt = None,
+    concept: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="DIR:PROMPT[:REPEATS]",
+            help="One concept (repeatable, instead of DATA_DIR): its folder, the caption of its images without a "
+            "caption file, and how often each trains per epoch (default 1). [[concepts]] tables (dir, prompt, "
+            "repeats) in --config do the same.",
+            show_default=False,
+        ),
+    ] = None,
     dataset_config: Annotated[
         Path | None,
         typer.Option(

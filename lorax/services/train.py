@@ -292,6 +292,7 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
         strict=config.strict,
         recursive=config.recursive,
         warn=progress.log,
+        concepts=config.concept,
     )
     items = images.items
     warn_if_toy_model(config.model, items, progress)

@@ -151,7 +151,7 @@ def conv_settings(config: Any) -> tuple[int, float]:
 def algo_metadata(config: Any) -> tuple[str, dict[str, Any]]:
     """``ss_network_module`` and the ``ss_network_args`` ``--algo`` adds: kohya's ``networks.lora`` for a LoRA or
     DoRA (kohya's LoCon: ``conv_dim`` / ``conv_alpha``), LyCORIS' ``lycoris.kohya`` with ``algo`` for LoHa / LoKr
-    (string values, as kohya's ``--network_args algo=loha conv_dim=4`` records them)."""
+    (string values, as kohya records its network_args ``algo=loha conv_dim=4``)."""
     algo = config.algo
     if algo not in CONV_ALGOS:
         return "networks.lora", {}

@@ -43,6 +43,7 @@ TRAIN_ONLY = (
     "algo",
     "conv_rank",
     "conv_alpha",
+    "concept",
 )
 # Memory levers, named in the out-of-memory message.
 MEMORY_FLAGS = (
@@ -67,6 +68,7 @@ class TrainConfig:
 
     data_dir: Path | None = None
     dataset_config: Path | None = None  # kohya's dataset TOML (--dataset-config)
+    concept: list[str] = field(default_factory=list)  # DIR:PROMPT[:REPEATS] per concept (train only)
     output: Path | None = None
     model: str = "shapes"
     format: str = "kohya"
@@ -280,7 +282,12 @@ class TrainConfig:
             if value is not None and (value < 0 or (value == 0 and not zero)):
                 p.append(f"{opt(name)} must be {'≥ 0' if zero else '> 0'} (got {value})")
 
-        if self.data_dir is None and self.dataset_config is None:
+        if self.concept and (self.data_dir is not None or self.dataset_config is not None):
+            p.append(
+                f"{opt('concept')} names every training folder: drop DATA_DIR / {opt('dataset_config')} (or "
+                f"give that folder as one more {opt('concept')} DIR:PROMPT)"
+            )
+        if self.data_dir is None and self.dataset_config is None and not self.concept:
             either = f" or {opt('dataset_config')}" if "dataset_config" not in self.CONFIG_ONLY else ""
             p.append(f"DATA_DIR is required (a folder of training images){either}")
         if self.data_dir is not None and self.dataset_config is not None:
@@ -470,6 +477,11 @@ def load_toml(path: str | Path, cls: type[TrainConfig] | None = None) -> dict[st
     if "validation_prompts" in values:
         values["validation_prompt"] = values.pop("validation_prompts")
         spelled["validation_prompt"] = spelled["validation_prompts"]
+    if "concepts" in values:  # [[concepts]] tables: --concept values
+        from lorax.data.concepts import concepts_from_toml
+
+        values["concept"] = concepts_from_toml(values.pop("concepts"), path)
+        spelled["concept"] = spelled.pop("concepts")
     if "network_alpha" in values:  # kohya's name of --alpha
         values["alpha"] = values.pop("network_alpha")
         spelled["alpha"] = spelled["network_alpha"]
@@ -521,7 +533,7 @@ def _coerce(
                 out[name] = None
             elif name in path_fields:
                 out[name] = Path(value)
-            elif name == "validation_prompt":
+            elif name in ("validation_prompt", "concept"):
                 out[name] = [value] if isinstance(value, str) else [str(v) for v in value]
             elif kind.startswith("bool"):
                 if not isinstance(value, bool):
