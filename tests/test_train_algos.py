@@ -213,3 +213,38 @@ def test_the_written_modules_load_in_lycoris_own_modules(
             theirs = module.get_weight(org.weight.shape).reshape(delta.shape).float()
         err = float((theirs - delta).norm() / delta.norm())
         assert err <= 1e-5, (key, err)
+
+
+def test_lokr_resumes_exactly_and_text_encoder_gets_the_same_algorithm(
+    cli, tmp_path, model_dir, image_dir, monkeypatch
+):
+    """Interrupted at step 2 and resumed, a LoKr run (with --train-text) writes what the uninterrupted one writes."""
+    from lorax.training.loop import TrainingLoop
+
+    args = ("--algo", "lokr", "--train-text")
+    straight = tmp_path / "straight.safetensors"
+    result = train(cli, model_dir, image_dir, straight, *args)
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "resumed.safetensors"
+    original = TrainingLoop._run
+
+    def stop_after_2(self):
+        self.settings.max_steps, full = 2, self.settings.max_steps
+        try:
+            original(self)
+        finally:
+            self.settings.max_steps = full
+        self._interrupted = True
+        self._stop_interrupted()
+
+    monkeypatch.setattr(TrainingLoop, "_run", stop_after_2)
+    assert train(cli, model_dir, image_dir, out, *args).exit_code == 130
+    monkeypatch.setattr(TrainingLoop, "_run", original)
+    result = cli("train", "--resume", tmp_path / "resumed.checkpoints")
+    assert result.exit_code == 0, result.stderr
+    a, b = load_file(straight), load_file(out)
+    assert any(k.startswith("lora_te_") and ".lokr_w" in k for k in a)
+    assert not any(".lora_down" in k for k in a)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
