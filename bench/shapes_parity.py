@@ -8,6 +8,10 @@ learning rate instead.
 
     python -m bench.shapes_parity                 # 300 steps per variant (a few minutes on 2 CPU cores)
     python -m bench.shapes_parity --steps 150
+    python -m bench.shapes_parity --only algo-lora-r4 algo-dora-r4 algo-locon-r1 algo-loha-r1 algo-lokr-r4
+
+The ``algo-*`` variants are loaded through lorax's own apply (``apply_loras``, fused; diffusers' loader has no
+LoHa/LoKr) and report their trained parameter count.
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "plain-lr5e-4": {"learning_rate": 5e-4},
     "loraplus-16-lr5e-4": {"loraplus_ratio": 16.0, "learning_rate": 5e-4},
     "ema-0.99": {"ema_decay": 0.99},
+    # --algo at about equal parameter count (the UNet's convs dominate: LoCon and LoHa at their smallest ranks)
+    "algo-lora-r4": {"algo": "lora", "rank": 4},
+    "algo-dora-r4": {"algo": "dora", "rank": 4},
+    "algo-locon-r1": {"algo": "locon", "rank": 1},
+    "algo-loha-r1": {"algo": "loha", "rank": 1},
+    "algo-lokr-r4": {"algo": "lokr", "rank": 4},
 }
 
 
@@ -61,6 +71,30 @@ def with_lora(path: Path) -> Any:
     return pipe
 
 
+def fused(path: Path) -> Any:
+    from lorax.adapters.apply import LoraRequest, apply_loras
+    from lorax.formats import load_lora
+    from lorax.zoo.shapes.pipeline import load_shapes_pipeline
+
+    pipe = load_shapes_pipeline()
+    apply_loras(pipe, [LoraRequest(load_lora(path))], fuse=True)
+    return pipe
+
+
+def parameters(path: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys() if not k.endswith(".alpha"))  # noqa: SIM118
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def run(name: str, extra: dict[str, Any], folder: Path, data: Path, steps: int) -> dict[str, Any]:
     from lorax.progress import NullProgress
     from lorax.services.train import train
@@ -79,9 +113,10 @@ def run(name: str, extra: dict[str, Any], folder: Path, data: Path, steps: int) 
     cfg = TrainConfig(**{**values, **extra})
     started = time.perf_counter()
     result = train(cfg, NullProgress())
-    pipe = with_lora(result.output)
+    pipe = fused(result.output) if name.startswith("algo-") else with_lora(result.output)
     return {
         "variant": name,
+        "parameters": parameters(result.output),
         "concept": concept_score(pipe),
         "others": others_accuracy(pipe),
         "final_loss": result.final_loss,

@@ -30,6 +30,16 @@ def train_command(
         typer.Option("--output", "-o", help="The LoRA file to write (.safetensors).", rich_help_panel=OUT),
     ] = None,
     config: opts.ConfigOpt = None,
+    concept: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="DIR:PROMPT[:REPEATS]",
+            help="One concept (repeatable, instead of DATA_DIR): its folder, the caption of its images without a "
+            "caption file, and how often each trains per epoch (default 1). [[concepts]] tables (dir, prompt, "
+            "repeats) in --config do the same.",
+            show_default=False,
+        ),
+    ] = None,
     dataset_config: Annotated[
         Path | None,
         typer.Option(
@@ -139,6 +149,31 @@ def train_command(
     dora: Annotated[
         bool, typer.Option("--dora", help="DoRA (weight-decomposed LoRA, via PEFT).", rich_help_panel=LORA)
     ] = False,
+    algo: Annotated[
+        str,
+        typer.Option(
+            help="Adapter: lora, locon (LoRA + the UNet's convs), loha, lokr (LyCORIS' keys, via PEFT), dora "
+            "(= --dora).",
+            rich_help_panel=LORA,
+        ),
+    ] = "lora",
+    conv_rank: Annotated[
+        int | None,
+        typer.Option(
+            help="locon/loha/lokr: the convs' rank (kohya's conv_dim; default --rank).",
+            rich_help_panel=LORA,
+            show_default=False,
+        ),
+    ] = None,
+    conv_alpha: Annotated[
+        float | None,
+        typer.Option(
+            help="locon/loha/lokr: the convs' alpha (kohya's conv_alpha; default --alpha, or the conv rank with "
+            "--conv-rank).",
+            rich_help_panel=LORA,
+            show_default=False,
+        ),
+    ] = None,
     block_dims: opts.BlockDimsOpt = None,
     init_lora: opts.InitLoraOpt = None,
     optimizer: Annotated[

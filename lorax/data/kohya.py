@@ -395,8 +395,10 @@ def load_training_images(
     strict: bool = False,
     recursive: bool = False,
     warn: Callable[[str], None] | None = None,
+    concepts: list[str] | None = None,
 ) -> TrainingImages:
-    """The images of a run: a dataset config, a folder in kohya's ``N_name`` layout, or a plain image folder.
+    """The images of a run: ``--concept`` folders, a dataset config, a folder in kohya's ``N_name`` layout, or a
+    plain image folder.
 
     A class folder in kohya's layout gives the class images too (else the caller makes them from the class prompt).
     """
@@ -404,7 +406,13 @@ def load_training_images(
 
     summary = DatasetSummary()
     spec: DatasetSpec | None = None
-    if dataset_config is not None:
+    if concepts:  # one kohya subset per --concept (lorax.data.concepts)
+        from lorax.data.concepts import concept_subsets
+
+        if data_dir is not None or dataset_config is not None:
+            raise ConfigError("--concept names every training folder: drop DATA_DIR / --dataset-config")
+        subsets = concept_subsets(concepts)
+    elif dataset_config is not None:
         spec = read_dataset_config(dataset_config)
         subsets = list(spec.subsets)
         if data_dir is not None:

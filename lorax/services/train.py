@@ -93,6 +93,9 @@ RESUME_KEYS = (
     "targets",
     "train_text",
     "dora",
+    "algo",
+    "conv_rank",
+    "conv_alpha",
     "seed",
     "batch_size",
     "grad_accum",
@@ -301,6 +304,7 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
         strict=config.strict,
         recursive=config.recursive,
         warn=progress.log,
+        concepts=config.concept,
     )
     items = images.items
     held_out: list[ImageItem] = []
@@ -526,19 +530,21 @@ def _build(
     lora_kwargs: dict[str, Any] = dict(
         rank=config.rank, alpha=config.lora_alpha, dropout=config.lora_dropout, dora=config.dora
     )
-    unet_params = inject_lora(
-        unet,
-        targets["unet"],
-        seed=derive_seed(config.seed, "init", "unet"),
-        **lora_kwargs,
-        **(blocks.inject_kwargs() if blocks is not None else {}),
+    from lorax.training.algo_setup import inject_unet
+
+    unet_params, targets["unet"], unet_alphas = inject_unet(
+        config, unet, targets["unet"], blocks, derive_seed(config.seed, "init", "unet"), lora_kwargs
     )
+    modules["unet"] = len(targets["unet"])
     groups: list[dict[str, Any]] = (
         blocks.groups(unet, config.learning_rate)
         if blocks is not None
         else [{"params": unet_params, "lr": config.learning_rate}]
     )
     if config.train_text:
+        from lorax.training.algo_setup import text_injector
+
+        inject_lora = text_injector(config)  # LoRA, or the --algo loha/lokr text layers
         te_params = inject_lora(
             text_encoder, targets["text_encoder"], seed=derive_seed(config.seed, "init", "te"), **lora_kwargs
         )
@@ -667,7 +673,7 @@ def _build(
         settings=settings,
         progress=progress,
     )
-    alpha_patterns = {"unet": blocks.alpha_pattern()} if blocks is not None else {}
+    alpha_patterns = {"unet": unet_alphas} if unet_alphas else {}  # --block-dims, --algo locon's convs
     return job, loop, _Prepared(objective.prediction_type, alpha_patterns), modules
 
 
@@ -758,15 +764,20 @@ def _save_lora_file(
 
     if finite_only and not all(bool(torch.isfinite(t).all()) for t in job.state_tensors().values()):
         return False
+    from lorax.training.algos import LYCORIS_ALGOS, lycoris_state
     from lorax.training.ema import averaged_weights
 
     with averaged_weights(job):  # --ema-decay: the average is the output
-        state = trained_state(
-            job.components(),
-            rank=config.rank,
-            alpha=config.lora_alpha,
-            family=family,
-            alpha_patterns=prepared.alpha_patterns,
+        state = (
+            lycoris_state(job.components(), family)
+            if config.algo in LYCORIS_ALGOS
+            else trained_state(
+                job.components(),
+                rank=config.rank,
+                alpha=config.lora_alpha,
+                family=family,
+                alpha_patterns=prepared.alpha_patterns,
+            )
         )
     metadata = training_metadata(
         config,

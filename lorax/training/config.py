@@ -42,6 +42,10 @@ TRAIN_ONLY = (
     "block_lr",
     "sample_prompts",
     "val_split",
+    "algo",
+    "conv_rank",
+    "conv_alpha",
+    "concept",
 )
 # Memory levers, named in the out-of-memory message.
 MEMORY_FLAGS = (
@@ -66,6 +70,7 @@ class TrainConfig:
 
     data_dir: Path | None = None
     dataset_config: Path | None = None  # kohya's dataset TOML (--dataset-config)
+    concept: list[str] = field(default_factory=list)  # DIR:PROMPT[:REPEATS] per concept (train only)
     output: Path | None = None
     model: str = "shapes"
     format: str = "kohya"
@@ -97,6 +102,9 @@ class TrainConfig:
     train_text: bool = False
     lora_dropout: float = 0.0
     dora: bool = False
+    algo: str = "lora"  # lora, locon, loha, lokr, dora (= --dora) (train only; lorax/training/algos.py)
+    conv_rank: int | None = None  # locon/loha/lokr: the convs' rank (kohya's conv_dim; default --rank)
+    conv_alpha: float | None = None  # … and alpha (kohya's conv_alpha; default the conv rank)
     block_dims: str | None = None  # kohya's block_dims: a rank per UNet block (train only)
     init_lora: Path | None = None  # kohya's network_weights, train only
     # optimisation
@@ -288,7 +296,12 @@ class TrainConfig:
             if value is not None and (value < 0 or (value == 0 and not zero)):
                 p.append(f"{opt(name)} must be {'≥ 0' if zero else '> 0'} (got {value})")
 
-        if self.data_dir is None and self.dataset_config is None:
+        if self.concept and (self.data_dir is not None or self.dataset_config is not None):
+            p.append(
+                f"{opt('concept')} names every training folder: drop DATA_DIR / {opt('dataset_config')} (or "
+                f"give that folder as one more {opt('concept')} DIR:PROMPT)"
+            )
+        if self.data_dir is None and self.dataset_config is None and not self.concept:
             either = f" or {opt('dataset_config')}" if "dataset_config" not in self.CONFIG_ONLY else ""
             p.append(f"DATA_DIR is required (a folder of training images){either}")
         if self.data_dir is not None and self.dataset_config is not None:
@@ -420,7 +433,14 @@ class TrainConfig:
             p.append(f"{opt('init_lora')} takes its ranks from the file: drop {opt('block_dims')}")
         if self.init_lora is not None and self.dora:
             p.append(f"{opt('init_lora')} starts from a plain LoRA: drop {opt('dora')}")
+        from lorax.training.algo_config import algo_problems
+
+        p += algo_problems(self, opt)
         return p
+
+    def __post_init__(self) -> None:
+        if self.algo == "dora":  # --algo dora is --dora
+            self.dora = True
 
     def train_only_problems(self) -> list[str]:
         """Options of ``lorax train`` alone, refused when another command's config (TOML) sets them."""
@@ -491,6 +511,11 @@ def load_toml(path: str | Path, cls: type[TrainConfig] | None = None) -> dict[st
     if "sample_every" in values:  # the other name of --validation-every (kohya's sample_every_n_steps)
         values["validation_every"] = values.pop("sample_every")
         spelled["validation_every"] = spelled["sample_every"]
+    if "concepts" in values:  # [[concepts]] tables: --concept values
+        from lorax.data.concepts import concepts_from_toml
+
+        values["concept"] = concepts_from_toml(values.pop("concepts"), path)
+        spelled["concept"] = spelled.pop("concepts")
     if "network_alpha" in values:  # kohya's name of --alpha
         values["alpha"] = values.pop("network_alpha")
         spelled["alpha"] = spelled["network_alpha"]
@@ -542,7 +567,7 @@ def _coerce(
                 out[name] = None
             elif name in path_fields:
                 out[name] = Path(value)
-            elif name == "validation_prompt":
+            elif name in ("validation_prompt", "concept"):
                 out[name] = [value] if isinstance(value, str) else [str(v) for v in value]
             elif kind.startswith("bool"):
                 if not isinstance(value, bool):

@@ -63,8 +63,9 @@ def load_lora_tensors(model: Any, tensors: dict[str, Any]) -> None:
     import torch
 
     from lorax.errors import MismatchError
+    from lorax.training.algos import is_adapter_param
 
-    live = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    live = {n: p for n, p in model.named_parameters() if is_adapter_param(n)}
     by_key = {_peft_key(n): p for n, p in live.items()}
     missing = sorted(set(by_key) - set(tensors))
     extra = sorted(set(tensors) - set(by_key))
@@ -84,7 +85,9 @@ def _peft_key(name: str) -> str:
 
 
 def lora_parameters(model: Any) -> list[Any]:
-    return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+    from lorax.training.algos import is_adapter_param  # LoRA, LoHa, LoKr
+
+    return [p for n, p in model.named_parameters() if is_adapter_param(n) and p.requires_grad]
 
 
 def trained_state(

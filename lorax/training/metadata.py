@@ -52,8 +52,12 @@ def training_metadata(
         network_args.update(block_network_args(config.block_dims, config.block_lr, family))
     if config.loraplus_ratio is not None:  # kohya: network_args loraplus_lr_ratio=R
         network_args["loraplus_lr_ratio"] = config.loraplus_ratio
+    from lorax.training.algos import algo_metadata
+
+    module, algo_args = algo_metadata(config)  # --algo: LyCORIS' module and network_args
+    network_args.update(algo_args)
     meta: dict[str, Any] = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": module,
         "ss_network_dim": config.rank,
         "ss_network_alpha": f"{config.lora_alpha:g}",
         "ss_network_dropout": config.lora_dropout,
