@@ -230,7 +230,16 @@ def test_every_option_a_message_names_exists():
         "--network_alpha"
     )  # kohya sd-scripts' own option, named in --network-alpha's help as its origin
     # the per-line options of a kohya prompt file (--sample-prompts), not command-line flags
-    options |= {"--n", "--s", "--l", "--d", "--w", "--h"}
+    options |= {
+        "--n",
+        "--s",
+        "--l",
+        "--d",
+        "--w",
+        "--h",
+        "--ss",
+        "--cn",
+    }  # --ss, --cn: kohya's, refused by lorax
     unknown = []
     for source in sorted(Path(lorax.__file__).parent.rglob("*.py")):
         text = source.read_text(encoding="utf-8")
