@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -359,33 +360,23 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
         loop.step_hooks.append(val_loss)
     if accelerator.is_main_process:
         _check_checkpoint_room(config, loop, max_steps)
+
+    def save_lora_to(path: Path, **kwargs: Any) -> bool:
+        """The LoRA as it stands, with its metadata, to ``path`` (the output or a snapshot)."""
+        return _save_lora_file(
+            config, job, loop, path, family, prepared, resolution, data, class_items, started_at, modules, images,
+            **kwargs,
+        )  # fmt: skip
+
     if config.save_every or config.save_every_epochs:
         from lorax.training.snapshots import Snapshots
-
-        def write_snapshot(path: Path) -> bool:
-            return _save_lora_file(
-                config,
-                job,
-                loop,
-                path,
-                family,
-                prepared,
-                resolution,
-                data,
-                class_items,
-                started_at,
-                modules,
-                images,
-                max_steps=max_steps,
-                finite_only=True,
-            )
 
         loop.step_hooks.append(
             Snapshots(
                 _plan_snapshots(
                     config, output, data, max_steps, loop.state.global_step, check=accelerator.is_main_process
                 ),
-                write_snapshot,
+                lambda path: save_lora_to(path, max_steps=max_steps, finite_only=True),
                 keep_last=config.save_last,
                 log=progress.log,
                 is_main=accelerator.is_main_process,
@@ -405,18 +396,10 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
     if accelerator.is_main_process:
         file_bytes = _write_outputs(
             config,
-            job,
             loop,
             output,
             companions,
-            family,
-            prepared,
-            resolution,
-            data,
-            class_items,
-            started_at,
-            modules,
-            images,
+            save_lora_to,
             resumed=(resume_ckpt.path, resumed_at)
             if resume_ckpt is not None and resumed_at is not None
             else None,
@@ -679,18 +662,10 @@ def _build(
 
 def _write_outputs(
     config: TrainConfig,
-    job: Any,
     loop: Any,
     output: Path,
     companions: dict[str, Path],
-    family: str,
-    prepared: _Prepared,
-    resolution: int,
-    data: TrainData,
-    class_items: list[ImageItem],
-    started_at: float,
-    modules: dict[str, int],
-    images: TrainingImages,
+    save_lora_to: Callable[..., bool],
     *,
     resumed: tuple[Path, int] | None = None,
     samples: list[Path] | None = None,
@@ -699,20 +674,7 @@ def _write_outputs(
     from lorax.training.report import loss_csv, run_markers, write_loss_png, write_samples_sheet
     from lorax.training.sample_prompts import run_prompts
 
-    _save_lora_file(
-        config,
-        job,
-        loop,
-        output,
-        family,
-        prepared,
-        resolution,
-        data,
-        class_items,
-        started_at,
-        modules,
-        images,
-    )
+    save_lora_to(output)
     with atomic_path(companions["loss_csv"], config.force) as tmp:
         tmp.write_text(loss_csv(loop.state.losses, val_losses), encoding="utf-8")
     with atomic_path(companions["loss_png"], config.force) as tmp:
