@@ -51,3 +51,28 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def star_model(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny SD1 model folder whose tokenizer knows ``sks`` and ``star`` (train's option tests read it, never write)."""
+    from lorax.zoo.tiny import tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("star-model") / "model"
+    tiny_pipeline("sd1", words=["sks", "star"]).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def star_images(tmp_path_factory: pytest.TempPathFactory):
+    """Two 32 px training images: a coloured square on white, shifted by a pixel."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("star-images")
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        arr = np.full((32, 32, 3), 255, dtype=np.uint8)
+        arr[6:26, 6 + i : 26 + i] = rng.integers(0, 255, 3)
+        Image.fromarray(arr).save(folder / f"star-{i}.png")
+    return folder

@@ -15,24 +15,14 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from lorax.zoo.tiny import tiny_pipeline
-
-    folder = tmp_path_factory.mktemp("parity-model") / "model"
-    tiny_pipeline("sd1", words=["sks", "star"]).save_pretrained(folder)
-    return folder
+@pytest.fixture()
+def model_dir(star_model: Path) -> Path:
+    return star_model
 
 
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("parity-images")
-    rng = np.random.default_rng(3)
-    for i in range(2):
-        arr = np.full((32, 32, 3), 255, dtype=np.uint8)
-        arr[6:26, 6 + i : 26 + i] = rng.integers(0, 255, 3)
-        Image.fromarray(arr).save(folder / f"star-{i}.png")
-    return folder
+@pytest.fixture()
+def image_dir(star_images: Path) -> Path:
+    return star_images
 
 
 def train(cli, model_dir: Path, image_dir: Path, out: Path, *args: object):
