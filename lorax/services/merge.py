@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,16 +126,12 @@ class MergeResult:
 # Loading the LoRAs
 
 
-def load_loras(
-    config: MergeConfig,
-    family: str | None,
-    progress: Progress,
-    skeleton: dict[str, Any] | None = None,
-    index_model: Callable[[], dict[str, Any]] | None = None,
-) -> Loras:
-    """Read every LoRA against the base (``lorax.adapters.merge_inputs.read_for_base``), with its scales."""
+def load_loras(config: MergeConfig, ckpt: Checkpoint, progress: Progress) -> Loras:
+    """Read every LoRA against the base (``lorax.adapters.merge_inputs.read_for_base``: names resolved against the
+    base's own modules, index files against the base built with its real classes), with its scales."""
     from lorax.formats import detect_format
 
+    skeleton, index_model = model_skeleton(ckpt), base_index_model(config.base)
     default_alpha = 1.0 if config.alpha is None else config.alpha
     out = []
     for text in config.loras:
@@ -144,7 +139,7 @@ def load_loras(
         if not spec.path.exists():
             raise InputError("no such file", path=spec.path)
         fmt = detect_format(spec.path)
-        state = read_for_base(spec.path, fmt, family, str(config.base), skeleton, index_model)
+        state = read_for_base(spec.path, fmt, ckpt.family, str(config.base), skeleton, index_model)
         alpha = default_alpha if spec.alpha is None else spec.alpha
         alpha_text = alpha if config.alpha_text is None else config.alpha_text
         progress.log(
@@ -159,57 +154,53 @@ def load_loras(
 # Into a model, in the base's own layout
 
 
-def merge_into(
-    ckpt: Checkpoint, loras: Loras, out: Path, config: MergeConfig, result: MergeResult, progress: Progress
-) -> None:
+@dataclass
+class _Job:
+    """One merge into a model: the LoRAs, the request, the result being filled, the progress shown."""
+
+    loras: Loras
+    config: MergeConfig
+    result: MergeResult
+    progress: Progress
+
+
+def merge_into(ckpt: Checkpoint, job: _Job, out: Path) -> None:
     """Merge into ``ckpt`` written at ``out`` in its own layout: the one place that picks a layout's merge."""
     if isinstance(ckpt, SingleFileCheckpoint):
-        merge_single_file(ckpt, loras, out, config, result, progress)
+        merge_single_file(ckpt, job, out)
     else:
-        merge_folder(ckpt, loras, out, config, result, progress)
+        merge_folder(ckpt, job, out)
 
 
 def _plan(
-    ckpt: Checkpoint, loras: Loras, locate: Locator, config: MergeConfig
+    ckpt: Checkpoint, job: _Job, locate: Locator
 ) -> tuple[dict[str, list[Contribution]], list[str], dict[str, int]]:
     """Targets by tensor key, unmatched module names and matched count per LoRA; a plan that does not fit raises."""
     targets, unmatched, mismatches, matched = plan_targets(
-        [(p, s, a, at) for p, s, a, at, _ in loras], locate
+        [(p, s, a, at) for p, s, a, at, _ in job.loras], locate
     )
-    check_plan(unmatched, mismatches, ckpt.family, str(ckpt.path), config.allow_unmatched)
+    check_plan(unmatched, mismatches, ckpt.family, str(ckpt.path), job.config.allow_unmatched)
     return targets, unmatched, matched
 
 
-def merge_single_file(
-    ckpt: SingleFileCheckpoint,
-    loras: Loras,
-    out: Path,
-    config: MergeConfig,
-    result: MergeResult,
-    progress: Progress,
-) -> None:
-    targets, unmatched, matched = _plan(ckpt, loras, single_file_locator(ckpt), config)
+def merge_single_file(ckpt: SingleFileCheckpoint, job: _Job, out: Path) -> None:
+    targets, unmatched, matched = _plan(ckpt, job, single_file_locator(ckpt))
     meta = dict(ckpt.metadata)
-    meta["lorax.merged"] = json.dumps([{"lora": p, "alpha": a, "alpha_text": at} for p, _, a, at, _ in loras])
-    target = DTYPES[config.dtype] if config.dtype else None
-    with progress.task(f"merging into {out.name}", total=len(ckpt.keys())) as task:
+    meta["lorax.merged"] = json.dumps(
+        [{"lora": p, "alpha": a, "alpha_text": at} for p, _, a, at, _ in job.loras]
+    )
+    target = DTYPES[job.config.dtype] if job.config.dtype else None
+    with job.progress.task(f"merging into {out.name}", total=len(ckpt.keys())) as task:
         merged, copied = merge_tensor_file(ckpt.source, out, targets, dtype=target, metadata=meta, task=task)
-    _fill(result, loras, targets, unmatched, matched, merged, copied)
+    _fill(job, targets, unmatched, matched, merged, copied)
 
 
-def merge_folder(
-    ckpt: DiffusersCheckpoint,
-    loras: Loras,
-    out: Path,
-    config: MergeConfig,
-    result: MergeResult,
-    progress: Progress,
-) -> None:
+def merge_folder(ckpt: DiffusersCheckpoint, job: _Job, out: Path) -> None:
     """Merge into every weight file of every component (variants too); copy everything else."""
     copy_tree_files(ckpt.path, out, skip_suffixes=(".safetensors", ".bin"))
-    targets, unmatched, matched = _plan(ckpt, loras, folder_locator(ckpt), config)
+    targets, unmatched, matched = _plan(ckpt, job, folder_locator(ckpt))
     planned = by_component(targets)
-    target = DTYPES[config.dtype] if config.dtype else None
+    target = DTYPES[job.config.dtype] if job.config.dtype else None
     merged = copied = 0
     for component in sorted(p.name for p in ckpt.path.iterdir() if p.is_dir() and all_weight_files(p)):
         for f in all_weight_files(ckpt.path / component):
@@ -218,25 +209,27 @@ def merge_folder(
             file_targets = {k: v for k, v in comp_targets.items() if k in set(src.keys())}
             name = f.name if f.suffix == ".safetensors" else f.with_suffix(".safetensors").name
             meta = dict(getattr(src, "metadata", {}) or {}) or {"format": "pt"}
-            with progress.task(f"merging {component}/{name}", total=len(src.keys())) as task:
+            with job.progress.task(f"merging {component}/{name}", total=len(src.keys())) as task:
                 m, c = merge_tensor_file(
                     src, out / component / name, file_targets, dtype=target, metadata=meta, task=task
                 )
             merged += m
             copied += c
-    _fill(result, loras, targets, unmatched, matched, merged, copied)
+    _fill(job, targets, unmatched, matched, merged, copied)
 
 
 def _fill(
-    result: MergeResult,
-    loras: Loras,
+    job: _Job,
     targets: dict[str, list[Contribution]],
     unmatched: list[str],
     matched: dict[str, int],
     merged: int,
     copied: int,
 ) -> None:
-    result.loras = [LoraUsed(p, fmt, a, at, len(s.modules), matched.get(p, 0)) for p, s, a, at, fmt in loras]
+    result = job.result
+    result.loras = [
+        LoraUsed(p, fmt, a, at, len(s.modules), matched.get(p, 0)) for p, s, a, at, fmt in job.loras
+    ]
     result.modules_merged += sum(len(v) for v in targets.values())
     result.unmatched += unmatched
     result.tensors_merged += merged
@@ -312,19 +305,20 @@ def merge_model(config: MergeConfig, progress: Progress) -> MergeResult:
     if layout == "single-file" and out.suffix.lower() != ".safetensors":
         raise ConfigError(f"{out}: a single-file output is written as .safetensors; name it OUT.safetensors")
     check_output(out, config.force, FILE if layout == "single-file" else MODEL_FOLDER)
-    loras = load_loras(config, ckpt.family, progress, model_skeleton(ckpt), base_index_model(config.base))
+    loras = load_loras(config, ckpt, progress)
     result = MergeResult(out, layout, ckpt.family, dtype=config.dtype)
     embeddings: dict[str, dict[str, Any]] = {}
     for _, state, *_ in loras:
         embeddings.update(state.embeddings)
+    job = _Job(loras, config, result, progress)
     folder = layout == "diffusers"
     with atomic_path(out, config.force, directory=folder) as tmp:
         if layout == ckpt.kind:
-            merge_into(ckpt, loras, tmp, config, result, progress)
+            merge_into(ckpt, job, tmp)
         else:  # merged in the base's layout beside the output, then converted
             with scratch_dir(out) as work:
                 merged = work / ("merged.safetensors" if ckpt.kind == "single-file" else "merged")
-                merge_into(ckpt, loras, merged, config, result, progress)
+                merge_into(ckpt, job, merged)
                 merged_ckpt = open_checkpoint(merged)
                 if isinstance(merged_ckpt, SingleFileCheckpoint):
                     write_diffusers_folder(
