@@ -152,10 +152,17 @@ def check_pair(name: str, down: torch.Tensor, up: torch.Tensor, path: Any = None
 class LoraFormat(Protocol):
     """One LoRA or embedding file format (see the module's docstring)."""
 
-    name: str
-    kind: str  # "lora" | "embedding"
-    writable: bool
-    description: str
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def kind(self) -> str: ...  # "lora" | "embedding"
+
+    @property
+    def writable(self) -> bool: ...
+
+    @property
+    def description(self) -> str: ...
 
     def detect(self, view: KeyView) -> bool: ...
 

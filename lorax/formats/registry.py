@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import lorax.formats.describe as _describe
 import lorax.formats.keys as K
-from lorax.formats.base import Description, Header, KeyView, Meta, Written, source
+from lorax.formats.base import Description, Header, KeyView, LoraFormat, Meta, Written, source
 
 if TYPE_CHECKING:
     import torch
@@ -189,7 +189,7 @@ _FORMATS: tuple[Format, ...] = (
     _embedding("sdxl-embedding", "SDXL embedding (clip_l, clip_g)", lambda v: set(v.keys) <= {"clip_l", "clip_g"}),
     _embedding("diffusers-embedding", "diffusers learned_embeds ({token: [dim]})", _is_diffusers_embedding),
 )  # fmt: skip
-FORMATS: dict[str, Format] = {f.name: f for f in _FORMATS}
+FORMATS: dict[str, LoraFormat] = {f.name: f for f in _FORMATS}
 EMBEDDING_FORMATS = tuple(f.name for f in _FORMATS if f.kind == "embedding")
 LORA_FORMATS = tuple(f.name for f in _FORMATS if f.kind == "lora")
 
