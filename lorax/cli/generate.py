@@ -89,7 +89,9 @@ def generate(
     steps: Annotated[
         int | None,
         typer.Option(
-            "--steps", help="Denoising steps (default: the model's; 20 for most).", show_default=False
+            "--steps",
+            help="Denoising steps (default: the model's; 20 for most; Flux: 28 dev, 4 schnell).",
+            show_default=False,
         ),
     ] = None,
     clip_skip: Annotated[
@@ -106,7 +108,16 @@ def generate(
         typer.Option(
             "--guidance",
             "-g",
-            help="Classifier-free guidance scale (default: the model's; 7.5 for most, 5 for shapes).",
+            help="Classifier-free guidance scale (default: the model's; 7.5 for most, 5 for shapes). Flux dev: "
+            "its distilled guidance (default 3.5); schnell has none and ignores it.",
+            show_default=False,
+        ),
+    ] = None,
+    max_sequence_length: Annotated[
+        int | None,
+        typer.Option(
+            "--max-sequence-length",
+            help="Flux: how many T5 tokens of the prompt are read, 1..512 (default: 512 dev, 256 schnell).",
             show_default=False,
         ),
     ] = None,
@@ -254,6 +265,7 @@ def generate(
         lora_dir=lora_dir,
         xy=[parse_xy(v) for v in xy or []],
         clip_skip=clip_skip,
+        max_sequence_length=max_sequence_length,
     )
 
     def show(image: GeneratedImage) -> None:

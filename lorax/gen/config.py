@@ -136,6 +136,7 @@ class GenerateConfig:
     lora_dir: Path | None = None  # where <lora:NAME:W> prompt tags are looked up (None: the current folder)
     xy: list[XYAxis] = field(default_factory=list)  # --xy axes: X (columns), then Y (rows)
     clip_skip: int | None = None  # None: the LoRAs' ss_clip_skip, else 1 (the last layer)
+    max_sequence_length: int | None = None  # Flux's T5 prompt length (None: 512 for dev, 256 for schnell)
 
     def validate(self) -> None:
         problems: list[str] = []
@@ -176,6 +177,8 @@ class GenerateConfig:
         problems += self._xy_problems()
         if self.clip_skip is not None and self.clip_skip < 1:
             problems.append(f"--clip-skip must be ≥ 1 (got {self.clip_skip}; 2 is the penultimate layer)")
+        if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 512:
+            problems.append(f"--max-sequence-length must be in 1..512 (got {self.max_sequence_length})")
         if problems:
             raise ConfigError("; ".join(problems))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lorax import __version__
 from lorax.gen.config import GenerateConfig
+from lorax.gen.flux import Sampling
 from lorax.gen.loras import RunLoras
 
 
@@ -49,7 +50,7 @@ class Infotext:
     img2img: bool = False
     schedule: str | None = None  # the --scale-schedule spec
     embeddings: list[Path] = field(default_factory=list)
-    guidance_fields: dict[str, str] | None = None  # Flux: its distilled guidance instead of a CFG scale
+    sampling: Sampling | None = None  # how the guidance is named (Flux: distilled, or none); None: CFG scale
 
     def __post_init__(self) -> None:
         names, specs = self.loras.names, self.loras.run.specs
@@ -76,10 +77,10 @@ class Infotext:
     ) -> dict[str, object]:
         config, names, requests = self.config, self.loras.names, self.loras.requests
         fields: dict[str, object] = {"Steps": steps, "Sampler": self.sampler}
-        if self.guidance_fields is None:
+        if self.sampling is None:
             fields["CFG scale"] = f"{guidance:g}"
         else:
-            fields |= self.guidance_fields
+            fields |= self.sampling.guidance_fields(guidance)
         fields |= {
             "Seed": image_seed,
             "Size": f"{self.size[0]}x{self.size[1]}",

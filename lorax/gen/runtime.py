@@ -57,6 +57,7 @@ def resolve_dtype(name: str, device: str) -> Any:
 def load_model(spec: str, dtype: Any = None, device: str | None = None) -> Any:
     """A diffusers pipeline for ``spec``: a built-in name (``shapes``), a diffusers folder, a Hub id in the local
     cache, or a single ``.safetensors`` / ``.ckpt`` file (the models layer's ``load_pipeline``)."""
+    from lorax.models import families  # noqa: F401  (registers every family's layout, Flux's too, before io reads)
     from lorax.models.pipeline import load_pipeline
 
     return load_pipeline(spec, dtype=dtype, device=device)
@@ -79,6 +80,10 @@ def set_scheduler(pipe: Any, name: str) -> None:
 
 
 def default_size(pipe: Any) -> tuple[int, int]:
+    if getattr(pipe, "unet", None) is None:  # Flux: FluxPipeline's own default
+        from lorax.gen.flux import default_size as flux_default_size
+
+        return flux_default_size(pipe)
     sample = pipe.unet.config.sample_size
     factor = getattr(pipe, "vae_scale_factor", 8)
     if isinstance(sample, (list, tuple)):

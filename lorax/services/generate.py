@@ -18,10 +18,8 @@ import random
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from lorax.adapters.state import LoraState
 from lorax.errors import ConfigError
 from lorax.gen.config import (
     DEFAULT_OUT,
@@ -37,6 +35,9 @@ from lorax.gen.config import (
     parse_size,
     read_prompts,
 )
+from lorax.gen.flux import check_size as check_flux_size
+from lorax.gen.flux import img2img_pipeline as flux_img2img
+from lorax.gen.flux import is_flux, sampling, schnell_note
 from lorax.gen.infotext import file_hash
 from lorax.gen.plan import Job, check_outputs, plan, slugify, take_prompt_loras
 from lorax.gen.runtime import (
@@ -77,14 +78,6 @@ __all__ = [  # the names other modules import from here (the pieces themselves l
 ]
 
 
-def _load_lora_file(path: Path, pipe: Any) -> LoraState:
-    from lorax.gen.runtime import load_lora_file
-    from lorax.services.merge import refuse_unmergeable
-
-    refuse_unmergeable(path)
-    return load_lora_file(path, pipe)
-
-
 def generate(
     config: GenerateConfig,
     progress: Progress | None = None,
@@ -115,9 +108,6 @@ def generate(
     config = take_prompt_loras(config)
     config.validate()
     defaults = model_defaults(config.model)
-    default_steps, default_guidance = defaults.sampling
-    steps = config.steps if config.steps is not None else default_steps
-    guidance = config.guidance if config.guidance is not None else default_guidance
     schedule = parse_schedule(config.schedule) if config.schedule is not None else None
     seed = config.seed if config.seed is not None else random.randrange(2**32)
 
@@ -152,10 +142,16 @@ def generate(
             warnings.simplefilter("ignore", FutureWarning)
             pipe = load_model(config.model, dtype=dtype, device=device)
     else:  # a pipeline the caller holds keeps its device and precision
-        device, dtype = str(pipe.device.type), pipe.unet.dtype
+        device, dtype = str(pipe.device.type), (getattr(pipe, "unet", None) or pipe.transformer).dtype
     pipe.set_progress_bar_config(disable=True)
+    flux = is_flux(pipe)
+    samp = sampling(config, defaults, pipe)  # Flux dev / schnell defaults come from the model's own config
+    steps, guidance = samp.steps, samp.guidance
+    note = schnell_note(config, pipe)
+    if note:
+        progress.log(note)
     states = [
-        spec.state if spec.state is not None else _load_lora_file(spec.path, pipe)  # type: ignore[arg-type]
+        spec.state if spec.state is not None else runtime.load_lora_file(spec.path, pipe)  # type: ignore[arg-type]
         for spec in run.specs
     ]
     if config.scheduler:
@@ -182,6 +178,8 @@ def generate(
         )
     if mask is not None:
         runner = inpaint.inpaint_pipeline(pipe)
+    elif init is not None and flux:
+        runner = flux_img2img(pipe)
     elif init is not None:
         from diffusers import AutoPipelineForImage2Image
 
@@ -190,6 +188,8 @@ def generate(
     width, height = config.size or (
         runtime.round8(init.size) if init is not None else (defaults.size or default_size(pipe))
     )
+    if flux:
+        check_flux_size(pipe, (width, height))
     if init is not None and init.size != (width, height):
         init = init.resize((width, height))
     if mask is not None:
@@ -204,6 +204,7 @@ def generate(
         img2img=init is not None,
         schedule=schedule.spec if schedule is not None else None,
         embeddings=[path for path, _ in embeddings],
+        sampling=samp if flux else None,
     )
 
     def calls_steps(job_steps: int) -> int:
@@ -232,7 +233,10 @@ def generate(
             "generator": [torch.Generator("cpu").manual_seed(s) for s in job.seeds],
             "callback_on_step_end": on_step_end,
             "output_type": "pil",
+            **samp.call,
         }
+        if flux:  # guidance-distilled: no negative prompt (refused above), and img2img takes the size too
+            del kwargs["negative_prompt"]
         if clip_skip > 1:  # the embeddings of the skipped layers, through the current LoRA scales
             from lorax.training.text import clip_skip_embeds
 
@@ -243,7 +247,9 @@ def generate(
         if mask is not None:
             kwargs.update(image=init, mask_image=mask, strength=config.strength, width=width, height=height)
         elif init is not None:
-            kwargs.update(image=init, strength=config.strength)
+            kwargs.update(
+                image=init, strength=config.strength, **({"width": width, "height": height} if flux else {})
+            )
         else:
             kwargs.update(width=width, height=height)
         return kwargs
