@@ -124,6 +124,12 @@ def default_size(pipe: Any) -> tuple[int, int]:
     return side, side
 
 
+def round_size(pipe: Any, size: tuple[int, int]) -> tuple[int, int]:
+    """An init image's size rounded down to what Flux packs (multiples of twice the VAE's scale factor)."""
+    step = 2 * int(pipe.vae_scale_factor)
+    return max(step, size[0] // step * step), max(step, size[1] // step * step)
+
+
 def check_size(pipe: Any, size: tuple[int, int]) -> None:
     """Flux packs 2 × 2 latent patches: both sides must be multiples of twice the VAE's scale factor (16)."""
     step = 2 * int(pipe.vae_scale_factor)

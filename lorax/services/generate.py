@@ -38,6 +38,7 @@ from lorax.gen.config import (
 from lorax.gen.flux import check_size as check_flux_size
 from lorax.gen.flux import img2img_pipeline as flux_img2img
 from lorax.gen.flux import is_flux, sampling, schnell_note
+from lorax.gen.flux import round_size as flux_round_size
 from lorax.gen.infotext import file_hash
 from lorax.gen.plan import Job, check_outputs, plan, slugify, take_prompt_loras
 from lorax.gen.runtime import (
@@ -185,8 +186,9 @@ def generate(
 
         runner = AutoPipelineForImage2Image.from_pipe(pipe)
         runner.set_progress_bar_config(disable=True)
+    round_init = flux_round_size if flux else lambda _, size: runtime.round8(size)
     width, height = config.size or (
-        runtime.round8(init.size) if init is not None else (defaults.size or default_size(pipe))
+        round_init(pipe, init.size) if init is not None else (defaults.size or default_size(pipe))
     )
     if flux:
         check_flux_size(pipe, (width, height))
