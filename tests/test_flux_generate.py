@@ -190,3 +190,20 @@ def test_flags_flux_has_no_meaning_for_are_refused(cli, dev_dir: Path, tmp_path:
     assert result.exit_code != 0
     assert "--negative: Flux is guidance-distilled" in result.output and "--scheduler" in result.output
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_the_transformer_takes_the_unet_scale_not_the_text_scale(
+    cli, dev_dir: Path, lora_file: Path, tmp_path: Path
+) -> None:
+    """``FILE:0.8:0.3``: Flux's transformer is the UNet-kind component, so it runs at 0.8 (the text scale is CLIP's)."""
+    out = tmp_path / "out"
+    result = cli("generate", PROMPT, "--model", str(dev_dir), "--lora", f"{lora_file}:0.8:0.3", "--seed", "4",
+                 "--steps", "3", "--size", f"{SIZE}x{SIZE}", "-o", str(out), "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ours = pixels(only_png(out))
+    at = {
+        s: diffusers_image(dev_dir, steps=3, guidance=3.5, length=512, seed=4, lora=lora_file, scale=s)
+        for s in (0.8, 0.3)
+    }
+    assert np.abs(ours - at[0.8]).max() <= 1
+    assert np.abs(ours - at[0.3]).max() > 10
