@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from test_flux_lora import TINY, bfl_shapes, kohya_file
+from test_flux_lora import TINY, bfl_shapes, kohya_file, tiny_pipeline
 
 from lorax.gen.params import read_png_parameters
 
@@ -27,19 +27,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def build_flux(folder: Path, *, dev: bool) -> Path:
     """A whole tiny FluxPipeline (CLIP-L and T5 with real tokenizers, a 1-channel VAE) saved as a diffusers folder."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     from lorax.zoo.tiny import build_tokenizer
 
-    torch.manual_seed(0)
+    text = tiny_pipeline().text_encoder  # test_flux_lora's CLIP-L (vocabulary 1000: the tokenizer's ids fit)
     tok, tok2 = build_tokenizer(["circle"]), build_tokenizer(["circle"], model_max_length=512)
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
-            vocab_size=len(tok), **ids,
-        )
-    )  # fmt: skip
     t5 = T5EncoderModel(
         T5Config(vocab_size=len(tok2), d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4)
     )
