@@ -70,6 +70,13 @@ def _lora_components(pipe: Any) -> tuple[str, ...]:
     return families.get(pipeline_family(pipe)).component_names()
 
 
+def _denoiser(pipe: Any) -> str:
+    """The component that takes a LoRA's UNet scale: ``unet``, or Flux's ``transformer``."""
+    from lorax.models import families
+
+    return families.get(pipeline_family(pipe)).unet().name
+
+
 def check_fits(pipe: Any, request: LoraRequest) -> list[str]:
     """Every module of the LoRA must name a weight of the model with the delta's shape; else one clear error.
 
@@ -198,11 +205,12 @@ class AppliedLoras:
             raise ConfigError("the LoRAs are fused: their scales cannot change (leave out --fuse)")
         self._factors = (unet_factor, text_factor)
         by_name = dict(zip(self.names, self.requests, strict=True))
+        denoiser = _denoiser(self.pipe)  # the UNet, or Flux's transformer: it takes the UNet scale
         for component, module_path, layer, present in _tuner_layers(self.pipe, self._peft_names):
             layer.set_adapter(present)
             for name in present:
                 request = by_name[name]
-                if component == "unet":
+                if component == denoiser:
                     weight = unet_factor * request.unet_scale * block_weight(request.blocks, module_path)
                 else:
                     weight = text_factor * request.effective_text_scale
@@ -213,7 +221,7 @@ class AppliedLoras:
                 param.copy_(original)
             for patch in self._patches:
                 request = by_name[patch.name]
-                if patch.component == "unet":
+                if patch.component == denoiser:
                     scale = unet_factor * request.unet_scale * patch.block
                 else:
                     scale = text_factor * request.effective_text_scale
@@ -307,7 +315,7 @@ def apply_loras(pipe: Any, requests: list[LoraRequest], *, fuse: bool = False) -
             assert model is not None  # checked by check_fits
             live = _live_path(component, model, path)
             target = model.get_submodule(live)
-            block = block_weight(request.blocks, live) if component == "unet" else 1.0
+            block = block_weight(request.blocks, live) if component == _denoiser(pipe) else 1.0
             pairs = [(target.weight, _delta_of(module, target.weight, key, request.source or request.name))]
             bias_delta = getattr(module, "diff_b", None)  # a full difference may carry the bias's too
             if isinstance(bias_delta, torch.Tensor):
