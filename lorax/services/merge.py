@@ -27,7 +27,7 @@ from lorax.adapters.merge import (
     plan_targets,
     single_file_locator,
 )
-from lorax.adapters.merge_inputs import (  # refuse_unmergeable: generate asks it from here
+from lorax.adapters.merge_inputs import (  # refuse_unmergeable stays importable from here
     base_index_model,
     read_for_base,
     refuse_unmergeable,  # noqa: F401
