@@ -28,8 +28,6 @@ SIBLINGS = {
     frozenset({"training", "gen"}),  # training draws its loss plot and samples sheet with gen's grids
 }
 KNOWN_UPWARD = {
-    ("io/checkpoint.py", "models"),  # built-in model names (lorax.models.registry)
-    ("io/model_layout.py", "models"),  # a model's lorax.json defaults carried in single-file headers
     ("models/defaults.py", "training"),  # the defaults are checked against the train/invert/pivot configs
 }
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from lorax.errors import ConfigError, InputError
 from lorax.progress import NullProgress, Progress
+from lorax.services.common import refuse
 
 DEFAULT_SIZE = 512
 BATCH = 8
@@ -68,8 +69,7 @@ class PrepareConfig:
             problems.append("--caption-prompt only applies with --captioner")
         if self.dedupe_distance < -1 or self.dedupe_distance > 64:
             problems.append(f"--dedupe-distance must be in -1…64 (got {self.dedupe_distance})")
-        if problems:
-            raise ConfigError("; ".join(problems))
+        refuse(problems)
 
 
 @dataclass
