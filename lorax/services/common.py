@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorax.errors import ConfigError
+from lorax.specs import split_numbers
 
 
 @dataclass
@@ -25,13 +26,8 @@ class LoraSpec:
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
         """``FILE`` or ``FILE:ALPHA`` (a path that exists as written wins over the split)."""
-        if Path(text).exists() or ":" not in text:
-            return cls(Path(text))
-        head, _, tail = text.rpartition(":")
-        try:
-            return cls(Path(head), float(tail))
-        except ValueError:
-            return cls(Path(text))
+        path, numbers = split_numbers(text, 1)
+        return cls(path, numbers[0] if numbers else None)
 
     def __str__(self) -> str:
         return f"{self.path}" + ("" if self.alpha is None else f":{self.alpha:g}")
