@@ -12,7 +12,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_reference_loop_trains_its_adapter_on_the_given_pipeline(tmp_path):
     from bench.train import TARGETS, run_reference, steady_seconds_per_step, write_images
-
     from lorax.zoo.tiny import tiny_pipeline
 
     pipe = tiny_pipeline("sd1")
