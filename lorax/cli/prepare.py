@@ -125,8 +125,8 @@ def prepare_command(
     """Turn a folder of raw pictures into a training folder that train, invert and pivot read as it is.
 
     Each kept image is written as NAME.png at the training size (centre or subject crop; small images are upscaled
-    by --upscaler, else with Lanczos), with NAME.txt (its caption) and NAME.mask.png (white = subject; pass --mask-dir DATA_DIR to
-    invert or pivot to weight the loss by it). Unreadable files and duplicates (same pixels, or a perceptual hash
+    by --upscaler, else with Lanczos), with NAME.txt (its caption) and NAME.mask.png (white = subject; pass
+    --mask-dir DATA_DIR to invert or pivot to weight the loss by it). Unreadable files and duplicates (same pixels, or a perceptual hash
     within --dedupe-distance bits) are dropped and listed. A summary table goes to stderr; the output folder (or,
     with --json, the full report) to stdout.
 
