@@ -12,12 +12,15 @@ Merging a Flux LoRA into a model is not supported yet (``lorax merge`` and ``lor
 from __future__ import annotations
 
 from lorax.io.checkpoint_layouts import CheckpointLayout
+from lorax.io.keymaps.flux import MARKERS
 from lorax.models.families.base import Family, register, shipped
 
 LAYOUT = CheckpointLayout(
     family="flux",
     components=("transformer", "vae", "text_encoder", "text_encoder_2"),
-    single_prefixes={},  # the BFL single file is not read yet: no single-file markers either
+    # The BFL transformer file (bare keys; all-in-one files under ``model.diffusion_model.``, found by the rules).
+    single_prefixes={"transformer": ("", "flux")},
+    single_markers=MARKERS,
     cross_attention_dim=4096,  # the transformer's joint_attention_dim (T5's width)
     folder_markers=("transformer",),
     pipeline_markers=("Flux",),
