@@ -135,7 +135,9 @@ def test_bfl_file_from_elsewhere_to_folder_and_back_bit_exact(cli, folder, tmp_p
     result = cli("convert", str(out), "-o", str(again))
     assert result.exit_code == 0, result.output
     bare = load_file(again)
-    assert set(bare) == {k[len(prefix) :] for k in tensors if k.startswith(prefix) and not k.startswith("vae.")}
+    assert set(bare) == {
+        k[len(prefix) :] for k in tensors if k.startswith(prefix) and not k.startswith("vae.")
+    }
     for k, v in bare.items():
         assert torch.equal(v, tensors[prefix + k]), k
     with safe_open(again, "pt") as f:

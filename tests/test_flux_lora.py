@@ -429,15 +429,6 @@ def test_convert_between_layouts(cli, tmp_path, to):
         assert rel(b.modules[name].delta(), m.delta()) <= 1e-6, name
 
 
-def test_merge_refuses_flux_loras(cli, tmp_path):
-    src = tmp_path / "k.safetensors"
-    save_file(kohya_file(bfl_shapes(with_top=False), te=False), src)
-    result = cli("merge", "shapes", str(src), "-o", str(tmp_path / "m.safetensors"))
-    assert result.exit_code != 0
-    assert "merging Flux LoRAs into a model is not supported yet" in result.output
-    assert not (tmp_path / "m.safetensors").exists()
-
-
 def test_t5_modules_keep_kohya_names_and_diffusers_refuses_them(tmp_path):
     g = torch.Generator().manual_seed(13)
     stem = "lora_te3_encoder_block_0_layer_0_SelfAttention_q"
@@ -460,13 +451,3 @@ def test_t5_modules_keep_kohya_names_and_diffusers_refuses_them(tmp_path):
     with pytest.raises(FormatError, match="reads no text_encoder_2 LoRA"):
         save_lora(state, tmp_path / "t5-d.safetensors", format="diffusers")
     assert not (tmp_path / "t5-d.safetensors").exists()
-
-
-def test_generate_refuses_flux_loras_before_loading_them(tmp_path):
-    from lorax.errors import ConfigError
-    from lorax.services.generate import _load_lora_file
-
-    src = tmp_path / "k.safetensors"
-    save_file(kohya_file(bfl_shapes(with_top=False), te=False), src)
-    with pytest.raises(ConfigError, match="merging Flux LoRAs into a model is not supported yet"):
-        _load_lora_file(src, None)

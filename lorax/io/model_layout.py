@@ -48,13 +48,18 @@ if TYPE_CHECKING:
 DTYPES = dtypes.SAFETENSORS
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
-WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "transformer": "diffusion_pytorch_model"}
+WEIGHT_NAMES = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "transformer": "diffusion_pytorch_model",
+}
 
 
 def st_to_torch(dtype: str) -> torch.dtype:
     import torch
 
-    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}[dtype]
+    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[dtype]  # fmt: skip
 
 
 def out_dtype(src: str, target: str | None) -> str:

@@ -44,6 +44,7 @@ from lorax.io.model_layout import (
 )
 from lorax.io.safetensors_io import StreamingWriter
 from lorax.progress import NullProgress, Progress, Task
+from lorax.services import flux_merge
 
 if TYPE_CHECKING:
     import torch
@@ -600,11 +601,15 @@ def merge_single_file(
         [(p, s, a, at) for p, s, a, at, _ in loras], single_file_locator(ckpt)
     )
     _check_plan(config, unmatched, mismatches, ckpt.family, str(ckpt.path))
+    written = targets
+    # Flux's unequal fused slices and swapped halves, fp8 weights to requantise: lorax.services.flux_merge
+    if flux_merge.needs_slicing(ckpt, targets):
+        written = flux_merge.sliced_targets(ckpt, targets)
     meta = dict(ckpt.metadata)
     meta["lorax.merged"] = json.dumps([{"lora": p, "alpha": a, "alpha_text": at} for p, _, a, at, _ in loras])
     target = DTYPES[config.dtype] if config.dtype else None
     with progress.task(f"merging into {out.name}", total=len(ckpt.keys())) as task:
-        merged, copied = merge_tensor_file(ckpt.source, out, targets, dtype=target, metadata=meta, task=task)
+        merged, copied = merge_tensor_file(ckpt.source, out, written, dtype=target, metadata=meta, task=task)
     _fill(result, loras, targets, unmatched, matched, merged, copied)
 
 
@@ -801,6 +806,7 @@ def merge(config: MergeConfig, progress: Progress | None = None) -> MergeResult:
     config.validate()
     start = time.perf_counter()
     base_path = Path(config.base)
+    flux_merge.refuse_unrequantisable(base_path)
     if base_path.is_file() and not is_model_checkpoint(base_path):
         result = merge_loras(config, progress)
     else:

@@ -6,7 +6,8 @@ a guidance embedding, schnell none) is the LoRA-able "unet" kind. kohya names it
 diffusers modules structurally. The same full-size config serves schnell with ``guidance_embeds`` false (its module
 table lacks the three ``guidance_embedder`` layers; names are checked per module, so both read).
 
-Merging a Flux LoRA into a model is not supported yet (``lorax merge`` and ``lorax generate`` refuse it).
+``lorax merge`` folds Flux LoRAs into any Flux checkpoint layout (``lorax.services.flux_merge`` places the deltas of
+fused BFL tensors).
 """
 
 from __future__ import annotations
@@ -70,6 +71,5 @@ FAMILY = register(
         embedding_format="a1111-embedding",
         modelspec={"epsilon": ("flux-1-dev", 1024)},
         modelspec_implementation="https://github.com/black-forest-labs/flux",
-        mergeable=False,
     )
 )
