@@ -303,7 +303,12 @@ def convert_lora(config: ConvertConfig, fmt: str, progress: Progress) -> Convert
             )
     if config.rank is not None:
         with progress.task("resizing by SVD", total=None):
-            state, reports = resize_state(state, config.rank)
+            if state.family == "flux" and target in ("kohya", "bfl"):  # fused qkv / linear1 compressed whole
+                from lorax.formats.flux import resize_fused
+
+                state, reports = resize_fused(state, config.rank)
+            else:
+                state, reports = resize_state(state, config.rank)
         result.rank = config.rank
         result.resized = [ModuleReport(r.module, r.rank_in, r.rank_out, r.energy, r.error) for r in reports]
         if reports:
