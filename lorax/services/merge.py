@@ -348,7 +348,10 @@ def single_thread() -> Iterator[None]:
 def read_owned(source: SafetensorsSource | PickleSource, name: str, handles: dict[Path, int]) -> torch.Tensor:
     """A float tensor read with ``pread`` into memory of its own, not memory-mapped: the mapped pages of a
     multi-GB checkpoint stay resident and count against the merge's peak memory (SDXL: 2.6 GB mapped vs 0.4 GB)."""
-    if not isinstance(source, SafetensorsSource) or source.dtype(name) not in FLOAT_DTYPES:
+    if not isinstance(source, SafetensorsSource) or source.dtype(name) not in (
+        *FLOAT_DTYPES,
+        *flux_merge.FP8,
+    ):
         return source.get(name)
     import torch
 
