@@ -272,3 +272,33 @@ def test_flux_loras_merge_and_mix_with_each_other(cli, tmp_path):
             want = want + (0.25 * sb.modules[name].delta() if name in sb.modules else 0)
             assert rel(m.delta(), want) <= 1e-5, (out.name, name)
     assert re.search(r"modules", result.output)
+
+
+def test_modules_that_need_the_base_weight_get_their_own_slice_in_diffusers_order():
+    """DoRA (and any module that reads W0) merged into a fused BFL tensor sees its own part, in diffusers' row order
+    (the final layer's halves swapped), as it would in a diffusers folder."""
+    from lorax.adapters.lycoris import DoraModule
+    from lorax.io.keymaps.flux import swap_rows, tensor_from_single
+    from lorax.services.flux_merge import _Sliced
+    from lorax.services.merge import Contribution, apply_contributions
+
+    g = torch.Generator().manual_seed(8)
+    for key, part, rows in (
+        ("single_blocks.0.linear1.weight", 3, (3 * H, 7 * H)),
+        ("final_layer.adaLN_modulation.1.weight", 0, (0, 2 * H)),
+    ):
+        entry = tensor_from_single(key)
+        assert entry is not None
+        start, end = rows
+        w = torch.randn(end, H, generator=g)
+        d, u = _pair(g, end - start, H)
+        dora = DoraModule(d, u, 4.0, torch.rand(end - start, 1, generator=g) + 0.5)
+        sliced = _Sliced(entry, tuple(w.shape), [Contribution("m", dora, 0.7, part, len(entry.parts))])  # type: ignore[arg-type]
+        merged = apply_contributions(w, [Contribution("all", sliced, 1.0)])  # type: ignore[arg-type]
+        expected = w.clone()
+        if entry.reshape == "swap":
+            expected = swap_rows(dora.apply(swap_rows(w), 0.7))
+        else:
+            expected[start:end] = dora.apply(w[start:end], 0.7)
+        assert rel(merged, expected) <= 1e-6, key
+        assert not torch.allclose(merged, w)
