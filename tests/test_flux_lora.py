@@ -429,15 +429,6 @@ def test_convert_between_layouts(cli, tmp_path, to):
         assert rel(b.modules[name].delta(), m.delta()) <= 1e-6, name
 
 
-def test_merge_refuses_flux_loras(cli, tmp_path):
-    src = tmp_path / "k.safetensors"
-    save_file(kohya_file(bfl_shapes(with_top=False), te=False), src)
-    result = cli("merge", "shapes", str(src), "-o", str(tmp_path / "m.safetensors"))
-    assert result.exit_code != 0
-    assert "merging Flux LoRAs into a model is not supported yet" in result.output
-    assert not (tmp_path / "m.safetensors").exists()
-
-
 def test_t5_modules_keep_kohya_names_and_diffusers_refuses_them(tmp_path):
     g = torch.Generator().manual_seed(13)
     stem = "lora_te3_encoder_block_0_layer_0_SelfAttention_q"
@@ -472,3 +463,54 @@ def test_generate_reads_flux_loras(tmp_path):
     state = load_lora_file(src, None)
     assert state.family == "flux"
     assert "transformer.single_transformer_blocks.0.attn.to_q" in state.modules
+
+
+def test_split_to_fused_with_rank_compresses_each_fused_module_and_reports_its_energy(tmp_path):
+    """``convert --to kohya --rank R`` of a LoRA trained on q, k, v apart: each fused ``qkv`` / ``linear1`` is the
+    best rank-R approximation of the stacked delta (Eckart–Young), its kept energy Σσ²(kept) / Σσ² reported."""
+    from lorax.adapters.state import LoraModule, LoraState
+    from lorax.services.convert import ConvertConfig, convert
+
+    g = torch.Generator().manual_seed(21)
+    state = LoraState(family="flux")
+    for p in ("attn.to_q", "attn.to_k", "attn.to_v"):
+        d, u = _pair(g, H, H, 4)
+        state.modules[f"transformer.transformer_blocks.0.{p}"] = LoraModule(d, u, 2.0)
+    for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"):
+        d, u = _pair(g, 4 * H if p == "proj_mlp" else H, H, 3)
+        state.modules[f"transformer.single_transformer_blocks.1.{p}"] = LoraModule(d, u, 3.0)
+    src = tmp_path / "split.safetensors"
+    save_lora(state, src, format="diffusers")
+    exact, small = tmp_path / "exact.safetensors", tmp_path / "r4.safetensors"
+    convert(ConvertConfig(str(src), exact, to="kohya"))
+    result = convert(ConvertConfig(str(src), small, to="kohya", rank=4))
+
+    def file_deltas(path: Path) -> dict[str, torch.Tensor]:
+        t = load_file(path)
+        return {
+            k[: -len(".lora_down.weight")]: float(t[k.replace("lora_down.weight", "alpha")]) / t[k].shape[0]
+            * t[k.replace("lora_down", "lora_up")] @ t[k]
+            for k in t
+            if k.endswith(".lora_down.weight")
+        }  # fmt: skip
+
+    stacks = {
+        "lora_unet_double_blocks_0_img_attn_qkv": ("transformer_blocks.0", ("attn.to_q", "attn.to_k", "attn.to_v")),
+        "lora_unet_single_blocks_1_linear1": (
+            "single_transformer_blocks.1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
+    }  # fmt: skip
+    exact_t, small_t = load_file(exact), load_file(small)
+    assert exact_t["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == 12  # Σ r, exact
+    assert small_t["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == 4
+    assert small_t["lora_unet_single_blocks_1_linear1.lora_down.weight"].shape[0] == 4
+    reports = {r.module: r for r in result.resized}
+    assert set(reports) == {"transformer.double_blocks.0.img_attn.qkv", "transformer.single_blocks.1.linear1"}
+    for stem, (block, parts) in stacks.items():
+        truth = torch.cat([state.modules[f"transformer.{block}.{p}"].delta() for p in parts]).double()
+        assert rel(file_deltas(exact)[stem].double(), truth) <= 1e-6
+        s = torch.linalg.svdvals(truth)
+        kept = float(s[:4].square().sum() / s.square().sum())
+        error = float((file_deltas(small)[stem].double() - truth).norm())
+        assert abs(error - float(s[4:].square().sum().sqrt())) <= 1e-5 * float(truth.norm()), stem
+        bfl = "transformer." + fluxfmt.bfl_of_flat(stem.removeprefix("lora_unet_"))
+        assert abs(reports[bfl].energy - kept) <= 1e-6 and reports[bfl].rank_out == 4

@@ -414,3 +414,31 @@ def write(
     if variant == "kohya":
         header.setdefault("ss_base_model_version", "flux1")
     return tensors, header
+
+
+def resize_fused(state: LoraState, rank: int) -> tuple[LoraState, list[Any]]:
+    """Every module at ``rank`` by SVD, a transformer module fused the way BFL fuses it (``qkv``, ``linear1``)
+    compressed as one: split parts with their own downs (rank Σ r when fused) come out with one shared down of rank
+    ``rank``, which the kohya and BFL writers fuse back at that rank. Reports are per fused module (its kept energy)."""
+    from lorax.adapters.svd import resize_module
+
+    transformer = LoraState(
+        {k: m for k, m in state.modules.items() if k.startswith(TRANSFORMER + ".")}, family=FAMILY
+    )
+    modules: dict[str, Any] = {}
+    reports = []
+    for bfl, fused_module in fused_modules(transformer).items():
+        small, report = resize_module(f"{TRANSFORMER}.{bfl}", fused_module, rank)
+        reports.append(report)
+        parts = tuple(f"{TRANSFORMER}.{p}" for p in bfl_parts(bfl) or ())
+        swap = len(parts) == 1 and TOP.get(bfl) in SWAPPED
+        for name, m in zip(
+            parts, split(bfl, small.down, small.up, small.alpha, parts, swap=swap), strict=True
+        ):
+            if name in state.modules:  # a part the LoRA lacked stays absent (its rows are zero)
+                modules[name] = m
+    for name, module in state.modules.items():
+        if not name.startswith(TRANSFORMER + "."):
+            modules[name], report = resize_module(name, module, rank)
+            reports.append(report)
+    return LoraState(modules, dict(state.embeddings), dict(state.metadata), state.family), reports

@@ -11,60 +11,23 @@ from __future__ import annotations
 import re
 
 from lorax.formats import naming
+from lorax.io.keymaps.flux import (  # noqa: F401  (the module tables live in io: checkpoints map by them too)
+    DOUBLE,
+    MLP_RATIO,
+    SINGLE,
+    SWAPPED,
+    TOP,
+    bfl_parts,
+    to_bfl,
+)
 
 FAMILY = "flux"
 TRANSFORMER = "transformer"
 
-# BFL module (inside a double block) → its diffusers parts.
-DOUBLE: dict[str, tuple[str, ...]] = {
-    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "img_attn.proj": ("attn.to_out.0",),
-    "img_mlp.0": ("ff.net.0.proj",),
-    "img_mlp.2": ("ff.net.2",),
-    "img_mod.lin": ("norm1.linear",),
-    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "txt_attn.proj": ("attn.to_add_out",),
-    "txt_mlp.0": ("ff_context.net.0.proj",),
-    "txt_mlp.2": ("ff_context.net.2",),
-    "txt_mod.lin": ("norm1_context.linear",),
-}
-SINGLE: dict[str, tuple[str, ...]] = {
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-    "linear2": ("proj_out",),
-    "modulation.lin": ("norm.linear",),
-}
-TOP: dict[str, str] = {
-    "img_in": "x_embedder",
-    "txt_in": "context_embedder",
-    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
-    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
-    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
-    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
-    "final_layer.linear": "proj_out",
-    "final_layer.adaLN_modulation.1": "norm_out.linear",
-}
-# diffusers' AdaLayerNormContinuous chunks (scale, shift); BFL's final layer (shift, scale).
-SWAPPED = frozenset({"norm_out.linear"})
-# The single block's MLP is 4× its width (FluxSingleTransformerBlock's mlp_ratio): a missing proj_mlp's rows.
-MLP_RATIO = 4
+
 _BFL_PREFIXES = ("diffusion_model.", "transformer.", "base_model.model.", "model.diffusion_model.")
 _BFL_ROLES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_down.weight": "down",
               "lora_up.weight": "up", "alpha": "alpha"}  # fmt: skip
-
-
-def bfl_parts(bfl: str) -> tuple[str, ...] | None:
-    """A BFL module path → the diffusers module paths it covers, in row order; ``None`` if it is not one."""
-    m = re.fullmatch(r"(double|single)_blocks\.(\d+)\.(.+)", bfl)
-    if m:
-        table = DOUBLE if m.group(1) == "double" else SINGLE
-        block = (
-            f"{'transformer_blocks' if m.group(1) == 'double' else 'single_transformer_blocks'}.{m.group(2)}"
-        )
-        parts = table.get(m.group(3))
-        return tuple(f"{block}.{p}" for p in parts) if parts else None
-    return (TOP[bfl],) if bfl in TOP else None
 
 
 _FLAT_DOUBLE = {naming.flatten(k): k for k in DOUBLE}
@@ -79,39 +42,6 @@ def bfl_of_flat(flat: str) -> str | None:
         rest = (_FLAT_DOUBLE if m.group(1) == "double" else _FLAT_SINGLE).get(m.group(3))
         return f"{m.group(1)}_blocks.{m.group(2)}.{rest}" if rest else None
     return _FLAT_TOP.get(flat)
-
-
-def _diffusers_to_bfl() -> dict[str, tuple[str, int]]:
-    """Templates ``{diffusers path with block N: (BFL path with N, index among its parts)}``."""
-    out: dict[str, tuple[str, int]] = {}
-    for kind, table, block in (
-        ("double", DOUBLE, "transformer_blocks"),
-        ("single", SINGLE, "single_transformer_blocks"),
-    ):
-        for bfl, parts in table.items():
-            for i, p in enumerate(parts):
-                out[f"{block}.N.{p}"] = (f"{kind}_blocks.N.{bfl}", i)
-    for bfl, path in TOP.items():
-        out[path] = (bfl, 0)
-    return out
-
-
-_TO_BFL = _diffusers_to_bfl()
-
-
-def to_bfl(path: str) -> tuple[str, int, int] | None:
-    """A diffusers transformer path → ``(BFL path, its index among the parts, the number of parts)``."""
-    m = re.match(r"((?:single_)?transformer_blocks)\.(\d+)\.(.+)", path)
-    template = f"{m.group(1)}.N.{m.group(3)}" if m else path
-    found = _TO_BFL.get(template)
-    if found is None:
-        return None
-    bfl, index = found
-    if m:
-        bfl = bfl.replace(".N.", f".{m.group(2)}.", 1)
-    parts = bfl_parts(bfl)
-    assert parts is not None
-    return bfl, index, len(parts)
 
 
 def is_diffusers_path(path: str) -> bool:

@@ -244,8 +244,11 @@ def is_model_checkpoint(path: str | Path) -> bool:
             keys = list(read_header(p).tensors)
         except InputError:
             return False
+        markers = {m for lay in checkpoint_layouts.LAYOUTS.values() for m in lay.single_markers}
         return any(
-            k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys
+            k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))
+            or k in markers
+            for k in keys
         )
     return p.suffix.lower() == ".ckpt"
 

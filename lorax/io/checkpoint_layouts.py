@@ -19,8 +19,9 @@ from typing import Any
 from lorax.errors import FormatError
 
 # A single-file component's key kinds: the UNet and VAE map by block rules, ``clip`` keeps transformers names under
-# a prefix, ``openclip`` is OpenCLIP's layout (fused ``attn.in_proj_weight``).
-SINGLE_KINDS = ("unet", "vae", "clip", "openclip")
+# a prefix, ``openclip`` is OpenCLIP's layout (fused ``attn.in_proj_weight``), ``flux`` the BFL Flux transformer
+# (``lorax.io.keymaps.flux``: bare in its own file, under ``model.diffusion_model.`` in all-in-one files).
+SINGLE_KINDS = ("unet", "vae", "clip", "openclip", "flux")
 # The header key stating a file's family (LoRAs and single files alike), then the older spelling single files had.
 META_FAMILY_KEYS = ("lorax_family", "lorax.family")
 

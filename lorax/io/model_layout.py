@@ -48,14 +48,20 @@ if TYPE_CHECKING:
 
 DTYPES = dtypes.SAFETENSORS
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")  # merged by dequantising and requantising (lorax.adapters.flux_merge)
 TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
-WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
+WEIGHT_NAMES = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "transformer": "diffusion_pytorch_model",
+}
 
 
 def st_to_torch(dtype: str) -> torch.dtype:
     import torch
 
-    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}[dtype]
+    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[dtype]  # fmt: skip
 
 
 def out_dtype(src: str, target: str | None) -> str:
@@ -153,7 +159,7 @@ def write_single_file(
         for e, (_, dt, _) in zip(keymap.entries, specs, strict=True):
             src = ckpt.source(e.component)
             disk = [ckpt._disk_key(e.component, p) for p in e.parts]
-            if len(disk) == 1 and e.reshape != "transpose" and src.dtype(disk[0]) == dt:
+            if len(disk) == 1 and e.reshape in ("", "conv1x1") and src.dtype(disk[0]) == dt:
                 writer.write(e.single, src.raw(disk[0]))
             else:
                 tensor = join_parts(e, [src.get(k) for k in disk])
@@ -268,7 +274,7 @@ def write_diffusers_folder(
             with StreamingWriter(folder / name, specs, {"format": "pt"}) as writer:
                 for e in entries:
                     dt = out_dtype(src.dtype(e.single), target)
-                    if len(e.parts) == 1 and e.reshape != "transpose" and src.dtype(e.single) == dt:
+                    if len(e.parts) == 1 and e.reshape in ("", "conv1x1") and src.dtype(e.single) == dt:
                         writer.write(text_disk_key(c, e.parts[0], configs), src.raw(e.single))
                     else:
                         tensors = split_single(e, src.get(e.single))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from lorax.errors import FormatError
 from lorax.io.checkpoint_sources import PickleSource, SafetensorsSource
-from lorax.io.model_layout import FLOAT_DTYPES, out_dtype, st_to_torch
+from lorax.io.model_layout import FLOAT_DTYPES, FP8_DTYPES, out_dtype, st_to_torch
 from lorax.io.safetensors_io import StreamingWriter, st_dtype
 from lorax.progress import Task
 
@@ -48,7 +48,7 @@ def _fd(path: Path, handles: dict[Path, int]) -> int:
 def read_owned(source: SafetensorsSource | PickleSource, name: str, handles: dict[Path, int]) -> torch.Tensor:
     """A float tensor read with ``pread`` into memory of its own, not memory-mapped: the mapped pages of a
     multi-GB checkpoint stay resident and count against the merge's peak memory (SDXL: 2.6 GB mapped vs 0.4 GB)."""
-    if not isinstance(source, SafetensorsSource) or source.dtype(name) not in FLOAT_DTYPES:
+    if not isinstance(source, SafetensorsSource) or source.dtype(name) not in (*FLOAT_DTYPES, *FP8_DTYPES):
         return source.get(name)
     import torch
 

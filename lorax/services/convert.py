@@ -28,6 +28,7 @@ from lorax.io.checkpoint import (
     open_checkpoint,
 )
 from lorax.io.model_layout import DTYPES, write_diffusers_folder, write_single_file
+from lorax.models import families as _families  # noqa: F401  (registers every family's checkpoint layout)
 from lorax.progress import NullProgress, Progress
 from lorax.services.common import MODEL_DEFAULTS, dtype_problem, rank_problem, refuse
 
@@ -296,7 +297,12 @@ def convert_lora(config: ConvertConfig, fmt: str, progress: Progress) -> Convert
             )
     if config.rank is not None:
         with progress.task("resizing by SVD", total=None):
-            state, reports = resize_state(state, config.rank)
+            if state.family == "flux" and target in ("kohya", "bfl"):  # fused qkv / linear1 compressed whole
+                from lorax.formats.flux import resize_fused
+
+                state, reports = resize_fused(state, config.rank)
+            else:
+                state, reports = resize_state(state, config.rank)
         result.rank = config.rank
         result.resized = [ModuleReport(r.module, r.rank_in, r.rank_out, r.energy, r.error) for r in reports]
         if reports:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorax import dtypes
+from lorax.adapters import flux_merge
 from lorax.adapters.merge import (
     Contribution,
     Locator,
@@ -190,8 +191,13 @@ def merge_single_file(ckpt: SingleFileCheckpoint, job: _Job, out: Path) -> None:
         [{"lora": p, "alpha": a, "alpha_text": at} for p, _, a, at, _ in job.loras]
     )
     target = DTYPES[job.config.dtype] if job.config.dtype else None
+    written = targets
+    if flux_merge.needs_slicing(
+        ckpt, targets
+    ):  # Flux's unequal fused slices and swapped halves, fp8 to requantise
+        written = flux_merge.sliced_targets(ckpt, targets)
     with job.progress.task(f"merging into {out.name}", total=len(ckpt.keys())) as task:
-        merged, copied = merge_tensor_file(ckpt.source, out, targets, dtype=target, metadata=meta, task=task)
+        merged, copied = merge_tensor_file(ckpt.source, out, written, dtype=target, metadata=meta, task=task)
     _fill(job, targets, unmatched, matched, merged, copied)
 
 
@@ -246,6 +252,7 @@ def merge(config: MergeConfig, progress: Progress | None = None) -> MergeResult:
     config.validate()
     start = time.perf_counter()
     base_path = Path(config.base)
+    flux_merge.refuse_unrequantisable(base_path)
     if base_path.is_file() and not is_model_checkpoint(base_path):
         result = merge_loras(config, progress)
     else:

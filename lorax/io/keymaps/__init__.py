@@ -47,14 +47,16 @@ class Entry:
     """One single-file tensor and the diffusers tensor(s) it holds.
 
     ``reshape``: ``""`` (same shape), ``"conv1x1"`` (single ``[o, i, 1, 1]`` ⇄ diffusers ``[o, i]``) or
-    ``"transpose"`` (SDXL's OpenCLIP ``text_projection``). With several ``parts`` the single tensor is their
-    concatenation along dim 0 in equal slices.
+    ``"transpose"`` (SDXL's OpenCLIP ``text_projection``) or ``"swap"`` (the halves of dim 0 swapped: Flux's final
+    layer). With several ``parts`` the single tensor is their concatenation along dim 0, in equal slices or, with
+    ``sizes``, in slices weighed by them (Flux's ``linear1``: ``1, 1, 1, 4``).
     """
 
     single: str
     component: str
     parts: tuple[str, ...]
     reshape: str = ""
+    sizes: tuple[int, ...] = ()
 
 
 @dataclass
@@ -175,6 +177,14 @@ def keymap_from_single(
     """
     prefixes = _check_family(family)
     keys = list(keys)
+    flux = [c for c, (_, kind) in prefixes.items() if kind == "flux"]
+    if flux:  # the BFL layout (its own rules)
+        from lorax.io.keymaps.flux import keymap_from_bfl
+
+        keymap = keymap_from_bfl(keys, family, flux[0])
+        if not keymap.entries:
+            raise FormatError(f"no tensor of this file matches the {family} single-file layout")
+        return keymap
     layouts = layouts or Layouts()
     mappers: dict[str, PrefixMapper] = {}
     for component, (prefix, kind) in prefixes.items():
@@ -242,6 +252,13 @@ def keymap_from_diffusers(
         if component not in prefixes:
             raise FormatError(f"{family} single files hold no component {component!r}")
         prefix, kind = prefixes[component]
+        if kind == "flux":
+            from lorax.io.keymaps.flux import keymap_to_bfl
+
+            flux_map, missed = keymap_to_bfl(keys, family, component, prefix)
+            entries += flux_map.entries
+            leftovers += missed
+            continue
         if kind == "unet":
             if layouts.unet is None:
                 raise FormatError("the UNet layout is needed to map its keys")
@@ -316,6 +333,10 @@ def part_shapes(entry: Entry, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     elif entry.reshape == "transpose":
         shape = tuple(reversed(shape))
     n = len(entry.parts)
+    if entry.sizes:
+        from lorax.io.keymaps.flux import row_sizes
+
+        return [(rows, *shape[1:]) for rows in row_sizes(entry, shape[0])]
     if n > 1:
         if shape[0] % n:
             raise FormatError(f"{entry.single}: {shape[0]} rows cannot hold {n} equal fused parts")
@@ -330,6 +351,14 @@ def split_single(entry: Entry, tensor):  # type: ignore[no-untyped-def]
         t = t.reshape(t.shape[0], t.shape[1])
     elif entry.reshape == "transpose":
         t = t.t().contiguous()
+    elif entry.reshape == "swap":
+        from lorax.io.keymaps.flux import swap_rows
+
+        t = swap_rows(t)
+    if entry.sizes:
+        from lorax.io.keymaps.flux import row_sizes
+
+        return [c.contiguous() for c in t.split(row_sizes(entry, t.shape[0]), dim=0)]
     if len(entry.parts) > 1:
         return [c.contiguous() for c in t.chunk(len(entry.parts), dim=0)]
     return [t]
@@ -344,4 +373,8 @@ def join_parts(entry: Entry, tensors):  # type: ignore[no-untyped-def]
         return t.reshape(*t.shape, 1, 1)
     if entry.reshape == "transpose":
         return t.t().contiguous()
+    if entry.reshape == "swap":
+        from lorax.io.keymaps.flux import swap_rows
+
+        return swap_rows(t)
     return t

@@ -76,7 +76,7 @@ class Family:
         modelspec_implementation: ``diffusers`` or ``stability`` (kohya names SDXL LoRAs' implementation so).
         lora_markers: regular expressions over a LoRA key (any format, ``.`` as ``_`` or not) that only this
             family's modules match (Flux's ``double_blocks_0``): the strongest LoRA-key evidence.
-        mergeable: whether ``merge`` / ``generate`` can apply this family's LoRAs to a model (Flux: not yet).
+        mergeable: whether ``merge`` / ``generate`` can apply this family's LoRAs to a model (every built-in family can).
     """
 
     name: str

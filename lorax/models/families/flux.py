@@ -6,18 +6,22 @@ a guidance embedding, schnell none) is the LoRA-able "unet" kind. kohya names it
 diffusers modules structurally. The same full-size config serves schnell with ``guidance_embeds`` false (its module
 table lacks the three ``guidance_embedder`` layers; names are checked per module, so both read).
 
-Merging a Flux LoRA into a model is not supported yet (``lorax merge`` and ``lorax generate`` refuse it).
+``lorax merge`` folds Flux LoRAs into any Flux checkpoint layout (``lorax.adapters.flux_merge`` places the deltas of
+fused BFL tensors).
 """
 
 from __future__ import annotations
 
 from lorax.io.checkpoint_layouts import CheckpointLayout
+from lorax.io.keymaps.flux import MARKERS
 from lorax.models.families.base import Family, register, shipped
 
 LAYOUT = CheckpointLayout(
     family="flux",
     components=("transformer", "vae", "text_encoder", "text_encoder_2"),
-    single_prefixes={},  # the BFL single file is not read yet: no single-file markers either
+    # The BFL transformer file (bare keys; all-in-one files under ``model.diffusion_model.``, found by the rules).
+    single_prefixes={"transformer": ("", "flux")},
+    single_markers=MARKERS,
     cross_attention_dim=4096,  # the transformer's joint_attention_dim (T5's width)
     folder_markers=("transformer",),
     pipeline_markers=("Flux",),
@@ -67,6 +71,5 @@ FAMILY = register(
         embedding_format="a1111-embedding",
         modelspec={"epsilon": ("flux-1-dev", 1024)},
         modelspec_implementation="https://github.com/black-forest-labs/flux",
-        mergeable=False,
     )
 )
