@@ -136,8 +136,11 @@ def plan_targets(
     return targets, unmatched, mismatches, matched
 
 
-def apply_contributions(weight: torch.Tensor, contributions: list[Contribution]) -> torch.Tensor:
-    """``W0 + Σ alpha·delta`` in fp32, each delta into its row slice (OpenCLIP's fused q;k;v)."""
+def apply_contributions(
+    weight: torch.Tensor, contributions: list[Contribution], *, check: bool = True
+) -> torch.Tensor:
+    """``W0 + Σ alpha·delta`` in fp32, each delta into its row slice (OpenCLIP's fused q;k;v). ``check=False``
+    leaves the finiteness check to a caller that checks the weight it writes anyway (``_merged``)."""
     import torch
 
     from lorax.adapters.state import LoraModule
@@ -160,13 +163,14 @@ def apply_contributions(weight: torch.Tensor, contributions: list[Contribution])
             flat.addmm_(up, down, alpha=c.weight * c.module.scale)
         else:
             view.add_(c.module.delta(torch.float32).reshape(view.shape), alpha=c.weight)
-    if not bool(
+    if check and not bool(
         torch.isfinite(w).all()
-    ):  # one cheap pass over the merged weight (a sum could overflow alone)
-        raise MismatchError(
-            _not_finite(contributions, "weights that are not finite (lower the LoRA's scale)")
-        )
+    ):  # one pass over the merged weight (a sum could overflow alone)
+        raise MismatchError(_not_finite(contributions, NOT_FINITE))
     return w
+
+
+NOT_FINITE = "weights that are not finite (lower the LoRA's scale)"
 
 
 def check_plan(
@@ -218,8 +222,17 @@ def merge_tensor_file(
 
 
 def _merged(key: str, contributions: list[Contribution], weight: torch.Tensor, dt: str) -> torch.Tensor:
-    w = apply_contributions(weight, contributions).to(st_to_torch(dt))
-    if not math.isfinite(float(w.float().sum())):  # after the cast: fp16 overflows to inf here
+    import torch
+
+    merged = apply_contributions(weight, contributions, check=False)
+    w = merged.to(st_to_torch(dt))
+    # One pass over the weight as written: a non-finite fp32 sum stays non-finite in any dtype, and fp16 overflows
+    # to inf in the cast; which of the two it was decides the message.
+    if not bool(
+        torch.isfinite(w if w.element_size() > 1 else w.float()).all()
+    ):  # fp8 has no isfinite of its own
+        if not bool(torch.isfinite(merged).all()):
+            raise MismatchError(_not_finite(contributions, NOT_FINITE))
         raise MismatchError(
             _not_finite(
                 contributions,
