@@ -453,6 +453,10 @@ class TrainConfig:
             if getattr(self, n) != getattr(defaults, n)
         ]
 
+    def family_problems(self, family: str) -> list[str]:
+        """What this config cannot do on a model of ``family`` (checked once the model is loaded, before training)."""
+        return []
+
     def validate(self) -> TrainConfig:
         problems = self.problems()
         if problems:
