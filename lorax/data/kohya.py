@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorax.data.tomlfile import read_toml
 from lorax.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -139,12 +139,7 @@ def subsets_from_folder(
 def read_dataset_config(path: str | Path) -> DatasetSpec:
     """Read a kohya dataset TOML. Every problem is one ``ConfigError``/``InputError`` naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError("dataset config not found", path=path)
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"not valid TOML ({err})", path=path) from None
+    doc = read_toml(path, "dataset config not found")
     _refuse_unknown(doc, {"general": dict, "datasets": list}, "the top level", path)
     general = doc.get("general", {})
     _refuse_unknown(general, {**_SUBSET_KEYS, **_DATASET_KEYS}, "[general]", path)
