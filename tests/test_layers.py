@@ -30,7 +30,6 @@ SIBLINGS = {
 KNOWN_UPWARD = {
     ("io/checkpoint.py", "models"),  # built-in model names (lorax.models.registry)
     ("io/model_layout.py", "models"),  # a model's lorax.json defaults carried in single-file headers
-    ("models/defaults.py", "training"),  # the defaults are checked against the train/invert/pivot configs
     ("gen/concept.py", "services"),
 }
 

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from lorax import dtypes
 from lorax.errors import ConfigError
 from lorax.training.config_file import (
+    check_model_defaults,
     coerce,
     field_names,
     load_toml,
@@ -212,7 +213,9 @@ class TrainConfig:
         values rule out (a default ``steps`` when ``epochs`` is given, ``auto_mask`` when ``mask_dir`` is)."""
         from lorax.models.defaults import model_defaults
 
-        defaults = model_defaults(values.get("model", cls.model)).for_command(cls.COMMAND)
+        found = model_defaults(values.get("model", cls.model))
+        check_model_defaults(found)
+        defaults = found.for_command(cls.COMMAND)
         if values.get("epochs") is not None:
             defaults.pop("steps", None)
         if values.get("mask_dir") is not None:  # the user's masks (lorax prepare's) win over computed ones

@@ -158,3 +158,25 @@ def toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+# Where a model's files live and what the run writes are the user's, never a model's defaults'.
+USER_ONLY = frozenset({"data_dir", "output", "model", "force", "resume", "checkpoint_dir"})
+
+
+def check_model_defaults(defaults: Any) -> None:
+    """A model's training defaults (``lorax.models.defaults.ModelDefaults``) name only config keys of their
+    commands; ``FormatError`` naming the file and every unknown key otherwise."""
+    from lorax.errors import FormatError
+    from lorax.training.config import TrainConfig
+    from lorax.training.pivot_config import InvertConfig, PivotConfig
+
+    problems = []
+    for command, cls in (("train", TrainConfig), ("invert", InvertConfig), ("pivot", PivotConfig)):
+        bad = sorted(set(defaults.training.get(command, {})) - (field_names(cls) - USER_ONLY))
+        if bad:
+            problems.append(
+                f"{command}: unknown key(s) {', '.join(bad)} (keys are `lorax {command}`'s flag names)"
+            )
+    if problems:
+        raise FormatError(f"{defaults.source}: " + "; ".join(problems))
