@@ -337,22 +337,17 @@ def load_subset(
     subset: Subset, *, strict: bool = False, warn: Callable[[str], None] | None = None
 ) -> list[ImageItem]:
     """The readable images of one subset, captioned by their caption file, else the subset's class tokens."""
-    from lorax.data.images import ImageItem, find_images, image_size
+    from lorax.data.images import ImageItem, checked_size, find_images
 
     what = "class" if subset.is_reg else "training"
     if not subset.image_dir.is_dir():
         raise InputError(f"{what} image folder does not exist", path=subset.image_dir)
     items = []
     for path in find_images(subset.image_dir):
-        try:
-            size = image_size(path)
-        except Exception as err:
-            if strict:
-                raise InputError(
-                    f"unreadable image ({type(err).__name__}: {err}); remove it or drop --strict", path=path
-                ) from None
+        size = checked_size(path, strict)
+        if isinstance(size, str):
             if warn is not None:
-                warn(f"skipping unreadable image {path} ({type(err).__name__})")
+                warn(f"skipping unreadable image {path} ({size})")
             continue
         caption = read_caption(path, subset.caption_extension)
         if caption is None:

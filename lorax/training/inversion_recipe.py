@@ -268,16 +268,9 @@ class InversionRecipe(Recipe):
             sampler=sampler,
             text_encoder_2=encoders[1] if len(encoders) == 2 else None,
         )
+        settings = {"info": self.info, "description": "inversion"}
         self.loop = make_loop(
-            self.job,
-            config,
-            accelerator,
-            optimizer,
-            scheduler,
-            max_steps,
-            progress,
-            info=self.info,
-            description="inversion",
+            self.job, config, accelerator, optimizer, scheduler, max_steps, progress, **settings
         )
         self.prediction_type = objective.prediction_type
         return self.loop

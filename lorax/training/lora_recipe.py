@@ -206,16 +206,12 @@ class LoraRecipe(Recipe):
         )
         from lorax.training.trackers import make_tracker
 
+        settings = {
+            "info": {"family": family, **resume_identity(config)},
+            "tracker": make_tracker(config, accelerator, progress.log),
+        }
         self.loop = make_loop(
-            self.job,
-            config,
-            accelerator,
-            optimizer,
-            scheduler,
-            max_steps,
-            progress,
-            info={"family": family, **resume_identity(config)},
-            tracker=make_tracker(config, accelerator, progress.log),
+            self.job, config, accelerator, optimizer, scheduler, max_steps, progress, **settings
         )
         self.modules = modules
         self.prediction_type = objective.prediction_type

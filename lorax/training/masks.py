@@ -33,6 +33,12 @@ AUTO_THRESHOLD = (
 )
 
 
+def _some(names: Sequence[str], shown: int = 3) -> str:
+    """The first ``shown`` names, and how many more there are: ``a.png, b.png, c.png and 4 more``."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def mask_beside(image: Path) -> Path | None:
     """``NAME.mask.<ext>`` next to ``NAME.<ext>`` (any image extension, ``.png`` first), or ``None``."""
     for ext in (".png", *sorted(IMAGE_EXTENSIONS - {".png"})):
@@ -72,9 +78,8 @@ def find_masks(items: Sequence[ImageItem], mask_dir: Path) -> list[Path]:
     found = {it.path: mask_of(it) for it in items}
     missing = [it.path.name for it in items if found[it.path] is None]
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise InputError(
-            f"--mask-dir has no mask for {len(missing)} of {len(items)} images ({', '.join(missing[:3])}{more}); "
+            f"--mask-dir has no mask for {len(missing)} of {len(items)} images ({_some(missing)}); "
             "give every image a mask of the same name",
             path=mask_dir,
         )
@@ -257,10 +262,9 @@ def masks_beside_every(items: Sequence[ImageItem]) -> list[Path] | None:
         return None
     missing = [p.name for p, m in found.items() if m is None]
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise InputError(
             f"{len(found) - len(missing)} images have a NAME{MASK_SUFFIX}.png loss mask beside them but "
-            f"{len(missing)} have none ({', '.join(missing[:3])}{more}): give every image one, or pass "
+            f"{len(missing)} have none ({_some(missing)}): give every image one, or pass "
             "--ignore-masks",
             path=items[0].path.parent,
         )

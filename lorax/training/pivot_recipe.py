@@ -21,22 +21,15 @@ from lorax.training.pivot_config import PivotConfig
 
 
 class PivotJob(LoraJob):
-    """``LoraJob`` plus the learned tokens: checkpointed with the LoRA, trained on with ``--continue-inversion``.
+    """``LoraJob`` (``job``: its arguments) plus the learned tokens: checkpointed with the LoRA, trained on with ``--continue-inversion``.
 
     ``text_encoders``: the encoders whose tables hold the tokens (SDXL: both), in training mode while the tokens train.
     """
 
     def __init__(
-        self, job: LoraJob, tokens: Any, *, continue_inversion: bool, text_encoders: list[Any]
+        self, batches: Any, tokens: Any, *, continue_inversion: bool, text_encoders: list[Any], **job: Any
     ) -> None:
-        super().__init__(
-            job.batches,
-            unet=job.unet,
-            text_encoder=job.text_encoder,
-            accelerator=job.accelerator,
-            sampler=job.sampler,
-            text_encoder_2=job.text_encoder_2,
-        )
+        super().__init__(batches, **job)
         self.tokens = tokens
         self.continue_inversion = continue_inversion
         self.prompt_encoders = list(text_encoders)
@@ -107,13 +100,14 @@ class PivotRecipe(LoraRecipe):
     def make_job(self, batches: Any, **models: Any) -> Any:
         from lorax.training import setup
 
-        job = super().make_job(make_batches(self.session, batches), **models)
         return PivotJob(
-            job,
+            make_batches(self.session, batches),
             self.session.tokens,
             continue_inversion=self.pivot_config.continue_inversion,
             text_encoders=setup.text_encoders(self.pipe, self.family),
-        )
+            accelerator=self.accelerator,
+            **models,
+        )  # pivot has no --ema-decay: no EmaJob around it
 
     def lora_state(self) -> Any:
         state = super().lora_state()

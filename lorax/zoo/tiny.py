@@ -68,15 +68,22 @@ def build_tokenizer(words: Iterable[str] = (), model_max_length: int = 77) -> An
     )
 
 
-def tiny_unet_config(
-    family: str = "sd1", cross_attention_dim: int = 32, sample_size: int = 8
-) -> dict[str, Any]:
-    config: dict[str, Any] = {
+def _tiny_unet(sample_size: int) -> dict[str, Any]:
+    """What every tiny UNet shares: 4 latent channels, two blocks of 32 and 64 channels, two layers each."""
+    return {
         "sample_size": sample_size,
         "in_channels": 4,
         "out_channels": 4,
         "layers_per_block": 2,
         "block_out_channels": [32, 64],
+    }
+
+
+def tiny_unet_config(
+    family: str = "sd1", cross_attention_dim: int = 32, sample_size: int = 8
+) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        **_tiny_unet(sample_size),
         "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
         "cross_attention_dim": cross_attention_dim,
@@ -127,11 +134,7 @@ SDXL_TIME_EMBED_DIM = 8
 
 def tiny_sdxl_unet_config(sample_size: int = 8) -> dict[str, Any]:
     return {
-        "sample_size": sample_size,
-        "in_channels": 4,
-        "out_channels": 4,
-        "layers_per_block": 2,
-        "block_out_channels": [32, 64],
+        **_tiny_unet(sample_size),
         "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
         "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
         "cross_attention_dim": sum(SDXL_TEXT_WIDTHS),
@@ -203,13 +206,7 @@ def tiny_components(family: str = "sd1", seed: int = 0, words: Iterable[str] = (
         set_alpha_to_one=False,
         prediction_type="v_prediction" if family == "sd2" else "epsilon",
     )
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": scheduler,
-    }
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
 def tiny_pipeline(family: str = "sd1", seed: int = 0, words: Iterable[str] = ()) -> Any:
