@@ -148,10 +148,24 @@ def tiny_sdxl_unet_config(sample_size: int = 8) -> dict[str, Any]:
     }
 
 
+def _tiny_scheduler(**options: Any) -> Any:
+    """Stable Diffusion's DDIM schedule (scaled linear betas 0.00085 … 0.012) with ``options``."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        **options,
+    )
+
+
 def tiny_sdxl_components(seed: int = 0, words: Iterable[str] = ()) -> dict[str, Any]:
     """Random-weight components of a tiny SDXL pipeline, deterministic in ``seed``."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = build_tokenizer(words)
@@ -164,14 +178,7 @@ def tiny_sdxl_components(seed: int = 0, words: Iterable[str] = ()) -> dict[str, 
     config_2["projection_dim"] = SDXL_PROJECTION_DIM
     text_encoder = CLIPTextModel(CLIPTextConfig(**config_1))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config_2))
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = _tiny_scheduler(steps_offset=1)
     return {
         "unet": unet,
         "vae": vae,
@@ -189,7 +196,7 @@ def tiny_components(family: str = "sd1", seed: int = 0, words: Iterable[str] = (
     if family == "sdxl":
         return tiny_sdxl_components(seed, words)
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_tokenizer(words)
@@ -198,14 +205,7 @@ def tiny_components(family: str = "sd1", seed: int = 0, words: Iterable[str] = (
     vae = AutoencoderKL(**tiny_vae_config())
     text_config = tiny_text_config(family, vocab_size=len(tokenizer))
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        prediction_type="v_prediction" if family == "sd2" else "epsilon",
-    )
+    scheduler = _tiny_scheduler(prediction_type="v_prediction" if family == "sd2" else "epsilon")
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
