@@ -462,11 +462,13 @@ def test_t5_modules_keep_kohya_names_and_diffusers_refuses_them(tmp_path):
     assert not (tmp_path / "t5-d.safetensors").exists()
 
 
-def test_generate_refuses_flux_loras_before_loading_them(tmp_path):
-    from lorax.errors import ConfigError
-    from lorax.services.generate import _load_lora_file
+def test_generate_reads_flux_loras(tmp_path):
+    """generate applies Flux LoRAs now (tests/test_flux_generate.py checks the images against diffusers'); it no
+    longer consults ``Family.mergeable``, which only merge does."""
+    from lorax.gen.runtime import load_lora_file
 
     src = tmp_path / "k.safetensors"
     save_file(kohya_file(bfl_shapes(with_top=False), te=False), src)
-    with pytest.raises(ConfigError, match="merging Flux LoRAs into a model is not supported yet"):
-        _load_lora_file(src, None)
+    state = load_lora_file(src, None)
+    assert state.family == "flux"
+    assert "transformer.single_transformer_blocks.0.attn.to_q" in state.modules

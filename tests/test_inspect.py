@@ -138,6 +138,33 @@ def test_safetensors_path_imports_no_torch(files):
     assert json.loads(out.stdout)[0]["format"] == "kohya"
 
 
+def test_every_format_is_described_without_torch(files, tmp_path):
+    """Each format's ``describe`` (kohya, LyCORIS, diffusers, lora_diffusion, an embedding) reads headers only."""
+    root = files[0]
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    lokr = {f"{stem}.lokr_w1": torch.zeros(2, 2), f"{stem}.lokr_w2_a": torch.zeros(4, 3),
+            f"{stem}.lokr_w2_b": torch.zeros(3, 4), f"{stem}.alpha": torch.tensor(3.0)}  # fmt: skip
+    save_tensors(lokr, tmp_path / "lokr.safetensors")
+    names = [root / "k.safetensors", tmp_path / "lokr.safetensors", root / "d.safetensors"]
+    names += [root / "ld.safetensors", root / "learned_embeds.safetensors"]
+    code = (
+        "import sys\n"
+        "from lorax.cli.app import app\n"
+        f"try:\n    app(['inspect', '--json', *{[str(n) for n in names]!r}])\n"
+        "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    reports = json.loads(out.stdout)
+    assert [r["format"] for r in reports] == [
+        "kohya", "lycoris", "diffusers", "lora_diffusion", "diffusers-embedding"
+    ]  # fmt: skip
+    assert (
+        reports[1]["algorithms"] == ["lokr"] and reports[1]["ranks"] == [3] and reports[1]["alphas"] == [3.0]
+    )
+
+
 class _RunsCode:
     def __init__(self, marker: str) -> None:
         self.marker = marker

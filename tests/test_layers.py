@@ -30,7 +30,6 @@ SIBLINGS = {
 KNOWN_UPWARD = {
     ("io/checkpoint.py", "models"),  # built-in model names (lorax.models.registry)
     ("io/model_layout.py", "models"),  # a model's lorax.json defaults carried in single-file headers
-    ("gen/concept.py", "services"),
 }
 
 
@@ -109,3 +108,27 @@ def test_no_import_cycles_at_module_level() -> None:
     for m in sorted(graph):
         if m not in state:
             visit(m)
+
+
+def test_no_import_cycles_inside_formats() -> None:
+    """No ``lorax.formats`` module imports itself back, counting imports inside functions too (kohya once handed
+    LyCORIS groups to ``lycoris``, which imported ``kohya``; and Flux files to ``flux``, which imported ``kohya``).
+    An import of a parent package is no edge: Python imports the package before any of its modules."""
+    modules: dict[str, Path] = {}
+    for path in (ROOT / "formats").rglob("*.py"):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {
+        m: {n for n in _imports(p) if n in modules and n != m and not m.startswith(n + ".")}
+        for m, p in modules.items()
+    }
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for n in graph[start] - seen:
+            seen.add(n)
+            if n == goal or reaches(n, goal, seen):
+                return True
+        return False
+
+    cycles = sorted(m for m in graph if reaches(m, m, set()))
+    assert cycles == [], f"modules on an import cycle: {cycles}"

@@ -124,6 +124,13 @@ def _lora_components(pipe: Any) -> tuple[str, ...]:
     return families.get(pipeline_family(pipe)).component_names()
 
 
+def _denoiser(pipe: Any) -> str:
+    """The component that takes a LoRA's UNet scale: ``unet``, or Flux's ``transformer``."""
+    from lorax.models import families
+
+    return families.get(pipeline_family(pipe)).unet().name
+
+
 def pipeline_family(pipe: Any) -> str:
     """A pipeline's model family: its ``lorax_family`` label, else what its components show (``detect``)."""
     from lorax.models import families
@@ -260,6 +267,7 @@ class AppliedLoras:
             raise ConfigError("the LoRAs are fused: their scales cannot change (leave out --fuse)")
         self._factors = (unet_factor, text_factor)
         by_name = dict(zip(self.names, self.requests, strict=True))
+        denoiser = _denoiser(self.pipe)  # the UNet, or Flux's transformer: it takes the UNet scale
         if self._peft_names:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -277,7 +285,7 @@ class AppliedLoras:
                     layer.set_adapter(present)
                     for name in present:
                         request = by_name[name]
-                        if component == "unet":
+                        if component == denoiser:
                             weight = (
                                 unet_factor * request.unet_scale * block_weight(request.blocks, module_path)
                             )
@@ -290,7 +298,7 @@ class AppliedLoras:
                 param.copy_(original)
             for patch in self._patches:
                 request = by_name[patch.name]
-                if patch.component == "unet":
+                if patch.component == denoiser:
                     scale = unet_factor * request.unet_scale * patch.block
                 else:
                     scale = text_factor * request.effective_text_scale
@@ -376,7 +384,7 @@ def apply_loras(pipe: Any, requests: list[LoraRequest], *, fuse: bool = False) -
             assert model is not None  # checked by check_fits
             live = _live_path(component, model, path)
             target = model.get_submodule(live)
-            block = block_weight(request.blocks, live) if component == "unet" else 1.0
+            block = block_weight(request.blocks, live) if component == _denoiser(pipe) else 1.0
             pairs = [(target.weight, _delta_of(module, target.weight, key, request.source or request.name))]
             bias_delta = getattr(module, "diff_b", None)  # a full difference may carry the bias's too
             if isinstance(bias_delta, torch.Tensor):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -16,6 +16,66 @@ from lorax.cli.app import STATE
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 ForceOption = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
+T = TypeVar("T")
+
+
+def option(*names: str, help: str) -> Any:
+    """A ``typer.Option`` whose default the help text already tells (or that has none worth showing)."""
+    return typer.Option(*names, help=help, show_default=False)
+
+
+def dtype_option(default: str) -> Any:
+    """``--dtype`` of the commands that write weights; ``default`` says where the precision comes from without it."""
+    return typer.Option(help=f"Output precision: fp16, bf16 or fp32 (default: {default}).")
+
+
+def run_and_report(
+    run: Callable[[Any], T],
+    *,
+    json_out: bool,
+    render: Callable[[T], None] | None = None,
+    summary: Callable[[T], None] | None = None,
+    as_json: Callable[[T], Any] | None = None,
+) -> T:
+    """The end of every command: ``run(progress)`` under the CLI's progress display, then ``summary`` (for people,
+    on stderr, while the display is live; left out with --quiet), then the result: one JSON document with --json
+    (``as_json`` of it when given), else ``render``."""
+    with cli_progress() as progress:
+        result = run(progress)
+        if summary is not None and not progress.quiet:
+            summary(result)
+    if json_out:
+        print_json(as_json(result) if as_json is not None else result)
+    elif render is not None:
+        render(result)
+    return result
+
+
+def path_then_table(output: Any, title: str, columns: Sequence[str], left: Sequence[str]):  # type: ignore[no-untyped-def]
+    """The output's path on stdout, then (unless --quiet) the stderr console and an empty table for people, its
+    ``columns`` right-aligned but for those in ``left``."""
+    from rich.table import Table
+
+    console = path_then_console(output)
+    if console is None:
+        return None
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col in left else "right")
+    return console, table
+
+
+def print_lines(console: Any, *lines: str) -> None:
+    """Each line as written: no rich markup or highlighting (paths and module names hold ``[`` and digits)."""
+    for line in lines:
+        console.print(line, markup=False, highlight=False)
+
+
+def path_then_console(*paths: Any):  # type: ignore[no-untyped-def]
+    """The output paths alone on stdout, one a line; the console for what people read (stderr), None with --quiet."""
+    for path in paths:
+        stdout_console().print(str(path), markup=False, highlight=False)
+    return None if STATE.quiet else stderr_console()
 
 
 def _default(obj: Any) -> Any:

@@ -7,14 +7,14 @@ from typing import Annotated, Any
 
 import typer
 
-from lorax.cli.app import STATE
 from lorax.cli.common import (
     ForceOption,
     JsonOption,
-    cli_progress,
-    print_json,
-    stderr_console,
-    stdout_console,
+    dtype_option,
+    option,
+    path_then_console,
+    print_lines,
+    run_and_report,
 )
 
 
@@ -36,9 +36,7 @@ def convert_command(
             "ends in .safetensors).",
         ),
     ] = None,
-    dtype: Annotated[
-        str | None, typer.Option(help="Output precision: fp16, bf16 or fp32 (default: the input's).")
-    ] = None,
+    dtype: Annotated[str | None, dtype_option("the input's")] = None,
     rank: Annotated[
         int | None,
         typer.Option(help="LoRA only: resize every module to this rank by SVD, reporting the kept energy."),
@@ -53,13 +51,12 @@ def convert_command(
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option(
+        option(
             "--model",
             "-m",
             help="LoRA only: the model it belongs to (built-in name such as shapes, diffusers folder, Hub id in the "
             "cache, or single file). Resolves names exactly and gives lora_diffusion files their module order; "
             "needed for lora_diffusion with any model but full-size SD1/SD2/SDXL. Only its configs are read.",
-            show_default=False,
         ),
     ] = None,
     force: ForceOption = False,
@@ -88,20 +85,13 @@ def convert_command(
         config_from=config_from,
         model=model,
     )
-    with cli_progress() as progress:
-        result = convert(config, progress)
-    if json_out:
-        print_json(result)
-        return
-    render(result)
+    run_and_report(lambda progress: convert(config, progress), json_out=json_out, render=render)
 
 
 def render(result: Any) -> None:
-    for path in [result.output, *result.embedding_files.values()]:
-        stdout_console().print(str(path), markup=False, highlight=False)
-    if STATE.quiet:
+    console = path_then_console(result.output, *result.embedding_files.values())
+    if console is None:
         return
-    console = stderr_console()  # the output's path alone on stdout; the table for people on stderr
     lines = [
         f"{result.kind}: {result.input_format} → {result.output_format}",
         f"output: {result.output}",
@@ -115,8 +105,7 @@ def render(result: Any) -> None:
             lines.append(f"model: {result.model}")
     if result.tokens:
         lines.append("tokens: " + ", ".join(result.tokens))
-    for line in lines:
-        console.print(line, markup=False, highlight=False)
+    print_lines(console, *lines)
     if result.resized:
         from rich.table import Table
 
@@ -126,7 +115,7 @@ def render(result: Any) -> None:
         for r in sorted(result.resized, key=lambda r: r.energy)[:5]:
             table.add_row(r.module, f"{r.rank_in}→{r.rank_out}", f"{r.energy:.4f}", f"{r.error:.4f}")
         console.print(table)
-        console.print(f"mean kept energy: {result.mean_energy:.4f}", markup=False, highlight=False)
+        print_lines(console, f"mean kept energy: {result.mean_energy:.4f}")
 
 
 def register(app: typer.Typer) -> None:

@@ -7,14 +7,12 @@ from typing import Annotated, Any
 
 import typer
 
-from lorax.cli.app import STATE
 from lorax.cli.common import (
     ForceOption,
     JsonOption,
-    cli_progress,
-    print_json,
-    stderr_console,
-    stdout_console,
+    path_then_table,
+    print_lines,
+    run_and_report,
 )
 
 
@@ -57,32 +55,22 @@ def extract_command(
     from lorax.services.extract import ExtractConfig, extract
 
     config = ExtractConfig(base, tuned, output, rank, targets, clamp_quantile, to, dtype, force)
-    with cli_progress() as progress:
-        result = extract(config, progress)
-    if json_out:
-        print_json(result)
-        return
-    render(result)
+    run_and_report(lambda progress: extract(config, progress), json_out=json_out, render=render)
 
 
 def render(result: Any) -> None:
-    from rich.table import Table
-
-    stdout_console().print(str(result.output), markup=False, highlight=False)
-    if STATE.quiet:
+    title = f"extracted → {result.output} ({result.format}, {result.family}, rank {result.rank})"
+    shown = path_then_table(result.output, title, ("module", "kept energy", "rel. error"), left=("module",))
+    if shown is None:
         return
-    console = stderr_console()  # the output's path alone on stdout; the table for people on stderr
-    table = Table(title=f"extracted → {result.output} ({result.format}, {result.family}, rank {result.rank})")
-    for col in ("module", "kept energy", "rel. error"):
-        table.add_column(col, justify="left" if col == "module" else "right")
+    console, table = shown
     for m in sorted(result.extracted, key=lambda m: m.energy)[:5]:
         table.add_row(m.module, f"{m.energy:.4f}", f"{m.error:.4f}")
     console.print(table)
-    console.print(
+    print_lines(
+        console,
         f"modules: {result.modules}   unchanged (skipped): {result.unchanged}   "
         f"mean kept energy: {result.mean_energy:.4f}   time: {result.seconds:.2f} s",
-        markup=False,
-        highlight=False,
     )
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from lorax.cli.common import ForceOption, JsonOption, cli_progress
+from lorax.cli.common import ForceOption, JsonOption, cli_progress, option
 from lorax.errors import InputError
 
 
@@ -31,53 +31,47 @@ def generate(
     ] = "shapes",
     lora: Annotated[
         list[str] | None,
-        typer.Option(
+        option(
             "--lora",
             "-l",
             help="A LoRA in any format lorax reads, as FILE, FILE:SCALE or FILE:SCALE:TEXT_SCALE. Repeat for more.",
-            show_default=False,
         ),
     ] = None,
     lora_dir: Annotated[
         Path | None,
-        typer.Option(
+        option(
             "--lora-dir",
             help="Where <lora:NAME:…> prompt tags find NAME.safetensors (sub-folders too; default: the "
             "current folder).",
-            show_default=False,
         ),
     ] = None,
     text_scale: Annotated[
         float | None,
-        typer.Option(
+        option(
             "--text-scale",
             help="Text-encoder scale for every LoRA without its own (default: the LoRA's UNet scale).",
-            show_default=False,
         ),
     ] = None,
     blocks: Annotated[
         str | None,
-        typer.Option(
+        option(
             "--blocks",
             help="UNet block weights for every LoRA, e.g. down=0.5,mid=1,up=1 (down.N / up.N for one block).",
-            show_default=False,
         ),
     ] = None,
     embedding: Annotated[
         list[Path] | None,
-        typer.Option(
+        option(
             "--embedding",
             "-e",
             help="Learned tokens (A1111, diffusers or SDXL embedding, or a LoRA bundling tokens). Repeatable.",
-            show_default=False,
         ),
     ] = None,
     prompts_file: Annotated[
         str | None,
-        typer.Option(
+        option(
             "--prompts",
             help="A file of prompts, one per line (`-` for stdin; # comments).",
-            show_default=False,
         ),
     ] = None,
     count: Annotated[
@@ -88,44 +82,49 @@ def generate(
     ] = None,
     steps: Annotated[
         int | None,
-        typer.Option(
-            "--steps", help="Denoising steps (default: the model's; 20 for most).", show_default=False
+        option(
+            "--steps",
+            help="Denoising steps (default: the model's; 20 for most; Flux: 28 dev, 4 schnell).",
         ),
     ] = None,
     clip_skip: Annotated[
         int | None,
-        typer.Option(
+        option(
             "--clip-skip",
             help="Condition on the N-th text-encoder layer from the end (A1111's and kohya's clip skip: 2 is the "
             "penultimate; SD1/SD2). Default: the LoRA's ss_clip_skip, else 1.",
-            show_default=False,
         ),
     ] = None,
     guidance: Annotated[
         float | None,
-        typer.Option(
+        option(
             "--guidance",
             "-g",
-            help="Classifier-free guidance scale (default: the model's; 7.5 for most, 5 for shapes).",
-            show_default=False,
+            help="Classifier-free guidance scale (default: the model's; 7.5 for most, 5 for shapes). Flux dev: "
+            "its distilled guidance (default 3.5); schnell has none and ignores it.",
+        ),
+    ] = None,
+    max_sequence_length: Annotated[
+        int | None,
+        option(
+            "--max-sequence-length",
+            help="Flux: how many T5 tokens of the prompt are read, 1..512 (default: 512 dev, 256 schnell).",
         ),
     ] = None,
     negative: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
     scheduler: Annotated[
         str | None,
-        typer.Option(
+        option(
             "--scheduler",
             help="Sampler: ddim, pndm, euler, euler-a, heun, dpm++2m, dpm++2m-karras, unipc, ddpm "
             "(default: the model's own).",
-            show_default=False,
         ),
     ] = None,
     size: Annotated[
         str | None,
-        typer.Option(
+        option(
             "--size",
             help="WIDTHxHEIGHT, multiples of 8 (default: the model's native size).",
-            show_default=False,
         ),
     ] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the PNGs.")] = Path(
@@ -136,11 +135,10 @@ def generate(
     ] = None,
     mask_image: Annotated[
         Path | None,
-        typer.Option(
+        option(
             "--mask-image",
             help="Inpainting, with --init-image: repaint where this mask is white (inpainting checkpoints and "
             "ordinary models alike).",
-            show_default=False,
         ),
     ] = None,
     strength: Annotated[
@@ -148,11 +146,10 @@ def generate(
     ] = 0.75,
     sweep_scale: Annotated[
         str | None,
-        typer.Option(
+        option(
             "--sweep-scale",
             help="Generate once per scale factor, e.g. 0,0.25,0.5,0.75,1 (same seeds), plus one labelled sheet per "
             "prompt (a column per scale, a row per seed, the prompt on top).",
-            show_default=False,
         ),
     ] = None,
     grid: Annotated[
@@ -164,21 +161,19 @@ def generate(
     ] = False,
     xy: Annotated[
         list[str] | None,
-        typer.Option(
+        option(
             "--xy",
             help="An X/Y plot axis, KIND=V1,V2,… (A1111's X/Y plot): the first --xy gives the columns, a second the "
             "rows. KIND: prompt (search/replace: the first value is searched for, each value replaces it), scale "
             "(times every --lora's strength), lora (one LoRA per value: a name in --lora-dir or a path; none for "
             "the model alone), seed, steps, guidance. Writes one labelled PNG per prompt.",
-            show_default=False,
         ),
     ] = None,
     scale_schedule: Annotated[
         str | None,
-        typer.Option(
+        option(
             "--scale-schedule",
             help="Vary the LoRAs' UNet scale over the steps: linear:A:B, cosine:A:B, step:F[:A:B] or a list A,B,….",
-            show_default=False,
         ),
     ] = None,
     fuse: Annotated[bool, typer.Option("--fuse", help="Merge the LoRAs into the weights for speed.")] = False,
@@ -254,6 +249,7 @@ def generate(
         lora_dir=lora_dir,
         xy=[parse_xy(v) for v in xy or []],
         clip_skip=clip_skip,
+        max_sequence_length=max_sequence_length,
     )
 
     def show(image: GeneratedImage) -> None:

@@ -7,14 +7,13 @@ from typing import Annotated, Any
 
 import typer
 
-from lorax.cli.app import STATE
 from lorax.cli.common import (
     ForceOption,
     JsonOption,
-    cli_progress,
-    print_json,
-    stderr_console,
-    stdout_console,
+    dtype_option,
+    path_then_console,
+    print_lines,
+    run_and_report,
 )
 
 
@@ -59,9 +58,7 @@ def merge_command(
             "bfl (Flux) or lora_diffusion for LoRA+LoRA (default: BASE's format).",
         ),
     ] = None,
-    dtype: Annotated[
-        str | None, typer.Option(help="Output precision: fp16, bf16 or fp32 (default: BASE's).")
-    ] = None,
+    dtype: Annotated[str | None, dtype_option("BASE's")] = None,
     rank: Annotated[
         int | None,
         typer.Option(help="LoRA+LoRA: compress the result to this rank by SVD (reports the kept energy)."),
@@ -114,12 +111,7 @@ def merge_command(
         mode=mode,
         config_from=config_from,
     )
-    with cli_progress() as progress:
-        result = merge(config, progress)
-    if json_out:
-        print_json(result)
-        return
-    render(result)
+    run_and_report(lambda progress: merge(config, progress), json_out=json_out, render=render)
 
 
 def render(result: Any) -> None:
@@ -141,11 +133,9 @@ def render(result: Any) -> None:
             str(lora.modules),
             str(lora.matched),
         )
-    for path in [result.output, *result.embedding_files]:
-        stdout_console().print(str(path), markup=False, highlight=False)
-    if STATE.quiet:
+    console = path_then_console(result.output, *result.embedding_files)
+    if console is None:
         return
-    console = stderr_console()
     console.print(table)
     lines = [
         f"output: {result.output} ({result.kind}, {result.family or 'unknown family'}, {_size(result.output_bytes)})",
@@ -158,8 +148,7 @@ def render(result: Any) -> None:
         lines.append("tokens: " + ", ".join(result.embeddings))
     for path in result.embedding_files:
         lines.append(f"embedding written beside the output: {path}")
-    for line in lines:
-        console.print(line, markup=False, highlight=False)
+    print_lines(console, *lines)
 
 
 def _size(n: int) -> str:

@@ -7,14 +7,12 @@ from typing import Annotated, Any
 
 import typer
 
-from lorax.cli.app import STATE
 from lorax.cli.common import (
     ForceOption,
     JsonOption,
-    cli_progress,
-    print_json,
-    stderr_console,
-    stdout_console,
+    path_then_table,
+    print_lines,
+    run_and_report,
 )
 
 
@@ -62,40 +60,31 @@ def mix_command(
     from lorax.services.mix import MixConfig, mix
 
     config = MixConfig(list(loras or []), output, rank, recipe, to, dtype, force)
-    with cli_progress() as progress:
-        result = mix(config, progress)
-    if json_out:
-        print_json(result)
-        return
-    render(result)
+    run_and_report(lambda progress: mix(config, progress), json_out=json_out, render=render)
 
 
 def render(result: Any) -> None:
-    from rich.table import Table
-
-    stdout_console().print(str(result.output), markup=False, highlight=False)
-    if STATE.quiet:
+    columns = ("LoRA", "format", "weight", "modules", "ranks")
+    shown = path_then_table(
+        result.output, f"mixed → {result.output} ({result.format})", columns, ("LoRA", "format")
+    )
+    if shown is None:
         return
-    console = stderr_console()  # the output's path alone on stdout; the table for people on stderr
-    table = Table(title=f"mixed → {result.output} ({result.format})")
-    for col in ("LoRA", "format", "weight", "modules", "ranks"):
-        table.add_column(col, justify="left" if col in ("LoRA", "format") else "right")
+    console, table = shown
     for i in result.inputs:
         table.add_row(i.path, i.format, f"{i.weight:g}", str(i.modules), ",".join(map(str, i.ranks)))
     console.print(table)
     mode = "exact (ranks concatenated)" if result.exact else f"SVD to rank {result.rank}"
-    console.print(
+    print_lines(
+        console,
         f"modules: {result.modules}   {mode}   output ranks: {','.join(map(str, result.ranks))}   "
         f"time: {result.seconds:.2f} s",
-        markup=False,
-        highlight=False,
     )
     if result.errors:
-        console.print(
+        print_lines(
+            console,
             f"mean kept energy {result.mean_energy:.4f}; worst relative error {result.worst.error:.4f} "
             f"({result.worst.module})",
-            markup=False,
-            highlight=False,
         )
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lorax.cli.common import JsonOption, cli_progress, print_json, stderr_console
+from lorax.cli.common import JsonOption, option, run_and_report, stderr_console
 
 
 def prepare_command(
@@ -19,20 +19,18 @@ def prepare_command(
     ],
     size: Annotated[
         str | None,
-        typer.Option(
+        option(
             "--size",
             help="Training size, N or WIDTHxHEIGHT, multiples of 8 (default: --model's training resolution, "
             "else 512).",
-            show_default=False,
         ),
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option(
+        option(
             "--model",
             "-m",
             help="Take the default --size from this model's lorax.json (e.g. shapes).",
-            show_default=False,
         ),
     ] = None,
     buckets: Annotated[
@@ -58,19 +56,17 @@ def prepare_command(
     ] = 4,
     captioner: Annotated[
         str | None,
-        typer.Option(
+        option(
             "--captioner",
             help="A transformers image-to-text model (BLIP, BLIP-2, GIT, Florence-2 …), a folder or a Hub id "
             "in the local cache, for images without a caption.",
-            show_default=False,
         ),
     ] = None,
     caption_prompt: Annotated[
         str | None,
-        typer.Option(
+        option(
             "--caption-prompt",
             help="Text the captioner continues (BLIP: 'a photography of'; Florence-2: '<CAPTION>').",
-            show_default=False,
         ),
     ] = None,
     prefix: Annotated[
@@ -93,10 +89,9 @@ def prepare_command(
     ] = None,
     mask_model: Annotated[
         str | None,
-        typer.Option(
+        option(
             "--mask-model",
             help="The CLIPSeg model, a folder or a Hub id in the cache (default CIDAS/clipseg-rd64-refined).",
-            show_default=False,
         ),
     ] = None,
     dry_run: Annotated[
@@ -123,7 +118,7 @@ def prepare_command(
 
     Example: lorax prepare ./photos -o ./data --model shapes --prefix "a sks shape, " --crop subject
     """
-    from lorax.services.generate import parse_size
+    from lorax.gen.config import parse_size
     from lorax.services.prepare import PrepareConfig, prepare_folder
 
     config = PrepareConfig(
@@ -143,14 +138,13 @@ def prepare_command(
         force=force,
         dry_run=dry_run,
     )
-    with cli_progress() as progress:
-        result = prepare_folder(config, progress)
-        if not progress.quiet:
-            _summary(result)
-    if json_out:
-        print_json(result.as_dict())
-    elif not dry_run:
-        typer.echo(str(result.output))
+    run_and_report(
+        lambda progress: prepare_folder(config, progress),
+        json_out=json_out,
+        summary=_summary,
+        as_json=lambda result: result.as_dict(),
+        render=None if dry_run else lambda result: typer.echo(str(result.output)),
+    )
 
 
 def _summary(result) -> None:  # type: ignore[no-untyped-def]

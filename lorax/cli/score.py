@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lorax.cli.common import ForceOption, JsonOption, cli_progress, print_json, stderr_console
+from lorax.cli.common import ForceOption, JsonOption, option, run_and_report, stderr_console
 
 
 def score_command(
@@ -19,20 +19,18 @@ def score_command(
     ] = None,
     prompt: Annotated[
         str | None,
-        typer.Option(
+        option(
             "--prompt",
             "-p",
             help="The text to align with (default: each PNG's recorded prompt, <lora:…> tags removed).",
-            show_default=False,
         ),
     ] = None,
     reference: Annotated[
         Path | None,
-        typer.Option(
+        option(
             "--reference",
             "-r",
             help="A folder of reference images (the training data) for image alignment.",
-            show_default=False,
         ),
     ] = None,
     clip: Annotated[
@@ -40,19 +38,17 @@ def score_command(
     ] = "openai/clip-vit-base-patch32",
     shapes: Annotated[
         bool | None,
-        typer.Option(
+        option(
             "--shapes/--no-shapes",
             help="Also the shapes world's colour/shape/background scores (default: when the images come from "
             "the built-in shapes model).",
-            show_default=False,
         ),
     ] = None,
     sweep: Annotated[
         Path | None,
-        typer.Option(
+        option(
             "--sweep",
             help="A LoRA: generate with it at each of --scales, score each scale, plot both alignments.",
-            show_default=False,
         ),
     ] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="The model --sweep generates with.")] = "shapes",
@@ -76,7 +72,7 @@ def score_command(
 
     Example: lorax score --sweep sks.safetensors --prompt "a sks circle" --reference ./data --clip ./clip
     """
-    from lorax.services.generate import parse_scales
+    from lorax.gen.config import parse_scales
     from lorax.services.score import ScoreConfig
     from lorax.services.score import score as run_score
 
@@ -94,16 +90,14 @@ def score_command(
         out_dir=output,
         force=force,
     )
-    with cli_progress() as progress:
-        result = run_score(config, progress)
-        if not progress.quiet:
-            _table(result)
-    if json_out:
-        print_json(result)
-    elif result.plot is not None:
-        typer.echo(str(result.plot))
-    else:
-        typer.echo(_means(result.mean))
+    run_and_report(
+        lambda progress: run_score(config, progress), json_out=json_out, summary=_table, render=_show
+    )
+
+
+def _show(result) -> None:  # type: ignore[no-untyped-def]
+    """The plot's path on stdout, else the mean scores."""
+    typer.echo(str(result.plot) if result.plot is not None else _means(result.mean))
 
 
 def _f(value: float | None) -> str:

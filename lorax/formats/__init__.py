@@ -7,20 +7,21 @@ Public API:
 * ``save_lora(state, path, *, format="kohya", dtype=None, force=False, metadata=None)``: atomic; adds lorax's
   self-description (``lorax_version``, ``lorax_family``, ``lorax_rank``, ``lorax_alpha``, ``lorax_targets``).
 * ``load_embeddings(path)`` / ``save_embeddings(embeddings, path, *, format=..., force=False)``.
-* ``FORMATS``: format name → module (``read`` / ``write``) and what it can do.
+* ``FORMATS``: format name → its ``LoraFormat`` (``lorax.formats.registry``, in the order detection tries them):
+  ``detect``, ``read``, ``write``, ``describe`` and what it can do. Every dispatch on a format goes through it.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorax.errors import FormatError, InputError
-from lorax.formats import keys as _keys
+from lorax.formats.base import Source
+from lorax.formats.embeddings import save as save_embeddings  # noqa: F401  (lorax.formats' public name)
+from lorax.formats.registry import EMBEDDING_FORMATS, FORMATS, detect
 from lorax.io.safetensors_io import check_readable_file, read_header
 
 if TYPE_CHECKING:
@@ -28,49 +29,6 @@ if TYPE_CHECKING:
 
     from lorax.adapters.state import LoraState
 
-
-@dataclass(frozen=True)
-class FormatInfo:
-    name: str
-    module: str  # the lorax.formats submodule holding read/write
-    writable: bool
-    description: str
-
-    def load(self) -> Any:
-        return importlib.import_module(self.module)
-
-
-FORMATS: dict[str, FormatInfo] = {
-    "kohya": FormatInfo(
-        "kohya", "lorax.formats.kohya", True, "kohya / AUTOMATIC1111 / ComfyUI (lora_unet_…)"
-    ),
-    "diffusers": FormatInfo(
-        "diffusers", "lorax.formats.diffusers", True, "diffusers / PEFT (unet.….lora_A.weight)"
-    ),
-    "bfl": FormatInfo(
-        "bfl",
-        "lorax.formats.flux",
-        True,
-        "Flux BFL / ComfyUI (diffusion_model.double_blocks.….lora_A.weight)",
-    ),
-    "xlabs": FormatInfo(
-        "xlabs", "lorax.formats.flux", False, "Flux XLabs (double_blocks.….processor.qkv_lora1.down.weight)"
-    ),
-    "lora_diffusion": FormatInfo(
-        "lora_diffusion", "lorax.formats.lora_diffusion", True, "cloneofsimo/lora (unet:{i}:up, by index)"
-    ),
-    "lycoris": FormatInfo(
-        "lycoris", "lorax.formats.lycoris", True, "LyCORIS LoHa / LoKr / DoRA (kohya names)"
-    ),
-    "a1111-embedding": FormatInfo("a1111-embedding", "lorax.formats.embeddings", True, "A1111 embedding"),
-    "sdxl-embedding": FormatInfo(
-        "sdxl-embedding", "lorax.formats.embeddings", True, "SDXL embedding (clip_l, clip_g)"
-    ),
-    "diffusers-embedding": FormatInfo(
-        "diffusers-embedding", "lorax.formats.embeddings", True, "diffusers learned_embeds ({token: [dim]})"
-    ),
-}
-EMBEDDING_FORMATS = ("a1111-embedding", "sdxl-embedding", "diffusers-embedding")
 LORA_WRITE_FORMATS = ("kohya", "diffusers", "bfl", "lora_diffusion")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 _FOLDER_FILES = (
@@ -105,9 +63,7 @@ def detect_format(path: str | Path) -> str:
     check_readable_file(p)
     if is_safetensors(p):
         header = read_header(p)
-        found = _keys.detect(
-            list(header.tensors), header.metadata, {k: t.shape for k, t in header.tensors.items()}
-        )
+        found = detect(list(header.tensors), header.metadata, {k: t.shape for k, t in header.tensors.items()})
     else:
         found = detect_object(_load_pickle_object(p), p)
     if found is None:
@@ -146,7 +102,7 @@ def detect_object(obj: Any, path: Any = None) -> str | None:
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         return None
-    return _keys.detect(list(tensors), {}, {k: tuple(v.shape) for k, v in tensors.items()})
+    return detect(list(tensors), {}, {k: tuple(v.shape) for k, v in tensors.items()})
 
 
 def read_file(path: str | Path) -> tuple[Any, dict[str, str], str]:
@@ -166,38 +122,18 @@ def read_file(path: str | Path) -> tuple[Any, dict[str, str], str]:
 
 def load_lora(path: str | Path, *, model: Any = None, family: str | None = None) -> LoraState:
     """Load any supported LoRA (or embedding) file into a ``LoraState``."""
-    from lorax.adapters.state import LoraState
-
     p = _resolve_folder(Path(path))
     content, metadata, fmt = read_file(p)
-    if fmt in EMBEDDING_FORMATS:
-        from lorax.formats import embeddings
-
-        state = LoraState(
-            embeddings=embeddings.read(content, fmt, path=p, metadata=metadata),
-            metadata=metadata,
-            family=family,
-        )
-        check_state(state, p)
-        return state
     if fmt not in FORMATS:
         raise FormatError(f"is a {fmt} file, not a LoRA", path=p)
-    module = FORMATS[fmt].load()
-    if fmt == "lora_diffusion":
-        state = module.read_path(p, model=model, family=family)
-        check_state(state, p)
-        return state  # type: ignore[no-any-return]
-    kwargs: dict[str, Any] = {}
-    if fmt == "diffusers" and (p.parent / "adapter_config.json").is_file():
-        kwargs["adapter_config"] = json.loads((p.parent / "adapter_config.json").read_text())
     try:
-        state = module.read(content, metadata, model=model, family=family, path=p, **kwargs)
+        state = FORMATS[fmt].read(content, Source(metadata, model, p), family)
     except FormatError as err:
         if err.path is None:
             raise FormatError(str(err), path=p) from None
         raise
     check_state(state, p)
-    return state  # type: ignore[no-any-return]
+    return state
 
 
 def check_state(state: LoraState, path: Any) -> None:
@@ -314,12 +250,8 @@ def save_lora(
         )
     from dataclasses import replace
 
-    module = FORMATS[format].load()
     state = replace(state, metadata=carried_metadata(state.metadata))
-    if format == "lora_diffusion":
-        tensors, header = module.write(state, dtype=dtype, model=model)
-    else:
-        tensors, header = module.write(state, dtype=dtype)
+    tensors, header = FORMATS[format].write(state, dtype=dtype, model=model)
     out = Path(path)
     header = {**header, **lorax_metadata(state, format), **dict(metadata or {})}
     header = {str(k): str(v) for k, v in {**ui_metadata(state, out, header), **header}.items()}
@@ -356,27 +288,10 @@ def load_embeddings(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     p = _resolve_folder(Path(path))
     content, metadata, fmt = read_file(p)
     if fmt in EMBEDDING_FORMATS:
-        from lorax.adapters.state import LoraState
-        from lorax.formats import embeddings
-
-        found = embeddings.read(content, fmt, path=p, metadata=metadata)
-        check_state(LoraState(embeddings=found), p)
-        return found
+        found = FORMATS[fmt].read(content, Source(metadata, None, p))
+        check_state(found, p)
+        return found.embeddings
     state = load_lora(p)
     if not state.embeddings:
         raise FormatError(f"is a {fmt} file with no token embeddings", path=p)
     return state.embeddings
-
-
-def save_embeddings(
-    embeddings: Mapping[str, Mapping[str, torch.Tensor]],
-    path: str | Path,
-    *,
-    format: str | None = None,
-    force: bool = False,
-    metadata: Mapping[str, str] | None = None,
-) -> Path:
-    """Write token embeddings; ``format`` defaults from the path (``.pt`` A1111, ``learned_embeds…`` diffusers)."""
-    from lorax.formats import embeddings as emb
-
-    return emb.save(embeddings, path, format=format, force=force, metadata=metadata)

@@ -25,12 +25,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorax.adapters.state import LoraModule, LoraState
 from lorax.errors import FormatError, MismatchError
 from lorax.formats import keys
-from lorax.formats.kohya import check_pair
+from lorax.formats.base import Meta, Tensors, check_pair, source
 from lorax.models import families
 
 if TYPE_CHECKING:
@@ -46,21 +47,15 @@ module_alpha = keys.module_alpha
 
 
 def read(
-    tensors: Mapping[str, torch.Tensor],
-    metadata: Mapping[str, str] | None = None,
-    *,
-    model: Any = None,
+    tensors: Tensors,
+    meta: Meta = None,
     family: str | None = None,
-    path: Any = None,
     adapter_config: Mapping[str, Any] | None = None,
 ) -> LoraState:
-    """diffusers/PEFT tensors → ``LoraState`` (``adapter_config``: a raw PEFT adapter's ``adapter_config.json``;
-    Flux files go to ``lorax.formats.flux``)."""
-    metadata = dict(metadata or {})
-    if keys.flux_variant(list(tensors)) is not None or family == keys.FLUX_FAMILY:
-        from lorax.formats import flux
-
-        return flux.read(tensors, metadata, model=model, family=family, path=path)
+    """diffusers/PEFT tensors → ``LoraState`` (``adapter_config``: a raw PEFT adapter's ``adapter_config.json``).
+    (The diffusers format hands Flux files to ``lorax.formats.flux``: ``lorax.formats.registry``.)"""
+    src = source(meta)
+    metadata, model, path = dict(src.metadata), src.model, src.path
     parts: dict[str, dict[str, torch.Tensor]] = {}
     leftovers: list[str] = []
     for key, tensor in tensors.items():
@@ -121,6 +116,14 @@ def read(
         else:
             state.modules[module_path] = LoraModule(down, up, alpha)
     return state
+
+
+def peft_adapter_config(path: Any) -> dict[str, Any] | None:
+    """A raw PEFT adapter's ``adapter_config.json`` beside its weights file, if there is one."""
+    if path is None:
+        return None
+    config = Path(path).parent / "adapter_config.json"
+    return dict(json.loads(config.read_text())) if config.is_file() else None
 
 
 def _check_against_model(parts: Mapping[str, Any], model: Any, path: Any) -> None:
@@ -231,11 +234,6 @@ def write(
     header."""
     from lorax.adapters.lycoris import DoraModule
 
-    if state.family == keys.FLUX_FAMILY:
-        from lorax.formats import flux
-
-        tensors_, header = flux.write(state, dtype=dtype, variant="diffusers")
-        return tensors_, {**header, "format": "pt"}
     state = prepare(state)
     tensors: dict[str, torch.Tensor] = {}
     for module_path, module in state.modules.items():

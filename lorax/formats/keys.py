@@ -1,4 +1,4 @@
-"""The key grammar of every LoRA/embedding format, and format detection from a header: standard library only.
+"""The key grammar of every LoRA/embedding format: standard library only (detection: ``lorax.formats.registry``).
 
 ``lorax inspect`` works from safetensors headers through this module alone, without importing torch.
 """
@@ -193,15 +193,6 @@ def module_alpha(
 # --- lora_diffusion --------------------------------------------------------------------------------------------
 LORA_DIFFUSION_KEY = re.compile(r"^(?P<c>unet|text_encoder|text_encoder_2):(?P<i>\d+):(?P<r>up|down)$")
 
-# --- model checkpoints -----------------------------------------------------------------------------------------
-_CHECKPOINT_PREFIXES = (
-    "model.diffusion_model.",
-    "first_stage_model.",
-    "cond_stage_model.",
-    "conditioner.embedders.",
-)
-
-
 FLUX_FAMILY = "flux"
 
 
@@ -218,38 +209,3 @@ def flux_variant(keys: Sequence[str]) -> str | None:
     if any(re.search(r"(^|\.)(double|single)_blocks\.\d", k) for k in keys):
         return "bfl"
     return "diffusers"
-
-
-def detect(
-    keys: Sequence[str], metadata: Mapping[str, str], shapes: Mapping[str, Sequence[int]]
-) -> str | None:
-    """The format of a file from its tensor names, header metadata and shapes; ``None`` when unknown.
-
-    Answers: ``kohya``, ``lycoris``, ``diffusers``, ``bfl``, ``xlabs`` (Flux layouts), ``lora_diffusion``, ``a1111-embedding``, ``sdxl-embedding``,
-    ``diffusers-embedding``, ``checkpoint`` (single-file model), ``model-weights`` (a diffusers component file).
-    """
-    if not keys:
-        return None
-    if any(LORA_DIFFUSION_KEY.match(k) for k in keys):
-        return "lora_diffusion"
-    flux = flux_variant(keys)
-    if flux is not None:
-        return flux
-    groups, rest = kohya_groups(keys)
-    if (groups or rest) and all(k.startswith(BUNDLE) for k in rest):
-        suffixes = {s for parts in groups.values() for s in parts}
-        return "lycoris" if suffixes & LYCORIS_SUFFIXES else "kohya"
-    if any(diffusers_parse(k) is not None and not k.endswith(".alpha") for k in keys):
-        return "diffusers"
-    key_set = set(keys)
-    if "emb_params" in key_set or any(k.startswith("string_to_param") for k in keys):
-        return "a1111-embedding"
-    if key_set and key_set <= {"clip_l", "clip_g"}:
-        return "sdxl-embedding"
-    if any(k.startswith(_CHECKPOINT_PREFIXES) for k in keys):
-        return "checkpoint"
-    if all("." not in k and len(shapes.get(k, ())) in (1, 2) for k in keys) and len(keys) <= 64:
-        return "diffusers-embedding"
-    if any(k.endswith((".weight", ".bias")) for k in keys):
-        return "model-weights"
-    return None

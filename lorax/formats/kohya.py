@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from lorax.adapters.state import LoraModule, LoraState
 from lorax.errors import FormatError
-from lorax.formats import keys, naming
+from lorax.formats import keys, lycoris, naming
+from lorax.formats.base import Meta, Tensors, check_pair, source
 from lorax.models import families
 
 if TYPE_CHECKING:
@@ -28,17 +29,6 @@ LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 BUNDLE = keys.BUNDLE
 split_key = keys.kohya_split
 group_keys = keys.kohya_groups
-
-
-def check_pair(name: str, down: torch.Tensor, up: torch.Tensor, path: Any = None) -> None:
-    """Refuse up/down tensors that cannot multiply (``up[:, :r] @ down[:r]``)."""
-    if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != down.shape[0]:
-        raise FormatError(
-            f"module {name}: up {list(up.shape)} and down {list(down.shape)} do not form a low-rank pair",
-            path=path,
-        )
-    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
-        raise FormatError(f"module {name}: conv up weight must be 1x1, got {list(up.shape)}", path=path)
 
 
 def resolve_groups(
@@ -72,22 +62,12 @@ def read_bundles(tensors: Mapping[str, torch.Tensor], path: Any = None) -> dict[
     return out
 
 
-def read(
-    tensors: Mapping[str, torch.Tensor],
-    metadata: Mapping[str, str] | None = None,
-    *,
-    model: Any = None,
-    family: str | None = None,
-    path: Any = None,
-) -> LoraState:
-    """kohya tensors → ``LoraState``. LyCORIS algorithms in the same naming are handed to ``lycoris``; Flux files
-    (BFL module names) to ``lorax.formats.flux``."""
-    metadata = dict(metadata or {})
+def read(tensors: Tensors, meta: Meta = None, family: str | None = None) -> LoraState:
+    """kohya tensors → ``LoraState``; LyCORIS algorithms in the same naming are built from ``lycoris.ALGORITHMS``.
+    (The kohya format hands Flux files, BFL module names, to ``lorax.formats.flux``: ``lorax.formats.registry``.)"""
+    src = source(meta)
+    metadata, model, path = dict(src.metadata), src.model, src.path
     names = list(tensors)
-    if keys.flux_variant(names) is not None or family == keys.FLUX_FAMILY:
-        from lorax.formats import flux
-
-        return flux.read(tensors, metadata, model=model, family=family, path=path)
     groups, rest = group_keys(names)
     leftovers = [k for k in rest if not k.startswith(BUNDLE)]
     if leftovers:
@@ -110,8 +90,6 @@ def read(
             alpha = file_alpha(tensors[parts["alpha"]], parts["alpha"], path) if "alpha" in parts else None
             state.modules[module_path] = LoraModule(down, up, alpha)
             continue
-        from lorax.formats import lycoris
-
         if "alpha" in parts:  # named by the file's own key
             file_alpha(tensors[parts["alpha"]], parts["alpha"], path)
         module = lycoris.module_from_parts(
@@ -156,11 +134,6 @@ def write(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``LoraState`` → kohya tensors and header metadata (``alpha`` scalars stay float32)."""
     import torch
-
-    if state.family == keys.FLUX_FAMILY:
-        from lorax.formats import flux
-
-        return flux.write(state, dtype=dtype, variant="kohya")
 
     from lorax.adapters.state import DeltaModule
 

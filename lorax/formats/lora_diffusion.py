@@ -25,6 +25,7 @@ import torch
 from lorax.adapters.state import LoraModule, LoraState
 from lorax.errors import FormatError, MismatchError
 from lorax.formats import keys as _keys
+from lorax.formats.base import Meta, Tensors, source
 from lorax.formats.naming import components_of
 from lorax.models import families
 
@@ -214,16 +215,10 @@ def _pairs_from_list(items: Sequence[Any], what: str, path: Any) -> list[tuple[t
     return pairs
 
 
-def read(
-    tensors: Mapping[str, torch.Tensor],
-    metadata: Mapping[str, str] | None = None,
-    *,
-    model: Any = None,
-    family: str | None = None,
-    path: Any = None,
-) -> LoraState:
+def read(tensors: Tensors, meta: Meta = None, family: str | None = None) -> LoraState:
     """A lora_diffusion ``.safetensors`` content → ``LoraState``."""
-    metadata = dict(metadata or {})
+    src = source(meta)
+    metadata, model, path = dict(src.metadata), src.model, src.path
     slots: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     tokens: dict[str, torch.Tensor] = {}
     leftovers = []
@@ -270,15 +265,8 @@ def legacy_paths(path: Path) -> dict[str, Path]:
     return {k: p for k, p in parts.items() if p.is_file()}
 
 
-def read_path(path: Path, *, model: Any = None, family: str | None = None) -> LoraState:
-    """Read a lora_diffusion ``.safetensors`` or a legacy ``.pt`` set (siblings found from any member)."""
-    from lorax.formats import is_safetensors
-
-    if is_safetensors(path):
-        from lorax.io.safetensors_io import SafetensorsFile
-
-        sf = SafetensorsFile(path)
-        return read(sf.load_all(), sf.metadata, model=model, family=family, path=path)
+def read_legacy(path: Path, *, model: Any = None, family: str | None = None) -> LoraState:
+    """Read a legacy ``.pt`` set (siblings found from any member)."""
     from lorax.io.pickle_safe import load_pickle
 
     files = legacy_paths(path)

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from lorax.adapters.apply import quiet_libraries
     from lorax.formats import save_lora
-    from lorax.services.generate import load_model
+    from lorax.gen.runtime import load_model
 
     with quiet_libraries():
         pipe = load_model(args.model)

@@ -20,7 +20,8 @@ INPAINT_CHANNELS = 9  # latents 4 + mask 1 + masked-image latents 4
 
 def is_inpainting_model(pipe: Any) -> bool:
     """Whether the pipeline's UNet is an inpainting UNet (9 input channels)."""
-    return int(getattr(pipe.unet.config, "in_channels", 4)) == INPAINT_CHANNELS
+    unet = getattr(pipe, "unet", None)  # Flux has a transformer, and no inpainting variant lorax loads
+    return unet is not None and int(getattr(unet.config, "in_channels", 4)) == INPAINT_CHANNELS
 
 
 def read_mask_image(path: Path) -> Any:

@@ -133,6 +133,22 @@ class Family:
         return self.kohya_version
 
 
+def clip(
+    family: str, kohya_prefix: str, width: int, *, name: str = "text_encoder", **fields: Any
+) -> Component:
+    """A shipped CLIP text encoder of ``family``: ``CLIPTextModel`` with the ``tokenizer`` unless ``fields`` say."""
+    fields = {"model_class": "CLIPTextModel", "tokenizer": "tokenizer", **fields}
+    return shipped(family, name, "text", fields.pop("model_class"), kohya_prefix, width=width, **fields)
+
+
+def unet_family(name: str, *text_encoders: Component, kohya_version: str, **fields: Any) -> Family:
+    """Build and register a family of a shipped ``UNet2DConditionModel`` (kohya ``lora_unet_``) and
+    ``text_encoders``; kohya headers name it by ``kohya_version`` unless ``kohya_versions`` says otherwise."""
+    unet = shipped(name, "unet", "unet", "UNet2DConditionModel", "lora_unet_")
+    fields.setdefault("kohya_versions", (kohya_version,))
+    return register(Family(name, (unet, *text_encoders), kohya_version=kohya_version, **fields))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Registry
 

@@ -7,42 +7,27 @@ ids (``lorax.training.sdxl``); a learned token has a vector per encoder (``clip_
 from __future__ import annotations
 
 from lorax.io.checkpoint_layouts import SDXL
-from lorax.models.families.base import Family, register, shipped
+from lorax.models.families.base import clip, unet_family
 
-FAMILY = register(
-    Family(
-        name="sdxl",
-        components=(
-            shipped("sdxl", "unet", "unet", "UNet2DConditionModel", "lora_unet_"),
-            shipped(
-                "sdxl",
-                "text_encoder",
-                "text",
-                "CLIPTextModel",
-                "lora_te1_",
-                width=768,
-                tokenizer="tokenizer",
-                embedding_key="clip_l",
-            ),
-            shipped(
-                "sdxl",
-                "text_encoder_2",
-                "text",
-                "CLIPTextModelWithProjection",
-                "lora_te2_",
-                width=1280,
-                tokenizer="tokenizer_2",
-                embedding_key="clip_g",
-            ),
-        ),
-        checkpoint=SDXL,
-        kohya_versions=("sdxl",),
-        kohya_version="sdxl_base_v1-0",
-        kohya_unet_names="sgm",
-        modelspec={"epsilon": ("stable-diffusion-xl-v1-base", 1024)},
-        modelspec_implementation="stability",
-        pipelines={"txt2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline"},
-        conditioning="text_time",
-        embedding_format="sdxl-embedding",
-    )
+FAMILY = unet_family(
+    "sdxl",
+    clip("sdxl", "lora_te1_", 768, embedding_key="clip_l"),
+    clip(
+        "sdxl",
+        "lora_te2_",
+        1280,
+        name="text_encoder_2",
+        model_class="CLIPTextModelWithProjection",
+        tokenizer="tokenizer_2",
+        embedding_key="clip_g",
+    ),
+    checkpoint=SDXL,
+    kohya_versions=("sdxl",),
+    kohya_version="sdxl_base_v1-0",
+    kohya_unet_names="sgm",
+    modelspec={"epsilon": ("stable-diffusion-xl-v1-base", 1024)},
+    modelspec_implementation="stability",
+    pipelines={"txt2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline"},
+    conditioning="text_time",
+    embedding_format="sdxl-embedding",
 )
