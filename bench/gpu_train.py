@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.train import build_sd15, run_reference, steady_seconds_per_step, write_images
+from bench.train import build_sd15, reference_case, steady_seconds_per_step, write_images
 
 
 def _peak_mb(device: str) -> float:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         if args.reference and rank == 4:
             _reset(args.device)
-            ref = run_reference(
+            ref = reference_case(
                 {
                     "device": args.device,
                     "tiny": args.tiny,

@@ -166,8 +166,12 @@ def run_lorax(case: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_reference(case: dict[str, Any]) -> dict[str, Any]:
-    """diffusers' DreamBooth-LoRA recipe, reduced to its training step."""
+def run_reference(pipe: Any, case: dict[str, Any]) -> list[float]:
+    """diffusers' DreamBooth-LoRA recipe, reduced to its training step, on ``pipe`` (any SD1-layout pipeline: the
+    full-size random SD1.5 here, the shapes model in ``bench.train_speed``). Cumulative step-end times.
+
+    ``case``: rank, resolution, batch_size, steps, images (a folder of PNGs), prompt, and optionally device
+    ("cpu"), mixed_precision ("no") and gradient_checkpointing (False)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -177,12 +181,12 @@ def run_reference(case: dict[str, Any]) -> dict[str, Any]:
     from peft import LoraConfig
     from PIL import Image
 
-    device = case["device"]
-    accelerator = Accelerator(mixed_precision=case["mixed_precision"], cpu=device == "cpu")
-    pipe = build_sd15("cpu", tiny=case["tiny"])
+    device = case.get("device", "cpu")
+    mixed_precision = case.get("mixed_precision", "no")
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device == "cpu")
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(case["mixed_precision"], torch.float32)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False)
     unet.to(accelerator.device, dtype=weight_dtype)
@@ -193,16 +197,16 @@ def run_reference(case: dict[str, Any]) -> dict[str, Any]:
             r=case["rank"], lora_alpha=case["rank"], init_lora_weights="gaussian", target_modules=TARGETS
         )
     )
-    if case["gradient_checkpointing"]:
+    if case.get("gradient_checkpointing"):
         unet.enable_gradient_checkpointing()
-    if case["mixed_precision"] != "no":
+    if mixed_precision != "no":
         cast_training_params(unet, dtype=torch.float32)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     unet, optimizer = accelerator.prepare(unet, optimizer)
 
-    res = case["resolution"]
+    res, bs = case["resolution"], case["batch_size"]
     files = sorted(Path(case["images"]).glob("*.png"))
 
     def pixels(i: int) -> torch.Tensor:  # Resize + CenterCrop + ToTensor + Normalize([0.5], [0.5])
@@ -210,7 +214,7 @@ def run_reference(case: dict[str, Any]) -> dict[str, Any]:
         return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
     ids = tokenizer(
-        ["a sks star"] * case["batch_size"],
+        [case["prompt"]] * bs,
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
@@ -222,7 +226,7 @@ def run_reference(case: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     unet.train()
     for step in range(case["steps"]):
-        batch = torch.stack([pixels(step * case["batch_size"] + j) for j in range(case["batch_size"])])
+        batch = torch.stack([pixels(step * bs + j) for j in range(bs)])
         with accelerator.accumulate(unet):
             model_input = vae.encode(batch.to(accelerator.device, weight_dtype)).latent_dist.sample()
             model_input = model_input * vae.config.scaling_factor
@@ -245,10 +249,16 @@ def run_reference(case: dict[str, Any]) -> dict[str, Any]:
             optimizer.zero_grad()
         float(loss.detach())  # the recipe logs the loss every step (a device sync, as lorax does)
         times.append(time.perf_counter() - start)
+    return times
+
+
+def reference_case(case: dict[str, Any]) -> dict[str, Any]:
+    """The reference recipe on this bench's model: s/step and peak memory."""
+    times = run_reference(build_sd15("cpu", tiny=case["tiny"]), dict(case, prompt="a sks star"))
     times = times[max(0, case.get("warmup", 1) - 1) :]
     return {
         "s_per_step": steady_seconds_per_step(times),
-        "peak_mb": peak_memory_mb(device),
+        "peak_mb": peak_memory_mb(case["device"]),
         "steps": len(times),
     }
 
@@ -265,7 +275,7 @@ def _child(case: dict[str, Any]) -> None:
 
     if case.get("threads"):
         torch.set_num_threads(case["threads"])
-    out = run_lorax(case) if case["side"] == "lorax" else run_reference(case)
+    out = run_lorax(case) if case["side"] == "lorax" else reference_case(case)
     print("RESULT " + json.dumps(out), flush=True)
 
 

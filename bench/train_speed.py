@@ -1,23 +1,25 @@
-"""Benchmark: s/step of `lorax train` on the built-in shapes model with and without each speed knob, beside
-diffusers' reference LoRA recipe timed in the same run.
+"""Benchmark: s/step of `lorax train` with and without each speed knob, beside diffusers' reference LoRA recipe
+timed in the same run, on the built-in shapes model or on full-size SD1.5 with random weights (CPU).
 
-The reference is diffusers' ``examples/text_to_image/train_text_to_image_lora.py`` training step written out: PEFT
+The reference is ``bench.train.run_reference``: diffusers' LoRA training step written out (PEFT
 ``unet.add_adapter(LoraConfig(r, init_lora_weights="gaussian", target_modules=[to_k, to_q, to_v, to_out.0]))``,
 AdamW, the VAE's ``latent_dist.sample()`` and the text encoder run on every step, ``F.mse_loss`` on epsilon,
-``accelerator.backward``, clipping at 1.0, the loss read every step. lorax trains the same model, images, batch size
-and rank. The knobs: SDPA (the default; ``--no-sdpa`` is the plain attention processor), ``--channels-last``,
+``accelerator.backward``, clipping at 1.0, the loss read every step). lorax trains the same model, images, batch
+size and rank. The knobs: SDPA (the default; ``--no-sdpa`` is the plain attention processor), ``--channels-last``,
 ``--compile`` (torch.compile's default inductor backend; its compile time is in the warm-up steps left out),
 ``--cache-latents`` and ``--cache-latents-to-disk`` (timed on a second run that reads the files). Every case runs
 in its own process with the same torch thread count; figures are medians over ``--reps`` repetitions, ratios are
 against the reference of the same run.
 
     python -m bench.train_speed [--steps 40] [--warmup 10] [--reps 2] [--threads 1] [--batch-size 4]
+    python -m bench.train_speed --model sd15       # full-size SD1.5, random weights: 256 px, batch 1, 4 steps
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -26,15 +28,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+MODELS: dict[str, dict[str, Any]] = {  # each model's defaults; flags override them
+    "shapes": {"resolution": 32, "steps": 40, "warmup": 10, "reps": 2, "batch_size": 4},
+    "sd15": {"resolution": 256, "steps": 4, "warmup": 1, "reps": 1, "batch_size": 1},
+}
+PROMPT = "a red star"
 CASES: dict[str, dict[str, Any]] = {
     "reference (diffusers + PEFT)": {"side": "reference"},
     "lorax (SDPA, default)": {},
     "lorax --no-sdpa": {"sdpa": False},
     "lorax --channels-last": {"channels_last": True},
-    "lorax --compile": {"compile": True},
     "lorax --cache-latents": {"cache_latents": True},
     "lorax --cache-latents-to-disk": {"cache_latents_to_disk": True, "prefill": True},
+    "lorax --compile": {"compile": True},  # last: on a slow machine it may run past --case-timeout
 }
 
 
@@ -42,6 +48,17 @@ def steady(times: list[float], warmup: int) -> float:
     """Seconds per step from cumulative step-end times, the first ``warmup`` steps left out."""
     times = times[warmup - 1 :] if warmup > 0 else [0.0, *times]
     return (times[-1] - times[0]) / (len(times) - 1)
+
+
+def load_pipeline(model: str) -> Any:
+    """The shapes model, or full-size SD1.5 with random weights (``bench.train.build_sd15``), on the CPU."""
+    if model == "sd15":
+        from bench.train import build_sd15
+
+        return build_sd15("cpu")
+    from lorax.zoo.shapes.pipeline import load_shapes_pipeline
+
+    return load_shapes_pipeline()
 
 
 def run_lorax(case: dict[str, Any]) -> float:
@@ -60,9 +77,9 @@ def run_lorax(case: dict[str, Any]) -> float:
         cfg = TrainConfig(
             data_dir=Path(case["images"]),
             output=work / name,
-            model="shapes",
-            instance_prompt="a red star",
-            resolution=32,
+            model="shapes" if case["model"] == "shapes" else "sd15-random",
+            instance_prompt=PROMPT,
+            resolution=case["resolution"],
             steps=steps,
             batch_size=case["batch_size"],
             rank=case["rank"],
@@ -70,7 +87,8 @@ def run_lorax(case: dict[str, Any]) -> float:
             force=True,
             **knobs,
         )
-        return train(cfg, NullProgress())
+        pipeline = None if case["model"] == "shapes" else load_pipeline(case["model"])
+        return train(cfg, NullProgress(), pipeline=pipeline)
 
     if case.get("prefill"):
         once(1, f"prefill-{case['key']}.safetensors")  # writes the latent files the timed run reads
@@ -78,64 +96,10 @@ def run_lorax(case: dict[str, Any]) -> float:
     return steady([row[3] for row in result.losses], case["warmup"])
 
 
-def run_reference(case: dict[str, Any]) -> float:
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-    from accelerate import Accelerator
-    from diffusers import DDPMScheduler
-    from peft import LoraConfig
-    from PIL import Image
+def reference(case: dict[str, Any]) -> float:
+    from bench.train import run_reference
 
-    from lorax.zoo.shapes.pipeline import load_shapes_pipeline
-
-    accelerator = Accelerator(cpu=True)
-    pipe = load_shapes_pipeline()
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    for m in (unet, vae, text_encoder):
-        m.requires_grad_(False)
-    unet.add_adapter(
-        LoraConfig(
-            r=case["rank"], lora_alpha=case["rank"], init_lora_weights="gaussian", target_modules=TARGETS
-        )
-    )
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    files = sorted(Path(case["images"]).glob("*.png"))
-
-    def pixels(i: int) -> torch.Tensor:  # Resize + CenterCrop + ToTensor + Normalize([0.5], [0.5])
-        img = Image.open(files[i % len(files)]).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
-        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-
-    bs = case["batch_size"]
-    ids = tokenizer(
-        ["a red star"] * bs, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids  # fmt: skip
-    times: list[float] = []
-    start = time.perf_counter()
-    unet.train()
-    for step in range(case["steps"]):
-        batch = torch.stack([pixels(step * bs + j) for j in range(bs)])
-        with accelerator.accumulate(unet):
-            latents = vae.encode(batch).latent_dist.sample() * vae.config.scaling_factor
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bs,)).long()
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            encoder_hidden_states = text_encoder(ids, return_dict=False)[0]
-            pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-        float(loss.detach())
-        times.append(time.perf_counter() - start)
+    times = run_reference(load_pipeline(case["model"]), dict(case, prompt=PROMPT))
     return steady(times, case["warmup"])
 
 
@@ -149,17 +113,23 @@ def _child(case: dict[str, Any]) -> None:
     os.environ["LORAX_CACHE"] = case["cache"]
     quiet_libraries()
     torch.set_num_threads(case["threads"])
-    seconds = run_reference(case) if case.get("side") == "reference" else run_lorax(case)
+    seconds = reference(case) if case.get("side") == "reference" else run_lorax(case)
     print("RESULT " + json.dumps({"s_per_step": seconds}), flush=True)
 
 
-def run_case(case: dict[str, Any]) -> float:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.train_speed", "--child", json.dumps(case)],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[1],
-    )
+def run_case(case: dict[str, Any], timeout: float | None = None) -> float:
+    """One case in its own process: its s/step, or NaN when it ran past ``timeout`` seconds (a compile that
+    never finishes on a slow machine must not hold up the others)."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.train_speed", "--child", json.dumps(case)],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return math.nan
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return float(json.loads(line[len("RESULT ") :])["s_per_step"])
@@ -169,13 +139,22 @@ def run_case(case: dict[str, Any]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.train_speed", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=10, help="first steps left out (compilation, caches)")
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument(
+        "--model", choices=sorted(MODELS), default="shapes", help="sd15: full-size, random weights"
+    )
+    parser.add_argument("--resolution", type=int, help="px (shapes: 32; sd15: 256)")
+    parser.add_argument("--steps", type=int, help="steps per case (shapes: 40; sd15: 4)")
+    parser.add_argument(
+        "--warmup", type=int, help="first steps left out: compilation, caches (shapes: 10; sd15: 1)"
+    )
+    parser.add_argument("--reps", type=int, help="repetitions of every case (shapes: 2; sd15: 1)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, help="shapes: 4; sd15: 1")
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--only", default="", help="comma-separated substrings of case names")
+    parser.add_argument(
+        "--case-timeout", type=float, help="seconds a case may run before it is left unmeasured"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -183,28 +162,41 @@ def main(argv: list[str] | None = None) -> None:
         return
     from bench.train import write_images
 
+    settings = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in MODELS[args.model].items()}
     work = Path(tempfile.mkdtemp(prefix="lorax-bench-train-speed-"))
-    images = write_images(work / "images", 8, 32)
+    images = write_images(work / "images", 8, settings["resolution"])
     cases = {n: c for n, c in CASES.items() if not args.only or any(s in n for s in args.only.split(","))}
+    model = "shapes model" if args.model == "shapes" else "full-size SD1.5 layout, random weights"
     print(
-        f"train s/step: shapes model (32 px), batch {args.batch_size}, rank {args.rank}, CPU, {args.threads} torch "
-        f"thread(s), {args.steps} steps per case ({args.warmup} warm-up left out), median of {args.reps}"
+        f"train s/step: {model} ({settings['resolution']} px), batch {settings['batch_size']}, rank {args.rank}, "
+        f"CPU, {args.threads} torch thread(s), {settings['steps']} steps per case ({settings['warmup']} warm-up "
+        f"left out), median of {settings['reps']}",
+        flush=True,
     )
     results: dict[str, list[float]] = {n: [] for n in cases}
-    for rep in range(args.reps):  # interleaved, so a slow spell of the machine hits every case alike
+    for rep in range(settings["reps"]):  # interleaved, so a slow spell of the machine hits every case alike
         for i, (name, extra) in enumerate(cases.items()):
             case = {
-                "name": name, "key": f"c{i}-r{rep}", "steps": args.steps, "warmup": args.warmup,
-                "threads": args.threads, "batch_size": args.batch_size, "rank": args.rank,
-                "images": str(images), "work": str(work), "cache": str(work / f"cache-{i}-{rep}"), **extra,
+                "name": name, "key": f"c{i}-r{rep}", "model": args.model, "threads": args.threads,
+                "rank": args.rank, "images": str(images), "work": str(work), "cache": str(work / f"cache-{i}-{rep}"),
+                **{k: settings[k] for k in ("resolution", "steps", "warmup", "batch_size")}, **extra,
             }  # fmt: skip
-            results[name].append(run_case(case))
+            started = time.perf_counter()
+            results[name].append(run_case(case, args.case_timeout))
+            print(
+                f"    {name}: {results[name][-1]:.3f} s/step (case wall {time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
     reference = next((n for n in results if n.startswith("reference")), None)
-    ref = statistics.median(results[reference]) if reference else None
-    for name, values in results.items():
+    measured = {n: [v for v in values if not math.isnan(v)] for n, values in results.items()}
+    ref = statistics.median(measured[reference]) if reference and measured[reference] else None
+    for name, values in measured.items():
+        if not values:
+            print(f"  {name:32s} not measured: over --case-timeout {args.case_timeout:.0f} s", flush=True)
+            continue
         s = statistics.median(values)
         ratio = f"{s / ref:6.2f}× reference" if ref else ""
-        print(f"  {name:32s} {s * 1000:8.1f} ms/step   {ratio}", flush=True)
+        print(f"  {name:32s} {s:9.3f} s/step   {ratio}", flush=True)
 
 
 if __name__ == "__main__":

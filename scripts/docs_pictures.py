@@ -2,14 +2,14 @@
 
     python scripts/docs_pictures.py [--out docs/img] [--work docs-pictures-work]
 
-Every command is the worked example its doc page shows (docs/generate.md, docs/train.md), with fixed seeds, so a rerun
-draws the same pictures. CPU only, a few minutes on two cores: the LoRAs of the sweep and the X/Y plot are closed-form
-concept edits (``lorax.gen.concept``, no training); one short ``lorax train`` run gives the loss plot and the
-validation-samples sheet.
+Every command is the worked example its doc page shows (docs/generate.md, docs/prepare.md, docs/score.md,
+docs/train.md), with fixed seeds, so a rerun draws the same pictures. CPU only: the LoRAs of the sweep and the X/Y
+plot are closed-form concept edits (``lorax.gen.concept``, no training); one short ``lorax train`` run gives the loss
+plot and the validation-samples sheet, another (docs/score.md's worked example, 150 steps at batch 4: the longest
+part, 38 minutes on two cores shared with six other jobs) the LoRA that ``lorax score --sweep`` sweeps.
 
-Writes into --out: generate-sweep.png, generate-xy.png, generate-inpaint.png, prepare.png, train-loss.png,
-train-samples.png. (docs/img/score-sweep.png is not made here: its worked example trains a LoRA with the shapes
-model's defaults, 300 steps at batch 4, over ten minutes on two shared cores.)
+Writes into --out: generate-sweep.png, generate-xy.png, generate-inpaint.png, prepare.png, score-sweep.png,
+train-loss.png, train-samples.png.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BLUE = "a blue circle on a white background"
+PURPLE = "a sks purple circle"
+SCORE_STEPS = 150
 
 
 def lorax(*args: str | Path) -> str:
@@ -121,6 +123,33 @@ def prepare_sheet(work: Path, out: Path) -> None:
     sheet.save(out / "prepare.png", optimize=True)
 
 
+def score_sweep(work: Path, out: Path) -> None:
+    """docs/score.md's worked example: eight purple circles (a colour the model never learned) prepared, a LoRA
+    trained on them (``SCORE_STEPS`` steps, the model's other defaults), and ``lorax score --sweep`` over six scales
+    with a tiny random-weight CLIP (``tests/tiny_vision.py``: no real CLIP is downloaded)."""
+    folder = work / "score"
+    photos, data, lora = folder / "photos", folder / "data", folder / "sks.safetensors"
+    if not photos.exists():
+        from lorax.zoo.shapes import write_concept_dir
+
+        write_concept_dir(photos, "circle", "purple", 8, seed=0)
+        for caption in photos.glob("*.txt"):
+            caption.unlink()  # raw pictures: prepare writes the captions
+    clip = folder / "clip"
+    if not clip.exists():
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny_vision import save_tiny_clip
+
+        save_tiny_clip(clip)
+    lorax("prepare", photos, "-o", data, "--model", "shapes", "--prefix", PURPLE, "--force", "-q")
+    lorax("train", data, "--model", "shapes", "--steps", str(SCORE_STEPS), "-o", lora, "--force", "-q")
+    made = lorax(
+        "score", "--sweep", lora, "--prompt", PURPLE, "--reference", data, "--clip", clip, "-n", "8",
+        "-o", folder / "sweep", "--scales", "0,0.25,0.5,0.75,1,1.25", "--force",
+    )  # fmt: skip
+    shutil.copyfile(last_path(made, "-alignment.png"), out / "score-sweep.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
@@ -154,6 +183,9 @@ def main() -> None:
     # docs/prepare.md: raw pictures, their subject crops and masks
     prepare_sheet(work, out)
 
+    # docs/score.md: a LoRA trained on prepared pictures, swept over its scales
+    score_sweep(work, out)
+
     # docs/train.md: a short DreamBooth-LoRA run with a checkpoint and validation samples
     data = work / "sks-circle"
     if not data.exists():
@@ -174,6 +206,7 @@ def main() -> None:
         "generate-xy.png",
         "generate-inpaint.png",
         "prepare.png",
+        "score-sweep.png",
         "train-loss.png",
         "train-samples.png",
     ):

@@ -195,7 +195,7 @@ def test_family_detection_and_errors(tmp_path) -> None:  # type: ignore[no-untyp
 
 def test_builtin_names_resolve_through_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     from lorax.io import checkpoint
-    from lorax.models import registry
+    from lorax.io import model_paths as registry  # the built-in names (lorax.models.registry re-exports them)
 
     monkeypatch.setattr(
         registry, "resolve_builtin", lambda name: tiny_folder("sd1") if name == "tiny" else None

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent / "lorax"
 
 # Lower numbers sit lower; a module may import its own layer and any lower one. Shared modules sit at 0.
 RANK = {
-    "errors": 0, "progress": 0, "dtypes": 0, "libraries": 0, "__init__": 0,
+    "errors": 0, "progress": 0, "specs": 0, "dtypes": 0, "libraries": 0, "__init__": 0,
     "io": 1,
     "models": 2, "data": 2,
     "adapters": 3, "formats": 3,
@@ -27,10 +27,7 @@ SIBLINGS = {
     frozenset({"adapters", "formats"}),
     frozenset({"training", "gen"}),  # training draws its loss plot and samples sheet with gen's grids
 }
-KNOWN_UPWARD = {
-    ("io/checkpoint.py", "models"),  # built-in model names (lorax.models.registry)
-    ("io/model_layout.py", "models"),  # a model's lorax.json defaults carried in single-file headers
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def _layer(path: Path) -> str:

@@ -83,6 +83,7 @@ def test_prepare_writes_a_training_folder_with_report(cli, tmp_path):
     assert counts["upscaled"] == 1 and counts["captions kept"] == 1
     small = next(i for i in report["images"] if i["name"] == "small.png")
     assert small["upscaled"] and small["mask_coverage"] == 0.0
+    assert report["upscaler"] == "lanczos" and small["upscaled_by"] == "lanczos"
     # the upscale is PIL's Lanczos
     want = Image.open(raw / "small.png").convert("RGB").resize((32, 32), Image.Resampling.LANCZOS)
     assert np.array_equal(np.asarray(Image.open(out / "small.png")), np.asarray(want))
@@ -101,6 +102,85 @@ def test_prepare_writes_a_training_folder_with_report(cli, tmp_path):
     forced = cli("prepare", raw, "-o", out, "--force", "--masker", "none", "-q")
     assert forced.exit_code == 0 and forced.stdout.strip() == str(out)
     assert not list(out.glob("*.mask.png")) and not (out / "00.txt").exists()
+
+
+def _swin2sr_by_hand(model_dir: Path, image: Image.Image, passes: int) -> Image.Image:
+    """The model's own output, straight from transformers: processor, forward, crop of the padding, to 8 bits."""
+    import torch
+    from transformers import AutoImageProcessor, Swin2SRForImageSuperResolution
+
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    model = Swin2SRForImageSuperResolution.from_pretrained(model_dir).eval()
+    for _ in range(passes):
+        w, h = image.size
+        with torch.no_grad():
+            out = model(**processor(images=image, return_tensors="pt")).reconstruction[0, :, : 2 * h, : 2 * w]
+        image = Image.fromarray(np.round(out.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    return image
+
+
+def test_upscaler_runs_a_swin2sr_model_on_small_images_only(cli, tmp_path):
+    import torch
+    from tiny_vision import save_tiny_swin2sr
+    from transformers import Swin2SRForImageSuperResolution
+
+    model_dir = save_tiny_swin2sr(tmp_path / "sr", upscale=2)
+    raw = shapes_raw(tmp_path / "raw", n=1, size=48)  # 00.png: larger than the target, downscaled
+    rng = np.random.default_rng(3)
+    for name, side in (("exact", 16), ("twice", 10)):  # 16 → 32 in one pass; 10 → 20 → 40 → Lanczos 32
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(raw / f"{name}.png")
+    out = tmp_path / "data"
+    result = cli("prepare", raw, "-o", out, "--size", "32", "--upscaler", model_dir, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["upscaler"] == f"swin2sr x2 ({model_dir})"
+    assert {i["name"]: i["upscaled_by"] for i in report["images"]} == {
+        "00.png": None, "exact.png": "swin2sr x2", "twice.png": "swin2sr x2",
+    }  # fmt: skip
+    lanczos = {
+        n: Image.open(raw / n).convert("RGB").resize((32, 32), Image.Resampling.LANCZOS)
+        for n in ("00.png", "exact.png", "twice.png")
+    }
+    got = {n: np.asarray(Image.open(out / n)) for n in lanczos}
+    assert np.array_equal(got["00.png"], np.asarray(lanczos["00.png"]))  # not small: no model
+    exact = _swin2sr_by_hand(model_dir, Image.open(raw / "exact.png"), passes=1)
+    assert exact.size == (32, 32) and np.array_equal(got["exact.png"], np.asarray(exact))
+    twice = _swin2sr_by_hand(model_dir, Image.open(raw / "twice.png"), passes=2)
+    assert twice.size == (40, 40)
+    assert np.array_equal(got["twice.png"], np.asarray(twice.resize((32, 32), Image.Resampling.LANCZOS)))
+    for n in ("exact.png", "twice.png"):
+        assert np.abs(got[n].astype(int) - np.asarray(lanczos[n]).astype(int)).mean() > 10
+
+    # weights set by hand: a zero last convolution leaves only the model's mean colour (Swin2SR adds it back)
+    model = Swin2SRForImageSuperResolution.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.upsample.final_convolution.weight.zero_()
+        model.upsample.final_convolution.bias.zero_()
+    model.save_pretrained(model_dir)
+    flat = cli("prepare", raw, "-o", tmp_path / "flat", "--size", "32", "--upscaler", model_dir)
+    assert flat.exit_code == 0, flat.stderr
+    assert "upscaled by swin2sr x2" in flat.stderr  # the log line
+    assert "(upscaled:" in flat.stderr and "swin2sr x2)" in flat.stderr  # the table (rich folds the cell)
+    mean = np.round(np.array([0.4488, 0.4371, 0.4040]) * 255)  # Swin2SR's RGB mean (its modeling code)
+    for n in ("exact.png", "twice.png"):
+        assert (np.asarray(Image.open(tmp_path / "flat" / n)) == mean).all()
+
+
+def test_upscaler_that_cannot_be_loaded_is_one_line(cli, tmp_path):
+    raw = shapes_raw(tmp_path / "raw", n=1, size=16)
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "bert"}')
+    for model, expected in [
+        (tmp_path / "missing", "cannot be loaded"),
+        (other, "is a bert model, not a Swin2SR"),
+    ]:
+        result = cli("prepare", raw, "-o", tmp_path / "out", "--size", "32", "--upscaler", model)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 1 and lines[-1].startswith("lorax: error:") and expected in lines[-1], (
+            result.stderr
+        )
+    assert not (tmp_path / "out").exists()
 
 
 def test_dry_run_writes_nothing_and_shows_the_table(cli, tmp_path):

@@ -574,12 +574,12 @@ def test_merge_of_loras_refuses_model_merge_options(cli, tmp_path: Path, extra: 
 def test_one_slash_path_whose_folder_exists_is_missing_without_the_hub(
     cli, tmp_path: Path, monkeypatch
 ) -> None:
-    import lorax.io.checkpoint as checkpoint
+    import lorax.io.model_paths as model_paths  # where io resolves a model spec (local, built in, Hub)
 
     def no_hub(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("the Hub was asked about a local path")
 
-    monkeypatch.setattr(checkpoint, "hub_snapshot", no_hub)
+    monkeypatch.setattr(model_paths, "hub_snapshot", no_hub)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()

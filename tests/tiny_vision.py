@@ -83,3 +83,20 @@ def save_tiny_clip(folder: Path) -> Path:
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(folder)
     return folder
+
+
+def save_tiny_swin2sr(folder: Path, upscale: int = 2) -> Path:
+    """A Swin2SR super-resolution model (pixel-shuffle upsampler, ``upscale`` ×) and its image processor."""
+    import torch
+    from transformers import Swin2SRConfig, Swin2SRForImageSuperResolution
+    from transformers.models.swin2sr.image_processing_pil_swin2sr import Swin2SRImageProcessorPil
+
+    torch.manual_seed(0)
+    config = Swin2SRConfig(
+        image_size=16, patch_size=1, embed_dim=16, depths=[1], num_heads=[2], window_size=4, mlp_ratio=2.0,
+        upscale=upscale, upsampler="pixelshuffle",
+    )  # fmt: skip
+    model = Swin2SRForImageSuperResolution(config)
+    model.save_pretrained(folder)
+    Swin2SRImageProcessorPil(size_divisor=4).save_pretrained(folder)
+    return folder

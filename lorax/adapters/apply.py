@@ -6,28 +6,35 @@ block weights (``down`` / ``mid`` / ``up``). Plain low-rank modules go through P
 at no cost; ``fuse`` merges them into the weights for speed. Modules that only produce a delta (LoHa, LoKr, DoRA …)
 are added to the weights directly and taken back out by :meth:`AppliedLoras.remove`.
 
-Learned tokens are added to the tokenizer(s) and their rows to the text encoder's input embeddings; a token of
-``n`` vectors becomes ``tok tok_1 … tok_{n-1}``, the convention diffusers' pipelines expand in prompts.
+Block weights are ``lorax.adapters.blocks``; learned tokens (tokenizer and text-encoder rows) are
+``lorax.adapters.live_tokens``. Their names stay importable from here.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lorax.adapters.blocks import (  # re-exported: generate and the CLI import them from here
+    BlockWeights,
+    block_weight,
+    diffusers_block_dict,  # noqa: F401
+    parse_blocks,  # noqa: F401
+)
+from lorax.adapters.live import component as _component
+from lorax.adapters.live import pipeline_family
+from lorax.adapters.live_tokens import (  # re-exported: generate imports them from here
+    check_prompt_tokens,  # noqa: F401
+    register_tokens,  # noqa: F401
+)
 from lorax.adapters.state import DeltaModule, LoraModule, LoraState
 from lorax.errors import ConfigError, MismatchError
 from lorax.libraries import quiet_libraries  # re-exported: gen and services import it from here
-from lorax.models.tokens import pool_at_eos, taken, vector_names
-
-# Block weights: ``down`` / ``mid`` / ``up`` for every block of that side, ``down.N`` / ``up.N`` for one block.
-BlockWeights = Mapping[str, float]
-_BLOCK_KEY = re.compile(r"^(down|up)(?:\.(\d+))?$|^mid$")
 
 
 @dataclass
@@ -49,72 +56,11 @@ class LoraRequest:
         return self.unet_scale if self.text_scale is None else self.text_scale
 
 
-def parse_blocks(spec: str) -> dict[str, float]:
-    """``"down=0.5,mid=1,up.1=0"`` → ``{"down": 0.5, "mid": 1.0, "up.1": 0.0}`` (``--blocks``)."""
-    blocks: dict[str, float] = {}
-    for item in spec.split(","):
-        if not item.strip():
-            continue
-        key, sep, value = item.partition("=")
-        key = key.strip().lower()
-        if not sep or not _BLOCK_KEY.match(key):
-            raise ConfigError(
-                f"--blocks {spec!r}: {item.strip()!r} is not BLOCK=SCALE with BLOCK one of down, mid, up, down.N, up.N"
-            )
-        try:
-            blocks[key] = float(value)
-        except ValueError:
-            raise ConfigError(f"--blocks {spec!r}: {value.strip()!r} is not a number") from None
-    return blocks
-
-
-def block_weight(blocks: BlockWeights | None, module_path: str) -> float:
-    """The block multiplier of a UNet module path (``down_blocks.1.…``, ``mid_block.…``, ``up_blocks.0.…``).
-
-    The most specific key wins (``up.1`` over ``up``); modules outside the three block lists (``conv_in``,
-    ``time_embedding`` …) and sides not named keep 1.
-    """
-    if not blocks:
-        return 1.0
-    parts = module_path.split(".")
-    if parts[0] == "mid_block":
-        return float(blocks.get("mid", 1.0))
-    side = {"down_blocks": "down", "up_blocks": "up"}.get(parts[0])
-    if side is None or len(parts) < 2:
-        return 1.0
-    specific = f"{side}.{parts[1]}"
-    if specific in blocks:
-        return float(blocks[specific])
-    return float(blocks.get(side, 1.0))
-
-
-def diffusers_block_dict(unet: Any, blocks: BlockWeights, scale: float = 1.0) -> dict[str, Any]:
-    """The same block weights, times ``scale``, in the form ``pipe.set_adapters`` takes for ``unet``.
-
-    diffusers applies such a dict to the attention layers of each block only (other modules keep 1), so the two
-    agree exactly for LoRAs on attention layers.
-    """
-    out: dict[str, Any] = {"mid": scale * float(blocks.get("mid", 1.0))}
-    for side, attr in (("down", "down_blocks"), ("up", "up_blocks")):
-        out[side] = {
-            f"block_{i}": scale * block_weight(blocks, f"{attr}.{i}")
-            for i, block in enumerate(getattr(unet, attr))
-            if hasattr(block, "attentions")
-        }
-    return out
-
-
 def _live_path(component: str, model: Any, path: str) -> str:
     """Map an on-disk text-encoder path (with ``text_model.``) to the live module path, and leave others alone."""
     from lorax.models.families import disk_to_live
 
     return disk_to_live(component, path, model)
-
-
-def _component(pipe: Any, name: str) -> Any:
-    """The component ``name`` of ``pipe`` if it is a torch module, else ``None``."""
-    model = getattr(pipe, name, None)
-    return model if isinstance(model, torch.nn.Module) else None
 
 
 def _lora_components(pipe: Any) -> tuple[str, ...]:
@@ -129,15 +75,6 @@ def _denoiser(pipe: Any) -> str:
     from lorax.models import families
 
     return families.get(pipeline_family(pipe)).unet().name
-
-
-def pipeline_family(pipe: Any) -> str:
-    """A pipeline's model family: its ``lorax_family`` label, else what its components show (``detect``)."""
-    from lorax.models import families
-
-    found = families.detect(pipeline=pipe)
-    assert found is not None  # a pipeline always names a family
-    return found
 
 
 def check_fits(pipe: Any, request: LoraRequest) -> list[str]:
@@ -177,25 +114,26 @@ def check_fits(pipe: Any, request: LoraRequest) -> list[str]:
                 wrong.append(f"{key} ({getattr(module, 'kind', 'module')}) vs {shape}")
         elif int(module.out_features) != shape[0]:
             wrong.append(f"{key} out {module.out_features} vs {shape[0]}")
+    unfit = f"does not fit this model ({made_for}the model is {family}): "
     if missing:
-        extra = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise MismatchError(
-            f"does not fit this model ({made_for}the model is {family}): it targets {missing[0]}{extra}, "
-            "which the model does not have; use a LoRA made for this model",
+            f"{unfit}it targets {_first(missing)}, which the model does not have; use a LoRA made for this model",
             path=label,
         )
     if wrong:
-        extra = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         raise MismatchError(
-            f"does not fit this model ({made_for}the model is {family}): shapes differ at {wrong[0]}{extra}; "
-            "use a LoRA made for this model",
-            path=label,
+            f"{unfit}shapes differ at {_first(wrong)}; use a LoRA made for this model", path=label
         )
     if state.family and state.family != family:
         return [
             f"{label}: labelled for {state.family} but every module fits this {family} model; applying it"
         ]
     return []
+
+
+def _first(items: list[str]) -> str:
+    """The first of ``items``, and how many more there are."""
+    return items[0] + (f" (and {len(items) - 1} more)" if len(items) > 1 else "")
 
 
 def peft_state_dict(state: LoraState, pipe: Any) -> dict[str, torch.Tensor]:
@@ -268,30 +206,15 @@ class AppliedLoras:
         self._factors = (unet_factor, text_factor)
         by_name = dict(zip(self.names, self.requests, strict=True))
         denoiser = _denoiser(self.pipe)  # the UNet, or Flux's transformer: it takes the UNet scale
-        if self._peft_names:
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            for component in _lora_components(self.pipe):
-                model = _component(self.pipe, component)
-                if model is None:
-                    continue
-                for module_path, module in model.named_modules():
-                    if not isinstance(module, BaseTunerLayer):
-                        continue
-                    present = [n for n in self._peft_names if n in getattr(module, "scaling", {})]
-                    if not present:
-                        continue
-                    layer: Any = module
-                    layer.set_adapter(present)
-                    for name in present:
-                        request = by_name[name]
-                        if component == denoiser:
-                            weight = (
-                                unet_factor * request.unet_scale * block_weight(request.blocks, module_path)
-                            )
-                        else:
-                            weight = text_factor * request.effective_text_scale
-                        layer.set_scale(name, weight)
+        for component, module_path, layer, present in _tuner_layers(self.pipe, self._peft_names):
+            layer.set_adapter(present)
+            for name in present:
+                request = by_name[name]
+                if component == denoiser:
+                    weight = unet_factor * request.unet_scale * block_weight(request.blocks, module_path)
+                else:
+                    weight = text_factor * request.effective_text_scale
+                layer.set_scale(name, weight)
         with torch.no_grad():
             # every patched tensor from its original, then every delta on it (several LoRAs may share a weight)
             for param, original in self._originals.values():
@@ -310,20 +233,9 @@ class AppliedLoras:
         if self.fused or not self._peft_names:
             self.fused = True
             return
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for component in _lora_components(self.pipe):
-            model = _component(self.pipe, component)
-            if model is None:
-                continue
-            for module_path, module in model.named_modules():
-                if not isinstance(module, BaseTunerLayer):
-                    continue
-                present = [n for n in self._peft_names if n in getattr(module, "scaling", {})]
-                if present:
-                    layer: Any = module
-                    self._saved[(component, module_path)] = layer.get_base_layer().weight.detach().clone()
-                    layer.merge(adapter_names=present)
+        for component, module_path, layer, present in _tuner_layers(self.pipe, self._peft_names):
+            self._saved[(component, module_path)] = layer.get_base_layer().weight.detach().clone()
+            layer.merge(adapter_names=present)
         with quiet_libraries():
             self.pipe.unload_lora_weights()
         self.fused = True
@@ -345,6 +257,25 @@ class AppliedLoras:
             self._originals.clear()
             self._patches.clear()
         self._peft_names = []
+
+
+def _tuner_layers(pipe: Any, names: list[str]) -> Iterator[tuple[str, str, Any, list[str]]]:
+    """Each PEFT layer on ``pipe``'s LoRA components that holds any adapter of ``names``: (component, module path,
+    layer, the adapters of ``names`` it holds)."""
+    if not names:
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for component in _lora_components(pipe):
+        model = _component(pipe, component)
+        if model is None:
+            continue
+        for module_path, module in model.named_modules():
+            if not isinstance(module, BaseTunerLayer):
+                continue
+            present = [n for n in names if n in getattr(module, "scaling", {})]
+            if present:
+                yield component, module_path, module, present
 
 
 def _unique_names(requests: Iterable[LoraRequest]) -> list[str]:
@@ -427,92 +358,10 @@ def _delta_of(module: DeltaModule | LoraModule, param: torch.Tensor, key: str, s
 
 def _check_loaded(pipe: Any, name: str, low_rank: Mapping[str, torch.Tensor], request: LoraRequest) -> None:
     """diffusers only warns about keys it could not place: count the wrapped layers and refuse a partial load."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     expected = sum(1 for key in low_rank if key.endswith(".lora_A.weight"))
-    found = 0
-    for component in _lora_components(pipe):
-        model = _component(pipe, component)
-        if model is None:
-            continue
-        for module in model.modules():
-            if isinstance(module, BaseTunerLayer) and name in getattr(module, "scaling", {}):
-                found += 1
+    found = sum(1 for _ in _tuner_layers(pipe, [name]))
     if found != expected:
         raise MismatchError(
             f"only {found} of {expected} LoRA layers could be placed on the model",
             path=request.source or request.name,
         )
-
-
-# ---- learned tokens -----------------------------------------------------------------------------------------
-
-
-def _tokenizer_for(pipe: Any, component: str) -> Any:
-    from lorax.models import families
-
-    found = families.find(pipeline_family(pipe))
-    spec = found.component(component) if found and found.has(component) else families.any_component(component)
-    return getattr(pipe, spec.tokenizer, None) if spec and spec.tokenizer else None
-
-
-def register_tokens(
-    pipe: Any, embeddings: Mapping[str, Mapping[str, torch.Tensor]], *, source: str | Path | None = None
-) -> list[str]:
-    """Add learned tokens to the tokenizer(s) and their vectors to the text encoder(s); returns the tokens added.
-
-    Raises:
-        MismatchError: a token already in the vocabulary, vectors of the wrong width, or a component the model lacks.
-    """
-    added: list[str] = []
-    for token, per_component in embeddings.items():
-        for component, vectors in per_component.items():
-            encoder = _component(pipe, component)
-            tokenizer = _tokenizer_for(pipe, component)
-            if encoder is None or tokenizer is None:
-                raise MismatchError(
-                    f"token {token} has vectors for {component}, which the model does not have", path=source
-                )
-            vectors = vectors.reshape(-1, vectors.shape[-1]) if vectors.dim() != 2 else vectors
-            table = encoder.get_input_embeddings()
-            if vectors.shape[1] != table.weight.shape[1]:
-                raise MismatchError(
-                    f"token {token} has {vectors.shape[1]}-wide vectors; the model's {component} uses "
-                    f"{table.weight.shape[1]}: the embedding is for another model",
-                    path=source,
-                )
-            names = vector_names(token, vectors.shape[0])
-            clash = taken(tokenizer, names)
-            if clash:
-                raise MismatchError(
-                    f"token {clash[0]} is already in the model's vocabulary; rename the token", path=source
-                )
-            tokenizer.add_tokens(names)
-            ids = tokenizer.convert_tokens_to_ids(names)
-            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-            pool_at_eos(encoder, tokenizer)  # pooled output (SDXL's text_embeds) at EOS, not at new ids
-            table = encoder.get_input_embeddings()
-            with torch.no_grad():
-                for row, vector in zip(ids, vectors, strict=True):
-                    table.weight[row] = vector.to(table.weight.dtype)
-        added.append(token)
-    return added
-
-
-_PLACEHOLDER = re.compile(r"<[^<>\s]+>")
-
-
-def check_prompt_tokens(pipe: Any, prompts: Iterable[str]) -> None:
-    """A ``<token>`` in a prompt that no loaded embedding defines is an error, not a silent string of letters."""
-    tokenizer = getattr(pipe, "tokenizer", None)
-    if tokenizer is None:
-        return
-    vocab = tokenizer.get_vocab()
-    known = {t for t in vocab if _PLACEHOLDER.fullmatch(t)}
-    for prompt in prompts:
-        for token in _PLACEHOLDER.findall(prompt):
-            if token not in vocab and token not in ("<|startoftext|>", "<|endoftext|>"):
-                have = ", ".join(sorted(known - {"<|startoftext|>", "<|endoftext|>"})) or "none"
-                raise MismatchError(
-                    f"the prompt uses {token}, which no --embedding or --lora file defines (learned tokens: {have})"
-                )

@@ -192,8 +192,31 @@ class LokrModule:
         return out
 
 
+class _Decomposed:
+    """DoRA's weight decomposition over a module's ``lora_delta`` (``magnitude``, ``wd_on_out``)."""
+
+    magnitude: torch.Tensor
+    wd_on_out: bool
+
+    def lora_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply(self, base_weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        """The DoRA-adapted weight ``W0 + strength · (m · V / ‖V‖ − W0)``, ``V = W0 + ΔW``."""
+        return weight_decompose(
+            base_weight, self.lora_delta(torch.float32), self.magnitude, self.wd_on_out, strength
+        )
+
+    def delta(
+        self, dtype: torch.dtype = torch.float32, base_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if base_weight is None:
+            raise MismatchError("a DoRA module's delta depends on the base weight: pass base_weight")
+        return (self.apply(base_weight.to(dtype)) - base_weight.to(dtype)).to(dtype)
+
+
 @dataclass
-class DoraModule:
+class DoraModule(_Decomposed):
     """A LoRA pair plus a DoRA magnitude. ``wd_on_out``: norms per output row (True) or per input column."""
 
     down: torch.Tensor
@@ -220,19 +243,6 @@ class DoraModule:
         down = self.down.to(dtype).reshape(self.rank, -1)
         shape = (self.up.shape[0], *self.down.shape[1:])
         return (self.scale * (up @ down)).reshape(shape)
-
-    def apply(self, base_weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-        """The DoRA-adapted weight ``W0 + strength · (m · V / ‖V‖ − W0)``, ``V = W0 + ΔW``."""
-        return weight_decompose(
-            base_weight, self.lora_delta(torch.float32), self.magnitude, self.wd_on_out, strength
-        )
-
-    def delta(
-        self, dtype: torch.dtype = torch.float32, base_weight: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if base_weight is None:
-            raise MismatchError("a DoRA module's delta depends on the base weight: pass base_weight")
-        return (self.apply(base_weight.to(dtype)) - base_weight.to(dtype)).to(dtype)
 
     def fits(self, shape: tuple[int, ...]) -> bool:
         flat = math.prod(self.lora_delta().shape)
@@ -293,7 +303,7 @@ def _kohya_magnitude(magnitude: torch.Tensor, wd_on_out: bool, dims: int) -> tor
 
 
 @dataclass
-class DecomposedModule:
+class DecomposedModule(_Decomposed):
     """DoRA on top of another algorithm's delta (LyCORIS ``weight_decompose`` on LoHa, LoKr …: ``dora_scale`` beside
     ``hada_*`` / ``lokr_*``). ``inner`` gives ``ΔW``; the magnitude re-normalises ``W0 + ΔW`` as for a DoRA LoRA."""
 
@@ -320,18 +330,6 @@ class DecomposedModule:
     def lora_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The inner algorithm's ``ΔW`` (before the magnitude re-normalisation)."""
         return self.inner.delta(dtype)  # type: ignore[no-any-return]
-
-    def apply(self, base_weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-        return weight_decompose(
-            base_weight, self.lora_delta(torch.float32), self.magnitude, self.wd_on_out, strength
-        )
-
-    def delta(
-        self, dtype: torch.dtype = torch.float32, base_weight: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if base_weight is None:
-            raise MismatchError("a DoRA module's delta depends on the base weight: pass base_weight")
-        return (self.apply(base_weight.to(dtype)) - base_weight.to(dtype)).to(dtype)
 
     def fits(self, shape: tuple[int, ...]) -> bool:
         delta = self.lora_delta()

@@ -8,23 +8,12 @@ Conventions: a module's delta is ``(alpha / r) · up @ down`` (conv: flattened).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
+from lorax.adapters.reports import SvdReport
 from lorax.adapters.state import DeltaModule, LoraModule, LoraState
 from lorax.errors import ConfigError, MismatchError
-
-
-@dataclass(frozen=True)
-class SvdReport:
-    """What an SVD kept of one module: ``energy`` = Σσ²(kept) / Σσ², ``error`` = ‖ΔW − ΔW_r‖ / ‖ΔW‖."""
-
-    module: str
-    rank_in: int
-    rank_out: int
-    energy: float
-    error: float
 
 
 def _flat(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,6 +177,19 @@ def join_tokens(states: Sequence[LoraState]) -> list[LoraState]:
         renamed = {f"<s{i}-{j}>": emb for j, (_, emb) in enumerate(sorted(state.embeddings.items()))}
         out.append(LoraState(state.modules, renamed, state.metadata, state.family))
     return out
+
+
+def combine_states(
+    weighted: Sequence[tuple[LoraState, float]], rank: int | None = None, mode: str = "concat"
+) -> tuple[LoraState, list[SvdReport]]:
+    """LoRAs combined by ``mode``: ``concat`` (``mix_states``: the weighted sum of deltas), ``seed-blend``
+    (``blend_states``, then resized to ``rank`` when given) or ``seed-join`` (tokens renamed apart, then concat)."""
+    if mode == "seed-join":
+        weighted = list(zip(join_tokens([s for s, _ in weighted]), [w for _, w in weighted], strict=True))
+    if mode == "seed-blend":
+        blended = blend_states(weighted)
+        return resize_state(blended, rank) if rank is not None else (blended, [])
+    return mix_states(weighted, rank)
 
 
 def extract_module(

@@ -54,6 +54,15 @@ def prepare_command(
             "exact duplicates).",
         ),
     ] = 4,
+    upscaler: Annotated[
+        str | None,
+        typer.Option(
+            "--upscaler",
+            help="A Swin2SR super-resolution model (transformers), a folder or a Hub id in the local cache, for "
+            "images smaller than the training size (default: Lanczos).",
+            show_default=False,
+        ),
+    ] = None,
     captioner: Annotated[
         str | None,
         option(
@@ -111,8 +120,8 @@ def prepare_command(
     """Turn a folder of raw pictures into a training folder that train, invert and pivot read as it is.
 
     Each kept image is written as NAME.png at the training size (centre or subject crop; small images are upscaled
-    with Lanczos), with NAME.txt (its caption) and NAME.mask.png (white = subject; pass --mask-dir DATA_DIR to
-    invert or pivot to weight the loss by it). Unreadable files and duplicates (same pixels, or a perceptual hash
+    by --upscaler, else with Lanczos), with NAME.txt (its caption) and NAME.mask.png (white = subject; pass
+    --mask-dir DATA_DIR to invert or pivot to weight the loss by it). Unreadable files and duplicates (same pixels, or a perceptual hash
     within --dedupe-distance bits) are dropped and listed. A summary table goes to stderr; the output folder (or,
     with --json, the full report) to stdout.
 
@@ -129,6 +138,7 @@ def prepare_command(
         buckets=buckets,
         crop=crop,
         dedupe_distance=dedupe_distance,
+        upscaler=upscaler,
         captioner=captioner,
         caption_prompt=caption_prompt,
         prefix=prefix,
@@ -159,7 +169,7 @@ def _summary(result) -> None:  # type: ignore[no-untyped-def]
     for image in result.images:
         size = f"{image.source_size[0]}x{image.source_size[1]} → {image.size[0]}x{image.size[1]}"
         if image.upscaled:
-            size += " (upscaled)"
+            size += f" (upscaled: {image.upscaled_by})"
         caption = f"{image.caption_from}: {image.caption}" if image.caption else image.caption_from
         mask = f"{image.mask_from} {image.mask_coverage:.0%}" if image.mask_from else "-"
         table.add_row(image.name, image.source.name, size, caption, mask)

@@ -14,6 +14,7 @@ from typing import Any
 from lorax.adapters.state import LoraState
 from lorax.errors import ConfigError
 from lorax.gen.xy import XYAxis
+from lorax.specs import split_numbers
 
 # --scheduler NAME → (diffusers class, A1111 sampler name, extra config)
 SCHEDULERS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -58,21 +59,10 @@ class LoraSpec:
 
 def parse_lora_arg(value: str) -> LoraSpec:
     """``FILE``, ``FILE:SCALE`` or ``FILE:SCALE:TEXT_SCALE`` (a path that exists as written is taken whole)."""
-    if Path(value).exists():
-        return LoraSpec(Path(value))
-    head, numbers = value, list[float]()
-    for _ in range(2):
-        rest, sep, tail = head.rpartition(":")
-        if not sep or not rest:
-            break
-        try:
-            numbers.insert(0, float(tail))
-        except ValueError:
-            break
-        head = rest
+    path, numbers = split_numbers(value, 2)
     if not numbers:
-        return LoraSpec(Path(value))
-    return LoraSpec(Path(head), numbers[0], numbers[1] if len(numbers) > 1 else None)
+        return LoraSpec(path)
+    return LoraSpec(path, numbers[0], numbers[1] if len(numbers) > 1 else None)
 
 
 def parse_size(value: str) -> tuple[int, int]:

@@ -22,12 +22,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
 import secrets
 import shutil
 import signal
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,11 +33,15 @@ from pathlib import Path
 from types import FrameType
 
 from lorax.errors import InputError, OutputExistsError
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: no locks, so no temp file is ever taken for stale
-    fcntl = None  # type: ignore[assignment]
+from lorax.io.stale import (  # check_free_space, notice and temp_files stay importable from here
+    check_free_space,  # noqa: F401
+    check_temps,
+    fcntl,
+    nearest_existing,
+    notice,  # noqa: F401
+    path_exists,
+    temp_files,  # noqa: F401
+)
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,6 @@ CHECKPOINT = Kind("training checkpoint", folder=True, marker="state.json")
 FILES_FOLDER = Kind("folder", folder=True)  # a folder lorax writes files into (validation samples)
 
 Planned = Path | str | tuple[Path | str, Kind]
-
-_TEMP_SUFFIXES = ("tmp", "old", "work")
 
 
 class SignalInterrupt(KeyboardInterrupt):
@@ -88,18 +88,14 @@ def check_outputs(outputs: Sequence[Planned], force: bool) -> list[Path]:
     for out, kind in planned:
         _check_existing(out, kind, force)
     for out, _ in planned:
-        _check_temps(out, force)
+        check_temps(out, force)
     probed: set[Path] = set()
     for out, _ in planned:
-        folder = _nearest_existing(out.parent)
+        folder = nearest_existing(out.parent)
         if folder not in probed:
             probed.add(folder)
             _probe_writable(folder, out)
     return [out for out, _ in planned]
-
-
-def _exists(path: Path) -> bool:
-    return path.exists() or path.is_symlink()
 
 
 def _what(path: Path) -> str:
@@ -131,10 +127,10 @@ def _mismatch(path: Path, kind: Kind) -> str:
 
 
 def _check_existing(out: Path, kind: Kind, force: bool) -> None:
-    folder = _nearest_existing(out.parent)
+    folder = nearest_existing(out.parent)
     if not folder.is_dir():
         raise InputError(f"the output's folder {folder} is not a folder", path=out)
-    if not _exists(out):
+    if not path_exists(out):
         return
     if not _same_kind(out, kind):
         raise OutputExistsError(_mismatch(out, kind), path=out)
@@ -142,17 +138,10 @@ def _check_existing(out: Path, kind: Kind, force: bool) -> None:
         raise OutputExistsError("already exists; pass --force to overwrite it", path=out)
 
 
-def _nearest_existing(folder: Path) -> Path:
-    folder = folder if str(folder) else Path(".")
-    while not _exists(folder) and folder != folder.parent:
-        folder = folder.parent
-    return folder
-
-
 def check_writable(folder: str | Path) -> None:
     """Refuse a folder that lorax will write into later (checkpoints) but that cannot be written now."""
     folder = Path(folder)
-    _probe_writable(_nearest_existing(folder), folder)
+    _probe_writable(nearest_existing(folder), folder)
 
 
 def _probe_writable(folder: Path, out: Path) -> None:
@@ -185,127 +174,6 @@ def _disk_error(err: BaseException) -> bool:
     return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or any(
         s in text for s in ("No space left", "os error 28", "Read-only file system", "os error 30")
     )
-
-
-# ---- temp files of earlier runs ------------------------------------------------------------------------------
-
-
-def _temp_names(out: Path) -> re.Pattern[str]:
-    return re.compile(rf"\.{re.escape(out.name)}\.[0-9a-f]{{12}}\.({'|'.join(_TEMP_SUFFIXES)})")
-
-
-def temp_files(out: str | Path) -> list[tuple[Path, bool]]:
-    """The temp files and folders lorax made for ``out``, each with whether a running lorax still holds it."""
-    out = Path(out)
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        return []
-    pattern = _temp_names(out)
-    try:
-        names = sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name) and not p.is_symlink())
-    except OSError:
-        return []
-    return [(p, _held(p)) for p in names]
-
-
-def _held(path: Path) -> bool:
-    if fcntl is None:
-        return True
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # closing drops the lock we may have taken
-    return False
-
-
-def _check_temps(out: Path, force: bool) -> None:
-    if os.environ.get("RANK", "0") != "0":  # under torchrun one process looks
-        return
-    for path, held in temp_files(out):
-        if held:
-            if not force:
-                raise OutputExistsError(
-                    f"another lorax run is writing it now ({path.name}); wait for it to finish, or pass --force "
-                    "to overwrite its result",
-                    path=out,
-                )
-            continue
-        kind = "folder" if path.is_dir() else "file"
-        size, age = _size(path), _age(path)
-        if force:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            notice(
-                f"{out}: removed the stale temp {kind} {path.name} ({size}, {age} old) of an interrupted run"
-            )
-        else:
-            notice(
-                f"{out}: a stale temp {kind} {path.name} ({size}, {age} old) is left from an interrupted run; "
-                "pass --force to remove it"
-            )
-
-
-def notice(message: str) -> None:
-    """A warning line on stderr (stale temp files): the user should hear of gigabytes left on the disk."""
-    print(f"lorax: warning: {message}", file=sys.stderr, flush=True)
-
-
-def _size(path: Path) -> str:
-    try:
-        if path.is_dir():
-            n = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-        else:
-            n = path.stat().st_size
-    except OSError:
-        n = 0
-    return _human(n)
-
-
-def _age(path: Path) -> str:
-    try:
-        s = max(0.0, time.time() - path.stat().st_mtime)
-    except OSError:
-        s = 0.0
-    if s < 120:
-        return f"{s:.0f} s"
-    if s < 7200:
-        return f"{s / 60:.0f} min"
-    if s < 172800:
-        return f"{s / 3600:.0f} h"
-    return f"{s / 86400:.0f} d"
-
-
-def check_free_space(out: str | Path, need_bytes: int, what: str) -> None:
-    """Refuse to start a run whose ``what`` (about ``need_bytes``) would not fit on the output's disk."""
-    out = Path(out)
-    folder = _nearest_existing(out if out.is_dir() else out.parent)
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return
-    if need_bytes > free:
-        raise InputError(
-            f"{what} need about {_human(need_bytes)} and the disk has {_human(free)} free; free some space "
-            "or choose another place",
-            path=out,
-        )
-
-
-def _human(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{n} B"
 
 
 # ---- signals -------------------------------------------------------------------------------------------------
@@ -403,7 +271,7 @@ def scratch_dir(out: str | Path) -> Iterator[Path]:
 
 def _commit(tmp: Path, out: Path, force: bool, kind: Kind) -> None:
     try:
-        if not _exists(out):
+        if not path_exists(out):
             _rename_noreplace(tmp, out)
             return
     except FileExistsError:
@@ -457,7 +325,7 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
             raise OSError(code, os.strerror(code), str(dst))
     if src.is_dir():
         # No atomic test-and-rename for folders here: only an empty folder created in between could be replaced.
-        if _exists(dst):
+        if path_exists(dst):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
         try:
             os.rename(src, dst)
@@ -471,7 +339,7 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
     except FileExistsError:
         raise
     except OSError:  # a file system without hard links
-        if _exists(dst):
+        if path_exists(dst):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
         os.rename(src, dst)
         return
@@ -482,7 +350,7 @@ def _make_folders(folder: Path) -> list[Path]:
     """Create ``folder`` and its missing parents; return the ones this call created, outermost first."""
     missing: list[Path] = []
     f = folder if str(folder) else Path(".")
-    while not _exists(f) and f != f.parent:
+    while not path_exists(f) and f != f.parent:
         missing.append(f)
         f = f.parent
     created: list[Path] = []

@@ -10,16 +10,24 @@ No torch or diffusers import happens until a tensor is asked for.
 from __future__ import annotations
 
 import json
-import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from lorax.errors import FormatError, InputError, ModelNotFoundError
+from lorax.errors import FormatError, InputError
 from lorax.io import checkpoint_layouts
+from lorax.io.checkpoint_sources import (  # sources live there; their names stay importable from here
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
+    PickleSource,
+    SafetensorsSource,
+    TensorSource,  # noqa: F401
+    open_source,
+    read_json,
+    weight_files,
+)
 from lorax.io.keymaps import (
     KeyMap,
     Layouts,
@@ -30,141 +38,18 @@ from lorax.io.keymaps import (
     keymap_from_single,
     split_single,
 )
-from lorax.io.safetensors_io import SafetensorsFile, check_readable_file
+from lorax.io.model_paths import hub_offline, hub_snapshot, resolve_model  # noqa: F401 - re-exported
+from lorax.io.safetensors_io import check_readable_file
 
 if TYPE_CHECKING:
     import torch
 
-SAFETENSORS_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Metadata keys lorax writes into single files it converts, so they convert back without outside configs.
 # The family, spelled as in LoRA headers; single files written before this spelling say ``lorax.family`` (read too).
 META_FAMILY_KEYS = checkpoint_layouts.META_FAMILY_KEYS
 META_FAMILY = META_FAMILY_KEYS[0]
 META_CONFIGS = "lorax.configs"
 META_TOKENIZER = "lorax.tokenizer"
-_HUB_PATTERNS = [
-    "model_index.json",
-    "*/config.json",
-    "*/*_config.json",
-    "*/*.txt",
-    "*/tokenizer*.json",
-    "*/vocab.json",
-    "*/special_tokens_map.json",
-    "*/diffusion_pytorch_model.safetensors",
-    "*/model.safetensors",
-    "*/*.safetensors.index.json",
-]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tensor sources
-
-
-class TensorSource(Protocol):
-    def keys(self) -> list[str]: ...
-
-    def dtype(self, name: str) -> str:
-        """safetensors dtype name (``F16``, ``F32`` …)."""
-
-    def shape(self, name: str) -> tuple[int, ...]: ...
-
-    def get(self, name: str) -> torch.Tensor: ...
-
-    def raw(self, name: str) -> bytes:
-        """The tensor's bytes in safetensors order."""
-
-
-class SafetensorsSource:
-    """One or more safetensors files (shards) as one tensor source, headers only until a tensor is read."""
-
-    def __init__(self, paths: list[Path]) -> None:
-        self.files = [SafetensorsFile(p) for p in paths]
-        self._where: dict[str, SafetensorsFile] = {}
-        for f in self.files:
-            for k in f.header.tensors:
-                self._where[k] = f
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return self.files[0].metadata if self.files else {}
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._where
-
-    def file_of(self, name: str) -> SafetensorsFile:
-        return self._where[name]
-
-    def dtype(self, name: str) -> str:
-        return self._where[name].info(name).dtype
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._where[name].info(name).shape
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._where[name].get(name)
-
-    def raw(self, name: str) -> bytes:
-        return self._where[name].raw(name)
-
-
-class PickleSource:
-    """A torch pickle's tensors (loaded with ``weights_only=True``; memory-mapped when the file is a zip)."""
-
-    def __init__(self, path: Path) -> None:
-        from lorax.io.pickle_safe import load_pickle
-
-        self.path = path
-        obj = load_pickle(path)
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise FormatError("not a model checkpoint (the pickle holds no state dict)", path=path)
-        import torch
-
-        self.tensors: dict[str, torch.Tensor] = {
-            str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)
-        }
-        if not self.tensors:
-            raise FormatError("not a model checkpoint (no tensors in its state dict)", path=path)
-        self.metadata: dict[str, str] = {}
-
-    def keys(self) -> list[str]:
-        return list(self.tensors)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.tensors
-
-    def dtype(self, name: str) -> str:
-        from lorax.io.safetensors_io import st_dtype
-
-        return st_dtype(self.tensors[name])
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.tensors[name].shape)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
-
-    def raw(self, name: str) -> bytes:
-        from lorax.io.safetensors_io import tensor_bytes
-
-        return bytes(tensor_bytes(self.tensors[name]))
-
-
-def open_source(path: Path) -> SafetensorsSource | PickleSource:
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        return PickleSource(path)
-    return SafetensorsSource([path])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -264,7 +149,7 @@ class DiffusersCheckpoint:
         p = self.path / component / "config.json"
         if not p.is_file():
             raise FormatError(f"component {component} has no config.json", path=self.path)
-        return _read_json(p)
+        return read_json(p)
 
     def weight_files(self, component: str) -> list[Path]:
         """The component's weight files: the plain safetensors (or its shards), else the fp16 variant, else .bin."""
@@ -298,34 +183,6 @@ class DiffusersCheckpoint:
         return self.source(component).get(self._disk_key(component, key))
 
 
-def weight_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    for stem in ("diffusion_pytorch_model", "model"):
-        plain = folder / f"{stem}.safetensors"
-        if plain.is_file():
-            return [plain]
-        index = folder / f"{stem}.safetensors.index.json"
-        if index.is_file():
-            shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
-            return [folder / s for s in shards]
-    variants = sorted(folder.glob("*.safetensors"))
-    if variants:
-        return variants[:1]
-    bins = sorted(folder.glob("*.bin"))
-    return bins[:1]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise FormatError(f"cannot be read as JSON ({err})", path=path) from None
-    if not isinstance(doc, dict):
-        raise FormatError("is not a JSON object", path=path)
-    return doc
-
-
 Checkpoint = SingleFileCheckpoint | DiffusersCheckpoint
 
 
@@ -357,92 +214,12 @@ def open_diffusers_folder(path: str | Path) -> DiffusersCheckpoint:
         if (p / "config.json").is_file() and weight_files(p):
             raise InputError("is one model component, not a pipeline folder; pass its parent folder", path=p)
         raise InputError("is a folder but not a diffusers model (no model_index.json)", path=p)
-    index = _read_json(index_path)
+    index = read_json(index_path)
     text = (
-        _read_json(p / "text_encoder" / "config.json") if (p / "text_encoder/config.json").is_file() else None
+        read_json(p / "text_encoder" / "config.json") if (p / "text_encoder/config.json").is_file() else None
     )
-    unet = _read_json(p / "unet" / "config.json") if (p / "unet/config.json").is_file() else None
+    unet = read_json(p / "unet" / "config.json") if (p / "unet/config.json").is_file() else None
     return DiffusersCheckpoint(p, family_from_configs(index, text, unet, path=p), index)
-
-
-def resolve_model(spec: str | Path) -> Path:
-    """A model spec → a local path: an existing file or folder, a built-in name, or a Hub id from the HF cache."""
-    p = Path(spec).expanduser()
-    if p.exists():
-        return p
-    text = str(spec)
-    builtin = _resolve_builtin(text)
-    if builtin is not None:
-        return builtin
-    if p.suffix.lower() in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES or text.startswith((".", "/", "~")):
-        raise InputError("no such file", path=p)
-    if text.count("/") == 1 and all(text.split("/")):
-        return _local_or_hub(text, p)
-    raise ModelNotFoundError(f"{text!r} is not a file, a folder, a built-in model or a Hub id (owner/name)")
-
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-def _local_or_hub(text: str, p: Path) -> Path:
-    """``owner/name`` that is no local path: a path that looks local (its first folder exists here, or no Hub id
-    could be spelled so) is reported missing without asking the Hub; else the Hub's cache (or the Hub itself)."""
-    first = Path(text.split("/")[0]).expanduser()
-    if first.is_dir():
-        raise InputError(f"no such file or folder ({first}/ exists, {p.name} is not in it)", path=p)
-    if not _HUB_ID.fullmatch(text):
-        raise InputError("no such file or folder", path=p)
-    try:
-        return hub_snapshot(text)
-    except ModelNotFoundError as err:
-        if hub_offline():
-            raise ModelNotFoundError(
-                "neither a local path (no such file or folder) nor a Hub model in the local Hugging Face cache "
-                "(the hub is offline: HF_HUB_OFFLINE); pass a local path (a diffusers folder or a single-file "
-                "checkpoint) or a cached Hub id",
-                path=p,
-            ) from None
-        raise ModelNotFoundError(
-            f"{p}: neither a local path (no such file or folder) nor a Hub model lorax can fetch ({err})"
-        ) from None
-
-
-def _resolve_builtin(name: str) -> Path | None:
-    try:
-        from lorax.models import registry  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    try:
-        found = registry.resolve_builtin(name)
-    except KeyError:
-        return None
-    return None if found is None else Path(found)
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
-def hub_snapshot(repo_id: str, patterns: list[str] | None = None) -> Path:
-    """A Hub repo's files through the normal Hugging Face cache (no download when offline)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        offline = hub_offline()
-        folder = snapshot_download(
-            repo_id, allow_patterns=patterns or _HUB_PATTERNS, local_files_only=offline
-        )
-    except Exception as err:  # the hub client's many error types: all mean "not available here"
-        if hub_offline():
-            raise ModelNotFoundError(
-                f"{repo_id!r} is not in the local Hugging Face cache and the hub is offline "
-                "(HF_HUB_OFFLINE); pass a local path: a diffusers folder or a single-file checkpoint"
-            ) from None
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelNotFoundError(
-            f"cannot fetch {repo_id!r} from the Hugging Face hub ({first}); pass a local path instead"
-        ) from None
-    return Path(folder)
 
 
 def open_checkpoint(spec: str | Path) -> Checkpoint:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lorax import dtypes
 from lorax.errors import ConfigError, FormatError, ModelNotFoundError
@@ -91,7 +92,23 @@ def diffusers_keymap(ckpt: DiffusersCheckpoint) -> tuple[KeyMap, list[str]]:
         raise FormatError(str(err), path=ckpt.path) from None
 
 
-def single_file_metadata(ckpt: DiffusersCheckpoint, components: list[str]) -> dict[str, str]:
+class CarriedDefaults(Protocol):
+    """A model's own defaults for the commands (its ``lorax.json``), which a conversion carries from folder to single
+    file and back. ``io`` moves them without knowing them: the caller hands in the reader and writer
+    (``lorax.services.common.MODEL_DEFAULTS``, over ``lorax.models.defaults``); without one nothing is carried."""
+
+    def header_entries(self, folder: Path) -> dict[str, str]:
+        """The single-file metadata entries for the defaults of the folder ``folder``."""
+        ...
+
+    def write_folder(self, folder: Path, metadata: Mapping[str, str], source: str) -> None:
+        """Write the defaults a single file's ``metadata`` carries into the folder ``folder``."""
+        ...
+
+
+def single_file_metadata(
+    ckpt: DiffusersCheckpoint, components: list[str], carry: CarriedDefaults | None = None
+) -> dict[str, str]:
     configs: dict[str, Any] = {c: ckpt.config(c) for c in components}
     sched = ckpt.path / "scheduler" / "scheduler_config.json"
     if sched.is_file():
@@ -102,17 +119,21 @@ def single_file_metadata(ckpt: DiffusersCheckpoint, components: list[str]) -> di
         for name in TOKENIZER_FOLDERS
         if (ckpt.path / name).is_dir()
     }
-    from lorax.models.defaults import metadata_entry, read_folder_defaults
-
     meta = {META_FAMILY: ckpt.family, META_CONFIGS: json.dumps(configs, sort_keys=True)}
     if tokenizers:
         meta[META_TOKENIZER] = json.dumps(tokenizers, sort_keys=True)
-    meta.update(metadata_entry(read_folder_defaults(ckpt.path)))  # the model's lorax.json travels along
+    if carry is not None:
+        meta.update(carry.header_entries(ckpt.path))  # the model's lorax.json travels along
     return meta
 
 
 def write_single_file(
-    ckpt: DiffusersCheckpoint, out: Path, *, dtype: str | None = None, progress: Progress | None = None
+    ckpt: DiffusersCheckpoint,
+    out: Path,
+    *,
+    dtype: str | None = None,
+    progress: Progress | None = None,
+    carry: CarriedDefaults | None = None,
 ) -> int:
     """Stream a diffusers folder into one original-layout safetensors file at ``out``; returns the tensor count."""
     progress = progress or NullProgress()
@@ -124,7 +145,7 @@ def write_single_file(
         disk = [ckpt._disk_key(e.component, p) for p in e.parts]
         shape = single_shape(e, [src.shape(k) for k in disk])
         specs.append((e.single, out_dtype(src.dtype(disk[0]), target), shape))
-    meta = single_file_metadata(ckpt, components)
+    meta = single_file_metadata(ckpt, components, carry)
     with (
         StreamingWriter(out, specs, meta) as writer,
         progress.task("writing single file", total=len(specs)) as task,
@@ -219,6 +240,7 @@ def write_diffusers_folder(
     dtype: str | None = None,
     config_from: str | Path | None = None,
     progress: Progress | None = None,
+    carry: CarriedDefaults | None = None,
 ) -> dict[str, int]:
     """Stream an original-layout single file into a diffusers folder at ``out`` (an existing empty folder)."""
     progress = progress or NullProgress()
@@ -265,9 +287,8 @@ def write_diffusers_folder(
             (out / name / fname).write_text(text)
     index = dict(configs.get("model_index") or layout(ckpt.family).model_index)
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    from lorax.models.defaults import read_metadata_defaults, write_folder_defaults
-
-    write_folder_defaults(out, read_metadata_defaults(ckpt.metadata, str(ckpt.path)))
+    if carry is not None:
+        carry.write_folder(out, ckpt.metadata, str(ckpt.path))
     return counts
 
 

@@ -9,13 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lorax.errors import ConfigError, ModelNotFoundError
+from lorax.errors import ConfigError
+from lorax.io.model_paths import BUILTIN_MODELS, resolve_builtin
 
-_ZOO = Path(__file__).resolve().parent.parent / "zoo"
+__all__ = ["BUILTIN_MODELS", "DEFAULT_MODEL", "default_model", "resolve_builtin", "user_config_path"]
 
-BUILTIN_MODELS: dict[str, Path] = {
-    "shapes": _ZOO / "shapes" / "model",
-}
 # The model commands use when neither --model, a --config file, LORAX_MODEL nor the user config file names one.
 DEFAULT_MODEL = "shapes"
 USER_CONFIG_KEYS = ("model",)
@@ -59,21 +57,3 @@ def default_model() -> tuple[str, str]:
             local = (path.parent / Path(model).expanduser()).absolute()
             return (str(local) if local.exists() else model), str(path)
     return DEFAULT_MODEL, "built in"
-
-
-def resolve_builtin(name: str) -> Path | None:
-    """The packaged diffusers folder for a built-in model name, or ``None`` if ``name`` is not a built-in name.
-
-    Raises:
-        ModelNotFoundError: the name is built in but its folder is missing (an install without package data).
-    """
-    folder = BUILTIN_MODELS.get(name)
-    if folder is None:
-        return None
-    if not (folder / "model_index.json").is_file():
-        raise ModelNotFoundError(
-            f"the built-in model {name!r} is missing from this install (no model_index.json); "
-            "reinstall lorax, or rebuild it with `make shapes-model`",
-            path=folder,
-        )
-    return folder

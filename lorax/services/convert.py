@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorax import dtypes
+from lorax.adapters.reports import SvdReport as ModuleReport  # one SVD report for every command
 from lorax.errors import ConfigError, FormatError, MismatchError
 from lorax.io.atomic import FILE, MODEL_FOLDER, atomic_path, check_output, check_outputs
 from lorax.io.checkpoint import (
@@ -28,6 +29,7 @@ from lorax.io.checkpoint import (
 )
 from lorax.io.model_layout import DTYPES, write_diffusers_folder, write_single_file
 from lorax.progress import NullProgress, Progress
+from lorax.services.common import MODEL_DEFAULTS, dtype_problem, rank_problem, refuse
 
 MODEL_TARGETS = ("diffusers", "single-file")
 EMBEDDING_TARGETS = {
@@ -51,22 +53,7 @@ class ConvertConfig:
     model: str | None = None
 
     def validate(self) -> None:
-        problems = []
-        if self.dtype is not None and self.dtype not in DTYPES:
-            problems.append(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
-        if self.rank is not None and self.rank < 1:
-            problems.append(f"--rank must be at least 1 (got {self.rank})")
-        if problems:
-            raise ConfigError("; ".join(problems))
-
-
-@dataclass
-class ModuleReport:
-    module: str
-    rank_in: int
-    rank_out: int
-    energy: float
-    error: float
+        refuse(dtype_problem(self.dtype, DTYPES) + rank_problem(self.rank))
 
 
 @dataclass
@@ -141,7 +128,9 @@ def convert_model(config: ConvertConfig, progress: Progress) -> ConvertResult:
     if to == "single-file":
         with atomic_path(out, config.force) as tmp:
             if isinstance(ckpt, DiffusersCheckpoint):
-                result.tensors = write_single_file(ckpt, tmp, dtype=config.dtype, progress=progress)
+                result.tensors = write_single_file(
+                    ckpt, tmp, dtype=config.dtype, progress=progress, carry=MODEL_DEFAULTS
+                )
             else:
                 result.tensors = _resave_single(ckpt, tmp, config.dtype, progress)
         if ckpt.kind == "single-file" and not ckpt.is_safetensors:  # type: ignore[union-attr]
@@ -151,7 +140,12 @@ def convert_model(config: ConvertConfig, progress: Progress) -> ConvertResult:
             raise ConfigError(f"{ckpt.path} is already a diffusers folder; use --to single-file")
         with atomic_path(out, config.force, directory=True) as tmp:
             counts = write_diffusers_folder(
-                ckpt, tmp, dtype=config.dtype, config_from=config.config_from, progress=progress
+                ckpt,
+                tmp,
+                dtype=config.dtype,
+                config_from=config.config_from,
+                progress=progress,
+                carry=MODEL_DEFAULTS,
             )
         result.tensors = sum(counts.values())
         if ckpt.keymap.extras:
@@ -165,12 +159,12 @@ def convert_model(config: ConvertConfig, progress: Progress) -> ConvertResult:
 def _resave_single(ckpt: SingleFileCheckpoint, out: Path, dtype: str | None, progress: Progress) -> int:
     """A single file re-written as safetensors (from a pickle, or in another dtype), tensor by tensor."""
     from lorax.io.checkpoint import META_FAMILY, without_stated_family
-    from lorax.services.merge import merge_tensor_file
+    from lorax.io.rewrite import rewrite_tensor_file
 
     meta = {**without_stated_family(ckpt.metadata), META_FAMILY: ckpt.family}
     with progress.task(f"writing {out.name}", total=len(ckpt.keys())) as task:
-        merged, copied = merge_tensor_file(
-            ckpt.source, out, {}, dtype=DTYPES[dtype] if dtype else None, metadata=meta, task=task
+        merged, copied = rewrite_tensor_file(
+            ckpt.source, out, dtype=DTYPES[dtype] if dtype else None, metadata=meta, task=task
         )
     return merged + copied
 

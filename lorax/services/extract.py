@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorax import dtypes
-from lorax.errors import ConfigError, MismatchError
+from lorax.errors import MismatchError
 from lorax.io.atomic import check_output
 from lorax.io.checkpoint import open_checkpoint
 from lorax.io.model_layout import DTYPES
 from lorax.models import families
 from lorax.progress import NullProgress, Progress
+from lorax.services.common import dtype_problem, refuse
 
 TARGETS = ("attn", "attn-ff", "all")
 _ATTN = re.compile(
@@ -53,10 +54,7 @@ class ExtractConfig:
             problems.append(f"--targets must be one of {', '.join(TARGETS)} (got {self.targets!r})")
         if self.clamp_quantile is not None and not 0.0 < self.clamp_quantile <= 1.0:
             problems.append(f"--clamp-quantile must be in (0, 1] (got {self.clamp_quantile})")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            problems.append(f"--dtype must be one of {', '.join(DTYPES)}")
-        if problems:
-            raise ConfigError("; ".join(problems))
+        refuse(problems + dtype_problem(self.dtype, DTYPES, got=False))
 
 
 @dataclass

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax import dtypes
+from lorax.adapters.reports import SvdReport
 from lorax.errors import ConfigError, InputError
 from lorax.io.atomic import check_output
 from lorax.io.model_layout import DTYPES
 from lorax.progress import NullProgress, Progress
-from lorax.services.merge import LoraSpec
+from lorax.services.common import LoraSpec, dtype_problem, rank_problem, refuse
+
+if TYPE_CHECKING:
+    from lorax.adapters.state import LoraState
 
 
 @dataclass
@@ -40,12 +45,7 @@ class MixConfig:
             problems.append("give LoRAs to mix (A[:W] B[:W] …) or a --recipe listing them")
         if output is None:
             problems.append("give an output with -o (or `output` in the recipe)")
-        if rank is not None and rank < 1:
-            problems.append(f"--rank must be at least 1 (got {rank})")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            problems.append(f"--dtype must be one of {', '.join(DTYPES)}")
-        if problems:
-            raise ConfigError("; ".join(problems))
+        refuse(problems + rank_problem(rank) + dtype_problem(self.dtype, DTYPES, got=False))
         assert output is not None
         return specs, Path(output), rank, fmt
 
@@ -101,15 +101,6 @@ class MixInput:
 
 
 @dataclass
-class ModuleError:
-    module: str
-    rank_in: int
-    rank_out: int
-    energy: float
-    error: float
-
-
-@dataclass
 class MixResult:
     output: Path
     format: str
@@ -121,42 +112,61 @@ class MixResult:
     ranks: list[int] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)
     mean_energy: float | None = None
-    worst: ModuleError | None = None
-    errors: list[ModuleError] = field(default_factory=list)
+    worst: SvdReport | None = None
+    errors: list[SvdReport] = field(default_factory=list)
     seconds: float = 0.0
+
+
+def read_loras(
+    specs: Sequence[LoraSpec], weight: Callable[[int, LoraSpec], float]
+) -> tuple[list[LoraState], list[MixInput]]:
+    """Each LoRA read in turn (``merge`` reads its LoRA+LoRA inputs here too), with its weight ``weight(i, spec)``."""
+    from lorax.formats import detect_format, load_lora
+
+    states, inputs = [], []
+    for i, spec in enumerate(specs):
+        if not spec.path.exists():
+            raise InputError("no such file", path=spec.path)
+        fmt = detect_format(spec.path)
+        state = load_lora(spec.path)
+        w = weight(i, spec)
+        states.append(state)
+        inputs.append(MixInput(str(spec.path), fmt, w, len(state.modules), state.ranks()))
+    return states, inputs
+
+
+def output_format(to: str | None, first: str, writes: str) -> str:
+    """``--to``, else the first input's format when lorax writes it, else kohya; ``writes`` says what may be
+    written (``{formats}``: the choices) when ``--to`` names a format lorax does not write."""
+    from lorax.formats import LORA_WRITE_FORMATS
+
+    fmt = to or (first if first in LORA_WRITE_FORMATS else "kohya")
+    if fmt not in LORA_WRITE_FORMATS:
+        raise ConfigError(f"--to {fmt}: " + writes.format(formats=", ".join(LORA_WRITE_FORMATS)))
+    return fmt
 
 
 def mix(config: MixConfig, progress: Progress | None = None) -> MixResult:
     """``Σ wᵢ·ΔWᵢ`` over the inputs, written as one LoRA; see docs/mix.md."""
 
     from lorax.adapters.svd import mix_states
-    from lorax.formats import LORA_WRITE_FORMATS, detect_format, load_lora, save_lora
+    from lorax.formats import save_lora
 
     progress = progress or NullProgress()
     start = time.perf_counter()
     specs, output, rank, fmt = config.resolved()
     check_output(output, config.force)
-    states, inputs = [], []
-    for spec in specs:
-        if not spec.path.exists():
-            raise InputError("no such file", path=spec.path)
-        in_fmt = detect_format(spec.path)
-        state = load_lora(spec.path)
-        weight = 1.0 if spec.alpha is None else spec.alpha
-        states.append((state, weight))
-        inputs.append(MixInput(str(spec.path), in_fmt, weight, len(state.modules), state.ranks()))
-    fmt = fmt or (inputs[0].format if inputs[0].format in LORA_WRITE_FORMATS else "kohya")
-    if fmt not in LORA_WRITE_FORMATS:
-        raise ConfigError(f"--to {fmt}: mix writes {', '.join(LORA_WRITE_FORMATS)}")
+    states, inputs = read_loras(specs, lambda _, spec: 1.0 if spec.alpha is None else spec.alpha)
+    fmt = output_format(fmt, inputs[0].format, "mix writes {formats}")
     with progress.task("mixing", total=None):
-        mixed, reports = mix_states(states, rank)
+        mixed, reports = mix_states(list(zip(states, [i.weight for i in inputs], strict=True)), rank)
     dtype = dtypes.torch_dtype_or_none(config.dtype)
     save_lora(mixed, output, format=fmt, dtype=dtype, force=config.force)
     result = MixResult(
         output, fmt, mixed.family, inputs, len(mixed.modules), rank is None, rank, mixed.ranks()
     )
     result.tokens = sorted(mixed.embeddings)
-    result.errors = [ModuleError(r.module, r.rank_in, r.rank_out, r.energy, r.error) for r in reports]
+    result.errors = list(reports)
     if result.errors:
         result.worst = max(result.errors, key=lambda e: e.error)
         result.mean_energy = sum(e.energy for e in result.errors) / len(result.errors)

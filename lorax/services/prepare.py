@@ -4,7 +4,8 @@ is: ``NAME.png`` at the model's resolution (or a bucket's size), ``NAME.txt`` ca
 Per image, in the raw folder's sorted order: decode (unreadable files are dropped and named), drop exact duplicates
 (same decoded pixels) and perceptual ones (64-bit pHash within ``dedupe_distance`` bits of a kept image), mask the
 original, plan the resize and crop (centre, around the mask's bounding box, or none), resize with Lanczos (small
-images are upscaled so, and counted), caption the crop. A raw ``NAME.txt`` / ``metadata.jsonl`` caption and a raw
+images are upscaled first by the ``upscaler`` model when one is given, with Lanczos otherwise, and counted), caption
+the crop. A raw ``NAME.txt`` / ``metadata.jsonl`` caption and a raw
 ``NAME.mask.png`` are kept unless ``force``. The output folder is written whole, atomically.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 
 from lorax.errors import ConfigError, InputError
 from lorax.progress import NullProgress, Progress
+from lorax.services.common import refuse
 
 DEFAULT_SIZE = 512
 BATCH = 8
@@ -34,6 +36,7 @@ class PrepareConfig:
     buckets: bool = False
     crop: str = "center"
     dedupe_distance: int = 4  # pHash bits; -1 keeps perceptual duplicates (exact ones still go)
+    upscaler: str | None = None  # a Swin2SR model; None: Lanczos
     captioner: str | None = None
     caption_prompt: str | None = None
     prefix: str = ""
@@ -68,8 +71,7 @@ class PrepareConfig:
             problems.append("--caption-prompt only applies with --captioner")
         if self.dedupe_distance < -1 or self.dedupe_distance > 64:
             problems.append(f"--dedupe-distance must be in -1…64 (got {self.dedupe_distance})")
-        if problems:
-            raise ConfigError("; ".join(problems))
+        refuse(problems)
 
 
 @dataclass
@@ -79,6 +81,7 @@ class PreparedImage:
     source_size: tuple[int, int]
     size: tuple[int, int]
     upscaled: bool
+    upscaled_by: str | None  # lanczos, or the model's name (swin2sr x4); None: not upscaled
     caption: str | None
     caption_from: str  # kept (the raw folder's), captioner, prefix, none
     mask_from: str | None  # kept, border, clipseg, face; None: no mask
@@ -98,6 +101,7 @@ class PrepareResult:
     target: tuple[int, int]
     buckets: bool
     dry_run: bool
+    upscaler: str  # what upscales small images: lanczos, or the model's name (swin2sr x4)
     images: list[PreparedImage] = field(default_factory=list)
     dropped: list[DroppedImage] = field(default_factory=list)
 
@@ -123,6 +127,7 @@ class PrepareResult:
             "size": list(self.target),
             "buckets": self.buckets,
             "dry_run": self.dry_run,
+            "upscaler": self.upscaler,
             "counts": self.counts,
             "images": [asdict(i) | {"source": str(i.source)} for i in self.images],
             "dropped": [asdict(d) | {"source": str(d.source)} for d in self.dropped],
@@ -191,6 +196,7 @@ def prepare_folder(config: PrepareConfig, progress: Progress | None = None) -> P
         pixel_digest,
         plan_geometry,
     )
+    from lorax.data.upscaler import LANCZOS, Swin2SRUpscaler
     from lorax.io.atomic import FILES_FOLDER, atomic_path, check_output
 
     progress = progress or NullProgress()
@@ -213,7 +219,11 @@ def prepare_folder(config: PrepareConfig, progress: Progress | None = None) -> P
 
     masker = make_masker(config.masker, model=config.mask_model, prompt=config.mask_prompt)
     captioner = Captioner(config.captioner, prompt=config.caption_prompt) if config.captioner else None
-    result = PrepareResult(out, target, config.buckets, config.dry_run)
+    upscaler = Swin2SRUpscaler(config.upscaler) if config.upscaler else None
+    upscaler_name = f"{upscaler.name} ({config.upscaler})" if upscaler is not None else LANCZOS
+    result = PrepareResult(out, target, config.buckets, config.dry_run, upscaler_name)
+    if upscaler is not None:
+        progress.log(f"small images are upscaled by {upscaler_name}")
     digests: dict[str, Path] = {}
     hashes: list[tuple[int, Path]] = []
     names: set[str] = set()
@@ -299,7 +309,10 @@ def prepare_folder(config: PrepareConfig, progress: Progress | None = None) -> P
                 goal = nearest_bucket(b.image.size, bucket_sizes) if bucket_sizes else target
                 box = mask_box(mask[0]) if mask is not None and config.crop == "subject" else None
                 geometry = plan_geometry(b.image.size, goal, config.crop, box)
-                crops.append((b, geometry, apply_geometry(b.image, geometry)))
+                source_image = b.image
+                if upscaler is not None and geometry.upscaled:
+                    source_image = upscaler.upscale(b.image, geometry.resized)
+                crops.append((b, geometry, apply_geometry(source_image, geometry)))
             need_caption = [c for c in crops if c[0].caption is None] if captioner is not None else []
             new_captions = (
                 captioner.captions([c[2] for c in need_caption]) if captioner and need_caption else []
@@ -336,6 +349,7 @@ def prepare_folder(config: PrepareConfig, progress: Progress | None = None) -> P
                         source_size=b.image.size,
                         size=image.size,
                         upscaled=geometry.upscaled,
+                        upscaled_by=(upscaler.name if upscaler else LANCZOS) if geometry.upscaled else None,
                         caption=caption,
                         caption_from=caption_from,
                         mask_from=mask_from,

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorax.errors import ConfigError, FormatError, InputError
+from lorax.errors import FormatError, InputError
 from lorax.progress import NullProgress, Progress
+from lorax.services.common import refuse
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -53,8 +54,7 @@ class ScoreConfig:
                 problems.append("--scales is empty")
             if self.n < 1:
                 problems.append(f"-n must be at least 1 (got {self.n})")
-        if problems:
-            raise ConfigError("; ".join(problems))
+        refuse(problems)
 
 
 @dataclass

@@ -5,11 +5,11 @@ output after its shift and scaling factor) and noise ``ε ~ N(0, 1)``:
 
 1. draw ``σ ∈ [0, 1]`` per example (``sample_sigmas``, from a ``torch.Generator``, so a seed reproduces a run):
    ``uniform``, ``sigmoid`` (``sigmoid(scale · n)``, x-flux and kohya), ``logit-normal`` (``sigmoid(N(mean, std))``,
-   SD3 and diffusers), ``mode`` (diffusers' mode density), ``shift`` (kohya's ``--discrete_flow_shift`` applied to a
+   SD3 and diffusers), ``mode`` (diffusers' mode density), ``shift`` (kohya's ``discrete_flow_shift`` applied to a
    sigmoid draw: ``s·t / (1 + (s − 1)·t)``), ``flux-shift`` (Flux's resolution-dependent shift of FluxPipeline and
    kohya's ``flux_shift``: ``e^μ / (e^μ + 1/t − 1)``, ``μ`` linear in the packed sequence length from 0.5 at 256
    tokens to 1.15 at 4096). ``discrete`` snaps the draw to the training scheduler's table of 1000 sigmas first, as
-   diffusers' ``train_dreambooth_lora_flux.py`` and kohya's ``--timestep_sampling sigma`` do;
+   diffusers' ``train_dreambooth_lora_flux.py`` and kohya's ``timestep_sampling sigma`` do;
 2. ``x_t = (1 − σ)·x0 + σ·ε``; the model predicts the velocity, target ``ε − x0``;
 3. the Flux transformer takes ``x_t`` packed into 2×2 patches (``[B, h/2 · w/2, 64]``, ``pack_latents``), the image
    and text position ids of FluxPipeline, the guidance value of a guidance-distilled (dev) model (1.0 by default,
@@ -21,7 +21,7 @@ output after its shift and scaling factor) and noise ``ε ~ N(0, 1)``:
 4. the loss is the per-example mean of ``w(σ)·(v̂ − (ε − x0))²`` with ``w`` one of SD3's weightings (``none``,
    ``sigma_sqrt``: ``σ⁻²``, ``cosmap``: ``2 / (π(1 − 2σ + 2σ²))``).
 
-The model output is used raw, as diffusers does and kohya recommends (``--model_prediction_type raw``);
+The model output is used raw, as diffusers does and kohya recommends (``model_prediction_type raw``);
 kohya's ``sigma_scaled`` and ``additive`` turn it into ``x_t − σ·v̂`` or ``x_t + v̂`` yet compare that with the
 same ``ε − x0``, so lorax does not offer them. Torch only; the transformer is passed in, diffusers is never imported here.
 """
@@ -46,18 +46,18 @@ class FlowConfig:
     """How σ is drawn and the loss weighted (kohya's and diffusers' flag names in brackets).
 
     Attributes:
-        sampling: one of ``SAMPLINGS`` (``--timestep_sampling``; diffusers' density ``--weighting_scheme``).
+        sampling: one of ``SAMPLINGS`` (``timestep_sampling``; diffusers' density ``weighting_scheme``).
         sigmoid_scale: ``n`` is scaled by it before the sigmoid of ``sigmoid``, ``shift``, ``flux-shift``
-            (``--sigmoid_scale``).
-        logit_mean, logit_std: the normal of ``logit-normal`` (``--logit_mean``, ``--logit_std``).
-        mode_scale: the scale of ``mode`` (``--mode_scale``).
-        shift: the fixed shift ``s`` of ``shift`` (``--discrete_flow_shift``, kohya's default 3.0).
+            (``sigmoid_scale``).
+        logit_mean, logit_std: the normal of ``logit-normal`` (``logit_mean``, ``logit_std``).
+        mode_scale: the scale of ``mode`` (``mode_scale``).
+        shift: the fixed shift ``s`` of ``shift`` (``discrete_flow_shift``, kohya's default 3.0).
         base_shift, max_shift, base_seq_len, max_seq_len: ``μ`` of ``flux-shift`` runs linearly from ``base_shift``
             at ``base_seq_len`` packed tokens to ``max_shift`` at ``max_seq_len`` (the Flux scheduler's config).
         discrete: snap the draw ``u`` to the scheduler's table first: ``t = (T − ⌊u·T⌋) / T`` (so ``t ≈ 1 − u``).
         num_train_timesteps: ``T`` of the table.
-        weighting: one of ``WEIGHTINGS`` (diffusers' loss ``--weighting_scheme``).
-        guidance: the guidance value a guidance-distilled model is trained with (``--guidance_scale``).
+        weighting: one of ``WEIGHTINGS`` (diffusers' loss ``weighting_scheme``).
+        guidance: the guidance value a guidance-distilled model is trained with (``guidance_scale``).
     """
 
     sampling: str = "flux-shift"
