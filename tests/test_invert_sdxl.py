@@ -288,7 +288,8 @@ def test_loss_masks_on_sdxl_keep_the_size_and_crop_ids(xl_model, concept, tmp_pa
 
     from PIL import Image
 
-    from lorax.services.invert import MaskedSdxlBatches, build_inversion, prepare
+    from lorax.training.inversion_recipe import build_inversion, prepare
+    from lorax.training.masks import MaskedSdxlBatches
     from lorax.training.sdxl import SdxlBatches
 
     def batches_for(masks: dict[str, Image.Image]):  # type: ignore[no-untyped-def]

@@ -27,9 +27,7 @@ SIBLINGS = {
     frozenset({"adapters", "formats"}),
     frozenset({"training", "gen"}),  # training draws its loss plot and samples sheet with gen's grids
 }
-KNOWN_UPWARD = {
-    ("models/defaults.py", "training"),  # the defaults are checked against the train/invert/pivot configs
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def _layer(path: Path) -> str:

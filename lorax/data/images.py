@@ -124,6 +124,19 @@ def image_size(path: Path) -> tuple[int, int]:
         return img.size
 
 
+def checked_size(path: Path, strict: bool) -> tuple[int, int] | str:
+    """``(width, height)`` of an image file, or why it cannot be read (the error's name); with ``strict`` an
+    unreadable image is an ``InputError`` instead."""
+    try:
+        return image_size(path)
+    except Exception as err:
+        if strict:
+            raise InputError(
+                f"unreadable image ({type(err).__name__}: {err}); remove it or drop --strict", path=path
+            ) from None
+        return type(err).__name__
+
+
 def load_image_folder(
     folder: str | Path,
     *,
@@ -159,14 +172,9 @@ def load_image_folder(
     items: list[ImageItem] = []
     skipped: list[tuple[Path, str]] = []
     for path in paths:
-        try:
-            size = image_size(path)
-        except Exception as err:
-            if strict:
-                raise InputError(
-                    f"unreadable image ({type(err).__name__}: {err}); remove it or drop --strict", path=path
-                ) from None
-            skipped.append((path, type(err).__name__))
+        size = checked_size(path, strict)
+        if isinstance(size, str):
+            skipped.append((path, size))
             continue
         rel = path.relative_to(folder).as_posix()
         caption = metadata.get(rel)

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorax.data.tomlfile import read_toml
 from lorax.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -139,12 +139,7 @@ def subsets_from_folder(
 def read_dataset_config(path: str | Path) -> DatasetSpec:
     """Read a kohya dataset TOML. Every problem is one ``ConfigError``/``InputError`` naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError("dataset config not found", path=path)
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"not valid TOML ({err})", path=path) from None
+    doc = read_toml(path, "dataset config not found")
     _refuse_unknown(doc, {"general": dict, "datasets": list}, "the top level", path)
     general = doc.get("general", {})
     _refuse_unknown(general, {**_SUBSET_KEYS, **_DATASET_KEYS}, "[general]", path)
@@ -342,22 +337,17 @@ def load_subset(
     subset: Subset, *, strict: bool = False, warn: Callable[[str], None] | None = None
 ) -> list[ImageItem]:
     """The readable images of one subset, captioned by their caption file, else the subset's class tokens."""
-    from lorax.data.images import ImageItem, find_images, image_size
+    from lorax.data.images import ImageItem, checked_size, find_images
 
     what = "class" if subset.is_reg else "training"
     if not subset.image_dir.is_dir():
         raise InputError(f"{what} image folder does not exist", path=subset.image_dir)
     items = []
     for path in find_images(subset.image_dir):
-        try:
-            size = image_size(path)
-        except Exception as err:
-            if strict:
-                raise InputError(
-                    f"unreadable image ({type(err).__name__}: {err}); remove it or drop --strict", path=path
-                ) from None
+        size = checked_size(path, strict)
+        if isinstance(size, str):
             if warn is not None:
-                warn(f"skipping unreadable image {path} ({type(err).__name__})")
+                warn(f"skipping unreadable image {path} ({size})")
             continue
         caption = read_caption(path, subset.caption_extension)
         if caption is None:

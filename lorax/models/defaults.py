@@ -12,7 +12,7 @@ The file has one section per command; every key is optional::
 
 ``generate`` keys are ``lorax generate``'s (``--steps``, ``--guidance``, the two sides of ``--size``); ``train``,
 ``invert`` and ``pivot`` keys are the commands' config keys (the flag names with underscores, as in a ``--config``
-TOML). Flags and config files win over them; the model's defaults win over lorax's built-in ones. ``merge`` and
+TOML), checked by those commands when they read them (``lorax.training.config_file.check_model_defaults``). Flags and config files win over them; the model's defaults win over lorax's built-in ones. ``merge`` and
 ``convert`` copy them into their outputs, so a model made from this one keeps them. Models from elsewhere have none:
 Stable Diffusion's usual values apply. Standard library only (read before torch loads).
 """
@@ -109,35 +109,11 @@ def parse_defaults(data: Any, source: str) -> ModelDefaults:
         if not isinstance(section, Mapping):
             problems.append(f"{command} must be an object of config keys")
             continue
-        values = {str(k).replace("-", "_"): v for k, v in section.items()}
-        names = _config_fields(command)
-        bad = sorted(set(values) - names)
-        if bad:
-            problems.append(
-                f"{command}: unknown key(s) {', '.join(bad)} (keys are `lorax {command}`'s flag names)"
-            )
-        training[command] = {k: v for k, v in values.items() if k in names}
+        # the keys are the command's config fields, checked where those live (lorax.training.config_file)
+        training[command] = {str(k).replace("-", "_"): v for k, v in section.items()}
     if problems:
         raise FormatError(f"{source}: " + "; ".join(problems))
     return ModelDefaults(generate, training, source)
-
-
-def _config_fields(command: str) -> set[str]:
-    from dataclasses import fields
-
-    from lorax.training.config import TrainConfig
-    from lorax.training.pivot_config import InvertConfig, PivotConfig
-
-    cls = {"train": TrainConfig, "invert": InvertConfig, "pivot": PivotConfig}[command]
-    # where a model's files live and what the run writes are the user's, never a model's
-    return {f.name for f in fields(cls)} - {
-        "data_dir",
-        "output",
-        "model",
-        "force",
-        "resume",
-        "checkpoint_dir",
-    }
 
 
 def read_folder_defaults(folder: Path) -> ModelDefaults:

@@ -1,9 +1,10 @@
 """``lorax pivot``: pivotal tuning — textual inversion first, then a LoRA trained around the learned tokens.
 
-Phase 1 is ``lorax invert``'s (``lorax.services.invert``): only the new rows train, ``--ti-steps`` steps at
-``--ti-learning-rate``. Phase 2 is ``lorax train``'s LoRA job (``lorax.services.train._build``: UNet LoRA, the text
-encoder's with ``--train-text``, prior preservation, caches, validation) over the same data, with the tokens frozen,
-or trained on at a small learning rate with ``--continue-inversion``; loss masks apply in both phases. Steps count on
+Phase 1 is ``lorax invert``'s recipe (``lorax.training.inversion_recipe``): only the new rows train, ``--ti-steps``
+steps at ``--ti-learning-rate``. Phase 2 is ``PivotRecipe`` (``lorax.training.pivot_recipe``), ``lorax train``'s
+``LoraRecipe`` (UNet LoRA, the text encoder's with ``--train-text``, prior preservation, caches, validation) over the
+same data, with the tokens frozen, or trained on at a small learning rate with ``--continue-inversion``; loss masks
+apply in both phases. Steps count on
 across the phases (phase 2's first step is ``ti_steps + 1``), so one folder of checkpoints and one loss curve cover
 the run, and ``--resume`` picks the phase from the checkpoint.
 
@@ -15,31 +16,17 @@ The output is one file holding the LoRA and the tokens: kohya with the embedding
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorax import dtypes
 from lorax.errors import ConfigError
-from lorax.models.skeleton import skeleton
 from lorax.progress import NullProgress, Progress
-from lorax.services.invert import (
-    Session,
-    build_inversion,
-    companion_paths,
-    inversion_metadata,
-    load_resume,
-    make_batches,
-    plan_outputs,
-    prepare,
-    steps_of,
-    token_info,
-    write_companions,
-)
-from lorax.training import setup
-from lorax.training.job import LoraJob
+from lorax.training.inversion_recipe import InversionRecipe, prepare, token_info
+from lorax.training.outputs import companion_paths, plan_outputs, write_companions
 from lorax.training.pivot_config import PivotConfig
+from lorax.training.pivot_recipe import PivotRecipe
+from lorax.training.recipe import check_within, load_resume, total_steps
 
 
 @dataclass
@@ -68,52 +55,6 @@ class PivotResult:
     )
 
 
-class PivotJob(LoraJob):
-    """``LoraJob`` plus the learned tokens: checkpointed with the LoRA, trained on with ``--continue-inversion``.
-
-    ``text_encoders``: the encoders whose tables hold the tokens (SDXL: both), in training mode while the tokens train.
-    """
-
-    def __init__(
-        self, job: LoraJob, tokens: Any, *, continue_inversion: bool, text_encoders: list[Any]
-    ) -> None:
-        super().__init__(
-            job.batches,
-            unet=job.unet,
-            text_encoder=job.text_encoder,
-            accelerator=job.accelerator,
-            sampler=job.sampler,
-            text_encoder_2=job.text_encoder_2,
-        )
-        self.tokens = tokens
-        self.continue_inversion = continue_inversion
-        self.prompt_encoders = list(text_encoders)
-
-    def trainable_models(self) -> list[Any]:
-        models = super().trainable_models()
-        if self.continue_inversion:
-            unwrapped = [self.accelerator.unwrap_model(m) for m in models]
-            models += [m for m in self.prompt_encoders if not any(m is u for u in unwrapped)]
-        return models
-
-    def parameters(self) -> list[Any]:
-        params = super().parameters()
-        return [*params, *self.tokens.parameters()] if self.continue_inversion else params
-
-    def after_step(self, step: int) -> None:
-        if self.continue_inversion:
-            self.tokens.restore()
-
-    def state_tensors(self) -> dict[str, Any]:
-        return {**super().state_tensors(), **self.tokens.state_tensors()}
-
-    def load_state_tensors(self, tensors: dict[str, Any]) -> None:
-        from lorax.training.inversion import is_state_key
-
-        self.tokens.load_state_tensors({k: v for k, v in tensors.items() if is_state_key(k)})
-        super().load_state_tensors({k: v for k, v in tensors.items() if not is_state_key(k)})
-
-
 def pivot(config: PivotConfig, progress: Progress | None = None, *, pipeline: Any = None) -> PivotResult:
     """Pivotal tuning as ``config`` says; returns where everything went and what it measured."""
     progress = progress or NullProgress()
@@ -126,7 +67,7 @@ def pivot(config: PivotConfig, progress: Progress | None = None, *, pipeline: An
     session = prepare(config, progress, pipeline)
     info = token_info(session)
     ti_steps = config.ti_steps
-    lora_steps = steps_of(config, session.data.batches_per_epoch())
+    lora_steps = total_steps(config, session.data.batches_per_epoch())
     if resume is not None and resume.info.get("ti_steps", ti_steps) != ti_steps:
         raise ConfigError(
             f"--resume: the checkpoint's run has --ti-steps {resume.info['ti_steps']}; resume with the same value"
@@ -139,9 +80,7 @@ def pivot(config: PivotConfig, progress: Progress | None = None, *, pipeline: An
     checkpoints: list[Path] = []
     samples: list[Path] = []
     if phase != "tuning":
-        loop, _ = build_inversion(
-            session, max_steps=ti_steps, info={**info, "phase": "inversion"}, progress=progress
-        )
+        loop = InversionRecipe(session, {**info, "phase": "inversion"}).setup(ti_steps, progress)
         if resume is not None:
             loop.restore(resume)
             progress.log(f"resuming inversion from {resume.path} at step {loop.state.global_step}")
@@ -159,18 +98,15 @@ def pivot(config: PivotConfig, progress: Progress | None = None, *, pipeline: An
     session.tokens.freeze()
 
     # Phase 2: LoRA around the learned tokens.
-    loop2, job, prediction_type, modules = _build_tuning(session, lora_steps, info, progress)
+    recipe = PivotRecipe.of(session, info)
+    loop2 = recipe.setup(lora_steps, progress)
     if state is not None:
         loop2.state = state
     else:
         assert resume is not None
         loop2.restore(resume)
         progress.log(f"resuming tuning from {resume.path} at step {loop2.state.global_step}")
-    if loop2.state.global_step > ti_steps + lora_steps:
-        raise ConfigError(
-            f"--resume: the checkpoint is at step {loop2.state.global_step}, past this run's "
-            f"{ti_steps + lora_steps} steps"
-        )
+    check_within(loop2.state.global_step, ti_steps + lora_steps)
     result2 = loop2.run()
     checkpoints += result2.checkpoints
     samples += result2.samples
@@ -181,18 +117,11 @@ def pivot(config: PivotConfig, progress: Progress | None = None, *, pipeline: An
 
     file_bytes = 0
     if session.accelerator.is_main_process:
-        file_bytes = _write(
-            session,
-            job,
-            loop2,
-            output,
-            ti_steps,
-            prediction_type,
-            modules,
-            checkpoints=checkpoints,
-            resumed=resumed,
-            samples=sheet_files,
+        recipe.save(loop2, output, ti_steps=ti_steps)
+        write_companions(
+            config, loop2.state.losses, output, checkpoints=checkpoints, resumed=resumed, samples=sheet_files
         )
+        file_bytes = output.stat().st_size
     session.accelerator.wait_for_everyone()
     companions = companion_paths(output)
     losses = loop2.state.losses
@@ -214,126 +143,7 @@ def pivot(config: PivotConfig, progress: Progress | None = None, *, pipeline: An
         resumed_from=resume.path if resume is not None else None,
         checkpoints=checkpoints,
         samples=samples,
-        modules=modules,
+        modules=recipe.modules,
         losses=losses,
         samples_png=companions["samples_png"] if sheet_files else None,
     )
-
-
-def _build_tuning(
-    session: Session, lora_steps: int, info: dict[str, Any], progress: Progress
-) -> tuple[Any, PivotJob, str, dict[str, int]]:
-    """``lorax train``'s LoRA job and loop on the session's data, with the tokens in the loop."""
-    from lorax.services.train import _build
-
-    config = session.config
-    assert isinstance(config, PivotConfig)
-    ti_steps = config.ti_steps
-    build_config = config.replace(cache_text=False) if config.continue_inversion else config
-    job, loop, prepared, modules = _build(
-        build_config,
-        session.pipe,
-        session.data,
-        session.accelerator,
-        session.resolution,
-        lora_steps,
-        session.family,
-        progress,
-    )
-    job.batches = make_batches(session, job.batches)
-    pipe = session.pipe
-    pivot_job = PivotJob(
-        job,
-        session.tokens,
-        continue_inversion=config.continue_inversion,
-        text_encoders=setup.text_encoders(pipe, session.family),
-    )
-    if config.continue_inversion:
-        params = session.tokens.make_trainable()
-        _add_param_group(loop.optimizer, loop.scheduler, params, config.continue_lr, config.ti_weight_decay)
-    loop.job = pivot_job
-    loop.settings.max_steps = ti_steps + lora_steps
-    loop.settings.info = {**info, "phase": "tuning", "rank": config.rank, "targets": config.targets}
-    loop.settings.description = "tuning"
-    return loop, pivot_job, prepared.prediction_type, modules
-
-
-def _add_param_group(
-    optimizer: Any, scheduler: Any, params: list[Any], lr: float, weight_decay: float
-) -> None:
-    """Add the embedding table(s) to an optimizer whose LambdaLR schedule is already built (same schedule)."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-    factor = scheduler.lr_lambdas[0]
-    inner.add_param_group(
-        {
-            "params": list(params),
-            "lr": lr * factor(scheduler.last_epoch),
-            "initial_lr": lr,
-            "weight_decay": weight_decay,
-        }
-    )
-    scheduler.base_lrs.append(lr)
-    scheduler.lr_lambdas.append(factor)
-
-
-def _write(
-    session: Session,
-    job: PivotJob,
-    loop: Any,
-    output: Path,
-    ti_steps: int,
-    prediction_type: str,
-    modules: dict[str, int],
-    *,
-    checkpoints: list[Path] | None = None,
-    resumed: tuple[Path, int] | None = None,
-    samples: list[Path] | None = None,
-) -> int:
-
-    from lorax.formats import save_lora
-    from lorax.training.lora import trained_state
-    from lorax.training.metadata import training_metadata
-
-    config = session.config
-    assert isinstance(config, PivotConfig)
-    state = trained_state(job.components(), rank=config.rank, alpha=config.lora_alpha, family=session.family)
-    state.embeddings = session.tokens.embeddings()
-    metadata = training_metadata(
-        config,
-        family=session.family,
-        prediction_type=prediction_type,
-        resolution=session.resolution,
-        num_images=len(session.items),
-        num_class_images=len(session.class_items),
-        steps=loop.state.global_step,
-        epoch=loop.state.epoch,
-        batches_per_epoch=session.data.batches_per_epoch(),
-        started_at=session.started_at,
-        finished_at=time.time(),
-        seconds=loop.state.seconds,
-        modules=modules,
-        images=_images_summary(session, config),
-        num_examples=len(session.data),
-    )
-    metadata.update(inversion_metadata(session, ti_steps, loop.state.seconds))
-    metadata["lorax_continue_inversion"] = str(config.continue_inversion)
-    dtype = dtypes.torch_dtype(config.save_dtype)
-    model = skeleton(session.pipe) if config.format == "lora_diffusion" else None
-    save_lora(
-        state, output, format=config.format, dtype=dtype, force=config.force, metadata=metadata, model=model
-    )
-    write_companions(
-        config, loop.state.losses, output, checkpoints=checkpoints, resumed=resumed, samples=samples
-    )
-    return output.stat().st_size
-
-
-def _images_summary(session: Any, config: PivotConfig) -> Any:
-    """kohya's dataset keys for the pivot's image folder (its tokens are the trigger words)."""
-    from lorax.data.kohya import DatasetSummary, TrainingImages
-
-    summary = DatasetSummary()
-    folder = Path(config.data_dir).name if config.data_dir is not None else "images"
-    summary.add(folder, config.repeats, [it.caption for it in session.items])
-    summary.trigger_words.extend(session.tokens.embeddings())
-    return TrainingImages(list(session.items), list(session.class_items), summary)

@@ -8,14 +8,23 @@ every problem into one ``ConfigError`` that names the flags.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 from lorax import dtypes
-from lorax.errors import ConfigError, InputError
+from lorax.errors import ConfigError
+from lorax.training.config_file import (
+    check_model_defaults,
+    coerce,
+    field_names,
+    load_toml,
+    masks_beside,
+    plain,
+    resumed_config,
+    toml_value,
+)
 
 FORMATS = ("kohya", "diffusers")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
@@ -193,7 +202,7 @@ class TrainConfig:
 
             values["model"] = default_model()[0]
         values = {**cls.model_defaults_for(values), **values}
-        config = cls(**_coerce(values, cls))
+        config = cls(**coerce(values, cls))
         if validate:
             config.validate()
         return config
@@ -204,12 +213,14 @@ class TrainConfig:
         values rule out (a default ``steps`` when ``epochs`` is given, ``auto_mask`` when ``mask_dir`` is)."""
         from lorax.models.defaults import model_defaults
 
-        defaults = model_defaults(values.get("model", cls.model)).for_command(cls.COMMAND)
+        found = model_defaults(values.get("model", cls.model))
+        check_model_defaults(found)
+        defaults = found.for_command(cls.COMMAND)
         if values.get("epochs") is not None:
             defaults.pop("steps", None)
         if values.get("mask_dir") is not None:  # the user's masks (lorax prepare's) win over computed ones
             defaults.pop("auto_mask", None)
-        if "auto_mask" in defaults and (values.get("ignore_masks") or _masks_beside(values.get("data_dir"))):
+        if "auto_mask" in defaults and (values.get("ignore_masks") or masks_beside(values.get("data_dir"))):
             defaults.pop("auto_mask", None)  # NAME.mask.png beside the images win too; --ignore-masks: none
         return defaults
 
@@ -283,160 +294,21 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         """Every inconsistency, each naming its flag(s) (``option_name``: only flags this command has)."""
-        p: list[str] = []
-        opt = self.option_name
+        from lorax.training.config_checks import problems
 
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
-            value = getattr(self, name)
-            if value is not None and value not in allowed:
-                p.append(f"{opt(name)} must be one of {', '.join(allowed)} (got {value!r})")
-
-        def positive(name: str, *, zero: bool = False) -> None:
-            value = getattr(self, name)
-            if value is not None and (value < 0 or (value == 0 and not zero)):
-                p.append(f"{opt(name)} must be {'≥ 0' if zero else '> 0'} (got {value})")
-
-        if self.concept and (self.data_dir is not None or self.dataset_config is not None):
-            p.append(
-                f"{opt('concept')} names every training folder: drop DATA_DIR / {opt('dataset_config')} (or "
-                f"give that folder as one more {opt('concept')} DIR:PROMPT)"
-            )
-        if self.data_dir is None and self.dataset_config is None and not self.concept:
-            either = f" or {opt('dataset_config')}" if "dataset_config" not in self.CONFIG_ONLY else ""
-            p.append(f"DATA_DIR is required (a folder of training images){either}")
-        if self.data_dir is not None and self.dataset_config is not None:
-            p.append(
-                f"give DATA_DIR or {opt('dataset_config')}, not both (the dataset config names its image_dir)"
-            )
-        if self.output is None:
-            p.append("-o/--output is required (the LoRA file to write)")
-        elif self.format == "kohya" and Path(self.output).suffix != ".safetensors":
-            p.append(f"-o/--output must end in .safetensors (got {Path(self.output).name})")
-        choice("format", FORMATS)
-        choice("optimizer", OPTIMIZERS)
-        choice("lr_scheduler", SCHEDULERS)
-        choice("mixed_precision", MIXED_PRECISION)
-        choice("save_dtype", SAVE_DTYPES)
-        choice("prediction_type", PREDICTION_TYPES)
-        choice("device", DEVICES)
-        choice("template", TEMPLATES)
-        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
-            p.append(f"{opt('resolution')} must be a positive multiple of 8 (got {self.resolution})")
-        for name in ("rank", "repeats", "batch_size", "grad_accum", "learning_rate", "num_class_images"):
-            positive(name)
-        for name in ("sample_steps", "steps", "epochs"):
-            positive(name)
-        for name in ("warmup_steps", "keep_tokens", "checkpoint_every", "validation_every", "weight_decay"):
-            positive(name, zero=True)
-        for name in ("max_grad_norm", "noise_offset", "prior_weight"):
-            positive(name, zero=True)
-        positive("snr_gamma")
-        positive("guidance_scale", zero=True)
-        positive("alpha")
-        positive("text_learning_rate", zero=True)
-        for name in ("caption_dropout", "lora_dropout"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                p.append(f"{opt(name)} must be in [0, 1) (got {value})")
-        if self.steps is not None and self.epochs is not None:
-            p.append(f"{opt('steps')} and {opt('epochs')} are exclusive: pass one")
-        if self.text_learning_rate is not None and not self.train_text:
-            p.append(
-                f"{opt('text_learning_rate')} needs {opt('train_text')} (the text encoder is frozen without it)"
-            )
-        if self.class_dir is not None and self.class_prompt is None and not self.kohya_class_dir:
-            p.append(
-                f"{opt('class_dir')} needs {opt('class_prompt')} (prior preservation is on when a class prompt is "
-                "given)"
-                + (
-                    ", or '<repeats>_<class>' sub-folders as in kohya's layout"
-                    if self.COMMAND == "train"
-                    else ""
-                )
-            )
-        if self.kohya_class_dir and self.class_prompt is not None:
-            p.append(
-                f"{opt('class_dir')} in kohya's '<repeats>_<class>' layout captions its images by folder: drop "
-                f"{opt('class_prompt')}"
-            )
-        if self.cache_latents and self.random_crop:
-            p.append(
-                f"{opt('cache_latents')} and {opt('random_crop')} are exclusive (a random crop changes the latents "
-                "every step)"
-            )
-        if self.validation_every and not (self.validation_prompt or self.sample_prompts or self.val_split):
-            p.append(
-                f"{opt('validation_every')} needs at least one {opt('validation_prompt')}"
-                + (f", {opt('sample_prompts')} or {opt('val_split')}" if self.COMMAND == "train" else "")
-            )
-        if self.sample_prompts is not None and not self.validation_every:
-            p.append(f"{opt('sample_prompts')} needs {opt('validation_every')} N (alias --sample-every)")
-        if not 0.0 <= self.val_split < 1.0:
-            p.append(f"{opt('val_split')} must be in [0, 1) (got {self.val_split})")
-        if self.targets not in TARGET_PRESETS and not [t for t in self.targets.split(",") if t.strip()]:
-            p.append(f"{opt('targets')} must be one of {', '.join(TARGET_PRESETS)} or module patterns")
-        p += self.snapshot_problems() + self.lr_problems()
-        if self.dora and self.format == "diffusers":
-            p.append(
-                f"{opt('dora')} files are written in kohya (LyCORIS dora_scale) format: drop {opt('format')} "
-                "diffusers"
-            )
-        if self.dora and self.targets == "all":
-            p.append(
-                f"{opt('dora')} covers Linear layers only with PEFT: use {opt('targets')} attn or attn-ff"
-            )
-        from lorax.training.extras import extra_problems
-
-        p.extend(extra_problems(self))
-        return p
+        return problems(self)
 
     def snapshot_problems(self) -> list[str]:
         """--save-every, --save-every-epochs and --save-last."""
-        opt = self.option_name
-        p = [
-            f"{opt(n)} must be ≥ 0 (got {getattr(self, n)})"
-            for n in ("save_every", "save_every_epochs", "save_last")
-            if getattr(self, n) < 0
-        ]
-        if self.save_last and not (self.save_every or self.save_every_epochs):
-            p.append(
-                f"{opt('save_last')} needs {opt('save_every')} or {opt('save_every_epochs')} (it bounds how many "
-                "snapshots stay)"
-            )
-        return p + self.train_only_problems()
+        from lorax.training.config_checks import snapshot_problems
+
+        return snapshot_problems(self)
 
     def lr_problems(self) -> list[str]:
         """--warmup-ratio, --lr-cycles, --lr-power, --loraplus-ratio, --clip-skip, --ema-decay."""
-        opt = self.option_name
-        p: list[str] = []
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            p.append(f"{opt('warmup_ratio')} must be in [0, 1) (got {self.warmup_ratio})")
-        if self.warmup_ratio and self.warmup_steps:
-            p.append(f"{opt('warmup_steps')} and {opt('warmup_ratio')} are exclusive: pass one")
-        if self.lr_cycles < 1:
-            p.append(f"{opt('lr_cycles')} must be ≥ 1 (got {self.lr_cycles})")
-        if self.lr_cycles != 1 and self.lr_scheduler != "cosine_with_restarts":
-            p.append(f"{opt('lr_cycles')} needs {opt('lr_scheduler')} cosine_with_restarts")
-        if self.lr_power <= 0:
-            p.append(f"{opt('lr_power')} must be > 0 (got {self.lr_power})")
-        if self.lr_power != 1.0 and self.lr_scheduler != "polynomial":
-            p.append(f"{opt('lr_power')} needs {opt('lr_scheduler')} polynomial")
-        if self.clip_skip is not None and self.clip_skip < 1:
-            p.append(f"{opt('clip_skip')} must be ≥ 1 (got {self.clip_skip}; 2 is the penultimate layer)")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            p.append(f"{opt('ema_decay')} must be in (0, 1) (got {self.ema_decay}; 0.999 is common)")
-        if self.loraplus_ratio is not None and self.loraplus_ratio <= 0:
-            p.append(
-                f"{opt('loraplus_ratio')} must be > 0 (got {self.loraplus_ratio}; 16 is the paper's default)"
-            )
-        if self.init_lora is not None and self.block_dims is not None:
-            p.append(f"{opt('init_lora')} takes its ranks from the file: drop {opt('block_dims')}")
-        if self.init_lora is not None and self.dora:
-            p.append(f"{opt('init_lora')} starts from a plain LoRA: drop {opt('dora')}")
-        from lorax.training.algo_config import algo_problems
+        from lorax.training.config_checks import lr_problems
 
-        p += algo_problems(self, opt)
-        return p
+        return lr_problems(self)
 
     def __post_init__(self) -> None:
         if self.algo == "dora":  # --algo dora is --dora
@@ -453,6 +325,10 @@ class TrainConfig:
             if getattr(self, n) != getattr(defaults, n)
         ]
 
+    def family_problems(self, family: str) -> list[str]:
+        """What this config cannot do on a model of ``family`` (checked once the model is loaded, before training)."""
+        return []
+
     def validate(self) -> TrainConfig:
         problems = self.problems()
         if problems:
@@ -468,152 +344,11 @@ class TrainConfig:
                 continue
             if isinstance(value, Path):  # absolute, so the file means the same wherever it is read from
                 value = value.expanduser().absolute()
-            lines.append(f"{f.name.replace('_', '-')} = {_toml_value(value)}")
+            lines.append(f"{f.name.replace('_', '-')} = {toml_value(value)}")
         return "\n".join(lines) + "\n"
 
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
 
 
-def _masks_beside(data_dir: Any) -> bool:
-    """Whether ``NAME.mask.png`` loss masks lie in ``data_dir`` (or its sub-folders, kohya's layout)."""
-    from lorax.data.images import has_mask_files
-
-    return data_dir is not None and has_mask_files(Path(data_dir))
-
-
-def field_names(cls: type[TrainConfig] | None = None) -> set[str]:
-    return {f.name for f in fields(cls or TrainConfig)}
-
-
-def _path_fields(cls: type[TrainConfig]) -> set[str]:
-    return {f.name for f in fields(cls) if "Path" in str(f.type)}
-
-
-def load_toml(path: str | Path, cls: type[TrainConfig] | None = None) -> dict[str, Any]:
-    """Read a ``--config`` TOML file: flag-named keys at the top level (or under ``[train]``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("config file not found", path=path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"not valid TOML ({err})", path=path) from None
-    cls = cls or TrainConfig
-    section = ""
-    if isinstance(data.get(cls.COMMAND), dict):
-        data, section = data[cls.COMMAND], f"[{cls.COMMAND}] "
-    values = {str(k).replace("-", "_"): v for k, v in data.items()}
-    spelled = {str(k).replace("-", "_"): str(k) for k in data}  # each key as the file writes it
-    if "validation_prompts" in values:
-        values["validation_prompt"] = values.pop("validation_prompts")
-        spelled["validation_prompt"] = spelled["validation_prompts"]
-    if "sample_every" in values:  # the other name of --validation-every (kohya's sample_every_n_steps)
-        values["validation_every"] = values.pop("sample_every")
-        spelled["validation_every"] = spelled["sample_every"]
-    if "concepts" in values:  # [[concepts]] tables: --concept values
-        from lorax.data.concepts import concepts_from_toml
-
-        values["concept"] = concepts_from_toml(values.pop("concepts"), path)
-        spelled["concept"] = spelled.pop("concepts")
-    if "network_alpha" in values:  # kohya's name of --alpha
-        values["alpha"] = values.pop("network_alpha")
-        spelled["alpha"] = spelled["network_alpha"]
-    unknown = sorted(set(values) - field_names(cls))
-    if unknown:
-        names = ", ".join(k.replace("_", "-") for k in unknown)
-        raise ConfigError(
-            f"unknown key(s) {names}; keys are the flag names of `lorax {cls.COMMAND}`", path=path
-        )
-    # Relative paths in a config file are relative to the file's folder.
-    for name in _path_fields(cls):
-        if isinstance(values.get(name), str):
-            p = Path(values[name]).expanduser()
-            values[name] = p if p.is_absolute() else path.parent / p
-    # each value of the type its key takes: a wrong one names this file and the key, not the flag
-    _coerce(values, cls, name_of=lambda n: f"{section}key {spelled.get(n, n)}", path=path)
-    return values
-
-
-_PATH_FIELDS = ("data_dir", "output", "class_dir", "checkpoint_dir", "resume")
-
-
-def resumed_config(resume: str | Path) -> Path | None:
-    """The ``config.toml`` a checkpoint (or the latest in a folder of them) carries, if it has one."""
-    from lorax.training.checkpoint import find_checkpoint
-
-    saved = find_checkpoint(resume) / "config.toml"
-    return saved if saved.is_file() else None
-
-
-def _coerce(
-    values: dict[str, Any],
-    cls: type[TrainConfig] | None = None,
-    *,
-    name_of: Callable[[str], str] | None = None,
-    path: Path | None = None,
-) -> dict[str, Any]:
-    """Each value converted to its field's type; problems named by ``name_of`` (the flag, or a TOML key)."""
-    cls = cls or TrainConfig
-    name_of = name_of or cls.option_name
-    types = {f.name: str(f.type) for f in fields(cls)}
-    path_fields = _path_fields(cls)
-    out: dict[str, Any] = {}
-    problems: list[str] = []
-    for name, value in values.items():
-        kind = types[name]
-        try:
-            if value is None:
-                out[name] = None
-            elif name in path_fields:
-                out[name] = Path(value)
-            elif name in ("validation_prompt", "concept"):
-                out[name] = [value] if isinstance(value, str) else [str(v) for v in value]
-            elif kind.startswith("bool"):
-                if not isinstance(value, bool):
-                    raise TypeError("expected true or false")
-                out[name] = value
-            elif kind.startswith("int"):
-                out[name] = _number(value, int)
-            elif kind.startswith("float"):
-                out[name] = _number(value, float)
-            else:
-                out[name] = str(value)
-        except (TypeError, ValueError) as err:
-            problems.append(f"{name_of(name)}: {err} (got {value!r})")
-    if problems:
-        raise ConfigError("; ".join(problems), path=path)
-    return out
-
-
-def _number(value: Any, kind: type[int] | type[float]) -> int | float:
-    """An int or float from a flag's text or a TOML value; ``TypeError`` saying what was expected otherwise."""
-    expected = "expected an integer" if kind is int else "expected a number"
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise TypeError(expected)
-    if kind is int and isinstance(value, float) and not value.is_integer():
-        raise TypeError(expected)
-    try:
-        return kind(value)
-    except (ValueError, OverflowError):
-        raise TypeError(expected) from None
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _toml_value(value: Any) -> str:
-    import json
-
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+__all__ = ["TRAIN_ONLY", "TrainConfig", "field_names", "flag", "load_toml", "resumed_config"]

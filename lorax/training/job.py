@@ -12,7 +12,7 @@ from typing import Any
 from lorax.data.dataset import TrainData, derive_seed
 from lorax.training.latents import LatentCache, vae_encode
 from lorax.training.lora import load_lora_tensors, lora_parameters, lora_tensors
-from lorax.training.objective import DiffusionObjective
+from lorax.training.objective import Objective
 from lorax.training.text import PromptEncoder
 
 
@@ -24,7 +24,7 @@ class DiffusionBatches:
     vae: Any
     unet: Any
     prompts: PromptEncoder
-    objective: DiffusionObjective
+    objective: Objective
     device: Any
     prior_weight: float = 1.0
     latent_cache: LatentCache | None = None

@@ -34,7 +34,15 @@ class LatentCache:
     ) -> None:
         import torch
 
-        todo = [k for k in keys if k not in self._latents]
+        todo = []
+        for k in keys:
+            if k in self._latents:
+                continue
+            if self._read(k):
+                if advance is not None:
+                    advance(1)
+                continue
+            todo.append(k)
         for i in range(0, len(todo), batch_size):
             chunk = todo[i : i + batch_size]
             by_size: dict[Any, list[Any]] = {}
@@ -46,6 +54,14 @@ class LatentCache:
                     self._latents[k] = lat.cpu()
             if advance is not None:
                 advance(len(chunk))
+        self._written(todo)
+
+    def _read(self, key: Any) -> bool:
+        """Whether ``key``'s latents were found stored (a disk cache's); then they are in the cache."""
+        return False
+
+    def _written(self, keys: Sequence[Any]) -> None:
+        """After ``keys``' latents were encoded (a disk cache stores them)."""
 
     def __contains__(self, key: Any) -> bool:
         return key in self._latents

@@ -18,83 +18,18 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from lorax.data.dataset import derive_seed
 from lorax.errors import Interrupted, LoraxError, TrainingError
 from lorax.progress import NullProgress, Progress
 from lorax.training.checkpoint import Checkpoint, LoopState, save_checkpoint, set_rng_states
+from lorax.training.good_state import GoodStates, StateDict
+from lorax.training.loop_api import Job, LoopResult, LoopSettings
 
-
-class Job(Protocol):
-    """What the loop trains. ``loss`` is called once per micro-batch, inside autocast."""
-
-    def trainable_models(self) -> Sequence[Any]:
-        """The (prepared) modules holding trainable parameters."""
-
-    def parameters(self) -> list[Any]:
-        """Every trainable parameter (for clipping)."""
-
-    def loss(self, micro_step: int, generator: Any) -> Any:
-        """The scalar loss of micro-batch ``micro_step`` (draw randomness from ``generator``)."""
-
-    def epoch_of(self, micro_step: int) -> int: ...
-
-    def after_step(self, step: int) -> None:
-        """Called after each optimizer step (e.g. to restore frozen embedding rows)."""
-
-    def state_tensors(self) -> dict[str, Any]:
-        """The trainable state to checkpoint (flat name → tensor)."""
-
-    def load_state_tensors(self, tensors: dict[str, Any]) -> None: ...
-
-    def validate(self, step: int) -> list[Path]:
-        """Validation samples at ``step``; returns the files written."""
-
-
-@dataclass
-class LoopSettings:
-    max_steps: int
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 0
-    checkpoint_dir: Path | None = None
-    validation_every: int = 0
-    memory_flags: Sequence[str] = ()
-    config_toml: str | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-    description: str = "training"
-    resume_command: Callable[[Path], str] | None = None  # the command line that continues from a checkpoint
-    tracker: Any = None  # lorax.training.trackers.StepTracker (--log-with): loss, lr, grad norm, samples
-
-    @classmethod
-    def from_config(cls, config: Any, max_steps: int, **extra: Any) -> LoopSettings:
-        """The loop fields of a training config (train, invert and pivot configs share their names)."""
-        return cls(
-            max_steps=max_steps,
-            grad_accum=config.grad_accum,
-            max_grad_norm=config.max_grad_norm,
-            seed=config.seed,
-            checkpoint_every=config.checkpoint_every,
-            checkpoint_dir=config.checkpoints_path,
-            validation_every=config.validation_every,
-            config_toml=config.to_toml(),
-            resume_command=getattr(config, "resume_command", None),
-            **extra,
-        )
-
-
-@dataclass
-class LoopResult:
-    state: LoopState
-    checkpoints: list[Path]
-    samples: list[Path]
-    seconds_this_run: float
-    steps_this_run: int
+__all__ = ["Job", "LoopResult", "LoopSettings", "TrainingLoop", "is_out_of_memory"]
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -129,10 +64,9 @@ class TrainingLoop:
         self._interrupted = False
         # called with the state after each optimizer step, validation and checkpoint (e.g. usable snapshots)
         self.step_hooks: list[Callable[[LoopState], None]] = []
-        # In memory: the state after the last step (``_pending``), and the last one that trained on cleanly: finite
-        # weights from which the next step's loss and gradients were finite (``_good``, written on a non-finite stop).
-        self._pending: _GoodState | None = None
-        self._good: _GoodState | None = None
+        # In memory: the state after the last step, and the last one that trained on cleanly (written on a
+        # non-finite stop)
+        self._states = GoodStates()
 
     # ---------------------------------------------------------------------------------------------------------
     def restore(self, checkpoint: Checkpoint) -> None:
@@ -212,50 +146,17 @@ class TrainingLoop:
         return path
 
     def _keep_state(self) -> None:
-        """After a step whose weights are finite: copy what its checkpoint would hold (the trainable tensors, the
-        optimizer, scheduler and scaler states, counters, RNG) into memory, reusing an older copy's buffers. Once the
-        next step's loss and gradients from it are finite it becomes the good state that a non-finite stop writes, so
-        a run without ``--checkpoint-every`` still leaves a state to resume (a lower learning rate can go on from it;
-        the state just before the stop, finite or not, is the one that overflowed)."""
-        import copy
-
-        from lorax.training.checkpoint import rng_states
-
-        good = self._pending
+        """After a step whose weights are finite: what its checkpoint would hold, kept in memory
+        (``GoodStates.keep``)."""
         scaler = getattr(self.accelerator, "scaler", None)
-        self._pending = _GoodState(
-            state=LoopState(
-                global_step=self.state.global_step,
-                micro_step=self.state.micro_step,
-                epoch=self.state.epoch,
-                losses=[],
-                seconds=self.state.seconds,
-            ),
-            n_losses=len(self.state.losses),
-            tensors=_copy_into(self.job.state_tensors(), good.tensors if good else None),
-            optimizer=_copy_into(self.optimizer.state_dict(), good.optimizer if good else None),
-            scheduler=copy.deepcopy(self.scheduler.state_dict()),
-            scaler=copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
-            rng=rng_states(),
-        )
+        self._states.keep(self.state, self.job.state_tensors(), self.optimizer, self.scheduler, scaler)
 
     def _confirm_state(self, grad_norm: Any) -> None:
-        """The kept state's gradients were finite (its loss was): it is the good one now. Under fp16 an overflowing
-        step (skipped by the gradient scaler) confirms nothing."""
-        if self._pending is None:
-            return
-        if grad_norm is None:
-            import torch
-
-            grads = [p.grad.detach().float().norm() for p in self.job.parameters() if p.grad is not None]
-            grad_norm = torch.stack(grads).norm() if grads else 0.0
-        if math.isfinite(float(grad_norm)):
-            # the older copy's buffers serve the next one
-            self._good, self._pending = self._pending, self._good
+        self._states.confirm(grad_norm, self.job.parameters)
 
     def _save_good_state(self) -> Path | None:
         """The kept copy as a checkpoint (or the checkpoint already written of that step)."""
-        good, folder = self._good, self.settings.checkpoint_dir
+        good, folder = self._states.good, self.settings.checkpoint_dir
         if good is None or folder is None:
             return None
         step = good.state.global_step
@@ -264,9 +165,9 @@ class TrainingLoop:
 
             return folder / checkpoint_name(step)
         state = LoopState(**{**vars(good.state), "losses": self.state.losses[: good.n_losses]})
-        scaler = _StateDict(good.scaler) if good.scaler is not None else None
+        scaler = StateDict(good.scaler) if good.scaler is not None else None
         return self._write(
-            state, good.tensors, _StateDict(good.optimizer), _StateDict(good.scheduler), scaler, good.rng
+            state, good.tensors, StateDict(good.optimizer), StateDict(good.scheduler), scaler, good.rng
         )
 
     # ---------------------------------------------------------------------------------------------------------
@@ -342,7 +243,8 @@ class TrainingLoop:
         # the last state whose weights were finite: the copy kept in memory after each step, else (just resumed)
         # the checkpoint the run started from
         kept = self._save_good_state()
-        kept_step = self._good.state.global_step if self._good is not None else None
+        good = self._states.good
+        kept_step = good.state.global_step if good is not None else None
         if kept is None and self._last_saved_step is not None and self.settings.checkpoint_dir is not None:
             from lorax.training.checkpoint import checkpoint_name
 
@@ -449,49 +351,3 @@ class TrainingLoop:
         if self.settings.tracker is not None:
             self.settings.tracker.log_samples(step, paths)
         self.samples.extend(paths)
-
-
-@dataclass
-class _GoodState:
-    state: LoopState  # counters; the losses are the run's first ``n_losses``
-    n_losses: int
-    tensors: dict[str, Any]
-    optimizer: Any
-    scheduler: Any
-    scaler: Any
-    rng: Any
-
-
-class _StateDict:
-    """A kept ``state_dict()``, handed to ``save_checkpoint`` where it expects an optimizer or scheduler."""
-
-    def __init__(self, state: Any) -> None:
-        self._state = state
-
-    def state_dict(self) -> Any:
-        return self._state
-
-
-def _copy_into(src: Any, buf: Any) -> Any:
-    """A deep copy of ``src`` (a state dict: tensors in dicts and lists), written into ``buf``'s tensors where their
-    shapes, dtypes and devices match (no allocation per step)."""
-    import copy
-
-    import torch
-
-    if isinstance(src, torch.Tensor):
-        if (
-            isinstance(buf, torch.Tensor)
-            and buf.shape == src.shape
-            and buf.dtype == src.dtype
-            and buf.device == src.device
-        ):
-            return buf.copy_(src.detach())
-        return src.detach().clone()
-    if isinstance(src, dict):
-        old = buf if isinstance(buf, dict) else {}
-        return {k: _copy_into(v, old.get(k)) for k, v in src.items()}
-    if isinstance(src, list | tuple):
-        old_seq = buf if isinstance(buf, list | tuple) and len(buf) == len(src) else [None] * len(src)
-        return type(src)(_copy_into(v, b) for v, b in zip(src, old_seq, strict=True))
-    return copy.deepcopy(src)

@@ -16,6 +16,7 @@ gradient at all), the mean still taken over every pixel. Its masks come from ``N
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,12 @@ from lorax.training.sdxl import SdxlBatches
 AUTO_THRESHOLD = (
     0.3  # RGB distance from the border colour that counts as foreground (the shapes scorers' value)
 )
+
+
+def _some(names: Sequence[str], shown: int = 3) -> str:
+    """The first ``shown`` names, and how many more there are: ``a.png, b.png, c.png and 4 more``."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def mask_beside(image: Path) -> Path | None:
@@ -71,9 +78,8 @@ def find_masks(items: Sequence[ImageItem], mask_dir: Path) -> list[Path]:
     found = {it.path: mask_of(it) for it in items}
     missing = [it.path.name for it in items if found[it.path] is None]
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise InputError(
-            f"--mask-dir has no mask for {len(missing)} of {len(items)} images ({', '.join(missing[:3])}{more}); "
+            f"--mask-dir has no mask for {len(missing)} of {len(items)} images ({_some(missing)}); "
             "give every image a mask of the same name",
             path=mask_dir,
         )
@@ -205,8 +211,6 @@ class MaskedSdxlBatches(MaskedBatches, SdxlBatches):
 def with_train_masks(batches: DiffusionBatches, config: Any, log: Any) -> DiffusionBatches:
     """``lorax train``'s batches with kohya-style loss masks when the run has any: ``--auto-mask``, ``--mask-dir``
     (every image needs one), else each image's ``NAME.mask.png`` where it has one (the others count whole)."""
-    import dataclasses
-
     items = batches.data.items
     auto = bool(config.auto_mask)
     paths: list[Path | None]
@@ -223,9 +227,25 @@ def with_train_masks(batches: DiffusionBatches, config: Any, log: Any) -> Diffus
             return batches
         rest = f"; the other {len(items) - found} count whole" if found < len(items) else ""
         log(f"loss masks: {found} of {len(items)} images have NAME.mask.png{rest}")
-    values = {f.name: getattr(batches, f.name) for f in dataclasses.fields(batches) if f.init}
-    masked = MaskedSdxlBatches if isinstance(batches, SdxlBatches) else MaskedBatches
-    return masked(**values, mask_paths=paths, weighting="kohya", auto=auto)
+    return masked_batches(batches, mask_paths=paths, weighting="kohya", auto=auto)
+
+
+_MASK_FIELDS = {f.name for f in dataclasses.fields(MaskedBatches)} - {
+    f.name for f in dataclasses.fields(DiffusionBatches)
+}
+
+
+def masked_batches(batches: DiffusionBatches, **masks: Any) -> DiffusionBatches:
+    """``batches`` (their family's kind: ``TrainingHooks.masked_batches``) with loss masks, ``masks`` the
+    ``MaskedBatches`` fields; masks ``batches`` already had (train's, in pivot's LoRA phase) give way to these."""
+    from lorax.training.family_hooks import hooks_of_batches
+
+    values = {
+        f.name: getattr(batches, f.name)
+        for f in dataclasses.fields(batches)
+        if f.init and f.name not in _MASK_FIELDS
+    }
+    return hooks_of_batches(batches).masked_batches()(**values, **masks)
 
 
 def masks_beside_every(items: Sequence[ImageItem]) -> list[Path] | None:
@@ -242,10 +262,9 @@ def masks_beside_every(items: Sequence[ImageItem]) -> list[Path] | None:
         return None
     missing = [p.name for p, m in found.items() if m is None]
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise InputError(
             f"{len(found) - len(missing)} images have a NAME{MASK_SUFFIX}.png loss mask beside them but "
-            f"{len(missing)} have none ({', '.join(missing[:3])}{more}): give every image one, or pass "
+            f"{len(missing)} have none ({_some(missing)}): give every image one, or pass "
             "--ignore-masks",
             path=items[0].path.parent,
         )

@@ -1,8 +1,27 @@
-"""The denoising objective shared by train, invert and pivot: noise, timesteps, target, min-SNR-γ weighting."""
+"""The training objectives: what a family's denoiser is trained to predict (``Objective``), and the denoising one
+the UNet families share (``DiffusionObjective``: noise, timesteps, epsilon or v-prediction target, min-SNR-γ
+weighting). A family picks its objective in its ``lorax.training.family_hooks.TrainingHooks``; the batches and the
+validation loss only call ``loss``."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
+
+
+class Objective(Protocol):
+    """What the batches (``DiffusionBatches.loss``) and the held-out loss (``lorax.training.val_loss``) ask of a
+    family's objective. A flow-matching objective implements the same three members."""
+
+    prediction_type: str  # recorded in the output's metadata (kohya's ss_base_model_version, lorax's)
+    num_timesteps: int  # the range the held-out loss spreads its fixed timesteps over
+
+    def loss(
+        self, unet: Any, latents: Any, cond: Any, generator: Any, weight: Any = None, timesteps: Any = None
+    ) -> Any:
+        """Per-example loss ``[B]`` (float32) of the denoiser ``unet`` on ``latents`` under conditioning ``cond``,
+        randomness drawn from ``generator``; ``weight``: a loss mask broadcastable to the latents; ``timesteps``:
+        fixed ones instead of drawn ones."""
+        ...
 
 
 class DiffusionObjective:

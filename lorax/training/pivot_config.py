@@ -83,10 +83,6 @@ class InversionOptions(TrainConfig):
             p.append("--ignore-masks and --mask-dir/--auto-mask are exclusive: pass one")
         return p
 
-    def family_problems(self, family: str) -> list[str]:
-        """What this config cannot do on a model of ``family`` (checked once the model is loaded, before training)."""
-        return []
-
 
 @dataclass
 class InvertConfig(InversionOptions):

@@ -1,6 +1,6 @@
 """What every training run (``train``, ``invert``, ``pivot``) does to the base pipeline before its own job starts:
-freeze it, place it on the device in the run's precision, build the denoising objective, cache latents, assemble the
-batches (SD1/SD2 or SDXL conditioning) and a sampling pipeline over the live modules for validation images.
+freeze it, place it on the device in the run's precision, build the family's objective, cache latents, assemble the
+family's batches and a sampling pipeline over the live modules for validation images (``lorax.training.family_hooks``).
 
 Each command adds only what is its own: ``train`` injects LoRA layers between ``freeze`` and ``place`` (so their
 initialisation does not depend on the device), ``invert`` makes its embedding rows trainable.
@@ -50,16 +50,12 @@ def place(unet: Any, vae: Any, encoders: Sequence[Any], device: Any, mixed_preci
         encoder.to(device, dtype=dtype)
 
 
-def objective_for(pipe: Any, config: Any) -> Any:
-    """The denoising objective of ``config`` (prediction type, min-SNR-γ, noise offset) on the model's scheduler."""
-    from lorax.training.objective import DiffusionObjective
+def objective_for(pipe: Any, config: Any, family: str) -> Any:
+    """The family's training objective for ``config`` (``TrainingHooks.objective``: today epsilon or v-prediction,
+    min-SNR-γ and noise offset on the model's scheduler)."""
+    from lorax.training.family_hooks import hooks_for
 
-    return DiffusionObjective(
-        pipe.scheduler.config,
-        prediction_type=config.prediction_type,
-        snr_gamma=config.snr_gamma,
-        noise_offset=config.noise_offset,
-    )
+    return hooks_for(family, text_encoders(pipe, family)).objective(pipe, config)
 
 
 def cache_latents(vae: Any, data: TrainData, progress: Progress) -> Any:
@@ -78,6 +74,7 @@ def diffusion_batches(
     pipe: Any,
     data: TrainData,
     *,
+    family: str,
     unet: Any,
     vae: Any,
     encoders: Sequence[Any],
@@ -88,21 +85,14 @@ def diffusion_batches(
     cache_text: bool,
     clip_skip: int = 1,
 ) -> Any:
-    """The run's batches: ``DiffusionBatches`` over one text encoder, ``SdxlBatches`` (both encoders' context,
-    pooled embeddings, size/crop ids) over two. ``cache_text``: encode each distinct prompt once (frozen encoders)."""
-    from lorax.training.job import DiffusionBatches
-    from lorax.training.text import PromptEncoder
+    """The run's batches, the family's (``TrainingHooks.batches``: SD's over one text encoder, SDXL's with both
+    encoders' context, pooled embeddings and size/crop ids). ``cache_text``: encode each distinct prompt once
+    (frozen encoders)."""
+    from lorax.training.family_hooks import hooks_for
 
-    batches_class: Any = DiffusionBatches
-    prompts: Any
-    if len(encoders) == 2:
-        from lorax.training.sdxl import SdxlBatches, SdxlPromptEncoder
-
-        batches_class = SdxlBatches
-        prompts = SdxlPromptEncoder([pipe.tokenizer, pipe.tokenizer_2], encoders, device, cache=cache_text)
-    else:
-        prompts = PromptEncoder(pipe.tokenizer, encoders[0], device, cache=cache_text, clip_skip=clip_skip)
-    return batches_class(
+    hooks = hooks_for(family, encoders)
+    prompts = hooks.prompt_encoder(pipe, encoders, device, cache=cache_text, clip_skip=clip_skip)
+    return hooks.batches()(
         data=data,
         vae=vae,
         unet=unet,
@@ -114,13 +104,16 @@ def diffusion_batches(
     )
 
 
-def sampling_pipeline(pipe: Any, accelerator: Any, unet: Any, encoders: Sequence[Any]) -> Callable[[], Any]:
-    """A factory of sampling pipelines over the live (training) modules, for validation images: SDXL's with two
-    text encoders."""
+def sampling_pipeline(
+    pipe: Any, accelerator: Any, unet: Any, encoders: Sequence[Any], family: str
+) -> Callable[[], Any]:
+    """A factory of sampling pipelines over the live (training) modules, for validation images (the family's
+    pipeline class, ``TrainingHooks.sampler``)."""
+    from lorax.training.family_hooks import hooks_for
+
+    hooks = hooks_for(family, encoders)
 
     def factory() -> Any:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
         live = [accelerator.unwrap_model(m) for m in encoders]
         pipe.vae.to(accelerator.device)
         common = dict(
@@ -130,15 +123,7 @@ def sampling_pipeline(pipe: Any, accelerator: Any, unet: Any, encoders: Sequence
             unet=accelerator.unwrap_model(unet),
             scheduler=pipe.scheduler,
         )
-        sample_pipe: Any
-        if len(live) == 2:
-            sample_pipe = StableDiffusionXLPipeline(
-                **common, text_encoder_2=live[1], tokenizer_2=pipe.tokenizer_2
-            )
-        else:
-            sample_pipe = StableDiffusionPipeline(
-                **common, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-            )
+        sample_pipe = hooks.sampler(common, pipe, live)
         sample_pipe.set_progress_bar_config(disable=True)
         return sample_pipe
 

@@ -76,37 +76,26 @@ class DiskLatentCache(LatentCache):
         name = f"{self._digests[image][:32]}-{w}x{h}-{'flip' if key.flip else 'noflip'}-{self.dtype}"
         return self.folder / f"{name}.safetensors"
 
-    def fill(
-        self,
-        vae: Any,
-        keys: Sequence[Any],
-        load: Callable[[Any], Any],
-        *,
-        batch_size: int = 4,
-        advance: Callable[[int], None] | None = None,
-    ) -> None:
+    def _read(self, key: Any) -> bool:
         from safetensors import SafetensorError
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
+
+        f = self.file_for(key)
+        if not f.is_file():
+            return False
+        try:
+            self._latents[key] = load_file(str(f))["latents"]
+        except (SafetensorError, KeyError, OSError):
+            return False  # unreadable: encoded again and rewritten
+        self.hits += 1
+        return True
+
+    def _written(self, keys: Sequence[Any]) -> None:
+        from safetensors.torch import save_file
 
         from lorax.io.atomic import atomic_path
 
-        todo = []
         for k in keys:
-            if k in self:
-                continue
-            f = self.file_for(k)
-            if f.is_file():
-                try:
-                    self._latents[k] = load_file(str(f))["latents"]
-                    self.hits += 1
-                    if advance is not None:
-                        advance(1)
-                    continue
-                except (SafetensorError, KeyError, OSError):
-                    pass  # unreadable: encoded again and rewritten
-            todo.append(k)
-        super().fill(vae, todo, load, batch_size=batch_size, advance=advance)
-        for k in todo:
             f = self.file_for(k)
             with atomic_path(f, force=True) as tmp:
                 save_file(

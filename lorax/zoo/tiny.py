@@ -68,15 +68,22 @@ def build_tokenizer(words: Iterable[str] = (), model_max_length: int = 77) -> An
     )
 
 
-def tiny_unet_config(
-    family: str = "sd1", cross_attention_dim: int = 32, sample_size: int = 8
-) -> dict[str, Any]:
-    config: dict[str, Any] = {
+def _tiny_unet(sample_size: int) -> dict[str, Any]:
+    """What every tiny UNet shares: 4 latent channels, two blocks of 32 and 64 channels, two layers each."""
+    return {
         "sample_size": sample_size,
         "in_channels": 4,
         "out_channels": 4,
         "layers_per_block": 2,
         "block_out_channels": [32, 64],
+    }
+
+
+def tiny_unet_config(
+    family: str = "sd1", cross_attention_dim: int = 32, sample_size: int = 8
+) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        **_tiny_unet(sample_size),
         "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
         "cross_attention_dim": cross_attention_dim,
@@ -127,11 +134,7 @@ SDXL_TIME_EMBED_DIM = 8
 
 def tiny_sdxl_unet_config(sample_size: int = 8) -> dict[str, Any]:
     return {
-        "sample_size": sample_size,
-        "in_channels": 4,
-        "out_channels": 4,
-        "layers_per_block": 2,
-        "block_out_channels": [32, 64],
+        **_tiny_unet(sample_size),
         "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
         "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
         "cross_attention_dim": sum(SDXL_TEXT_WIDTHS),
@@ -145,10 +148,24 @@ def tiny_sdxl_unet_config(sample_size: int = 8) -> dict[str, Any]:
     }
 
 
+def _tiny_scheduler(**options: Any) -> Any:
+    """Stable Diffusion's DDIM schedule (scaled linear betas 0.00085 … 0.012) with ``options``."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        **options,
+    )
+
+
 def tiny_sdxl_components(seed: int = 0, words: Iterable[str] = ()) -> dict[str, Any]:
     """Random-weight components of a tiny SDXL pipeline, deterministic in ``seed``."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = build_tokenizer(words)
@@ -161,14 +178,7 @@ def tiny_sdxl_components(seed: int = 0, words: Iterable[str] = ()) -> dict[str, 
     config_2["projection_dim"] = SDXL_PROJECTION_DIM
     text_encoder = CLIPTextModel(CLIPTextConfig(**config_1))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config_2))
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = _tiny_scheduler(steps_offset=1)
     return {
         "unet": unet,
         "vae": vae,
@@ -186,7 +196,7 @@ def tiny_components(family: str = "sd1", seed: int = 0, words: Iterable[str] = (
     if family == "sdxl":
         return tiny_sdxl_components(seed, words)
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_tokenizer(words)
@@ -195,21 +205,8 @@ def tiny_components(family: str = "sd1", seed: int = 0, words: Iterable[str] = (
     vae = AutoencoderKL(**tiny_vae_config())
     text_config = tiny_text_config(family, vocab_size=len(tokenizer))
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        prediction_type="v_prediction" if family == "sd2" else "epsilon",
-    )
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": scheduler,
-    }
+    scheduler = _tiny_scheduler(prediction_type="v_prediction" if family == "sd2" else "epsilon")
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
 def tiny_pipeline(family: str = "sd1", seed: int = 0, words: Iterable[str] = ()) -> Any:

@@ -126,13 +126,7 @@ def build_components(seed: int = 0) -> dict[str, Any]:
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(len(tokenizer))))
     unet = UNet2DConditionModel(**unet_config())
     scheduler = DDIMScheduler(**scheduler_config(), clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": scheduler,
-    }
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
 def assemble(components: dict[str, Any]) -> Any:

@@ -1,0 +1,254 @@
+"""The training recipe shared by ``train``, ``invert`` and ``pivot``, and the steps every run takes before it.
+
+A command's recipe is a ``Recipe``: ``setup`` builds what trains (models on the device, the trainable weights, the
+optimizer and schedule, the family's batches and objective, the ``Job``) and the ``TrainingLoop`` over it; the loop
+runs the job's train step (``Job.loss`` / ``Job.after_step``); ``save`` writes the result. ``LoraRecipe``
+(``lorax.training.lora_recipe``) trains LoRA layers, ``InversionRecipe`` (``lorax.training.inversion_recipe``) new
+token rows, ``PivotRecipe`` (``lorax.training.pivot_recipe``) a LoRA around learned tokens; the services only
+orchestrate them (read the config, plan the outputs, resume, run, report).
+
+What a family changes (its conditioning, its objective) is no recipe's business: ``lorax.training.family_hooks``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from lorax.data.dataset import DataOptions, TrainData, derive_seed
+from lorax.data.images import ImageItem, load_image_folder
+from lorax.errors import ConfigError, MismatchError
+from lorax.progress import Progress
+
+
+class Recipe:
+    """One command's way of training: ``setup`` → the loop (running the job's steps) → ``save``."""
+
+    def setup(self, max_steps: int, progress: Progress) -> Any:
+        """Models, trainable weights, optimizer, schedule, batches and job, and the ``TrainingLoop`` over them."""
+        raise NotImplementedError
+
+    def save(self, loop: Any, path: Path, **options: Any) -> Any:
+        """Write what ``loop`` trained to ``path``."""
+        raise NotImplementedError
+
+
+def make_loop(
+    job: Any,
+    config: Any,
+    accelerator: Any,
+    optimizer: Any,
+    scheduler: Any,
+    max_steps: int,
+    progress: Progress,
+    **settings: Any,
+) -> Any:
+    """The ``TrainingLoop`` over ``job`` with ``config``'s loop settings (and ``settings``: info, description…)."""
+    from lorax.training.loop import LoopSettings, TrainingLoop
+
+    loop_settings = LoopSettings.from_config(
+        config, max_steps, memory_flags=config.memory_flags(), **settings
+    )
+    return TrainingLoop(
+        job,
+        accelerator=accelerator,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        settings=loop_settings,
+        progress=progress,
+    )
+
+
+def total_steps(config: Any, batches_per_epoch: int) -> int:
+    if config.steps is not None:
+        return int(config.steps)
+    if config.epochs is not None:
+        return int(config.epochs * math.ceil(batches_per_epoch / config.grad_accum))
+    return int(config.DEFAULT_STEPS)
+
+
+def make_accelerator(config: Any) -> Any:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        AcceleratorState._reset_state(
+            reset_partial_state=True
+        )  # one process may run several trainings (tests)
+    device = (config.device or "auto").lower()
+    if device in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {config.device}: no CUDA GPU is available; use --device cpu (or leave it out)"
+        )
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if cpu and config.mixed_precision == "fp16":
+        raise ConfigError(
+            "--mixed-precision fp16 needs a CUDA GPU; on the CPU use --mixed-precision bf16 or no (fp32)"
+        )
+    try:
+        return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
+    except ValueError as err:
+        raise ConfigError(f"--mixed-precision {config.mixed_precision}: {err}") from None
+
+
+def load_class_items(
+    config: Any, pipe: Any, resolution: int, accelerator: Any, progress: Progress
+) -> list[ImageItem]:
+    """The class images for prior preservation, generating the missing ones with the base model."""
+    import torch
+
+    from lorax.data.prior import class_cache_dir, ensure_class_images
+
+    assert config.class_prompt is not None
+    steps, guidance = config.sampling
+    folder = (
+        Path(config.class_dir)
+        if config.class_dir is not None
+        else class_cache_dir(config.model, config.class_prompt, resolution, steps, guidance)
+    )
+    if accelerator.is_main_process:
+        pipe.to(accelerator.device)
+        pipe.set_progress_bar_config(disable=True)
+
+        def generate(i: int) -> Any:
+            generator = torch.Generator(device="cpu").manual_seed(derive_seed(config.seed, "class-image", i))
+            with torch.no_grad(), accelerator.autocast():
+                return pipe(
+                    config.class_prompt,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    height=resolution,
+                    width=resolution,
+                    generator=generator,
+                ).images[0]
+
+        with progress.task("class images", total=config.num_class_images) as task:
+            made = ensure_class_images(folder, config.num_class_images, generate, advance=task.advance)
+        if made:
+            progress.log(f"generated {made} class images in {folder}")
+    accelerator.wait_for_everyone()
+    items = load_image_folder(folder, instance_prompt=config.class_prompt, what="class", warn=progress.log)
+    return [ImageItem(it.path, config.class_prompt, it.size) for it in items[: config.num_class_images]]
+
+
+def warn_if_toy_model(model: str, items: list[ImageItem], progress: Progress) -> None:
+    """One warning line when a built-in toy model meets images larger than the ones it makes."""
+    from lorax.models.defaults import model_defaults
+    from lorax.models.registry import BUILTIN_MODELS
+
+    size = model_defaults(model).size if model in BUILTIN_MODELS else None
+    if size is None or not items:
+        return
+    larger = [it for it in items if min(it.size) > min(size)]
+    if not larger:
+        return
+    width, height = max((it.size for it in larger), key=lambda s: s[0] * s[1])
+    progress.log(
+        f"warning: {len(larger)} of {len(items)} images are larger (up to {width}×{height}) than the {size[0]}×{size[1]} "
+        f"pictures the built-in {model} model makes, a toy for trying lorax: pass --model with your base model "
+        "(a diffusers folder, Hub id or .safetensors file), or set LORAX_MODEL"
+    )
+
+
+def load_base_model(spec: str, progress: Progress) -> Any:
+    """The base pipeline; a big one is announced first (``loading model …``), as it takes a while to read."""
+    from lorax.models.pipeline import load_is_slow
+    from lorax.training import base
+
+    if not load_is_slow(spec):
+        return base.load_base_pipeline(spec)
+    with progress.task(f"loading model {spec}"):
+        return base.load_base_pipeline(spec)
+
+
+def open_model(config: Any, progress: Progress, pipeline: Any = None) -> tuple[Any, str, int, Any]:
+    """The base pipeline (``pipeline``, else ``config.model`` loaded), checked trainable (and by the config's
+    ``family_problems``), with its family, the run's resolution and the accelerator."""
+    from lorax.training import base
+
+    pipe = pipeline if pipeline is not None else load_base_model(config.model, progress)
+    family = base.family_of(pipe)
+    base.check_trainable(pipe, family)
+    problems = config.family_problems(family)
+    if problems:
+        raise ConfigError(f"{config.model} is an {family.upper()} model: " + "; ".join(problems))
+    return pipe, family, config.resolution or base.default_resolution(pipe), make_accelerator(config)
+
+
+def train_data(
+    config: Any,
+    items: list[ImageItem],
+    class_items: list[ImageItem],
+    resolution: int,
+    accelerator: Any,
+    **bounds: Any,
+) -> TrainData:
+    """The run's examples and their order on this process (``bounds``: a dataset config's bucket limits)."""
+    return TrainData(
+        items,
+        DataOptions.from_config(config, resolution, **bounds),
+        class_items=class_items,
+        class_prompt=config.class_prompt,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+    )
+
+
+def load_resume(config: Any, *, check_command: bool = True) -> Any:
+    """The checkpoint to resume from (``None`` without ``--resume``), refusing one written by another command."""
+    if config.resume is None:
+        return None
+    from lorax.training.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(config.resume)
+    command = ckpt.info.get("command", "train")
+    if check_command and command != config.COMMAND:
+        raise MismatchError(
+            f"--resume: this checkpoint was written by lorax {command}, not lorax {config.COMMAND}",
+            path=ckpt.path,
+        )
+    return ckpt
+
+
+def check_within(step: int, max_steps: int) -> None:
+    """A resumed checkpoint's step is no later than the run's last."""
+    if step > max_steps:
+        raise ConfigError(f"--resume: the checkpoint is at step {step}, past this run's {max_steps} steps")
+
+
+def validation_sampler(
+    config: Any,
+    pipe: Any,
+    accelerator: Any,
+    family: str,
+    resolution: int,
+    unet: Any,
+    encoders: list[Any],
+    vae: Any,
+    cache: Any,
+    prompts: list[Any],
+    clip_skip: int = 1,
+) -> Any:
+    """Validation images of ``prompts`` every ``--validation-every`` steps over the live modules, or ``None``."""
+    from lorax.training import setup
+    from lorax.training.job import Sampler
+    from lorax.training.outputs import companion_paths
+
+    if not (prompts and config.validation_every):
+        return None
+    assert config.output is not None
+    steps, guidance = config.sampling
+    return Sampler(
+        setup.sampling_pipeline(pipe, accelerator, unet, encoders, family),
+        prompts,
+        companion_paths(Path(config.output))["samples"],
+        resolution,
+        steps,
+        guidance,
+        config.seed,
+        is_main=accelerator.is_main_process,
+        release=(lambda: vae.to("cpu")) if cache is not None else None,
+        clip_skip=clip_skip,
+    )
