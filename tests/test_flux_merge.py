@@ -279,8 +279,8 @@ def test_modules_that_need_the_base_weight_get_their_own_slice_in_diffusers_orde
     (the final layer's halves swapped), as it would in a diffusers folder."""
     from lorax.adapters.flux_merge import _Sliced
     from lorax.adapters.lycoris import DoraModule
-    from lorax.io.keymaps.flux import swap_rows, tensor_from_single
     from lorax.adapters.merge import Contribution, apply_contributions
+    from lorax.io.keymaps.flux import swap_rows, tensor_from_single
 
     g = torch.Generator().manual_seed(8)
     for key, part, rows in (

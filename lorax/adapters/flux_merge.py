@@ -86,10 +86,10 @@ class _Sliced:
         """``w``: the tensor in fp32, a copy of its own (``apply_contributions`` made it), merged in place."""
         import torch
 
+        from lorax.adapters.merge import apply_contributions
         from lorax.adapters.state import LoraModule
         from lorax.io.keymaps import part_shapes
         from lorax.io.keymaps.flux import swap_rows
-        from lorax.adapters.merge import apply_contributions
 
         swap = self.entry.reshape == "swap"
         if self.scale is not None:
