@@ -33,6 +33,7 @@ def test_face_mask_covers_the_hand_marked_face_of_a_real_portrait(cli, tmp_path)
     out = tmp_path / "data"
     result = cli("prepare", raw, "-o", out, "--masker", "face", "--size", "512", "--crop", "none", "--json")
     assert result.exit_code == 0, result.stderr
+    assert "found no subject" not in result.stderr
     mask = np.asarray(Image.open(out / "astronaut.mask.png"))
     assert mask.shape == (512, 512)  # --crop none at the photo's own size: mask pixels are photo pixels
     left, top, right, bottom = FACE_BOX
@@ -73,3 +74,17 @@ def test_subject_crop_centres_on_the_face(cli, tmp_path):
         f"subject crop: window {shift:+d} px off the hand-marked face's centre; mask box x {xs.min()}-{xs.max()}"
     )
     assert abs(shift) <= 8 and abs((xs.min() + xs.max()) / 2 - 128) <= 8
+
+
+def test_a_faceless_picture_gets_an_empty_mask_and_a_log_line(cli, tmp_path):
+    pytest.importorskip("cv2")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(raw / "noise.png")
+    out = tmp_path / "data"
+    result = cli("prepare", raw, "-o", out, "--masker", "face", "--size", "128")
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "found no subject" in line]
+    assert len(lines) == 1 and "noise.png" in lines[0] and "--masker face" in lines[0], result.stderr
+    assert not np.asarray(Image.open(out / "noise.mask.png")).any()
