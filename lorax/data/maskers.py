@@ -94,7 +94,8 @@ class ClipSegMasker:
 class FaceMasker:
     """Faces found by OpenCV's frontal-face Haar cascade (shipped inside ``opencv-python-headless`` 4.x; 5.x dropped
     the cascades, hence ``pip install 'lorax[face]'`` pins ``<5``), each filled
-    as an ellipse over its box grown by ``grow`` and softened at the edge; no face: an empty mask."""
+    as an ellipse over its box grown by ``grow`` and softened at the edge; no face: an empty mask (``prepare`` logs
+    a line for it)."""
 
     name = "face"
 

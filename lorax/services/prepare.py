@@ -296,6 +296,8 @@ def prepare_folder(config: PrepareConfig, progress: Progress | None = None) -> P
             masks: dict[Path, tuple[Any, str]] = {}
             for b, m in zip(need_mask, computed, strict=True):
                 masks[b.source] = (m, masker.name)  # type: ignore[union-attr]
+                if not (m >= 0.5).any():
+                    progress.log(f"{b.source}: --masker {config.masker} found no subject; its mask is empty")
             for b in batch:
                 if b.mask is not None:
                     m = (
