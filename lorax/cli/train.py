@@ -36,7 +36,9 @@ def train_command(
             metavar="DIR:PROMPT[:REPEATS]",
             help="One concept (repeatable, instead of DATA_DIR): its folder, the caption of its images without a "
             "caption file, and how often each trains per epoch (default 1). [[concepts]] tables (dir, prompt, "
-            "repeats) in --config do the same.",
+            "repeats) in --config do the same, and alone take each concept's own class images (class_prompt, "
+            "class_dir, num_class_images); on the command line, class images are run-wide (--class-prompt, or "
+            "a --class-dir in kohya's '<repeats>_<class>' layout).",
             show_default=False,
         ),
     ] = None,

@@ -88,6 +88,7 @@ class TrainData:
         *,
         class_items: Sequence[ImageItem] = (),
         class_prompt: str | None = None,
+        class_pools: Sequence[Sequence[int]] | None = None,
         process_index: int = 0,
         num_processes: int = 1,
     ) -> None:
@@ -110,6 +111,8 @@ class TrainData:
         self.item_bucket = [nearest_bucket(it.size, self.buckets) for it in self.items]
         self.example_items = _expand(self.items, options.repeats)
         self.class_examples = _expand(self.class_items, 1)
+        # per instance image, the class images it pairs with (several concepts, each with its own); else all
+        self.class_pools = [list(pool) for pool in class_pools] if class_pools is not None else None
 
     def __len__(self) -> int:
         """Examples per epoch: images × repeats (kohya folders: each image × its folder's repeats)."""
@@ -168,7 +171,10 @@ class TrainData:
         self, epoch: int, index: int, size: tuple[int, int]
     ) -> tuple[ImageKey, str, random.Random]:
         rng = random.Random(derive_seed(self.options.seed, "class", epoch, index))
-        item_index = self.class_examples[index % len(self.class_examples)]
+        pool = self.class_examples
+        if self.class_pools is not None:
+            pool = self.class_pools[self.example_items[index]]
+        item_index = pool[index % len(pool)]
         item = self.class_items[item_index]
         flip = _pick(item.options, "flip", self.options.flip) and rng.random() < 0.5
         caption = item.caption or self.class_prompt

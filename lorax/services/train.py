@@ -24,6 +24,7 @@ from lorax.training.lora_recipe import RESUME_KEYS, LoraRecipe, check_resume_fit
 from lorax.training.outputs import companion_paths, plan_outputs, write_companions
 from lorax.training.recipe import (
     check_within,
+    concept_class_items,
     load_base_model,
     load_class_items,
     load_resume,
@@ -166,9 +167,16 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
     base_bytes = base.model_bytes(pipe)
 
     class_items: list[ImageItem] = images.class_items
+    pools = None
     if config.prior_preservation:
         class_items = load_class_items(config, pipe, resolution, accelerator, progress)
-    data = train_data(config, items, class_items, resolution, accelerator, **_bucket_bounds(images))
+    elif config.concept_class:  # each concept its own class images
+        class_items, pools = concept_class_items(
+            config, pipe, resolution, accelerator, progress, images.summary
+        )
+    data = train_data(
+        config, items, class_items, resolution, accelerator, class_pools=pools, **_bucket_bounds(images)
+    )
     max_steps = total_steps(config, data.batches_per_epoch())
 
     recipe = LoraRecipe(config, pipe, data, accelerator, resolution, family)

@@ -55,6 +55,7 @@ TRAIN_ONLY = (
     "conv_rank",
     "conv_alpha",
     "concept",
+    "concept_class",
 )
 # Memory levers, named in the out-of-memory message.
 MEMORY_FLAGS = (
@@ -80,6 +81,8 @@ class TrainConfig:
     data_dir: Path | None = None
     dataset_config: Path | None = None  # kohya's dataset TOML (--dataset-config)
     concept: list[str] = field(default_factory=list)  # DIR:PROMPT[:REPEATS] per concept (train only)
+    # per concept, its class images ([[concepts]] class_prompt/class_dir/num_class_images; lorax.data.concepts)
+    concept_class: list[str] = field(default_factory=list)
     output: Path | None = None
     model: str = "shapes"
     format: str = "kohya"
@@ -174,7 +177,7 @@ class TrainConfig:
     # Fields that no option of this command sets (a --config file, a model's lorax.json or the Python API do):
     # messages name them as config keys, never as a flag the command lacks. tests/test_config_messages.py pins each
     # command's set to its options.
-    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"data_dir"})
+    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"data_dir", "concept_class"})
 
     # ---------------------------------------------------------------------------------------------------------
     @classmethod
@@ -196,6 +199,10 @@ class TrainConfig:
             from lorax.data.kohya import read_dataset_config
 
             values.update(read_dataset_config(dataset_config).config_values())
+        if flags.get(
+            "concept"
+        ):  # --concept on the command line replaces the file's concepts, class settings too
+            values.pop("concept_class", None)
         values.update(flags)
         if values.get("model") is None:  # LORAX_MODEL, the user config file, else the built-in model
             from lorax.models.registry import default_model
@@ -340,11 +347,15 @@ class TrainConfig:
         lines = [f"# lorax {self.COMMAND}: the resolved configuration of this run", ""]
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None or f.name in ("force", "resume"):
+            if value is None or f.name in ("force", "resume", "concept", "concept_class"):
                 continue
             if isinstance(value, Path):  # absolute, so the file means the same wherever it is read from
                 value = value.expanduser().absolute()
             lines.append(f"{f.name.replace('_', '-')} = {toml_value(value)}")
+        if self.concept:  # [[concepts]] tables, after every top-level key
+            from lorax.data.concepts import concept_tables
+
+            lines += ["", concept_tables(self.concept, self.concept_class)]
         return "\n".join(lines) + "\n"
 
     def as_dict(self) -> dict[str, Any]:

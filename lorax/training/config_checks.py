@@ -39,6 +39,15 @@ def problems(config: TrainConfig) -> list[str]:
             f"{opt('concept')} names every training folder: drop DATA_DIR / {opt('dataset_config')} (or "
             f"give that folder as one more {opt('concept')} DIR:PROMPT)"
         )
+    if config.concept_class:
+        from lorax.data.concepts import class_dir_problems
+
+        p += class_dir_problems(config.concept_class, config.concept)
+        p += [
+            f"{opt(n)} is run-wide: drop it, or the [[concepts]] tables' class_prompt / class_dir (per concept)"
+            for n in ("class_prompt", "class_dir")
+            if getattr(config, n) is not None
+        ]
     if config.data_dir is None and config.dataset_config is None and not config.concept:
         either = f" or {opt('dataset_config')}" if "dataset_config" not in config.CONFIG_ONLY else ""
         p.append(f"DATA_DIR is required (a folder of training images){either}")

@@ -58,8 +58,10 @@ def load_toml(path: str | Path, cls: type[TrainConfig] | None = None) -> dict[st
     if "concepts" in values:  # [[concepts]] tables: --concept values
         from lorax.data.concepts import concepts_from_toml
 
-        values["concept"] = concepts_from_toml(values.pop("concepts"), path)
+        values["concept"], classes = concepts_from_toml(values.pop("concepts"), path)
         spelled["concept"] = spelled.pop("concepts")
+        if classes:
+            values["concept_class"] = classes
     if "network_alpha" in values:  # kohya's name of --alpha
         values["alpha"] = values.pop("network_alpha")
         spelled["alpha"] = spelled["network_alpha"]
@@ -108,7 +110,7 @@ def coerce(
                 out[name] = None
             elif name in paths:
                 out[name] = Path(value)
-            elif name in ("validation_prompt", "concept"):
+            elif name in ("validation_prompt", "concept", "concept_class"):
                 out[name] = [value] if isinstance(value, str) else [str(v) for v in value]
             elif kind.startswith("bool"):
                 if not isinstance(value, bool):

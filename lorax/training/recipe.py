@@ -97,18 +97,35 @@ def load_class_items(
     config: Any, pipe: Any, resolution: int, accelerator: Any, progress: Progress
 ) -> list[ImageItem]:
     """The class images for prior preservation, generating the missing ones with the base model."""
+    assert config.class_prompt is not None
+    folder = Path(config.class_dir) if config.class_dir is not None else None
+    return class_images(
+        config, pipe, resolution, accelerator, progress, config.class_prompt, folder, config.num_class_images
+    )
+
+
+def class_images(
+    config: Any,
+    pipe: Any,
+    resolution: int,
+    accelerator: Any,
+    progress: Progress,
+    prompt: str,
+    folder: Path | None,
+    count: int,
+    *,
+    generate_into: bool = True,
+) -> list[ImageItem]:
+    """``count`` class images of ``prompt``, captioned ``prompt``: from ``folder`` (topped up by generating into it
+    unless ``generate_into`` is false), else generated into the class-image cache."""
     import torch
 
     from lorax.data.prior import class_cache_dir, ensure_class_images
 
-    assert config.class_prompt is not None
     steps, guidance = config.sampling
-    folder = (
-        Path(config.class_dir)
-        if config.class_dir is not None
-        else class_cache_dir(config.model, config.class_prompt, resolution, steps, guidance)
-    )
-    if accelerator.is_main_process:
+    if folder is None:
+        folder, generate_into = class_cache_dir(config.model, prompt, resolution, steps, guidance), True
+    if accelerator.is_main_process and generate_into:
         pipe.to(accelerator.device)
         pipe.set_progress_bar_config(disable=True)
 
@@ -116,7 +133,7 @@ def load_class_items(
             generator = torch.Generator(device="cpu").manual_seed(derive_seed(config.seed, "class-image", i))
             with torch.no_grad(), accelerator.autocast():
                 return pipe(
-                    config.class_prompt,
+                    prompt,
                     num_inference_steps=steps,
                     guidance_scale=guidance,
                     height=resolution,
@@ -124,13 +141,55 @@ def load_class_items(
                     generator=generator,
                 ).images[0]
 
-        with progress.task("class images", total=config.num_class_images) as task:
-            made = ensure_class_images(folder, config.num_class_images, generate, advance=task.advance)
+        with progress.task("class images", total=count) as task:
+            made = ensure_class_images(folder, count, generate, advance=task.advance)
         if made:
             progress.log(f"generated {made} class images in {folder}")
     accelerator.wait_for_everyone()
-    items = load_image_folder(folder, instance_prompt=config.class_prompt, what="class", warn=progress.log)
-    return [ImageItem(it.path, config.class_prompt, it.size) for it in items[: config.num_class_images]]
+    items = load_image_folder(folder, instance_prompt=prompt, what="class", warn=progress.log)
+    return [ImageItem(it.path, prompt, it.size) for it in items[:count]]
+
+
+def concept_class_items(
+    config: Any, pipe: Any, resolution: int, accelerator: Any, progress: Progress, summary: Any
+) -> tuple[list[ImageItem], list[tuple[Path, list[int]]]]:
+    """Each concept's own class images (``[[concepts]]`` class_prompt / class_dir / num_class_images), all in one
+    list, and per concept its folder and the indices of its class images there; ``summary`` records each class
+    folder as kohya's ``ss_reg_dataset_dirs`` does. A class_dir's images are used as they are (never written to)."""
+    from lorax.data.concepts import ConceptClass, parse_concept
+
+    items: list[ImageItem] = []
+    pools: list[tuple[Path, list[int]]] = []
+    for spec, class_spec in zip(config.concept, config.concept_class, strict=True):
+        own = ConceptClass.parse(class_spec)
+        count = own.count if own.count is not None else config.num_class_images
+        found = class_images(
+            config,
+            pipe,
+            resolution,
+            accelerator,
+            progress,
+            own.prompt,
+            own.folder,
+            count,
+            generate_into=False,
+        )
+        name = own.folder.name if own.folder is not None else f"{own.prompt} (generated)"
+        summary.add(name, 1, [it.caption for it in found], is_reg=True)
+        pools.append((parse_concept(spec)[0], list(range(len(items), len(items) + len(found)))))
+        items.extend(found)
+    return items, pools
+
+
+def class_pools_of(items: list[ImageItem], pools: list[tuple[Path, list[int]]]) -> list[list[int]]:
+    """Per instance image, the class images it pairs with: those of the concept whose folder holds it."""
+    folders = [(folder.resolve(), pool) for folder, pool in pools]
+    out = []
+    for item in items:
+        path = Path(item.path).resolve()
+        owners = [(len(f.parts), pool) for f, pool in folders if path.is_relative_to(f)]
+        out.append(max(owners, key=lambda o: o[0])[1] if owners else [])
+    return out
 
 
 def warn_if_toy_model(model: str, items: list[ImageItem], progress: Progress) -> None:
@@ -183,14 +242,17 @@ def train_data(
     class_items: list[ImageItem],
     resolution: int,
     accelerator: Any,
+    class_pools: list[tuple[Path, list[int]]] | None = None,
     **bounds: Any,
 ) -> TrainData:
-    """The run's examples and their order on this process (``bounds``: a dataset config's bucket limits)."""
+    """The run's examples and their order on this process (``bounds``: a dataset config's bucket limits;
+    ``class_pools``: per concept, its folder and class images, as ``concept_class_items`` gives them)."""
     return TrainData(
         items,
         DataOptions.from_config(config, resolution, **bounds),
         class_items=class_items,
         class_prompt=config.class_prompt,
+        class_pools=class_pools_of(items, class_pools) if class_pools else None,
         process_index=accelerator.process_index,
         num_processes=accelerator.num_processes,
     )
