@@ -286,6 +286,10 @@ class TrainConfig:
     def option_name(cls, name: str) -> str:
         """How a message names field ``name``: this command's flag (``--weight-decay``), or, where the command has
         no such flag, the config key (``config key weight_decay``)."""
+        if (
+            name == "concept_class"
+        ):  # internal: the class settings of [[concepts]] tables, as the user wrote them
+            return "config key concepts (class_prompt / class_dir)"
         return f"config key {name}" if name in cls.CONFIG_ONLY else flag(name)
 
     @classmethod
