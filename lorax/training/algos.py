@@ -15,15 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from lorax.training.lora import ADAPTER, is_adapter_param
+
 ALGOS = ("lora", "locon", "loha", "lokr", "dora")
 CONV_ALGOS = ("locon", "loha", "lokr")  # these add the UNet's convs to --targets
 LYCORIS_ALGOS = ("loha", "lokr")  # trained with PEFT's LoHa / LoKr, written in LyCORIS' keys
-PREFIXES = ("hada_", "lokr_")
-
-
-def is_adapter_param(name: str) -> bool:
-    """Whether a live parameter name is a LoRA, LoHa or LoKr weight."""
-    return "lora_" in name or any(f".{p}" in name for p in PREFIXES)
 
 
 def conv_targets(unet: Any) -> list[str]:
@@ -61,8 +57,6 @@ def inject_lycoris(
     import torch
     from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model
 
-    from lorax.training.lora import ADAPTER
-
     model.requires_grad_(False)
     kind = LoHaConfig if algo == "loha" else LoKrConfig
     config = kind(
@@ -87,8 +81,6 @@ def live_deltas(model: Any) -> dict[str, Any]:
     from peft.tuners.loha.layer import LoHaLayer
     from peft.tuners.lokr.layer import LoKrLayer
 
-    from lorax.training.lora import ADAPTER
-
     return {
         name: module.get_delta_weight(ADAPTER).detach().float().cpu()
         for name, module in model.named_modules()
@@ -105,7 +97,6 @@ def lycoris_state(models: dict[str, Any], family: str | None = None) -> Any:
     from lorax.adapters.lycoris import LohaModule, LokrModule
     from lorax.adapters.state import LoraState
     from lorax.models.families import live_to_disk
-    from lorax.training.lora import ADAPTER
 
     state = LoraState(family=family)
     for component, model in models.items():

@@ -9,6 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 ADAPTER = "default"
+LYCORIS_PREFIXES = ("hada_", "lokr_")  # PEFT's LoHa and LoKr parameters (lorax.training.algos)
+
+
+def is_adapter_param(name: str) -> bool:
+    """Whether a live parameter name is a LoRA, LoHa or LoKr weight."""
+    return "lora_" in name or any(f".{p}" in name for p in LYCORIS_PREFIXES)
 
 
 def inject_lora(
@@ -63,7 +69,6 @@ def load_lora_tensors(model: Any, tensors: dict[str, Any]) -> None:
     import torch
 
     from lorax.errors import MismatchError
-    from lorax.training.algos import is_adapter_param
 
     live = {n: p for n, p in model.named_parameters() if is_adapter_param(n)}
     by_key = {_peft_key(n): p for n, p in live.items()}
@@ -85,8 +90,6 @@ def _peft_key(name: str) -> str:
 
 
 def lora_parameters(model: Any) -> list[Any]:
-    from lorax.training.algos import is_adapter_param  # LoRA, LoHa, LoKr
-
     return [p for n, p in model.named_parameters() if is_adapter_param(n) and p.requires_grad]
 
 
