@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from lorax.cli import training_options as opts
+from lorax.cli import training_run as run
 from lorax.cli.common import ForceOption, JsonOption, cli_progress, print_json
 from lorax.cli.training_options import OPTIM, OUT
 
@@ -88,7 +89,7 @@ def invert_command(
 
     Example: lorax invert ./purple-squares --token '<s1>' --token-at-data 'purple|<s1>' -o s1.pt
     """
-    given = opts.given_flags(ctx, locals(), _INVERT_PARAMS)
+    given = run.given_flags(ctx, locals(), _INVERT_PARAMS)
 
     from lorax.services.invert import invert
     from lorax.training.pivot_config import InvertConfig
@@ -96,7 +97,7 @@ def invert_command(
     cfg = InvertConfig.from_sources(given, config)
     assert isinstance(cfg, InvertConfig)
     with cli_progress() as bars:
-        progress = opts.announce_model(bars, given, config, cfg)
+        progress = run.announce_model(bars, given, config, cfg)
         result = invert(cfg, progress)
         progress.flush()
     if json_out:
@@ -107,10 +108,10 @@ def invert_command(
         norms += "; clip_g " + ", ".join(
             f"{t} |v| {'/'.join(f'{n:.3f}' for n in ns)}" for t, ns in result.norms_2.items()
         )
-    opts.print_summary(result, f"{result.steps} steps, {result.num_images} images; {norms}", cfg.model)
+    run.print_summary(result, f"{result.steps} steps, {result.num_images} images; {norms}", cfg.model)
 
 
-_INVERT_PARAMS = opts.config_params(invert_command)
+_INVERT_PARAMS = run.config_params(invert_command)
 
 
 def register(app: typer.Typer) -> None:

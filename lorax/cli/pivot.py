@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from lorax.cli import training_options as opts
+from lorax.cli import training_run as run
 from lorax.cli.common import ForceOption, JsonOption, cli_progress, print_json
 from lorax.cli.training_options import OPTIM, OUT, PRIOR, TOKENS
 
@@ -135,7 +136,7 @@ def pivot_command(
 
     Example: lorax pivot ./purple-stars --token-at-data 'purple star|<s1>' --auto-mask -o s1.safetensors
     """
-    given = opts.given_flags(ctx, locals(), _PIVOT_PARAMS)
+    given = run.given_flags(ctx, locals(), _PIVOT_PARAMS)
 
     from lorax.services.pivot import pivot
     from lorax.training.pivot_config import PivotConfig
@@ -143,13 +144,13 @@ def pivot_command(
     cfg = PivotConfig.from_sources(given, config)
     assert isinstance(cfg, PivotConfig)
     with cli_progress() as bars:
-        progress = opts.announce_model(bars, given, config, cfg)
+        progress = run.announce_model(bars, given, config, cfg)
         result = pivot(cfg, progress)
         progress.flush()
     if json_out:
         print_json(result)
         return
-    opts.print_summary(
+    run.print_summary(
         result,
         f"{result.ti_steps} inversion + {result.steps} LoRA steps, {result.num_images} images, "
         f"tokens {' '.join(result.tokens)}",
@@ -157,7 +158,7 @@ def pivot_command(
     )
 
 
-_PIVOT_PARAMS = opts.config_params(pivot_command)
+_PIVOT_PARAMS = run.config_params(pivot_command)
 
 
 def register(app: typer.Typer) -> None:
