@@ -57,8 +57,10 @@ from lorax.formats.flux_names import (  # noqa: F401  (the name tables, re-expor
     SWAPPED,
     TOP,
     TRANSFORMER,
+    bfl_body,
     bfl_of_flat,
     bfl_parts,
+    diffusers_parts,
     is_diffusers_path,
     to_bfl,
 )
@@ -191,11 +193,7 @@ def read(
 
 
 def _bfl_key(key: str, tensor: torch.Tensor, groups: dict[str, _Group], path: Any) -> bool:
-    body = key
-    for prefix in _BFL_PREFIXES:
-        if body.startswith(prefix):
-            body = body[len(prefix) :]
-            break
+    body = bfl_body(key)
     for suffix, role in _BFL_ROLES.items():
         if body.endswith("." + suffix):
             bfl = body[: -len(suffix) - 1]
@@ -210,21 +208,10 @@ def _bfl_key(key: str, tensor: torch.Tensor, groups: dict[str, _Group], path: An
 def _diffusers_key(key: str, tensor: torch.Tensor, groups: dict[str, _Group], path: Any) -> bool:
     from lorax.models import families
 
-    body, component = key, None
-    for c in families.get(FAMILY).component_names():
-        if body.startswith(c + "."):
-            body, component = body[len(c) + 1 :], c
-            break
-    else:
-        if body.startswith(_keys.PEFT_PREFIX):
-            body = body[len(_keys.PEFT_PREFIX) :]
-    if body.endswith(".alpha"):
-        module, role = body[: -len(".alpha")], "alpha"
-    else:
-        m = _DIFFUSERS.match(body)
-        if m is None:
-            return False
-        module, role = m.group("p"), "down" if m.group("role") == "lora_A" else "up"
+    found = diffusers_parts(key, families.get(FAMILY).component_names())
+    if found is None:
+        return False
+    component, module, role = found
     if component in (None, TRANSFORMER):
         if not is_diffusers_path(module):
             return False
