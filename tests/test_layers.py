@@ -35,11 +35,20 @@ def _layer(path: Path) -> str:
     return parts[0]
 
 
-def _imports(path: Path, *, module_level_only: bool = False) -> list[str]:
+def _imports(path: Path, *, module_level_only: bool = False, runtime_only: bool = False) -> list[str]:
+    """The lorax modules ``path`` imports; ``runtime_only``: less those under ``if TYPE_CHECKING:`` (annotations
+    only: Python never runs them)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     nodes = tree.body if module_level_only else list(ast.walk(tree))
+    skipped: set[int] = set()
+    if runtime_only:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                skipped |= {id(n) for part in node.body for n in ast.walk(part)}
     found: list[str] = []
     for node in nodes:
+        if id(node) in skipped:
+            continue
         if isinstance(node, ast.Import):
             found += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -107,24 +116,6 @@ def test_no_import_cycles_at_module_level() -> None:
             visit(m)
 
 
-def _runtime_imports(path: Path) -> list[str]:
-    """``_imports`` less those under ``if TYPE_CHECKING:`` (annotations only: Python never runs them)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    skipped: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skipped |= {id(n) for part in node.body for n in ast.walk(part)}
-    found: list[str] = []
-    for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
-        if isinstance(node, ast.Import):
-            found += [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-    return [n for n in found if n.startswith("lorax.")]
-
-
 def test_no_import_cycles_anywhere() -> None:
     """No lorax module imports itself back, counting imports inside functions too (kohya once handed LyCORIS
     groups to ``lycoris``, which imported ``kohya``; ``data.concepts`` and ``data.kohya``, ``training.algos`` and
@@ -135,7 +126,9 @@ def test_no_import_cycles_anywhere() -> None:
         parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
         modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     graph = {
-        m: {n for n in _runtime_imports(p) if n in modules and n != m and not m.startswith(n + ".")}
+        m: {
+            n for n in _imports(p, runtime_only=True) if n in modules and n != m and not m.startswith(n + ".")
+        }
         for m, p in modules.items()
     }
 
