@@ -4,13 +4,18 @@ command line did not name one, and the summary printed at the end."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
+if TYPE_CHECKING:
+    from lorax.progress import Progress, Task
+    from lorax.training.config import TrainConfig
 
-def config_params(fn: Any) -> list[str]:
+
+def config_params(fn: Callable[..., None]) -> list[str]:
     """The parameters of command ``fn`` that are config keys (all but ctx, --config and --json)."""
     code = fn.__code__
     return [n for n in code.co_varnames[: code.co_argcount] if n not in ("ctx", "config", "json_out")]
@@ -28,7 +33,7 @@ def given_flags(ctx: typer.Context, values: dict[str, Any], names: list[str]) ->
     return given
 
 
-def model_origin(given: dict[str, Any], config_file: Path | None, config: Any) -> str | None:
+def model_origin(given: dict[str, Any], config_file: Path | None, config: TrainConfig) -> str | None:
     """Where the run's model comes from when the command line did not name it (``None`` when it did)."""
     if given.get("model") is not None:
         return None
@@ -57,7 +62,7 @@ class AnnouncingProgress:
     """A progress reporter whose first output is a held line (``model: shapes (…)``): it appears before the run's
     first line or bar, or at ``flush()``; a run that fails before saying anything prints only its error."""
 
-    def __init__(self, inner: Any, line: str | None) -> None:
+    def __init__(self, inner: Progress, line: str | None) -> None:
         self.inner = inner
         self.line = line
 
@@ -66,7 +71,7 @@ class AnnouncingProgress:
             line, self.line = self.line, None
             self.inner.log(line)
 
-    def task(self, description: str, total: float | None = None) -> Any:
+    def task(self, description: str, total: float | None = None) -> Task:
         self.flush()
         return self.inner.task(description, total)
 
@@ -76,7 +81,7 @@ class AnnouncingProgress:
 
 
 def announce_model(
-    progress: Any, given: dict[str, Any], config_file: Path | None, config: Any
+    progress: Progress, given: dict[str, Any], config_file: Path | None, config: TrainConfig
 ) -> AnnouncingProgress:
     """``progress`` whose first line names the model when the command line did not (``model: shapes (…)``)."""
     origin = model_origin(given, config_file, config)

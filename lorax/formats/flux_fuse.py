@@ -7,7 +7,8 @@ r where they share one down and alpha, else block-diagonally (``Σ r``). ``resiz
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorax.adapters.state import LoraModule, LoraState
 from lorax.errors import FormatError
@@ -16,6 +17,9 @@ from lorax.formats.flux_names import FAMILY, MLP_RATIO, SWAPPED, TOP, TRANSFORME
 if TYPE_CHECKING:
     import torch
 
+    from lorax.adapters.reports import SvdReport
+    from lorax.adapters.state import DeltaModule
+
 
 def split(
     name: str,
@@ -23,7 +27,7 @@ def split(
     up: torch.Tensor,
     alpha: float | None,
     parts: tuple[str, ...],
-    path: Any = None,
+    path: str | Path | None = None,
     *,
     swap: bool = False,
 ) -> list[LoraModule]:
@@ -54,7 +58,7 @@ def split(
     return [LoraModule(down, u.contiguous(), alpha) for u in ups]
 
 
-def split_dims(name: str, rows: int, width: int, n: int, path: Any = None) -> list[int]:
+def split_dims(name: str, rows: int, width: int, n: int, path: str | Path | None = None) -> list[int]:
     """The row counts of a fused module's parts: a ``qkv`` is three equal parts; ``linear1`` is ``[h, h, h, rest]``
     with ``h`` its input width."""
     if n == 4:
@@ -69,7 +73,7 @@ def split_dims(name: str, rows: int, width: int, n: int, path: Any = None) -> li
     return [rows // n] * n
 
 
-def swap_halves(up: torch.Tensor, name: str, path: Any = None) -> torch.Tensor:
+def swap_halves(up: torch.Tensor, name: str, path: str | Path | None = None) -> torch.Tensor:
     """Swap the two halves of the rows (BFL's shift, scale ⇄ diffusers' scale, shift)."""
     import torch
 
@@ -138,7 +142,7 @@ def fused_modules(state: LoraState) -> dict[str, LoraModule]:
     return out
 
 
-def resize_fused(state: LoraState, rank: int) -> tuple[LoraState, list[Any]]:
+def resize_fused(state: LoraState, rank: int) -> tuple[LoraState, list[SvdReport]]:
     """Every module at ``rank`` by SVD, a transformer module fused the way BFL fuses it (``qkv``, ``linear1``)
     compressed as one: split parts with their own downs (rank Σ r when fused) come out with one shared down of rank
     ``rank``, which the kohya and BFL writers fuse back at that rank. Reports are per fused module (its kept energy)."""
@@ -147,7 +151,7 @@ def resize_fused(state: LoraState, rank: int) -> tuple[LoraState, list[Any]]:
     transformer = LoraState(
         {k: m for k, m in state.modules.items() if k.startswith(TRANSFORMER + ".")}, family=FAMILY
     )
-    modules: dict[str, Any] = {}
+    modules: dict[str, LoraModule | DeltaModule] = {}
     reports = []
     for bfl, fused_module in fused_modules(transformer).items():
         small, report = resize_module(f"{TRANSFORMER}.{bfl}", fused_module, rank)

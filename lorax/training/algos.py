@@ -13,9 +13,12 @@ scales those by ``alpha / r``, so that scale is folded into ``lokr_w1`` when the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.training.lora import ADAPTER, is_adapter_param
+
+if TYPE_CHECKING:
+    from lorax.adapters.state import LoraState
 
 ALGOS = ("lora", "locon", "loha", "lokr", "dora")
 CONV_ALGOS = ("locon", "loha", "lokr")  # these add the UNet's convs to --targets
@@ -88,7 +91,7 @@ def live_deltas(model: Any) -> dict[str, Any]:
     }
 
 
-def lycoris_state(models: dict[str, Any], family: str | None = None) -> Any:
+def lycoris_state(models: dict[str, Any], family: str | None = None) -> LoraState:
     """``LoraState`` of the LoHa/LoKr trained in ``models`` (``{component: module}``): ``LohaModule`` /
     ``LokrModule`` per layer with PEFT's alpha, kohya paths (text paths on-disk style)."""
     from peft.tuners.loha.layer import LoHaLayer

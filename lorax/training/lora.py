@@ -6,7 +6,10 @@ Injection uses ``peft.inject_adapter_in_model`` with an explicit module list for
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lorax.adapters.state import LoraState
 
 ADAPTER = "default"
 LYCORIS_PREFIXES = ("hada_", "lokr_")  # PEFT's LoHa and LoKr parameters (lorax.training.algos)
@@ -100,7 +103,7 @@ def trained_state(
     alpha: float,
     family: str | None = None,
     alpha_patterns: dict[str, dict[str, float]] | None = None,
-) -> Any:
+) -> LoraState:
     """``LoraState`` of the LoRA (or DoRA) trained in ``models`` (``{component: module}``), text paths on-disk style."""
     from lorax.adapters.lycoris import DoraModule
     from lorax.adapters.peft_bridge import lora_state_from_peft

@@ -4,15 +4,21 @@ batches (their family's kind, ``TrainingHooks.masked_batches``) the masks of ``l
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.training.family_hooks import hooks_of_batches
 from lorax.training.job import DiffusionBatches
 from lorax.training.masks import MaskedBatches, find_masks, masks_beside
 
+if TYPE_CHECKING:
+    from lorax.training.config import TrainConfig
 
-def with_train_masks(batches: DiffusionBatches, config: Any, log: Any) -> DiffusionBatches:
+
+def with_train_masks(
+    batches: DiffusionBatches, config: TrainConfig, log: Callable[[str], None]
+) -> DiffusionBatches:
     """``lorax train``'s batches with kohya-style loss masks when the run has any: ``--auto-mask``, ``--mask-dir``
     (every image needs one), else each image's ``NAME.mask.png`` where it has one (the others count whole)."""
     items = batches.data.items
