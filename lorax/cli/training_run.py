@@ -12,6 +12,8 @@ import typer
 
 if TYPE_CHECKING:
     from lorax.progress import Progress, Task
+    from lorax.services.invert import InvertResult
+    from lorax.services.pivot import PivotResult
     from lorax.training.config import TrainConfig
 
 
@@ -88,7 +90,7 @@ def announce_model(
     return AnnouncingProgress(progress, f"model: {config.model} ({origin})" if origin is not None else None)
 
 
-def print_summary(result: Any, what: str, model: str | None = None) -> None:
+def print_summary(result: InvertResult | PivotResult, what: str, model: str | None = None) -> None:
     """OUTPUT on stdout; on stderr (unless --quiet) ``what``, the model, the final loss, time, size and the loss
     curve."""
     from lorax.cli.app import STATE

@@ -19,6 +19,7 @@ from lorax.training.lora import ADAPTER, is_adapter_param
 
 if TYPE_CHECKING:
     from lorax.adapters.state import LoraState
+    from lorax.training.config import TrainConfig
 
 ALGOS = ("lora", "locon", "loha", "lokr", "dora")
 CONV_ALGOS = ("locon", "loha", "lokr")  # these add the UNet's convs to --targets
@@ -133,7 +134,7 @@ def lycoris_state(models: dict[str, Any], family: str | None = None) -> LoraStat
     return state
 
 
-def conv_settings(config: Any) -> tuple[int, float]:
+def conv_settings(config: TrainConfig) -> tuple[int, float]:
     """The convs' rank and alpha: ``--conv-rank`` (default ``--rank``) and ``--conv-alpha`` (default: ``--alpha``
     without ``--conv-rank``, else the conv rank)."""
     rank = config.conv_rank if config.conv_rank is not None else config.rank
@@ -142,7 +143,7 @@ def conv_settings(config: Any) -> tuple[int, float]:
     return rank, (config.lora_alpha if config.conv_rank is None else float(rank))
 
 
-def algo_metadata(config: Any) -> tuple[str, dict[str, Any]]:
+def algo_metadata(config: TrainConfig) -> tuple[str, dict[str, Any]]:
     """``ss_network_module`` and the ``ss_network_args`` ``--algo`` adds: kohya's ``networks.lora`` for a LoRA or
     DoRA (kohya's LoCon: ``conv_dim`` / ``conv_alpha``), LyCORIS' ``lycoris.kohya`` with ``algo`` for LoHa / LoKr
     (string values, as kohya records its network_args ``algo=loha conv_dim=4``)."""
