@@ -201,9 +201,7 @@ def train_command(
     loraplus_ratio: opts.LoraplusRatioOpt = None,
     ema_decay: opts.EmaDecayOpt = None,
     clip_skip: opts.ClipSkipOpt = None,
-    steps: Annotated[
-        int | None, typer.Option(help="Optimizer steps (default 500 unless --epochs).", rich_help_panel=OPTIM)
-    ] = None,
+    steps: Annotated[int | None, opts.steps_option("Optimizer steps (default 500 unless --epochs).")] = None,
     epochs: opts.EpochsOpt = None,
     batch_size: opts.BatchOpt = 1,
     grad_accum: opts.AccumOpt = 1,

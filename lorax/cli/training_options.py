@@ -4,15 +4,22 @@ Each alias carries the flag's help and help panel; the default stays at the comm
 differ in it (``--lr-scheduler`` is constant for invert, linear for pivot). ``--rank`` and ``--alpha`` are factories
 taking the command's LoRA panel. Options whose help differs between the commands (OUTPUT, ``--format``,
 ``--steps``, the example in ``--instance-prompt`` / ``--class-prompt``, ``--targets``, ...) stay in their command.
+Runs of flags that invert and pivot share, defaults included, are one flag group each (``token_flags``,
+``token_image_flags``, ``token_run_flags``): a function whose parameters declare them once; ``with_flags`` gives a
+command the parameters of its groups and of its own parts, in order.
 The helpers that turn a command's flags into its config and print its summary: ``lorax.cli.training_run``.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from lorax.cli.common import ForceOption, JsonOption
 
 DATA, TOKENS, PRIOR, OPTIM, MASKS, SPEED, DURING, OUT = (
     "Data",
@@ -135,6 +142,11 @@ UnetLearningRateOpt = Annotated[
 def rank_option(panel: str) -> Any:
     """``--rank`` in the command's LoRA help panel (train's "LoRA", pivot's "LoRA (phase 2)")."""
     return typer.Option(help="LoRA rank.", rich_help_panel=panel)
+
+
+def steps_option(help: str) -> Any:
+    """``--steps``, its help naming the command's default."""
+    return typer.Option(help=help, rich_help_panel=OPTIM)
 
 
 def alpha_option(panel: str) -> Any:
@@ -332,3 +344,68 @@ BlockLrOpt = Annotated[
         show_default=False,
     ),
 ]
+
+
+# --- flag groups: invert's and pivot's shared runs of flags --------------------------------------------------
+
+
+def with_flags(*parts: Callable[..., None]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A command (``def command(ctx: typer.Context, **flags: Any)``) whose flags are the parameters of ``parts``, in
+    their order: flag groups (``token_flags``) and functions declaring the command's own flags."""
+
+    def apply(command: Callable[..., None]) -> Callable[..., None]:
+        params = [inspect.signature(command, eval_str=True).parameters["ctx"]]
+        for part in parts:
+            params += inspect.signature(part, eval_str=True).parameters.values()
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]  # what Typer reads
+        command.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+        return command
+
+    return apply
+
+
+def token_flags(
+    token: TokenOpt = "<s1>",
+    vectors: VectorsOpt = 1,
+    init_token: InitOpt = None,
+    overwrite_token: OverwriteOpt = False,
+    token_at_data: TokenAtDataOpt = None,
+    norm_decay: NormDecayOpt = True,
+    norm_target: NormTargetOpt = 0.4,
+) -> None:
+    """The new tokens (invert; pivot's phase 1)."""
+
+
+def token_image_flags(
+    instance_prompt: TokenInstancePromptOpt = None,
+    template: TemplateOpt = None,
+    resolution: ResolutionOpt = None,
+    flip: FlipOpt = False,
+    repeats: RepeatsOpt = 1,
+    mask_dir: MaskDirOpt = None,
+    auto_mask: AutoMaskOpt = False,
+    mask_temperature: MaskTempOpt = 1.0,
+    ignore_masks: IgnoreMasksOpt = False,
+) -> None:
+    """The images, their captions and loss masks."""
+
+
+def token_run_flags(
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = 1,
+    grad_accum: AccumOpt = 1,
+    seed: SeedOpt = 0,
+    mixed_precision: PrecisionOpt = "no",
+    gradient_checkpointing: CheckpointingOpt = False,
+    cache_latents: CacheLatentsOpt = False,
+    device: DeviceOpt = None,
+    checkpoint_every: CheckpointEveryOpt = 0,
+    checkpoint_dir: CheckpointDirOpt = None,
+    resume: ResumeOpt = None,
+    validation_prompt: TokenValidationPromptOpt = None,
+    validation_every: ValidationEveryOpt = 0,
+    save_dtype: SaveDtypeOpt = "fp16",
+    force: ForceOption = False,
+    json_out: JsonOption = False,
+) -> None:
+    """The run: batches, seed, memory and speed, checkpoints, validation samples, output precision."""

@@ -1,14 +1,20 @@
 """What ``lorax train``, ``lorax invert`` and ``lorax pivot`` do around their service: the flags the user gave
 (``given_flags``, so a ``--config`` file's values are not overridden by defaults), the model line announced when the
-command line did not name one, and the summary printed at the end."""
+command line did not name one, the service run (``run_service``) and the summary printed at the end."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
+
+from lorax.cli.common import cli_progress, print_json
+
+C = TypeVar("C", bound="TrainConfig")
+R = TypeVar("R")
 
 if TYPE_CHECKING:
     from lorax.progress import Progress, Task
@@ -19,8 +25,8 @@ if TYPE_CHECKING:
 
 def config_params(fn: Callable[..., None]) -> list[str]:
     """The parameters of command ``fn`` that are config keys (all but ctx, --config and --json)."""
-    code = fn.__code__
-    return [n for n in code.co_varnames[: code.co_argcount] if n not in ("ctx", "config", "json_out")]
+    names = inspect.signature(fn).parameters
+    return [n for n in names if n not in ("ctx", "config", "json_out")]
 
 
 def given_flags(ctx: typer.Context, values: dict[str, Any], names: list[str]) -> dict[str, Any]:
@@ -108,3 +114,25 @@ def print_summary(result: InvertResult | PivotResult, what: str, model: str | No
         markup=False,
         highlight=False,
     )
+
+
+def run_service(
+    ctx: typer.Context,
+    flags: dict[str, Any],
+    names: list[str],
+    config_class: type[C],
+    service: Callable[[C, Progress], R],
+) -> tuple[C, R] | None:
+    """The command's config (``--config`` under the flags given), ``service`` run on it with progress bars; the
+    result printed as JSON with ``--json`` (then ``None``), else the config and result for the command's summary."""
+    given = given_flags(ctx, flags, names)
+    cfg = config_class.from_sources(given, flags["config"])
+    assert isinstance(cfg, config_class)
+    with cli_progress() as bars:
+        progress = announce_model(bars, given, flags["config"], cfg)
+        result = service(cfg, progress)
+        progress.flush()
+    if flags["json_out"]:
+        print_json(result)
+        return None
+    return cfg, result
