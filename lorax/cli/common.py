@@ -24,6 +24,11 @@ def option(*names: str, help: str) -> Any:
     return typer.Option(*names, help=help, show_default=False)
 
 
+def model_option(help: str, *, show_default: bool = True) -> Any:
+    """``--model`` / ``-m``: the base model a command works with (``help`` says what for)."""
+    return typer.Option("--model", "-m", help=help, show_default=show_default)
+
+
 def dtype_option(default: str) -> Any:
     """``--dtype`` of the commands that write weights; ``default`` says where the precision comes from without it."""
     return typer.Option(help=f"Output precision: fp16, bf16 or fp32 (default: {default}).")
