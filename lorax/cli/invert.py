@@ -9,6 +9,7 @@ import typer
 
 from lorax.cli import training_options as opts
 from lorax.cli import training_run as run
+from lorax.cli.common import with_flags
 from lorax.cli.training_options import OPTIM, OUT
 
 
@@ -51,7 +52,7 @@ def _invert_optimisation(
     """The embedding's learning rate and steps."""
 
 
-@opts.with_flags(
+@with_flags(
     _invert_output, opts.token_flags, opts.token_image_flags, _invert_optimisation, opts.token_run_flags
 )
 def invert_command(ctx: typer.Context, **flags: Any) -> None:

@@ -9,6 +9,7 @@ import typer
 
 from lorax.cli import training_options as opts
 from lorax.cli import training_run as run
+from lorax.cli.common import with_flags
 from lorax.cli.training_options import OPTIM, OUT, PRIOR, TOKENS
 
 LORA = "LoRA (phase 2)"
@@ -104,7 +105,7 @@ def _pivot_lora(
     """Prior preservation and phase 2's LoRA."""
 
 
-@opts.with_flags(
+@with_flags(
     _pivot_output,
     opts.token_flags,
     _pivot_phases,

@@ -5,15 +5,13 @@ differ in it (``--lr-scheduler`` is constant for invert, linear for pivot). ``--
 taking the command's LoRA panel. Options whose help differs between the commands (OUTPUT, ``--format``,
 ``--steps``, the example in ``--instance-prompt`` / ``--class-prompt``, ``--targets``, ...) stay in their command.
 Runs of flags that invert and pivot share, defaults included, are one flag group each (``token_flags``,
-``token_image_flags``, ``token_run_flags``): a function whose parameters declare them once; ``with_flags`` gives a
-command the parameters of its groups and of its own parts, in order.
+``token_image_flags``, ``token_run_flags``): a function whose parameters declare them once;
+``lorax.cli.common.with_flags`` gives a command the parameters of its groups and of its own parts, in order.
 The helpers that turn a command's flags into its config and print its summary: ``lorax.cli.training_run``.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -347,21 +345,6 @@ BlockLrOpt = Annotated[
 
 
 # --- flag groups: invert's and pivot's shared runs of flags --------------------------------------------------
-
-
-def with_flags(*parts: Callable[..., None]) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """A command (``def command(ctx: typer.Context, **flags: Any)``) whose flags are the parameters of ``parts``, in
-    their order: flag groups (``token_flags``) and functions declaring the command's own flags."""
-
-    def apply(command: Callable[..., None]) -> Callable[..., None]:
-        params = [inspect.signature(command, eval_str=True).parameters["ctx"]]
-        for part in parts:
-            params += inspect.signature(part, eval_str=True).parameters.values()
-        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]  # what Typer reads
-        command.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
-        return command
-
-    return apply
 
 
 def token_flags(
