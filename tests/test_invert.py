@@ -97,7 +97,8 @@ def test_only_new_rows_train_and_every_other_row_is_restored_exactly(tiny_ti_mod
 
 def test_initialisers_word_mean_rand_zero_and_clashes(tiny_ti_model):
     from lorax.errors import InputError
-    from lorax.training.inversion import DEFAULT_SIGMA, LearnedTokens
+    from lorax.training.inversion import LearnedTokens
+    from lorax.training.token_specs import DEFAULT_SIGMA
 
     pipe = load(tiny_ti_model)
     weight = pipe.text_encoder.get_input_embeddings().weight.detach().clone()

@@ -59,7 +59,7 @@ def _header(path: Path) -> tuple[dict, int]:
 
 def test_repeat_folders_are_kohya_repeats_and_captions(kohya_tree):
     from lorax.data.dataset import DataOptions, TrainData
-    from lorax.data.kohya import load_training_images
+    from lorax.data.training_images import load_training_images
 
     warnings: list[str] = []
     images = load_training_images(kohya_tree, warn=warnings.append)
@@ -147,7 +147,8 @@ bucket_reso_steps = 8
     assert meta["ss_resolution"] == "(32, 32)"
 
     from lorax.data.dataset import DataOptions, TrainData
-    from lorax.data.kohya import load_training_images, read_dataset_config
+    from lorax.data.kohya import read_dataset_config
+    from lorax.data.training_images import load_training_images
 
     spec = read_dataset_config(ds)
     images = load_training_images(None, dataset_config=ds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +23,27 @@ T = TypeVar("T")
 def option(*names: str, help: str) -> Any:
     """A ``typer.Option`` whose default the help text already tells (or that has none worth showing)."""
     return typer.Option(*names, help=help, show_default=False)
+
+
+def with_flags(*parts: Callable[..., None]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A command (``def command(ctx: typer.Context, **flags: Any)``) whose flags are the parameters of ``parts``, in
+    their order: flag groups (``lorax.cli.training_options.token_flags``) and functions declaring the command's own
+    flags."""
+
+    def apply(command: Callable[..., None]) -> Callable[..., None]:
+        params = [inspect.signature(command, eval_str=True).parameters["ctx"]]
+        for part in parts:
+            params += inspect.signature(part, eval_str=True).parameters.values()
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]  # what Typer reads
+        command.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+        return command
+
+    return apply
+
+
+def model_option(help: str, *, show_default: bool = True) -> Any:
+    """``--model`` / ``-m``: the base model a command works with (``help`` says what for)."""
+    return typer.Option("--model", "-m", help=help, show_default=show_default)
 
 
 def dtype_option(default: str) -> Any:

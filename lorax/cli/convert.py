@@ -11,7 +11,7 @@ from lorax.cli.common import (
     ForceOption,
     JsonOption,
     dtype_option,
-    option,
+    model_option,
     path_then_console,
     print_lines,
     run_and_report,
@@ -51,12 +51,11 @@ def convert_command(
     ] = None,
     model: Annotated[
         str | None,
-        option(
-            "--model",
-            "-m",
-            help="LoRA only: the model it belongs to (built-in name such as shapes, diffusers folder, Hub id in the "
+        model_option(
+            "LoRA only: the model it belongs to (built-in name such as shapes, diffusers folder, Hub id in the "
             "cache, or single file). Resolves names exactly and gives lora_diffusion files their module order; "
             "needed for lora_diffusion with any model but full-size SD1/SD2/SDXL. Only its configs are read.",
+            show_default=False,
         ),
     ] = None,
     force: ForceOption = False,

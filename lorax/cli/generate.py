@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from lorax.cli.common import ForceOption, JsonOption, cli_progress, option
+from lorax.cli.common import ForceOption, JsonOption, cli_progress, model_option, option
 from lorax.errors import InputError
 
 
@@ -23,11 +23,7 @@ def generate(
     ] = None,
     model: Annotated[
         str,
-        typer.Option(
-            "--model",
-            "-m",
-            help="Built-in name (shapes), diffusers folder, Hub id in the cache, or single file.",
-        ),
+        model_option("Built-in name (shapes), diffusers folder, Hub id in the cache, or single file."),
     ] = "shapes",
     lora: Annotated[
         list[str] | None,

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from lorax.cli import training_options as opts
-from lorax.cli.common import ForceOption, JsonOption, cli_progress, print_json
+from lorax.cli import training_run as run
+from lorax.cli.common import with_flags
 from lorax.cli.training_options import OPTIM, OUT, PRIOR, TOKENS
 
 LORA = "LoRA (phase 2)"
 
 
-def pivot_command(
-    ctx: typer.Context,
+def _pivot_output(
     data_dir: opts.TokenDataDirArg = None,
     output: Annotated[
         Path | None,
@@ -37,13 +37,11 @@ def pivot_command(
             rich_help_panel=OUT,
         ),
     ] = "kohya",
-    token: opts.TokenOpt = "<s1>",
-    vectors: opts.VectorsOpt = 1,
-    init_token: opts.InitOpt = None,
-    overwrite_token: opts.OverwriteOpt = False,
-    token_at_data: opts.TokenAtDataOpt = None,
-    norm_decay: opts.NormDecayOpt = True,
-    norm_target: opts.NormTargetOpt = 0.4,
+) -> None:
+    """The images' folder, the LoRA written and the model."""
+
+
+def _pivot_phases(
     ti_steps: Annotated[
         int, typer.Option(help="Phase 1 (inversion) steps; 0 skips it.", rich_help_panel=TOKENS)
     ] = 1000,
@@ -65,15 +63,11 @@ def pivot_command(
             rich_help_panel=TOKENS,
         ),
     ] = None,
-    instance_prompt: opts.TokenInstancePromptOpt = None,
-    template: opts.TemplateOpt = None,
-    resolution: opts.ResolutionOpt = None,
-    flip: opts.FlipOpt = False,
-    repeats: opts.RepeatsOpt = 1,
-    mask_dir: opts.MaskDirOpt = None,
-    auto_mask: opts.AutoMaskOpt = False,
-    mask_temperature: opts.MaskTempOpt = 1.0,
-    ignore_masks: opts.IgnoreMasksOpt = False,
+) -> None:
+    """Phase 1 (the tokens) and the tokens in phase 2."""
+
+
+def _pivot_lora(
     class_prompt: Annotated[
         str | None,
         typer.Option(
@@ -105,26 +99,21 @@ def pivot_command(
     lr_scheduler: opts.SchedulerOpt = "linear",
     warmup_steps: opts.WarmupOpt = 0,
     steps: Annotated[
-        int | None,
-        typer.Option(help="Phase 2 (LoRA) steps (default 300 unless --epochs).", rich_help_panel=OPTIM),
+        int | None, opts.steps_option("Phase 2 (LoRA) steps (default 300 unless --epochs).")
     ] = None,
-    epochs: opts.EpochsOpt = None,
-    batch_size: opts.BatchOpt = 1,
-    grad_accum: opts.AccumOpt = 1,
-    seed: opts.SeedOpt = 0,
-    mixed_precision: opts.PrecisionOpt = "no",
-    gradient_checkpointing: opts.CheckpointingOpt = False,
-    cache_latents: opts.CacheLatentsOpt = False,
-    device: opts.DeviceOpt = None,
-    checkpoint_every: opts.CheckpointEveryOpt = 0,
-    checkpoint_dir: opts.CheckpointDirOpt = None,
-    resume: opts.ResumeOpt = None,
-    validation_prompt: opts.TokenValidationPromptOpt = None,
-    validation_every: opts.ValidationEveryOpt = 0,
-    save_dtype: opts.SaveDtypeOpt = "fp16",
-    force: ForceOption = False,
-    json_out: JsonOption = False,
 ) -> None:
+    """Prior preservation and phase 2's LoRA."""
+
+
+@with_flags(
+    _pivot_output,
+    opts.token_flags,
+    _pivot_phases,
+    opts.token_image_flags,
+    _pivot_lora,
+    opts.token_run_flags,
+)
+def pivot_command(ctx: typer.Context, **flags: Any) -> None:
     """Pivotal tuning: learn new tokens (phase 1), then a LoRA around them (phase 2), saved in one file.
 
     On SDXL the tokens are learned in both text encoders and --train-text trains LoRA on both.
@@ -135,21 +124,14 @@ def pivot_command(
 
     Example: lorax pivot ./purple-stars --token-at-data 'purple star|<s1>' --auto-mask -o s1.safetensors
     """
-    given = opts.given_flags(ctx, locals(), _PIVOT_PARAMS)
-
     from lorax.services.pivot import pivot
     from lorax.training.pivot_config import PivotConfig
 
-    cfg = PivotConfig.from_sources(given, config)
-    assert isinstance(cfg, PivotConfig)
-    with cli_progress() as bars:
-        progress = opts.announce_model(bars, given, config, cfg)
-        result = pivot(cfg, progress)
-        progress.flush()
-    if json_out:
-        print_json(result)
+    ran = run.run_service(ctx, flags, _PIVOT_PARAMS, PivotConfig, pivot)
+    if ran is None:
         return
-    opts.print_summary(
+    cfg, result = ran
+    run.print_summary(
         result,
         f"{result.ti_steps} inversion + {result.steps} LoRA steps, {result.num_images} images, "
         f"tokens {' '.join(result.tokens)}",
@@ -157,7 +139,7 @@ def pivot_command(
     )
 
 
-_PIVOT_PARAMS = opts.config_params(pivot_command)
+_PIVOT_PARAMS = run.config_params(pivot_command)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lorax.cli.common import JsonOption, option, run_and_report, stderr_console
+from lorax.cli.common import JsonOption, model_option, option, run_and_report, stderr_console
 
 
 def prepare_command(
@@ -27,10 +27,8 @@ def prepare_command(
     ] = None,
     model: Annotated[
         str | None,
-        option(
-            "--model",
-            "-m",
-            help="Take the default --size from this model's lorax.json (e.g. shapes).",
+        model_option(
+            "Take the default --size from this model's lorax.json (e.g. shapes).", show_default=False
         ),
     ] = None,
     buckets: Annotated[

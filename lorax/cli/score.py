@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lorax.cli.common import ForceOption, JsonOption, option, run_and_report, stderr_console
+from lorax.cli.common import ForceOption, JsonOption, model_option, option, run_and_report, stderr_console
 
 
 def score_command(
@@ -51,7 +51,7 @@ def score_command(
             help="A LoRA: generate with it at each of --scales, score each scale, plot both alignments.",
         ),
     ] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="The model --sweep generates with.")] = "shapes",
+    model: Annotated[str, model_option("The model --sweep generates with.")] = "shapes",
     scales: Annotated[
         str, typer.Option("--scales", help="--sweep's LoRA scales, comma-separated.")
     ] = "0,0.25,0.5,0.75,1",

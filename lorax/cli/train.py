@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from lorax.cli import training_options as opts
+from lorax.cli import training_run as run
 from lorax.cli.common import ForceOption, JsonOption, cli_progress, print_json, stdout_console
 from lorax.cli.training_options import DATA, DURING, OPTIM, OUT, PRIOR, SPEED
 
@@ -202,9 +203,7 @@ def train_command(
     loraplus_ratio: opts.LoraplusRatioOpt = None,
     ema_decay: opts.EmaDecayOpt = None,
     clip_skip: opts.ClipSkipOpt = None,
-    steps: Annotated[
-        int | None, typer.Option(help="Optimizer steps (default 500 unless --epochs).", rich_help_panel=OPTIM)
-    ] = None,
+    steps: Annotated[int | None, opts.steps_option("Optimizer steps (default 500 unless --epochs).")] = None,
     epochs: opts.EpochsOpt = None,
     batch_size: opts.BatchOpt = 1,
     grad_accum: opts.AccumOpt = 1,
@@ -317,14 +316,14 @@ def train_command(
 
     Example: lorax train ./star-photos --instance-prompt "a sks star" --steps 300 -o sks-star.safetensors
     """
-    given = opts.given_flags(ctx, locals(), _TRAIN_PARAMS)
+    given = run.given_flags(ctx, locals(), _TRAIN_PARAMS)
 
     from lorax.services.train import train
     from lorax.training.config import TrainConfig
 
     cfg = TrainConfig.from_sources(given, config)
     with cli_progress() as bars:
-        progress = opts.announce_model(bars, given, config, cfg)
+        progress = run.announce_model(bars, given, config, cfg)
         result = train(cfg, progress)
         progress.flush()
     if not result.main_process:
@@ -350,7 +349,7 @@ def train_command(
         stderr_console().print(summary, markup=False, highlight=False)
 
 
-_TRAIN_PARAMS = opts.config_params(train_command)
+_TRAIN_PARAMS = run.config_params(train_command)
 
 
 def register(app: typer.Typer) -> None:

@@ -4,7 +4,10 @@ Each alias carries the flag's help and help panel; the default stays at the comm
 differ in it (``--lr-scheduler`` is constant for invert, linear for pivot). ``--rank`` and ``--alpha`` are factories
 taking the command's LoRA panel. Options whose help differs between the commands (OUTPUT, ``--format``,
 ``--steps``, the example in ``--instance-prompt`` / ``--class-prompt``, ``--targets``, ...) stay in their command.
-Also here: the helpers that turn a command's flags into its config and print its summary.
+Runs of flags that invert and pivot share, defaults included, are one flag group each (``token_flags``,
+``token_image_flags``, ``token_run_flags``): a function whose parameters declare them once;
+``lorax.cli.common.with_flags`` gives a command the parameters of its groups and of its own parts, in order.
+The helpers that turn a command's flags into its config and print its summary: ``lorax.cli.training_run``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from lorax.cli.common import ForceOption, JsonOption
 
 DATA, TOKENS, PRIOR, OPTIM, MASKS, SPEED, DURING, OUT = (
     "Data",
@@ -137,6 +142,11 @@ def rank_option(panel: str) -> Any:
     return typer.Option(help="LoRA rank.", rich_help_panel=panel)
 
 
+def steps_option(help: str) -> Any:
+    """``--steps``, its help naming the command's default."""
+    return typer.Option(help=help, rich_help_panel=OPTIM)
+
+
 def alpha_option(panel: str) -> Any:
     """``--network-alpha`` (kohya's name; ``--alpha`` still works) in the command's LoRA help panel."""
     return typer.Option(
@@ -236,99 +246,6 @@ TokenValidationPromptOpt = Annotated[
 ]
 
 
-def config_params(fn: Any) -> list[str]:
-    """The parameters of command ``fn`` that are config keys (all but ctx, --config and --json)."""
-    code = fn.__code__
-    return [n for n in code.co_varnames[: code.co_argcount] if n not in ("ctx", "config", "json_out")]
-
-
-def given_flags(ctx: typer.Context, values: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """The options the user actually gave (so a --config file's values are not overridden by defaults)."""
-    given: dict[str, Any] = {}
-    for name in names:
-        source = ctx.get_parameter_source(name)
-        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT"):
-            given[name] = values[name]
-    if given.get("validation_prompt") is None:
-        given.pop("validation_prompt", None)
-    return given
-
-
-def model_origin(given: dict[str, Any], config_file: Path | None, config: Any) -> str | None:
-    """Where the run's model comes from when the command line did not name it (``None`` when it did)."""
-    if given.get("model") is not None:
-        return None
-    from lorax.training.config import load_toml, resumed_config
-
-    file = config_file
-    if file is None and given.get("resume") is not None:
-        file = resumed_config(given["resume"])
-    if file is not None and load_toml(file, type(config)).get("model") is not None:
-        return f"from {file}"
-    from lorax.models.registry import BUILTIN_MODELS, default_model
-
-    spec, where = default_model()
-    if where == "built in":
-        size = ""
-        from lorax.models.defaults import model_defaults
-
-        found = model_defaults(spec).size if spec in BUILTIN_MODELS else None
-        if found is not None:
-            size = f" {found[0]}×{found[1]}"
-        return f"lorax's built-in{size} toy model; name yours with --model or LORAX_MODEL"
-    return f"from {where}"
-
-
-class AnnouncingProgress:
-    """A progress reporter whose first output is a held line (``model: shapes (…)``): it appears before the run's
-    first line or bar, or at ``flush()``; a run that fails before saying anything prints only its error."""
-
-    def __init__(self, inner: Any, line: str | None) -> None:
-        self.inner = inner
-        self.line = line
-
-    def flush(self) -> None:
-        if self.line is not None:
-            line, self.line = self.line, None
-            self.inner.log(line)
-
-    def task(self, description: str, total: float | None = None) -> Any:
-        self.flush()
-        return self.inner.task(description, total)
-
-    def log(self, message: str) -> None:
-        self.flush()
-        self.inner.log(message)
-
-
-def announce_model(
-    progress: Any, given: dict[str, Any], config_file: Path | None, config: Any
-) -> AnnouncingProgress:
-    """``progress`` whose first line names the model when the command line did not (``model: shapes (…)``)."""
-    origin = model_origin(given, config_file, config)
-    return AnnouncingProgress(progress, f"model: {config.model} ({origin})" if origin is not None else None)
-
-
-def print_summary(result: Any, what: str, model: str | None = None) -> None:
-    """OUTPUT on stdout; on stderr (unless --quiet) ``what``, the model, the final loss, time, size and the loss
-    curve."""
-    from lorax.cli.app import STATE
-    from lorax.cli.common import stderr_console, stdout_console
-
-    stdout_console().print(str(result.output), markup=False, highlight=False)
-    if STATE.quiet or not result.output.exists():
-        return
-    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
-    on = f"; model {model}" if model is not None else ""
-    stderr_console().print(
-        f"{what}{on}; final loss {loss}, {result.seconds:.1f}s; {result.file_bytes / 1e3:.1f} kB; "
-        f"loss curve {result.loss_png}"
-        + (f"; samples sheet {result.samples_png}" if getattr(result, "samples_png", None) else ""),
-        markup=False,
-        highlight=False,
-    )
-
-
 # --- train only: usable snapshots (lorax.training.snapshots) ------------------------------------------------
 
 SaveEveryOpt = Annotated[
@@ -425,3 +342,53 @@ BlockLrOpt = Annotated[
         show_default=False,
     ),
 ]
+
+
+# --- flag groups: invert's and pivot's shared runs of flags --------------------------------------------------
+
+
+def token_flags(
+    token: TokenOpt = "<s1>",
+    vectors: VectorsOpt = 1,
+    init_token: InitOpt = None,
+    overwrite_token: OverwriteOpt = False,
+    token_at_data: TokenAtDataOpt = None,
+    norm_decay: NormDecayOpt = True,
+    norm_target: NormTargetOpt = 0.4,
+) -> None:
+    """The new tokens (invert; pivot's phase 1)."""
+
+
+def token_image_flags(
+    instance_prompt: TokenInstancePromptOpt = None,
+    template: TemplateOpt = None,
+    resolution: ResolutionOpt = None,
+    flip: FlipOpt = False,
+    repeats: RepeatsOpt = 1,
+    mask_dir: MaskDirOpt = None,
+    auto_mask: AutoMaskOpt = False,
+    mask_temperature: MaskTempOpt = 1.0,
+    ignore_masks: IgnoreMasksOpt = False,
+) -> None:
+    """The images, their captions and loss masks."""
+
+
+def token_run_flags(
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = 1,
+    grad_accum: AccumOpt = 1,
+    seed: SeedOpt = 0,
+    mixed_precision: PrecisionOpt = "no",
+    gradient_checkpointing: CheckpointingOpt = False,
+    cache_latents: CacheLatentsOpt = False,
+    device: DeviceOpt = None,
+    checkpoint_every: CheckpointEveryOpt = 0,
+    checkpoint_dir: CheckpointDirOpt = None,
+    resume: ResumeOpt = None,
+    validation_prompt: TokenValidationPromptOpt = None,
+    validation_every: ValidationEveryOpt = 0,
+    save_dtype: SaveDtypeOpt = "fp16",
+    force: ForceOption = False,
+    json_out: JsonOption = False,
+) -> None:
+    """The run: batches, seed, memory and speed, checkpoints, validation samples, output precision."""

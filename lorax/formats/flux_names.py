@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from lorax.formats import naming
+from lorax.formats.keys import PEFT_PREFIX
 from lorax.io.keymaps.flux import (  # noqa: F401  (the module tables live in io: checkpoints map by them too)
     DOUBLE,
     MLP_RATIO,
@@ -70,6 +71,33 @@ LAYOUTS = {
 }
 
 
+def bfl_body(key: str) -> str:
+    """``key`` less its BFL-style prefix (``diffusion_model.``, ``transformer.``, …), if it has one."""
+    for prefix in _BFL_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def diffusers_parts(key: str, components: tuple[str, ...]) -> tuple[str | None, str, str] | None:
+    """A diffusers / PEFT key → ``(its component of ``components``, or ``None`` under ``base_model.model.`` or
+    none; module path; role: down, up or alpha)``; ``None`` if it is not one."""
+    body, owner = key, None
+    for c in components:
+        if body.startswith(c + "."):
+            body, owner = body[len(c) + 1 :], c
+            break
+    else:
+        if body.startswith(PEFT_PREFIX):
+            body = body[len(PEFT_PREFIX) :]
+    if body.endswith(".alpha"):
+        return owner, body[: -len(".alpha")], "alpha"
+    md = _DIFFUSERS.match(body)
+    if md is None:
+        return None
+    return owner, md.group("p"), "down" if md.group("role") == "lora_A" else "up"
+
+
 def classify(key: str) -> tuple[str, str, str, str] | None:
     """A Flux LoRA key → ``(module name in the file, component, BFL or module path, role)``; ``None`` if it is not
     one. For the transformer the path is the BFL module it belongs to (diffusers paths are mapped to theirs); XLabs'
@@ -88,29 +116,14 @@ def classify(key: str) -> tuple[str, str, str, str] | None:
         else:
             bfl = f"single_blocks.{n}.{'linear2' if what == 'proj' else 'qkv'}"
         return key.rsplit(".", 2)[0], TRANSFORMER, bfl, m.group("role")
-    body = key
-    for prefix in _BFL_PREFIXES:
-        if body.startswith(prefix):
-            body = body[len(prefix) :]
-            break
+    body = bfl_body(key)
     for suffix, role in _BFL_ROLES.items():
         if body.endswith("." + suffix) and bfl_parts(body[: -len(suffix) - 1]) is not None:
             return body[: -len(suffix) - 1], TRANSFORMER, body[: -len(suffix) - 1], role
-    body, owner = key, None
-    for c in (TRANSFORMER, "text_encoder", "text_encoder_2"):
-        if body.startswith(c + "."):
-            body, owner = body[len(c) + 1 :], c
-            break
-    else:
-        if body.startswith("base_model.model."):
-            body = body[len("base_model.model.") :]
-    if body.endswith(".alpha"):
-        module, role = body[: -len(".alpha")], "alpha"
-    else:
-        md = _DIFFUSERS.match(body)
-        if md is None:
-            return None
-        module, role = md.group("p"), "down" if md.group("role") == "lora_A" else "up"
+    found_diffusers = diffusers_parts(key, (TRANSFORMER, "text_encoder", "text_encoder_2"))
+    if found_diffusers is None:
+        return None
+    owner, module, role = found_diffusers
     if owner in (None, TRANSFORMER):
         found = to_bfl(module)
         return (module, TRANSFORMER, found[0], role) if found else None

@@ -298,7 +298,7 @@ def convert_lora(config: ConvertConfig, fmt: str, progress: Progress) -> Convert
     if config.rank is not None:
         with progress.task("resizing by SVD", total=None):
             if state.family == "flux" and target in ("kohya", "bfl"):  # fused qkv / linear1 compressed whole
-                from lorax.formats.flux import resize_fused
+                from lorax.formats.flux_fuse import resize_fused
 
                 state, reports = resize_fused(state, config.rank)
             else:

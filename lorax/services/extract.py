@@ -80,7 +80,7 @@ def _fused_name(part: str) -> str:
 
 def _split(label: str, module: LoraModule, names: list[str]) -> list[LoraModule]:
     """A fused module → one module per part: the shared down, each part its rows of the up (exact)."""
-    from lorax.formats.flux import split
+    from lorax.formats.flux_fuse import split
 
     return split(label, module.down, module.up, module.alpha, tuple(names))
 

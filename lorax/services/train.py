@@ -16,7 +16,7 @@ from typing import Any
 
 from lorax.data.dataset import TrainData
 from lorax.data.images import ImageItem
-from lorax.data.kohya import TrainingImages, load_training_images
+from lorax.data.training_images import TrainingImages, load_training_images
 from lorax.errors import ConfigError
 from lorax.progress import NullProgress, Progress
 from lorax.training.config import TrainConfig

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lorax.training.config import TrainConfig
 
 
-def algo_problems(config: Any, opt: Callable[[str], str]) -> list[str]:
+def algo_problems(config: TrainConfig, opt: Callable[[str], str]) -> list[str]:
     from lorax.training.algos import ALGOS, CONV_ALGOS, LYCORIS_ALGOS
 
     p: list[str] = []

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lorax.training.config import TrainConfig
 
 
-def _patterns(config: Any, modules: list[str], unet: Any, blocks: Any) -> tuple[list[str], dict[str, Any]]:
+def _patterns(
+    config: TrainConfig, modules: list[str], unet: Any, blocks: Any
+) -> tuple[list[str], dict[str, Any]]:
     from lorax.training.algos import CONV_ALGOS, conv_patterns, conv_settings, conv_targets
 
     kwargs: dict[str, Any] = dict(blocks.inject_kwargs()) if blocks is not None else {}
@@ -21,7 +26,7 @@ def _patterns(config: Any, modules: list[str], unet: Any, blocks: Any) -> tuple[
 
 
 def inject_unet(
-    config: Any, unet: Any, modules: list[str], blocks: Any, seed: int, lora_kwargs: dict[str, Any]
+    config: TrainConfig, unet: Any, modules: list[str], blocks: Any, seed: int, lora_kwargs: dict[str, Any]
 ) -> tuple[list[Any], list[str], dict[str, float]]:
     """Inject ``--algo``'s adapter into the UNet; return its parameters, the module paths it covers and PEFT's
     ``alpha_pattern`` (per-module alphas: ``--block-dims``, the convs' ``--conv-alpha``)."""
@@ -38,7 +43,7 @@ def inject_unet(
     return params, modules, dict(kwargs.get("alpha_pattern", {}))
 
 
-def text_injector(config: Any) -> Any:
+def text_injector(config: TrainConfig) -> Any:
     """``inject_lora`` for a LoRA; for ``--algo loha/lokr`` the same call injecting that algorithm."""
     from lorax.training.algos import LYCORIS_ALGOS, inject_lycoris
     from lorax.training.lora import inject_lora

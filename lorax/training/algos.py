@@ -13,17 +13,17 @@ scales those by ``alpha / r``, so that scale is folded into ``lokr_w1`` when the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from lorax.training.lora import ADAPTER, is_adapter_param
+
+if TYPE_CHECKING:
+    from lorax.adapters.state import LoraState
+    from lorax.training.config import TrainConfig
 
 ALGOS = ("lora", "locon", "loha", "lokr", "dora")
 CONV_ALGOS = ("locon", "loha", "lokr")  # these add the UNet's convs to --targets
 LYCORIS_ALGOS = ("loha", "lokr")  # trained with PEFT's LoHa / LoKr, written in LyCORIS' keys
-PREFIXES = ("hada_", "lokr_")
-
-
-def is_adapter_param(name: str) -> bool:
-    """Whether a live parameter name is a LoRA, LoHa or LoKr weight."""
-    return "lora_" in name or any(f".{p}" in name for p in PREFIXES)
 
 
 def conv_targets(unet: Any) -> list[str]:
@@ -61,8 +61,6 @@ def inject_lycoris(
     import torch
     from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model
 
-    from lorax.training.lora import ADAPTER
-
     model.requires_grad_(False)
     kind = LoHaConfig if algo == "loha" else LoKrConfig
     config = kind(
@@ -87,8 +85,6 @@ def live_deltas(model: Any) -> dict[str, Any]:
     from peft.tuners.loha.layer import LoHaLayer
     from peft.tuners.lokr.layer import LoKrLayer
 
-    from lorax.training.lora import ADAPTER
-
     return {
         name: module.get_delta_weight(ADAPTER).detach().float().cpu()
         for name, module in model.named_modules()
@@ -96,7 +92,7 @@ def live_deltas(model: Any) -> dict[str, Any]:
     }
 
 
-def lycoris_state(models: dict[str, Any], family: str | None = None) -> Any:
+def lycoris_state(models: dict[str, Any], family: str | None = None) -> LoraState:
     """``LoraState`` of the LoHa/LoKr trained in ``models`` (``{component: module}``): ``LohaModule`` /
     ``LokrModule`` per layer with PEFT's alpha, kohya paths (text paths on-disk style)."""
     from peft.tuners.loha.layer import LoHaLayer
@@ -105,7 +101,6 @@ def lycoris_state(models: dict[str, Any], family: str | None = None) -> Any:
     from lorax.adapters.lycoris import LohaModule, LokrModule
     from lorax.adapters.state import LoraState
     from lorax.models.families import live_to_disk
-    from lorax.training.lora import ADAPTER
 
     state = LoraState(family=family)
     for component, model in models.items():
@@ -139,7 +134,7 @@ def lycoris_state(models: dict[str, Any], family: str | None = None) -> Any:
     return state
 
 
-def conv_settings(config: Any) -> tuple[int, float]:
+def conv_settings(config: TrainConfig) -> tuple[int, float]:
     """The convs' rank and alpha: ``--conv-rank`` (default ``--rank``) and ``--conv-alpha`` (default: ``--alpha``
     without ``--conv-rank``, else the conv rank)."""
     rank = config.conv_rank if config.conv_rank is not None else config.rank
@@ -148,7 +143,7 @@ def conv_settings(config: Any) -> tuple[int, float]:
     return rank, (config.lora_alpha if config.conv_rank is None else float(rank))
 
 
-def algo_metadata(config: Any) -> tuple[str, dict[str, Any]]:
+def algo_metadata(config: TrainConfig) -> tuple[str, dict[str, Any]]:
     """``ss_network_module`` and the ``ss_network_args`` ``--algo`` adds: kohya's ``networks.lora`` for a LoRA or
     DoRA (kohya's LoCon: ``conv_dim`` / ``conv_alpha``), LyCORIS' ``lycoris.kohya`` with ``algo`` for LoHa / LoKr
     (string values, as kohya records its network_args ``algo=loha conv_dim=4``)."""

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lorax import dtypes
 from lorax.errors import ConfigError
 from lorax.training.config_file import (
     check_model_defaults,
@@ -22,19 +21,11 @@ from lorax.training.config_file import (
     load_toml,
     masks_beside,
     plain,
+    register_command,
     resumed_config,
     toml_value,
 )
 
-FORMATS = ("kohya", "diffusers")
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
-SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
-MIXED_PRECISION = ("no", "fp16", "bf16")
-SAVE_DTYPES = dtypes.NAMES
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-DEVICES = ("auto", "cpu", "cuda", "gpu")
-TEMPLATES = ("object", "style")
-TARGET_PRESETS = ("attn", "attn-ff", "all")
 # Options that only ``lorax train`` reads (invert and pivot configs inherit the fields and refuse them set).
 TRAIN_ONLY = (
     "save_every",
@@ -178,6 +169,11 @@ class TrainConfig:
     # messages name them as config keys, never as a flag the command lacks. tests/test_config_messages.py pins each
     # command's set to its options.
     CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"data_dir", "concept_class"})
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "COMMAND" in cls.__dict__:  # a command's config (invert, pivot), not a variant of one
+            register_command(cls)
 
     # ---------------------------------------------------------------------------------------------------------
     @classmethod
@@ -365,5 +361,7 @@ class TrainConfig:
     def as_dict(self) -> dict[str, Any]:
         return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
 
+
+register_command(TrainConfig)
 
 __all__ = ["TRAIN_ONLY", "TrainConfig", "field_names", "flag", "load_toml", "resumed_config"]

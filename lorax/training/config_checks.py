@@ -4,19 +4,23 @@ and its parts, here as functions of the config; ``validate`` joins them into one
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lorax.training.config import (
-    DEVICES,
-    FORMATS,
-    MIXED_PRECISION,
-    OPTIMIZERS,
-    PREDICTION_TYPES,
-    SAVE_DTYPES,
-    SCHEDULERS,
-    TARGET_PRESETS,
-    TEMPLATES,
-    TrainConfig,
-)
+from lorax import dtypes
+
+if TYPE_CHECKING:
+    from lorax.training.config import TrainConfig
+
+# The values each choice flag allows.
+FORMATS = ("kohya", "diffusers")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+SAVE_DTYPES = dtypes.NAMES
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+DEVICES = ("auto", "cpu", "cuda", "gpu")
+TEMPLATES = ("object", "style")
+TARGET_PRESETS = ("attn", "attn-ff", "all")
 
 
 def problems(config: TrainConfig) -> list[str]:

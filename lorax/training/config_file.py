@@ -16,12 +16,18 @@ if TYPE_CHECKING:
     from lorax.training.config import TrainConfig
 
 
-def _command_class(cls: type[TrainConfig] | None) -> type[TrainConfig]:
-    if cls is not None:
-        return cls
-    from lorax.training.config import TrainConfig
+# The commands' config classes by command (train, invert, pivot), registered as they are defined
+# (``TrainConfig.__init_subclass__``); importing ``lorax.training`` defines all three.
+_COMMANDS: dict[str, type[TrainConfig]] = {}
 
-    return TrainConfig
+
+def register_command(cls: type[TrainConfig]) -> None:
+    """``cls`` is the config of ``lorax {cls.COMMAND}``."""
+    _COMMANDS[cls.COMMAND] = cls
+
+
+def _command_class(cls: type[TrainConfig] | None) -> type[TrainConfig]:
+    return cls if cls is not None else _COMMANDS["train"]
 
 
 def masks_beside(data_dir: Any) -> bool:
@@ -170,11 +176,9 @@ def check_model_defaults(defaults: Any) -> None:
     """A model's training defaults (``lorax.models.defaults.ModelDefaults``) name only config keys of their
     commands; ``FormatError`` naming the file and every unknown key otherwise."""
     from lorax.errors import FormatError
-    from lorax.training.config import TrainConfig
-    from lorax.training.pivot_config import InvertConfig, PivotConfig
 
     problems = []
-    for command, cls in (("train", TrainConfig), ("invert", InvertConfig), ("pivot", PivotConfig)):
+    for command, cls in _COMMANDS.items():
         bad = sorted(set(defaults.training.get(command, {})) - (field_names(cls) - USER_ONLY))
         if bad:
             problems.append(

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lorax.training.config import TrainConfig
 
 TRACKERS = ("tensorboard", "wandb", "csv")
 # Fields only `lorax train` has flags for (invert and pivot take them from a --config file or the Python API).
@@ -12,7 +15,7 @@ TRAIN_ONLY_EXTRAS = frozenset(
 )
 
 
-def extra_problems(config: Any) -> list[str]:
+def extra_problems(config: TrainConfig) -> list[str]:
     p: list[str] = []
     opt = config.option_name
     if config.COMMAND == "train" and config.mask_dir is not None and config.auto_mask:

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lorax.training.config import TrainConfig
 
 
 def _clip_prompts(pipe: Any, encoders: Sequence[Any], device: Any, *, cache: bool, clip_skip: int) -> Any:
@@ -34,7 +37,7 @@ def _sdxl_prompts(pipe: Any, encoders: Sequence[Any], device: Any, *, cache: boo
     return SdxlPromptEncoder([pipe.tokenizer, pipe.tokenizer_2], encoders, device, cache=cache)
 
 
-def diffusion_objective(pipe: Any, config: Any) -> Any:
+def diffusion_objective(pipe: Any, config: TrainConfig) -> Any:
     """``config``'s denoising objective (prediction type, min-SNR-γ, noise offset) on the model's scheduler."""
     from lorax.training.objective import DiffusionObjective
 

@@ -62,7 +62,7 @@ class ExpandingPrompts:
 
 def read_items(config: InversionOptions, progress: Progress) -> list[ImageItem]:
     """Training images with captions: files' own captions with ``--token-at-data`` applied, else the tokens."""
-    from lorax.training.inversion import parse_replacements, replace_in_caption
+    from lorax.training.token_specs import parse_replacements, replace_in_caption
 
     assert config.data_dir is not None
     tokens = config.tokens
@@ -88,8 +88,9 @@ def read_items(config: InversionOptions, progress: Progress) -> list[ImageItem]:
 def prepare(config: InversionOptions, progress: Progress, pipeline: Any = None) -> Session:
     """Images, model, accelerator, class images, the placeholder tokens and the batch plan."""
     from lorax.training import base
-    from lorax.training.inversion import learn_tokens, parse_init
+    from lorax.training.inversion import learn_tokens
     from lorax.training.masks import find_masks, masks_beside_every
+    from lorax.training.token_specs import parse_init
 
     items = read_items(config, progress)
     mask_paths: list[Path | None] | None = None
@@ -136,7 +137,7 @@ def prepare(config: InversionOptions, progress: Progress, pipeline: Any = None) 
 
 def make_batches(session: Session, batches: Any) -> Any:
     """``batches`` with prompts that expand the tokens, and with loss masks when the run has them."""
-    from lorax.training.masks import masked_batches
+    from lorax.training.mask_batches import masked_batches
 
     batches.prompts = ExpandingPrompts(batches.prompts, session.tokens.expand)
     if session.mask_paths is None:

@@ -7,9 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lorax.training.checkpoint import LoopState
+
+if TYPE_CHECKING:
+    from lorax.training.config import TrainConfig
 
 
 class Job(Protocol):
@@ -55,7 +58,7 @@ class LoopSettings:
     tracker: Any = None  # lorax.training.trackers.StepTracker (--log-with): loss, lr, grad norm, samples
 
     @classmethod
-    def from_config(cls, config: Any, max_steps: int, **extra: Any) -> LoopSettings:
+    def from_config(cls, config: TrainConfig, max_steps: int, **extra: Any) -> LoopSettings:
         """The loop fields of a training config (train, invert and pivot configs share their names)."""
         return cls(
             max_steps=max_steps,

@@ -6,9 +6,18 @@ Injection uses ``peft.inject_adapter_in_model`` with an explicit module list for
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lorax.adapters.state import LoraState
 
 ADAPTER = "default"
+LYCORIS_PREFIXES = ("hada_", "lokr_")  # PEFT's LoHa and LoKr parameters (lorax.training.algos)
+
+
+def is_adapter_param(name: str) -> bool:
+    """Whether a live parameter name is a LoRA, LoHa or LoKr weight."""
+    return "lora_" in name or any(f".{p}" in name for p in LYCORIS_PREFIXES)
 
 
 def inject_lora(
@@ -63,7 +72,6 @@ def load_lora_tensors(model: Any, tensors: dict[str, Any]) -> None:
     import torch
 
     from lorax.errors import MismatchError
-    from lorax.training.algos import is_adapter_param
 
     live = {n: p for n, p in model.named_parameters() if is_adapter_param(n)}
     by_key = {_peft_key(n): p for n, p in live.items()}
@@ -85,8 +93,6 @@ def _peft_key(name: str) -> str:
 
 
 def lora_parameters(model: Any) -> list[Any]:
-    from lorax.training.algos import is_adapter_param  # LoRA, LoHa, LoKr
-
     return [p for n, p in model.named_parameters() if is_adapter_param(n) and p.requires_grad]
 
 
@@ -97,7 +103,7 @@ def trained_state(
     alpha: float,
     family: str | None = None,
     alpha_patterns: dict[str, dict[str, float]] | None = None,
-) -> Any:
+) -> LoraState:
     """``LoraState`` of the LoRA (or DoRA) trained in ``models`` (``{component: module}``), text paths on-disk style."""
     from lorax.adapters.lycoris import DoraModule
     from lorax.adapters.peft_bridge import lora_state_from_peft

@@ -193,7 +193,7 @@ class LoraRecipe(Recipe):
             cache_text=config.cache_text and not config.train_text,
             **({"clip_skip": config.clip_skip} if config.clip_skip else {}),
         )
-        from lorax.training.masks import with_train_masks
+        from lorax.training.mask_batches import with_train_masks
 
         batches = with_train_masks(batches, config, progress.log)
         sampler = self._sampler(unet, live_encoders, vae, cache)

@@ -16,7 +16,6 @@ gradient at all), the mean still taken over every pixel. Its masks come from ``N
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -206,46 +205,6 @@ class MaskedBatches(DiffusionBatches):
 
 class MaskedSdxlBatches(MaskedBatches, SdxlBatches):
     """Masked losses on SDXL: ``MaskedBatches``' loss weights, ``SdxlBatches``' conditioning with size/crop ids."""
-
-
-def with_train_masks(batches: DiffusionBatches, config: Any, log: Any) -> DiffusionBatches:
-    """``lorax train``'s batches with kohya-style loss masks when the run has any: ``--auto-mask``, ``--mask-dir``
-    (every image needs one), else each image's ``NAME.mask.png`` where it has one (the others count whole)."""
-    items = batches.data.items
-    auto = bool(config.auto_mask)
-    paths: list[Path | None]
-    if config.mask_dir is not None:
-        paths = list(find_masks(items, config.mask_dir))
-        log(f"loss masks: {len(paths)} from {config.mask_dir}")
-    elif auto:
-        paths = [None] * len(items)
-        log("loss masks: automatic (foreground against the border colour)")
-    else:
-        paths = masks_beside(items)
-        found = sum(p is not None for p in paths)
-        if not found:
-            return batches
-        rest = f"; the other {len(items) - found} count whole" if found < len(items) else ""
-        log(f"loss masks: {found} of {len(items)} images have NAME.mask.png{rest}")
-    return masked_batches(batches, mask_paths=paths, weighting="kohya", auto=auto)
-
-
-_MASK_FIELDS = {f.name for f in dataclasses.fields(MaskedBatches)} - {
-    f.name for f in dataclasses.fields(DiffusionBatches)
-}
-
-
-def masked_batches(batches: DiffusionBatches, **masks: Any) -> DiffusionBatches:
-    """``batches`` (their family's kind: ``TrainingHooks.masked_batches``) with loss masks, ``masks`` the
-    ``MaskedBatches`` fields; masks ``batches`` already had (train's, in pivot's LoRA phase) give way to these."""
-    from lorax.training.family_hooks import hooks_of_batches
-
-    values = {
-        f.name: getattr(batches, f.name)
-        for f in dataclasses.fields(batches)
-        if f.init and f.name not in _MASK_FIELDS
-    }
-    return hooks_of_batches(batches).masked_batches()(**values, **masks)
 
 
 def masks_beside_every(items: Sequence[ImageItem]) -> list[Path] | None:

@@ -9,7 +9,7 @@ from lorax.training.base import base_model_version
 from lorax.training.config import TrainConfig
 
 if TYPE_CHECKING:
-    from lorax.data.kohya import TrainingImages
+    from lorax.data.training_images import TrainingImages
 
 
 def training_metadata(

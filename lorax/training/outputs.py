@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from lorax.io.atomic import FILES_FOLDER, Planned, atomic_path, check_outputs
+
+if TYPE_CHECKING:
+    from lorax.training.config import TrainConfig
 
 
 def companion_paths(output: Path) -> dict[str, Path]:
@@ -22,7 +25,7 @@ def companion_paths(output: Path) -> dict[str, Path]:
     }
 
 
-def plan_outputs(config: Any, output: Path) -> dict[str, Path]:
+def plan_outputs(config: TrainConfig, output: Path) -> dict[str, Path]:
     """Check the command's output and every companion it will write together, before step 1 (``check_outputs``):
     without ``--force`` an existing one is refused with one line, as the output itself is; returns the companions.
 
@@ -43,7 +46,7 @@ def plan_outputs(config: Any, output: Path) -> dict[str, Path]:
 
 
 def write_companions(
-    config: Any,
+    config: TrainConfig,
     losses: list[list[float]],
     output: Path,
     *,

@@ -45,7 +45,7 @@ class InversionOptions(TrainConfig):
 
     @property
     def tokens(self) -> list[str]:
-        from lorax.training.inversion import parse_tokens
+        from lorax.training.token_specs import parse_tokens
 
         return parse_tokens(self.token)
 
@@ -64,7 +64,7 @@ class InversionOptions(TrainConfig):
     def problems(self) -> list[str]:
         p = [x for x in super().problems() if not x.startswith("-o/--output must end")]
         try:
-            from lorax.training.inversion import parse_init, parse_replacements
+            from lorax.training.token_specs import parse_init, parse_replacements
 
             tokens = self.tokens
             parse_init(self.init_token, tokens)

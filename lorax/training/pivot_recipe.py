@@ -159,7 +159,7 @@ def _add_param_group(
 
 def _images_summary(session: Any, config: PivotConfig) -> Any:
     """kohya's dataset keys for the pivot's image folder (its tokens are the trigger words)."""
-    from lorax.data.kohya import DatasetSummary, TrainingImages
+    from lorax.data.training_images import DatasetSummary, TrainingImages
 
     summary = DatasetSummary()
     folder = Path(config.data_dir).name if config.data_dir is not None else "images"

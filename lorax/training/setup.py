@@ -9,10 +9,13 @@ initialisation does not depend on the device), ``invert`` makes its embedding ro
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.data.dataset import TrainData
 from lorax.progress import Progress
+
+if TYPE_CHECKING:
+    from lorax.training.config import TrainConfig
 
 
 def text_encoders(pipe: Any, family: str) -> list[Any]:
@@ -50,7 +53,7 @@ def place(unet: Any, vae: Any, encoders: Sequence[Any], device: Any, mixed_preci
         encoder.to(device, dtype=dtype)
 
 
-def objective_for(pipe: Any, config: Any, family: str) -> Any:
+def objective_for(pipe: Any, config: TrainConfig, family: str) -> Any:
     """The family's training objective for ``config`` (``TrainingHooks.objective``: today epsilon or v-prediction,
     min-SNR-γ and noise offset on the model's scheduler)."""
     from lorax.training.family_hooks import hooks_for

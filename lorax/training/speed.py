@@ -13,15 +13,18 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.progress import Progress
 from lorax.training.latents import LatentCache
 
+if TYPE_CHECKING:
+    from lorax.training.config import TrainConfig
+
 CACHE_VERSION = "1"  # bump when the latents' definition changes (vae_encode)
 
 
-def apply_unet_knobs(unet: Any, config: Any, log: Callable[[str], None]) -> None:
+def apply_unet_knobs(unet: Any, config: TrainConfig, log: Callable[[str], None]) -> None:
     """``--channels-last`` and ``--compile`` on the (placed, LoRA-injected) UNet."""
     import torch
 
@@ -112,7 +115,7 @@ def latent_cache_folder(vae: Any) -> Path:
     return cache_root() / "latents" / f"v{CACHE_VERSION}-{vae_fingerprint(vae)}"
 
 
-def cache_latents(config: Any, vae: Any, data: Any, progress: Progress) -> LatentCache | None:
+def cache_latents(config: TrainConfig, vae: Any, data: Any, progress: Progress) -> LatentCache | None:
     """The run's latent cache: none, in memory (``--cache-latents``) or on disk (``--cache-latents-to-disk``)."""
     from lorax.training import setup
 

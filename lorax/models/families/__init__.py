@@ -1,6 +1,6 @@
 """Model families (sd1, sd2, sdxl): one ``Family`` object each, in one module each, and what is computed from them.
 
-- ``base``: the ``Family`` / ``Component`` dataclasses, the registry (``register``, ``get``) and ``detect``, the one
+- ``base``: the ``Family`` / ``Component`` dataclasses and the registry (``register``, ``get``); ``detect``: the one
   function that names a family from any evidence (a header, a LoRA's keys, a single file's keys, a folder's
   configs, a live pipeline).
 - ``sd1``, ``sd2``, ``sdxl``: the built-in families, registered on import of this package.
@@ -21,14 +21,12 @@ from lorax.models.families import sd1, sd2, sdxl  # noqa: F401  (registers the b
 # Flux after SD: the first family to use a kohya prefix (``lora_unet_``) names its component.
 from lorax.models.families import flux  # noqa: F401
 from lorax.models.families.base import (
-    META_KEYS,
     Component,
     Family,
     all_components,
     all_families,
     all_text_components,
     any_component,
-    detect,
     embedding_component,
     embedding_keys,
     family_of_text_width,
@@ -39,6 +37,7 @@ from lorax.models.families.base import (
     register,
     unregister,
 )
+from lorax.models.families.detect import META_KEYS, detect
 from lorax.models.families.sgm import diffusers_to_sgm, sgm_to_diffusers
 from lorax.models.families.tables import (
     FAMILIES,
