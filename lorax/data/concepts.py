@@ -131,7 +131,7 @@ def _class_from_table(table: dict[str, Any], i: int, path: Path) -> str:
 def concept_tables(concepts: list[str], classes: list[str]) -> str:
     """``--concept`` values and their ``concept_class`` values as ``[[concepts]]`` TOML tables (absolute paths,
     so the file means the same wherever it is read from): what ``concepts_from_toml`` reads back."""
-    from lorax.training.config_file import toml_value
+    from lorax.data.tomlfile import toml_value
 
     blocks = []
     for i, spec in enumerate(concepts):

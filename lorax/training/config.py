@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from lorax.data.tomlfile import toml_value
 from lorax.errors import ConfigError
 from lorax.training.config_file import (
     check_model_defaults,
@@ -23,7 +24,6 @@ from lorax.training.config_file import (
     plain,
     register_command,
     resumed_config,
-    toml_value,
 )
 
 # Options that only ``lorax train`` reads (invert and pivot configs inherit the fields and refuse them set).

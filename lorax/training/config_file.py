@@ -1,5 +1,5 @@
 """A training config's file side: ``--config`` TOML files read (``load_toml``) with each value coerced to its field's
-type (``coerce``), the resolved config written back (``toml_value``), and a checkpoint's saved config found
+type (``coerce``), and a checkpoint's saved config found
 (``resumed_config``)."""
 
 from __future__ import annotations
@@ -154,18 +154,6 @@ def plain(value: Any) -> Any:
     if isinstance(value, list):
         return [plain(v) for v in value]
     return value
-
-
-def toml_value(value: Any) -> str:
-    import json
-
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string
 
 
 # Where a model's files live and what the run writes are the user's, never a model's defaults'.
