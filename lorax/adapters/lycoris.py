@@ -23,6 +23,7 @@ else returns the flat ``[out, -1]`` form, which the merge helper reshapes to the
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,14 +193,15 @@ class LokrModule:
         return out
 
 
-class _Decomposed:
+class _Decomposed(ABC):
     """DoRA's weight decomposition over a module's ``lora_delta`` (``magnitude``, ``wd_on_out``)."""
 
     magnitude: torch.Tensor
     wd_on_out: bool
 
+    @abstractmethod
     def lora_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        raise NotImplementedError
+        """The low-rank (or LyCORIS) delta ``ΔW`` the decomposition is applied over."""
 
     def apply(self, base_weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
         """The DoRA-adapted weight ``W0 + strength · (m · V / ‖V‖ − W0)``, ``V = W0 + ΔW``."""

@@ -13,6 +13,7 @@ What a family changes (its conditioning, its objective) is no recipe's business:
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,16 @@ from lorax.errors import ConfigError, MismatchError
 from lorax.progress import Progress
 
 
-class Recipe:
+class Recipe(ABC):
     """One command's way of training: ``setup`` → the loop (running the job's steps) → ``save``."""
 
+    @abstractmethod
     def setup(self, max_steps: int, progress: Progress) -> Any:
         """Models, trainable weights, optimizer, schedule, batches and job, and the ``TrainingLoop`` over them."""
-        raise NotImplementedError
 
+    @abstractmethod
     def save(self, loop: Any, path: Path, **options: Any) -> Any:
         """Write what ``loop`` trained to ``path``."""
-        raise NotImplementedError
 
 
 def make_loop(
