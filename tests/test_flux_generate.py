@@ -26,12 +26,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def build_flux(folder: Path, *, dev: bool) -> Path:
     """A whole tiny FluxPipeline (CLIP-L and T5 with real tokenizers, a 1-channel VAE) saved as a diffusers folder."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     from lorax.zoo.tiny import build_tokenizer
 
-    text = tiny_pipeline().text_encoder  # test_flux_lora's CLIP-L (vocabulary 1000: the tokenizer's ids fit)
+    base = tiny_pipeline()  # test_flux_lora's CLIP-L (vocabulary 1000: the tokenizer's ids fit) and scheduler
     tok, tok2 = build_tokenizer(["circle"]), build_tokenizer(["circle"], model_max_length=512)
     t5 = T5EncoderModel(
         T5Config(vocab_size=len(tok2), d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4)
@@ -42,15 +42,15 @@ def build_flux(folder: Path, *, dev: bool) -> Path:
         norm_num_groups=8, sample_size=SIZE, shift_factor=0.0, scaling_factor=1.0, use_quant_conv=False,
         use_post_quant_conv=False,
     )  # fmt: skip
-    FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tok,
-        text_encoder_2=t5,
-        tokenizer_2=tok2,
-        transformer=FluxTransformer2DModel(**{**TINY, "guidance_embeds": dev}),
-    ).save_pretrained(folder)
+    transformer = FluxTransformer2DModel(**{**TINY, "guidance_embeds": dev})
+    parts = {
+        "vae": vae,
+        "tokenizer": tok,
+        "text_encoder_2": t5,
+        "tokenizer_2": tok2,
+        "transformer": transformer,
+    }
+    FluxPipeline(**{**base.components, **parts}).save_pretrained(folder)
     return folder
 
 
