@@ -200,3 +200,36 @@ def test_the_transformer_takes_the_unet_scale_not_the_text_scale(
     }
     assert np.abs(ours - at[0.8]).max() <= 1
     assert np.abs(ours - at[0.3]).max() > 10
+
+
+def test_a_bfl_transformer_file_generates_with_the_rest_from_config_from(
+    cli, dev_dir: Path, lora_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file ComfyUI users keep (flux1-dev.safetensors: the transformer alone, BFL names) generates with the VAE,
+    text encoders and tokenizers of --config-from, and draws diffusers' own image of the folder it came from; `lorax
+    inspect` names it a Flux single-file model; without --config-from (and no reference model here) the error says
+    what to pass."""
+    bfl = tmp_path / "flux1-dev.safetensors"
+    assert cli("convert", str(dev_dir), "-o", str(bfl)).exit_code == 0
+    found = cli("inspect", str(bfl), "--json")
+    assert found.exit_code == 0, found.output
+    import json
+
+    report = json.loads(found.stdout)
+    report = report[0] if isinstance(report, list) else report
+    assert (report["kind"], report["format"], report["family"]) == ("model", "single-file", "flux")
+    assert report["components"] == ["transformer"]
+
+    out = tmp_path / "out"
+    result = cli("generate", PROMPT, "--model", str(bfl), "--config-from", str(dev_dir), "--lora",
+                 f"{lora_file}:0.8", "--seed", "1", "--size", f"{SIZE}x{SIZE}", "-o", str(out), "--steps", "4")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    oracle = diffusers_image(dev_dir, steps=4, guidance=3.5, length=512, lora=lora_file, scale=0.8)
+    assert np.abs(pixels(only_png(out)) - oracle).max() <= 1
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    refused = cli("generate", PROMPT, "--model", str(bfl), "-o", str(tmp_path / "none"), "--steps", "1")
+    assert refused.exit_code != 0
+    assert "flux1-dev.safetensors" in refused.stderr and "--config-from" in refused.stderr
+    assert "\n" not in refused.stderr.strip() and "Traceback" not in refused.stderr
+    assert not (tmp_path / "none").exists()

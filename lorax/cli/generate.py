@@ -25,6 +25,15 @@ def generate(
         str,
         model_option("Built-in name (shapes), diffusers folder, Hub id in the cache, or single file."),
     ] = "shapes",
+    config_from: Annotated[
+        str | None,
+        option(
+            "--config-from",
+            help="With a single file that holds only part of a pipeline (Flux's BFL transformer file, as "
+            "ComfyUI users keep it): a diffusers folder (or Hub id in the local cache) of the same family to take "
+            "the other parts and their configs from (VAE, text encoders, tokenizers, scheduler).",
+        ),
+    ] = None,
     lora: Annotated[
         list[str] | None,
         option(
@@ -220,6 +229,7 @@ def generate(
     config = GenerateConfig(
         prompts=prompts,
         model=model,
+        config_from=config_from,
         loras=[parse_lora_arg(v) for v in lora or []],
         text_scale=text_scale,
         embeddings=list(embedding or []),

@@ -204,6 +204,8 @@ def flux_variant(keys: Sequence[str]) -> str | None:
     # kohya: its transformer names, or only its text-encoder names (a BFL file keeps kohya's names for those)
     if any(k.startswith("lora_unet_") for k in keys) or all(re.match(r"lora_te\d?_", k) for k in keys):
         return "kohya"
+    if not any("lora" in k.lower() for k in keys):  # a Flux model's own weights (BFL single file), not a LoRA
+        return None
     if any(".processor." in k for k in keys):
         return "xlabs"
     if any(re.search(r"(^|\.)(double|single)_blocks\.\d", k) for k in keys):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import lorax.formats.describe as _describe
 import lorax.formats.keys as K
 from lorax.formats.base import Description, Header, KeyView, LoraFormat, Meta, Written, source
+from lorax.io.checkpoint_layouts import LAYOUTS
 
 if TYPE_CHECKING:
     import torch
@@ -216,7 +217,10 @@ def detect(
     for fmt in _FORMATS:
         if fmt.detect(view):
             return fmt.name
-    if any(k.startswith(_CHECKPOINT_PREFIXES) for k in keys):
+    markers = tuple(
+        m for layout in LAYOUTS.values() for m in layout.single_markers
+    )  # e.g. Flux's bare BFL file
+    if any(k.startswith((*_CHECKPOINT_PREFIXES, *markers)) for k in keys):
         return "checkpoint"
     if any(k.endswith((".weight", ".bias")) for k in keys):
         return "model-weights"

@@ -101,6 +101,7 @@ class GenerateConfig:
 
     prompts: list[str]
     model: str = "shapes"
+    config_from: str | None = None  # the rest of a partial single file's pipeline (a diffusers folder)
     loras: list[LoraSpec] = field(default_factory=list)
     text_scale: float | None = None
     embeddings: list[Path] = field(default_factory=list)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lorax import dtypes
-from lorax.errors import ConfigError, FormatError
+from lorax.errors import ConfigError, FormatError, LoraxError
 from lorax.io.checkpoint import DiffusersCheckpoint, SingleFileCheckpoint, open_checkpoint
 
 DTYPE_NAMES = dtypes.LONG_NAMES
@@ -114,34 +114,50 @@ def _pickled_weights(folder: Path) -> Path:
     return found[0] if found else Path(folder)
 
 
+def _component_model(name: str, config: dict[str, Any], index: dict[str, Any] | None) -> Any:
+    """An empty (meta-device) model for component ``name`` of a single file: the class its pipeline's
+    ``model_index.json`` names (a diffusers model or a transformers text encoder), else its config's."""
+    import importlib
+
+    from accelerate import init_empty_weights
+
+    library, class_name = ((index or {}).get(name) or [None, None])[:2]
+    if class_name is None:
+        if "architectures" in config:
+            library, class_name = "transformers", config["architectures"][0]
+        else:
+            library = "diffusers"
+            class_name = config.get(
+                "_class_name", "UNet2DConditionModel" if name == "unet" else "AutoencoderKL"
+            )
+    cls = getattr(importlib.import_module(library), class_name, None)
+    if cls is None:
+        raise FormatError(f"{name}: unknown model class {library}.{class_name}")
+    with init_empty_weights():
+        if library == "diffusers":
+            return cls.from_config({k: v for k, v in config.items() if k != "architectures"})
+        return cls(cls.config_class(**{k: v for k, v in config.items() if not k.startswith("_")}))
+
+
+def _tokenizer(name: str, folder: Path, index: dict[str, Any] | None) -> Any:
+    import transformers
+
+    class_name = ((index or {}).get(name) or [None, "CLIPTokenizer"])[1] or "CLIPTokenizer"
+    return getattr(transformers, class_name, transformers.AutoTokenizer).from_pretrained(folder)
+
+
 def _from_single_file(ckpt: SingleFileCheckpoint, dtype: Any, config_from: str | Path | None) -> Any:
     import diffusers
-    import transformers
-    from accelerate import init_empty_weights
 
     from lorax.io.model_layout import single_file_configs, single_file_state_dicts
 
     found = single_file_configs(ckpt, config_from)
     configs, tokenizers = found["configs"], found["tokenizers"]
+    index = configs.get("model_index")
     states = single_file_state_dicts(ckpt, configs)
     components: dict[str, Any] = {}
     for name, state in states.items():
-        config = {k: v for k, v in configs[name].items() if k != "architectures"}
-        if name in ("unet", "vae"):
-            cls = getattr(
-                diffusers,
-                config.get("_class_name", "UNet2DConditionModel" if name == "unet" else "AutoencoderKL"),
-            )
-            with init_empty_weights():
-                model = cls.from_config(config)
-        else:
-            arch = (configs[name].get("architectures") or ["CLIPTextModel"])[0]
-            cls = getattr(transformers, arch)
-            text_config = transformers.CLIPTextConfig(
-                **{k: v for k, v in config.items() if not k.startswith("_")}
-            )
-            with init_empty_weights():
-                model = cls(text_config)
+        model = _component_model(name, configs[name], index)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing or unexpected:
@@ -152,16 +168,20 @@ def _from_single_file(ckpt: SingleFileCheckpoint, dtype: Any, config_from: str |
                 path=ckpt.path,
             )
         components[name] = model.eval()
-    for name in ("unet", "vae", "text_encoder"):
-        if name not in components:
-            raise FormatError(f"the single file has no {name}; a pipeline needs it", path=ckpt.path)
+    cls = _pipeline_class(ckpt.family, index)
+    from lorax.models import families
+
+    family = families.get(ckpt.family)
+    absent = [c for c in family.checkpoint.components if c not in components]
+    if absent:  # a transformer-only file (Flux's BFL layout): the rest from a diffusers folder of the family
+        return _completed(ckpt, cls, components, absent, dtype, config_from)
     with tempfile.TemporaryDirectory() as tmp:
         for tok_name, files in tokenizers.items():
             folder = Path(tmp) / tok_name
             folder.mkdir()
             for fname, text in files.items():
                 (folder / fname).write_text(text)
-            components[tok_name] = transformers.CLIPTokenizer.from_pretrained(folder)
+            components[tok_name] = _tokenizer(tok_name, folder, index)
     if "tokenizer" not in components:
         raise FormatError(
             "no tokenizer for this single file; pass config_from a diffusers folder", path=ckpt.path
@@ -169,12 +189,42 @@ def _from_single_file(ckpt: SingleFileCheckpoint, dtype: Any, config_from: str |
     sched_config = dict(configs.get("scheduler") or {})
     sched_cls = getattr(diffusers, sched_config.get("_class_name", "DDIMScheduler"))
     components["scheduler"] = sched_cls.from_config(sched_config)
-    cls = _pipeline_class(ckpt.family, configs.get("model_index"))
-    from lorax.models import families
-
-    if "safety_checker" in families.get(ckpt.family).checkpoint.model_index:  # SD1/SD2 pipelines take one
+    if "safety_checker" in family.checkpoint.model_index:  # SD1/SD2 pipelines take one
         components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = cls(**components)
+    if dtype is not None:
+        pipe = pipe.to(dtype=dtype)
+    return pipe
+
+
+def _completed(
+    ckpt: SingleFileCheckpoint,
+    cls: Any,
+    components: dict[str, Any],
+    absent: list[str],
+    dtype: Any,
+    config_from: str | Path | None,
+) -> Any:
+    """``cls`` with the file's ``components`` and the ``absent`` ones (VAE, text encoders, tokenizers, scheduler)
+    read from ``config_from`` or the family's reference model in the local Hugging Face cache."""
+    from lorax.io.checkpoint_layouts import layout
+
+    reference: str | Path | None = config_from or layout(ckpt.family).reference_repo
+    hint = (
+        f"this {ckpt.family} single file holds only its {', '.join(components) or 'denoiser'} (no "
+        f"{', '.join(absent)}); pass --config-from with a diffusers {ckpt.family} folder or Hub id to take them from"
+    )
+    if reference is None:
+        raise FormatError(hint, path=ckpt.path)
+    try:
+        ref = open_checkpoint(reference)
+    except LoraxError as err:
+        why = str(err) if config_from else f"the reference model {reference} is not available here"
+        raise FormatError(f"{hint} ({why})", path=ckpt.path) from None
+    if not isinstance(ref, DiffusersCheckpoint) or ref.family != ckpt.family:
+        raise FormatError(hint, path=ckpt.path)
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    pipe = cls.from_pretrained(ref.path, **components, **kwargs)
     if dtype is not None:
         pipe = pipe.to(dtype=dtype)
     return pipe

@@ -141,7 +141,7 @@ def generate(
         announce = progress.task(f"loading model {config.model}") if load_is_slow(config.model) else None
         with announce or contextlib.nullcontext(), quiet_libraries(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            pipe = load_model(config.model, dtype=dtype, device=device)
+            pipe = load_model(config.model, dtype=dtype, device=device, config_from=config.config_from)
     else:  # a pipeline the caller holds keeps its device and precision
         device, dtype = str(pipe.device.type), (getattr(pipe, "unet", None) or pipe.transformer).dtype
     pipe.set_progress_bar_config(disable=True)
