@@ -339,3 +339,48 @@ def test_cli_trains_flux_with_the_flow_flags_and_refuses_a_bad_combination(cli, 
         message.count("\n") == 0 and "--discrete-flow-shift applies to --timestep-sampling shift" in message
     )
     assert "Traceback" not in bad.output and not (tmp_path / "bad.safetensors").exists()
+
+
+def test_block_dims_give_each_flux_block_its_rank(dev_dir, images, tmp_path):
+    """--block-dims on Flux: one rank per block, the 2 double blocks then the 2 single blocks; 0 leaves one out."""
+    out = tmp_path / "blocks.safetensors"
+    run(config(dev_dir, images, out, steps=1, format="diffusers", block_dims="2,0,3,0", block_lr="1,1,0.5,1"))
+    ranks = {k.split(".lora_A")[0]: v.shape[0] for k, v in load_file(out).items() if ".lora_A." in k}
+    assert {k.split(".attn")[0] for k in ranks} == {
+        "transformer.transformer_blocks.0",
+        "transformer.single_transformer_blocks.0",
+    }
+    assert {r for k, r in ranks.items() if ".transformer_blocks.0" in k and "single" not in k} == {2}
+    assert {r for k, r in ranks.items() if "single_transformer_blocks.0" in k} == {3}
+    with pytest.raises(
+        ConfigError, match=r"--block-dims takes 4 values for flux .*double blocks 0-1, then single"
+    ):
+        run(config(dev_dir, images, tmp_path / "x.safetensors", block_dims="2,2"))
+
+
+@pytest.mark.parametrize("command", ["invert", "pivot"])
+def test_invert_and_pivot_refuse_flux_in_one_line(dev_dir, images, tmp_path, command):
+    from lorax.training.pivot_config import InvertConfig, PivotConfig
+
+    cls = InvertConfig if command == "invert" else PivotConfig
+    extra = {"ti_steps": 1, "init_token": "circle"} if command == "pivot" else {}
+    cfg = cls(data_dir=images, output=tmp_path / "t.safetensors", model=str(dev_dir), token_at_data="circle|<s1>",
+              resolution=SIZE, steps=1, device="cpu", **extra)  # fmt: skip
+    service = __import__(f"lorax.services.{command}", fromlist=[command])
+    with pytest.raises(ConfigError) as err:
+        getattr(service, command)(cfg, NullProgress())
+    assert f"lorax {command} does not train Flux models yet" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_validation_images_come_from_flux_pipeline_over_the_live_lora(dev_dir, images, tmp_path):
+    out = tmp_path / "val.safetensors"
+    result = run(config(dev_dir, images, out, steps=2, validation_prompt=[PROMPT], validation_every=2, format="diffusers",
+                        sample_steps=2, guidance_scale=3.5))  # fmt: skip
+    (png,) = result.samples
+    assert Image.open(png).size == (SIZE, SIZE)
+    from lorax.data.dataset import derive_seed
+
+    # the sample is FluxPipeline's image with the LoRA at that step (the last one here), the prompt's own seed
+    seed = derive_seed(0, "validation", 0)
+    oracle = diffusers_image(dev_dir, steps=2, guidance=3.5, length=512, seed=seed, lora=out)
+    assert np.abs(pixels(png) - oracle).max() <= 1

@@ -82,7 +82,6 @@ _SD_ONLY = {
     "snr_gamma": "min-SNR-γ weights a DDPM schedule; use --weighting-scheme",
     "noise_offset": "the noise offset is for DDPM's epsilon/v training; kohya's Flux trainer does not offer it",
     "clip_skip": "Flux conditions on T5 and CLIP-L's pooled output, which have no clip skip",
-    "block_lr": "names kohya's UNet blocks, which Flux's transformer does not have (use --train-blocks)",
     "dora": "the Flux LoRA formats hold plain LoRA pairs",
     "init_lora": "continuing a Flux LoRA is not supported yet",
     "sdpa": "Flux's attention processors always use PyTorch SDPA",
