@@ -302,6 +302,10 @@ def test_sd_only_flags_on_flux_are_one_line_errors(dev_dir, images, tmp_path, ch
         ({"timestep_sampling": "cosine"}, "--timestep-sampling 'cosine': use one of uniform, sigmoid"),
         ({"train_blocks": "middle"}, "--train-blocks 'middle': use one of all, double, single"),
         ({"train_t5": True}, "--train-t5 trains T5 alongside CLIP-L: add --train-text"),
+        (
+            {"train_t5": True, "train_text": True, "format": "diffusers"},
+            "diffusers' Flux loader reads no T5 LoRA",
+        ),
     ],
 )
 def test_bad_flow_flag_combinations_are_one_line_errors(dev_dir, images, tmp_path, changes, message):

@@ -64,6 +64,10 @@ def flag_problems(config: TrainConfig) -> list[str]:
             p.append(f"{_flag(name)} applies to --timestep-sampling logit-normal (not {effective})")
     if config.train_t5 and not config.train_text:
         p.append("--train-t5 trains T5 alongside CLIP-L: add --train-text")
+    if config.train_t5 and config.format == "diffusers":
+        p.append(
+            "--train-t5 with --format diffusers: diffusers' Flux loader reads no T5 LoRA; use --format kohya"
+        )
     return p
 
 
