@@ -388,3 +388,38 @@ def test_validation_images_come_from_flux_pipeline_over_the_live_lora(dev_dir, i
     seed = derive_seed(0, "validation", 0)
     oracle = diffusers_image(dev_dir, steps=2, guidance=3.5, length=512, seed=seed, lora=out)
     assert np.abs(pixels(png) - oracle).max() <= 1
+
+
+def test_dreambooth_options_run_on_flux(dev_dir, images, tmp_path):
+    """Prior preservation (class images drawn by FluxPipeline), gradient checkpointing, bf16, a held-out loss."""
+    out = tmp_path / "db.safetensors"
+    result = run(config(dev_dir, images, out, steps=2, class_prompt="a square", num_class_images=2, sample_steps=2,
+                        class_dir=tmp_path / "class", gradient_checkpointing=True, mixed_precision="bf16",
+                        val_split=0.5, validation_every=1, train_text=True))  # fmt: skip
+    assert result.num_class_images == 2 and len(list((tmp_path / "class").glob("*.png"))) == 2
+    assert len(result.val_losses) == 2 and all(math.isfinite(v) for _, v in result.val_losses)
+    assert load_file(out)
+
+
+def test_the_models_own_defaults_apply(dev_dir, images, tmp_path):
+    """A Flux folder's lorax.json train section sets the flow options; the resolution defaults to the VAE's size."""
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(dev_dir, model)
+    defaults = {"timestep_sampling": "shift", "discrete_flow_shift": 2.5, "guidance": 1.5, "steps": 2}
+    (model / "lorax.json").write_text(json.dumps({"train": defaults}))
+    cfg = TrainConfig.from_sources(
+        {"data_dir": images, "output": tmp_path / "d.safetensors", "model": str(model), "instance_prompt": PROMPT,
+         "device": "cpu"}
+    )  # fmt: skip
+    assert (cfg.timestep_sampling, cfg.discrete_flow_shift, cfg.guidance, cfg.steps) == ("shift", 2.5, 1.5, 2)
+    result = run(cfg)
+    assert result.steps == 2
+    toml = (tmp_path / "d.toml").read_text()
+    assert 'timestep-sampling = "shift"' in toml and "discrete-flow-shift = 2.5" in toml
+    from safetensors import safe_open
+
+    with safe_open(str(result.output), "pt") as f:
+        assert f.metadata()["ss_resolution"] == f"({SIZE}, {SIZE})"  # the tiny VAE's sample_size
