@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_flux_generate
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_flux_generate import PROMPT, SIZE, build_flux, diffusers_image, only_png, pixels
+from test_flux_generate import PROMPT, SIZE, diffusers_image, only_png, pixels
 
 from lorax.errors import ConfigError
 from lorax.progress import NullProgress
@@ -24,15 +25,9 @@ from lorax.training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(scope="module")
-def dev_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_flux(tmp_path_factory.mktemp("flux") / "tiny-flux-dev", dev=True)
-
-
-@pytest.fixture(scope="module")
-def schnell_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_flux(tmp_path_factory.mktemp("flux") / "tiny-flux-schnell", dev=False)
+# the tiny dev and schnell folders of test_flux_generate (module-scoped fixtures)
+dev_dir = test_flux_generate.dev_dir
+schnell_dir = test_flux_generate.schnell_dir
 
 
 @pytest.fixture(scope="module")

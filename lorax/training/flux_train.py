@@ -134,24 +134,13 @@ class FluxObjective:
         return noisy_sample(latents, self.config, generator, sigmas)
 
     def predict(self, transformer: Any, sample: Any, cond: FluxCond) -> Any:
-        """The velocity for ``sample.noisy`` (``[B, C, h, w]``, float32), as ``flow.predict`` computes it."""
-        from lorax.training.flow import guidance_vector, image_ids, pack_latents, text_ids, unpack_latents
+        """The velocity for ``sample.noisy`` (``[B, C, h, w]``, float32): ``flow.predict`` with this objective's
+        guidance."""
+        from lorax.training.flow import predict
 
-        first = next(transformer.parameters())
-        dtype, device = first.dtype, first.device
-        b, _, h, w = sample.noisy.shape
-        g = guidance_vector(self.guidance is not None, b, self.guidance or 0.0, device)
-        out = transformer(
-            hidden_states=pack_latents(sample.noisy.to(dtype)),
-            timestep=sample.model_timesteps.to(dtype),
-            guidance=g,
-            pooled_projections=cond.pooled_projections.to(dtype),
-            encoder_hidden_states=cond.prompt_embeds.to(dtype),
-            txt_ids=text_ids(cond.prompt_embeds.shape[1], device, dtype),
-            img_ids=image_ids(h // 2, w // 2, device, dtype),
-            return_dict=False,
-        )[0]
-        return unpack_latents(out, h, w).float()
+        return predict(
+            transformer, sample, cond, self.guidance or 0.0, guidance_embeds=self.guidance is not None
+        )
 
     def loss(
         self, unet: Any, latents: Any, cond: Any, generator: Any, weight: Any = None, timesteps: Any = None
