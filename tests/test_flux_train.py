@@ -418,3 +418,12 @@ def test_the_models_own_defaults_apply(dev_dir, images, tmp_path):
 
     with safe_open(str(result.output), "pt") as f:
         assert f.metadata()["ss_resolution"] == f"({SIZE}, {SIZE})"  # the tiny VAE's sample_size
+
+
+def test_class_and_validation_images_sample_with_flux_defaults(dev_dir, schnell_dir):
+    from diffusers import FluxPipeline
+
+    dev, schnell = FluxPipeline.from_pretrained(dev_dir), FluxPipeline.from_pretrained(schnell_dir)
+    assert TrainConfig(model=str(dev_dir)).sampling_for(dev) == (28, 3.5)  # lorax generate's dev defaults
+    assert TrainConfig(model=str(schnell_dir)).sampling_for(schnell)[0] == 4
+    assert TrainConfig(model=str(dev_dir), sample_steps=3, guidance_scale=2.0).sampling_for(dev) == (3, 2.0)

@@ -283,6 +283,14 @@ class TrainConfig:
             self.guidance_scale if self.guidance_scale is not None else guidance,
         )
 
+    def sampling_for(self, pipe: Any) -> tuple[int, float]:
+        """``sampling`` for ``pipe``'s family: a Flux model's own defaults are Flux's (``flux_train.flux_sampling``)."""
+        if getattr(pipe, "unet", None) is not None:
+            return self.sampling
+        from lorax.training.flux_train import flux_sampling
+
+        return flux_sampling(self, pipe)
+
     @property
     def checkpoints_path(self) -> Path:
         if self.checkpoint_dir is not None:

@@ -181,6 +181,23 @@ def flux_objective(pipe: Any, config: TrainConfig) -> FluxObjective:
     return FluxObjective(flow_config(config), guidance)
 
 
+def flux_sampling(config: TrainConfig, pipe: Any) -> tuple[int, float]:
+    """Steps and distilled guidance of class and validation images on a Flux model: ``--sample-steps`` /
+    ``--guidance-scale``, else the model's ``lorax.json``, else ``lorax generate``'s Flux defaults (dev: 28 steps,
+    guidance 3.5; schnell: 4 steps, its guidance unused)."""
+    from lorax.gen.flux import DEV_GUIDANCE, DEV_STEPS, SCHNELL_STEPS
+    from lorax.models.defaults import model_defaults
+
+    own = model_defaults(config.model).generate
+    steps = DEV_STEPS if has_guidance(pipe.transformer) else SCHNELL_STEPS
+    return (
+        config.sample_steps if config.sample_steps is not None else int(own.get("steps", steps)),
+        config.guidance_scale
+        if config.guidance_scale is not None
+        else float(own.get("guidance", DEV_GUIDANCE)),
+    )
+
+
 def flux_sampler(common: dict[str, Any], pipe: Any, live: Sequence[Any]) -> Any:
     """The Flux ``sampler`` hook: ``FluxPipeline`` over the live transformer and text encoders."""
     from diffusers import FluxPipeline
