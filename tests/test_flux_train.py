@@ -8,6 +8,7 @@ resolution shift ``e^μ / (e^μ + 1/t − 1)``, timestep ``σ``).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -330,6 +331,17 @@ def test_cli_trains_flux_with_the_flow_flags_and_refuses_a_bad_combination(cli, 
     keys = load_file(out).keys()
     assert keys and all(k.startswith("lora_unet_single_blocks_") for k in keys)
     assert (tmp_path / "cli.toml").read_text().count("discrete-flow-shift = 3.1582") == 1
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    # kohya's flux_train_network.py keys
+    assert meta["ss_network_module"] == "networks.lora_flux" and meta["ss_base_model_version"] == "flux1"
+    assert json.loads(meta["ss_network_args"]) == {"train_blocks": "single"}  # no conv_dim: Flux has no convs
+    assert (meta["ss_timestep_sampling"], meta["ss_discrete_flow_shift"]) == ("shift", "3.1582")
+    assert (meta["ss_weighting_scheme"], meta["ss_guidance_scale"], meta["ss_model_prediction_type"]) == (
+        "cosmap", "1.5", "raw",
+    )  # fmt: skip
     bad = cli(*common, "-o", str(tmp_path / "bad.safetensors"), "--timestep-sampling", "uniform",
               "--discrete-flow-shift", "3")  # fmt: skip
     assert bad.exit_code != 0

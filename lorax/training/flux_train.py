@@ -142,6 +142,43 @@ class FluxObjective:
             transformer, sample, cond, self.guidance or 0.0, guidance_embeds=self.guidance is not None
         )
 
+    def metadata(self, config: TrainConfig, header: dict[str, str]) -> dict[str, str | None]:
+        """The header keys kohya's ``flux_train_network.py`` writes (``networks.lora_flux``, its ``network_args``
+        ``train_blocks`` / ``train_t5xxl``, ``ss_timestep_sampling`` …, in kohya's spellings), and lorax's exact
+        flow settings (``lorax_timestep_sampling``, ``lorax_weighting_scheme``)."""
+        import json
+
+        c = self.config
+        args = {
+            k: v
+            for k, v in json.loads(header.get("ss_network_args", "{}")).items()
+            if not k.startswith("conv_")
+        }
+        if config.train_blocks is not None:
+            args["train_blocks"] = config.train_blocks
+        if config.train_t5:
+            args["train_t5xxl"] = "True"
+        density = {"logit-normal": "logit_normal", "mode": "mode"}.get(
+            c.sampling
+        )  # kohya: sigma + the density
+        out: dict[str, str | None] = {
+            "ss_network_module": "networks.lora_flux",
+            "ss_timestep_sampling": "sigma" if density else c.sampling.replace("-", "_"),
+            "ss_weighting_scheme": density or c.weighting,
+            "ss_sigmoid_scale": f"{c.sigmoid_scale:g}",
+            "ss_discrete_flow_shift": f"{c.shift:g}",
+            "ss_logit_mean": f"{c.logit_mean:g}",
+            "ss_logit_std": f"{c.logit_std:g}",
+            "ss_mode_scale": f"{c.mode_scale:g}",
+            "ss_model_prediction_type": "raw",
+            "lorax_timestep_sampling": c.sampling,
+            "lorax_weighting_scheme": c.weighting,
+        }
+        if self.guidance is not None:
+            out["ss_guidance_scale"] = f"{self.guidance:g}"
+        out["ss_network_args"] = json.dumps(args) if args else None
+        return out
+
     def loss(
         self, unet: Any, latents: Any, cond: Any, generator: Any, weight: Any = None, timesteps: Any = None
     ) -> Any:

@@ -83,6 +83,7 @@ class LoraRecipe(Recipe):
     loop: Any = None
     modules: dict[str, int] = field(default_factory=dict)
     prediction_type: str = "epsilon"
+    objective: Any = None  # the family's; one with ``metadata(config, header)`` adds its keys to the header
     alpha_patterns: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def setup(self, max_steps: int, progress: Progress) -> Any:
@@ -230,6 +231,7 @@ class LoraRecipe(Recipe):
         )
         self.modules = modules
         self.prediction_type = objective.prediction_type
+        self.objective = objective
         self.alpha_patterns = {"unet": unet_alphas} if unet_alphas else {}
         return self.loop
 
@@ -292,7 +294,7 @@ class LoraRecipe(Recipe):
         from lorax.training.metadata import training_metadata
 
         state = self.loop.state
-        return training_metadata(
+        header = training_metadata(
             config or self.config,
             family=self.family,
             prediction_type=self.prediction_type,
@@ -310,6 +312,11 @@ class LoraRecipe(Recipe):
             num_examples=len(self.data),
             max_steps=max_steps,
         )
+        own = getattr(self.objective, "metadata", None)  # Flux's: kohya's flow keys, networks.lora_flux
+        if own is None:
+            return header
+        merged = {**header, **own(config or self.config, header)}  # None: a key the family drops
+        return {k: v for k, v in merged.items() if v is not None}
 
     def save(  # type: ignore[override]
         self,
