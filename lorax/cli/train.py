@@ -145,7 +145,13 @@ def train_command(
         ),
     ] = "attn",
     train_text: Annotated[
-        bool, typer.Option("--train-text", help="Train a text-encoder LoRA too.", rich_help_panel=LORA)
+        bool,
+        typer.Option(
+            "--train-text",
+            "--train-text-encoder",
+            help="Train a text-encoder LoRA too (Flux: CLIP-L; diffusers' train_text_encoder).",
+            rich_help_panel=LORA,
+        ),
     ] = False,
     lora_dropout: Annotated[
         float, typer.Option(help="Dropout on the LoRA path.", rich_help_panel=LORA)
