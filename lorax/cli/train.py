@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from lorax.cli import train_flux_options as flux
 from lorax.cli import training_options as opts
 from lorax.cli import training_run as run
 from lorax.cli.common import ForceOption, JsonOption, cli_progress, print_json, stdout_console
@@ -138,13 +139,19 @@ def train_command(
     targets: Annotated[
         str,
         typer.Option(
-            help="attn (attention projections), attn-ff (+ feed-forward), all (+ convs: LoCon), or comma-separated "
-            "module globs ('*attn2.to_k,*attn2.to_v').",
+            help="attn (attention projections), attn-ff (+ feed-forward), all (+ convs: LoCon; on Flux: + the "
+            "modulations), or comma-separated module globs ('*attn2.to_k,*attn2.to_v').",
             rich_help_panel=LORA,
         ),
     ] = "attn",
     train_text: Annotated[
-        bool, typer.Option("--train-text", help="Train a text-encoder LoRA too.", rich_help_panel=LORA)
+        bool,
+        typer.Option(
+            "--train-text",
+            "--train-text-encoder",
+            help="Train a text-encoder LoRA too (Flux: CLIP-L; diffusers' train_text_encoder).",
+            rich_help_panel=LORA,
+        ),
     ] = False,
     lora_dropout: Annotated[
         float, typer.Option(help="Dropout on the LoRA path.", rich_help_panel=LORA)
@@ -179,6 +186,16 @@ def train_command(
     ] = None,
     block_dims: opts.BlockDimsOpt = None,
     init_lora: opts.InitLoraOpt = None,
+    timestep_sampling: flux.TimestepSamplingOpt = None,
+    discrete_flow_shift: flux.DiscreteFlowShiftOpt = None,
+    sigmoid_scale: flux.SigmoidScaleOpt = None,
+    logit_mean: flux.LogitMeanOpt = None,
+    logit_std: flux.LogitStdOpt = None,
+    weighting_scheme: flux.WeightingSchemeOpt = None,
+    guidance: flux.GuidanceOpt = None,
+    max_sequence_length: flux.MaxSequenceLengthOpt = None,
+    train_blocks: flux.TrainBlocksOpt = None,
+    train_t5: flux.TrainT5Opt = False,
     optimizer: Annotated[
         str,
         typer.Option(help="adamw, adamw8bit (bitsandbytes) or prodigy (prodigyopt).", rich_help_panel=OPTIM),

@@ -328,7 +328,8 @@ BlockDimsOpt = Annotated[
     str | None,
     typer.Option(
         help="A rank per kohya UNet block, comma-separated: 25 for SD1/SD2 (IN00-IN11, MID, OUT00-OUT11), 23 "
-        "for SDXL (base, IN00-IN08, MID0-2, OUT00-OUT08, out); 0 leaves a block out (kohya's block_dims).",
+        "for SDXL (base, IN00-IN08, MID0-2, OUT00-OUT08, out), for Flux the double then the single blocks (57 at "
+        "full size); 0 leaves a block out (kohya's block_dims).",
         rich_help_panel="LoRA",
         show_default=False,
     ),

@@ -46,11 +46,17 @@ def family_of(pipeline: Any) -> str:
     return found
 
 
+def denoiser(pipeline: Any) -> Any:
+    """The model a LoRA trains on: the UNet, or a transformer (Flux's) where the pipeline has no UNet."""
+    found = getattr(pipeline, "unet", None)
+    return found if found is not None else pipeline.transformer
+
+
 def check_trainable(pipeline: Any, family: str) -> None:
     from lorax.models import families
 
     found = families.get(family)
-    names = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    names = [found.components[0].name, "vae", "text_encoder", "tokenizer", "scheduler"]
     for c in found.components:
         names += [n for n in (c.name, c.tokenizer) if n and n not in names]
     for name in names:
@@ -59,7 +65,10 @@ def check_trainable(pipeline: Any, family: str) -> None:
 
 
 def default_resolution(pipeline: Any) -> int:
-    """The resolution the model was trained at: UNet sample size × the VAE's downscale factor."""
+    """The resolution the model was trained at: UNet sample size × the VAE's downscale factor (a transformer
+    without a sample size, Flux's: the VAE's sample size)."""
+    if getattr(pipeline, "unet", None) is None:
+        return int(pipeline.vae.config.sample_size)
     vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
     return int(pipeline.unet.config.sample_size) * vae_scale
 
@@ -78,4 +87,5 @@ def count_parameters(module: Any) -> int:
 
 def model_bytes(pipeline: Any, dtype_bytes: int = 2) -> int:
     """The base model's size in ``dtype_bytes`` per weight (UNet + VAE + text encoder)."""
-    return dtype_bytes * sum(count_parameters(getattr(pipeline, n)) for n in ("unet", "vae", "text_encoder"))
+    models = (denoiser(pipeline), pipeline.vae, pipeline.text_encoder)
+    return dtype_bytes * sum(count_parameters(m) for m in models)

@@ -8,6 +8,10 @@ kohya's sd-scripts (``networks/lora.py``, ``get_block_index``) number the UNet's
 - SDXL, 23 blocks, on the original (SGM) names: 0 ``time_embed`` / ``label_emb``, ``input_blocks.N`` → ``1 + N``
   (1–9), ``middle_block.N`` → ``10 + N`` (10–12), ``output_blocks.N`` → ``13 + N`` (13–21), 22 ``out``.
 
+Flux (lorax's numbering, as kohya's ``lora_flux`` has none: it selects blocks by ``train_double_block_indices`` /
+``train_single_block_indices``): the double-stream blocks ``transformer_blocks.N`` → ``N`` (19 at full size), then
+the single-stream blocks ``single_transformer_blocks.N`` → ``19 + N`` (38), 57 in all (the model's own counts).
+
 ``--block-lr`` gives one multiplier of ``--lr`` per block (0: the block is not trained, as in kohya, where a zero
 lr weight removes the block), ``--block-dims`` one rank per block (0: no LoRA there). The text encoders are not
 blocks: they keep ``--rank`` and ``--text-lr``.
@@ -26,12 +30,25 @@ SDXL_BLOCKS = 23
 _UPDOWN = re.compile(r"^(up|down)_blocks\.(\d+)\.(resnets|upsamplers|downsamplers|attentions)\.(\d+)\.")
 
 
-def block_count(family: str) -> int:
+_FLUX_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
+
+
+def block_count(family: str, unet_config: Mapping[str, Any] | None = None) -> int:
+    if family == "flux":
+        assert unet_config is not None
+        return int(unet_config["num_layers"]) + int(unet_config["num_single_layers"])
     return SDXL_BLOCKS if family == "sdxl" else SD_BLOCKS
 
 
 def block_index(path: str, family: str, unet_config: Mapping[str, Any]) -> int | None:
-    """kohya's block number of the UNet module at diffusers ``path``; ``None`` outside the numbered blocks."""
+    """kohya's block number of the UNet module at diffusers ``path`` (Flux: lorax's); ``None`` outside the
+    numbered blocks."""
+    if family == "flux":
+        found = _FLUX_BLOCK.match(path)
+        if found is None:
+            return None
+        offset = 0 if found.group(1) == "transformer_blocks" else int(unet_config["num_layers"])
+        return offset + int(found.group(2))
     if family == "sdxl":
         from lorax.models.families import diffusers_to_sgm
 
@@ -56,9 +73,19 @@ def block_index(path: str, family: str, unet_config: Mapping[str, Any]) -> int |
     return None
 
 
-def parse_blocks(text: str, family: str, option: str, *, integer: bool) -> list[float]:
+def _block_names(family: str, unet_config: Mapping[str, Any] | None) -> str:
+    if family == "flux":
+        assert unet_config is not None
+        double, single = int(unet_config["num_layers"]), int(unet_config["num_single_layers"])
+        return f"double blocks 0-{double - 1}, then single blocks 0-{single - 1}"
+    return "base, IN00-IN08, MID0-2, OUT00-OUT08, out" if family == "sdxl" else "IN00-IN11, MID, OUT00-OUT11"
+
+
+def parse_blocks(
+    text: str, family: str, option: str, *, integer: bool, unet_config: Mapping[str, Any] | None = None
+) -> list[float]:
     """``--block-lr`` / ``--block-dims``: as many comma-separated numbers as the family has blocks."""
-    count = block_count(family)
+    count = block_count(family, unet_config)
     parts = [p.strip() for p in text.split(",")]
     try:
         values = [float(int(p)) if integer else float(p) for p in parts]
@@ -68,11 +95,7 @@ def parse_blocks(text: str, family: str, option: str, *, integer: bool) -> list[
     if len(values) != count:
         raise ConfigError(
             f"{option} takes {count} values for {family} (kohya's blocks; got {len(values)}): "
-            + (
-                "base, IN00-IN08, MID0-2, OUT00-OUT08, out"
-                if family == "sdxl"
-                else "IN00-IN11, MID, OUT00-OUT11"
-            )
+            + _block_names(family, unet_config)
         )
     if any(v < 0 for v in values):
         raise ConfigError(f"{option} values must be ≥ 0 (got {text!r})")
@@ -109,8 +132,16 @@ class BlockPlan:
     ) -> None:
         option = "--block-dims" if block_dims is not None else "--block-lr"
         blocks = unet_blocks(targets, family, unet_config, option)
-        dims = parse_blocks(block_dims, family, "--block-dims", integer=True) if block_dims else None
-        weights = parse_blocks(block_lr, family, "--block-lr", integer=False) if block_lr else None
+        dims = (
+            parse_blocks(block_dims, family, "--block-dims", integer=True, unet_config=unet_config)
+            if block_dims
+            else None
+        )
+        weights = (
+            parse_blocks(block_lr, family, "--block-lr", integer=False, unet_config=unet_config)
+            if block_lr
+            else None
+        )
         self.ranks = {p: int(dims[b]) if dims is not None else rank for p, b in blocks.items()}
         self.lr_weights = {p: weights[b] if weights is not None else 1.0 for p, b in blocks.items()}
         self.targets = [p for p in targets if self.ranks[p] > 0 and self.lr_weights[p] > 0]

@@ -25,6 +25,7 @@ from lorax.training.config_file import (
     register_command,
     resumed_config,
 )
+from lorax.training.flux_config import FLUX_FIELDS
 
 # Options that only ``lorax train`` reads (invert and pivot configs inherit the fields and refuse them set).
 TRAIN_ONLY = (
@@ -47,6 +48,7 @@ TRAIN_ONLY = (
     "conv_alpha",
     "concept",
     "concept_class",
+    *FLUX_FIELDS,
 )
 # Memory levers, named in the out-of-memory message.
 MEMORY_FLAGS = (
@@ -132,6 +134,17 @@ class TrainConfig:
     snr_gamma: float | None = None
     noise_offset: float = 0.0
     prediction_type: str | None = None
+    # Flux (flow matching, lorax.training.flux_config): None = not given, the model's / FlowConfig's default
+    timestep_sampling: str | None = None
+    discrete_flow_shift: float | None = None
+    sigmoid_scale: float | None = None
+    logit_mean: float | None = None
+    logit_std: float | None = None
+    weighting_scheme: str | None = None
+    guidance: float | None = None
+    max_sequence_length: int | None = None
+    train_blocks: str | None = None
+    train_t5: bool = False
     seed: int = 0
     # memory and speed
     mixed_precision: str = "no"
@@ -270,6 +283,14 @@ class TrainConfig:
             self.guidance_scale if self.guidance_scale is not None else guidance,
         )
 
+    def sampling_for(self, pipe: Any) -> tuple[int, float]:
+        """``sampling`` for ``pipe``'s family: a Flux model's own defaults are Flux's (``flux_train.flux_sampling``)."""
+        if getattr(pipe, "unet", None) is not None:
+            return self.sampling
+        from lorax.training.flux_train import flux_sampling
+
+        return flux_sampling(self, pipe)
+
     @property
     def checkpoints_path(self) -> Path:
         if self.checkpoint_dir is not None:
@@ -302,8 +323,9 @@ class TrainConfig:
     def problems(self) -> list[str]:
         """Every inconsistency, each naming its flag(s) (``option_name``: only flags this command has)."""
         from lorax.training.config_checks import problems
+        from lorax.training.flux_config import flag_problems
 
-        return problems(self)
+        return problems(self) + flag_problems(self)
 
     def snapshot_problems(self) -> list[str]:
         """--save-every, --save-every-epochs and --save-last."""
@@ -334,7 +356,9 @@ class TrainConfig:
 
     def family_problems(self, family: str) -> list[str]:
         """What this config cannot do on a model of ``family`` (checked once the model is loaded, before training)."""
-        return []
+        from lorax.training.flux_config import family_problems
+
+        return family_problems(self, family)
 
     def validate(self) -> TrainConfig:
         problems = self.problems()

@@ -63,6 +63,24 @@ def _sdxl_sampler(common: dict[str, Any], pipe: Any, live: Sequence[Any]) -> Any
     return StableDiffusionXLPipeline(**common, text_encoder_2=live[1], tokenizer_2=pipe.tokenizer_2)
 
 
+def _flux_prompts(pipe: Any, encoders: Sequence[Any], device: Any, **options: Any) -> Any:
+    from lorax.training.flux_train import flux_prompts
+
+    return flux_prompts(pipe, encoders, device, **options)
+
+
+def _flux_objective(pipe: Any, config: TrainConfig) -> Any:
+    from lorax.training.flux_train import flux_objective
+
+    return flux_objective(pipe, config)
+
+
+def _flux_sampler(common: dict[str, Any], pipe: Any, live: Sequence[Any]) -> Any:
+    from lorax.training.flux_train import flux_sampler
+
+    return flux_sampler(common, pipe, live)
+
+
 def _batches(name: str) -> Callable[[], type]:
     def load() -> type:
         if name == "sdxl":
@@ -95,12 +113,26 @@ class TrainingHooks:
     masked_batches: Callable[[], type]
     objective: Callable[[Any, Any], Any] = diffusion_objective
     sampler: Callable[[dict[str, Any], Any, Sequence[Any]], Any] = _sd_sampler
+    # the config field that (with --train-text) trains the second text encoder too; None: --train-text trains both
+    text_2_flag: str | None = None
 
 
 CLIP = TrainingHooks("clip", _clip_prompts, _batches("clip"), _masked("clip"))
 SDXL = TrainingHooks("sdxl", _sdxl_prompts, _batches("sdxl"), _masked("sdxl"), sampler=_sdxl_sampler)
 
-_HOOKS: dict[str, TrainingHooks] = {"sd1": CLIP, "sd2": CLIP, "sdxl": SDXL}
+# Flux: SD's batches (latents and the prompt encoder's conditioning); the flow objective packs the latents and builds
+# the position ids (lorax.training.flux_train)
+FLUX = TrainingHooks(
+    "flux",
+    _flux_prompts,
+    _batches("flux"),
+    _masked("flux"),
+    objective=_flux_objective,
+    sampler=_flux_sampler,
+    text_2_flag="train_t5",
+)
+
+_HOOKS: dict[str, TrainingHooks] = {"sd1": CLIP, "sd2": CLIP, "sdxl": SDXL, "flux": FLUX}
 
 
 def register(family: str, hooks: TrainingHooks) -> TrainingHooks:

@@ -279,12 +279,19 @@ class FluxCond:
     pooled_projections: torch.Tensor
 
 
-def predict(transformer: Any, sample: FlowSample, cond: FluxCond, guidance: float) -> torch.Tensor:
-    """The transformer's velocity for ``sample.noisy``, unpacked back to ``[B, C, h, w]`` (float32)."""
+def predict(
+    transformer: Any, sample: FlowSample, cond: FluxCond, guidance: float, guidance_embeds: bool | None = None
+) -> torch.Tensor:
+    """The transformer's velocity for ``sample.noisy``, unpacked back to ``[B, C, h, w]`` (float32).
+
+    ``guidance_embeds``: whether the model takes a guidance value (``None``: its config says; a DDP wrapper has none).
+    """
     first = next(transformer.parameters())
     dtype, device = first.dtype, first.device
     b, _, h, w = sample.noisy.shape
-    g = guidance_vector(bool(getattr(transformer.config, "guidance_embeds", False)), b, guidance, device)
+    if guidance_embeds is None:
+        guidance_embeds = bool(getattr(transformer.config, "guidance_embeds", False))
+    g = guidance_vector(guidance_embeds, b, guidance, device)
     out = transformer(
         hidden_states=pack_latents(sample.noisy.to(dtype)),
         timestep=sample.model_timesteps.to(dtype),

@@ -44,6 +44,9 @@ RESUME_KEYS = (
     "block_dims",
     "block_lr",
     "val_split",  # the held-out images are not trained on
+    "train_blocks",  # Flux: which blocks, T5, and how σ is drawn
+    "train_t5",
+    "timestep_sampling",
 )
 
 
@@ -80,6 +83,7 @@ class LoraRecipe(Recipe):
     loop: Any = None
     modules: dict[str, int] = field(default_factory=dict)
     prediction_type: str = "epsilon"
+    objective: Any = None  # the family's; one with ``metadata(config, header)`` adds its keys to the header
     alpha_patterns: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def setup(self, max_steps: int, progress: Progress) -> Any:
@@ -91,7 +95,9 @@ class LoraRecipe(Recipe):
 
         config, pipe, family, accelerator = self.config, self.pipe, self.family, self.accelerator
         device = accelerator.device
-        unet, vae = pipe.unet, pipe.vae
+        from lorax.training.base import denoiser
+
+        unet, vae = denoiser(pipe), pipe.vae  # the UNet, or Flux's transformer
         # SDXL: the second text encoder conditions (and, with --train-text, trains) alongside the first
         encoders = setup.text_encoders(pipe, family)
         text_encoder, text_encoder_2 = encoders[0], (encoders[1] if len(encoders) == 2 else None)
@@ -102,8 +108,15 @@ class LoraRecipe(Recipe):
                 f"--clip-skip {config.clip_skip}: SDXL already conditions on its text encoders' penultimate layers "
                 "(kohya's SDXL trainer has no clip skip either); drop it"
             )
-        targets = resolve_targets(unet, text_encoder if config.train_text else None, config.targets)
-        if text_encoder_2 is not None and config.train_text:
+        from lorax.training.family_hooks import hooks_for
+
+        # --train-text trains SDXL's second encoder too; Flux's T5 only with its own flag (--train-t5)
+        text_2_flag = hooks_for(family, encoders).text_2_flag
+        train_2 = config.train_text and (text_2_flag is None or bool(getattr(config, text_2_flag)))
+        targets = resolve_targets(
+            unet, text_encoder if config.train_text else None, config.targets, blocks=config.train_blocks
+        )
+        if text_encoder_2 is not None and train_2:
             from lorax.training.targets import find_targets
 
             targets["text_encoder_2"] = find_targets(text_encoder_2, config.targets, "text_encoder_2")
@@ -128,7 +141,7 @@ class LoraRecipe(Recipe):
             from lorax.training.algo_setup import text_injector
 
             inject_lora = text_injector(config)  # LoRA, or the --algo loha/lokr text layers
-            for tag, encoder in (("te", text_encoder), ("te2", text_encoder_2)):
+            for tag, encoder in (("te", text_encoder), ("te2", text_encoder_2 if train_2 else None)):
                 if encoder is not None:
                     component = "text_encoder" if tag == "te" else "text_encoder_2"
                     seed = derive_seed(config.seed, "init", tag)
@@ -147,7 +160,7 @@ class LoraRecipe(Recipe):
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             if config.train_text:
-                for encoder in (text_encoder, text_encoder_2):
+                for encoder in (text_encoder, text_encoder_2 if train_2 else None):
                     if encoder is not None:
                         encoder.gradient_checkpointing_enable(
                             gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -170,11 +183,13 @@ class LoraRecipe(Recipe):
             cycles=config.lr_cycles,
             power=config.lr_power,
         )
-        trained = [m for m in (text_encoder, text_encoder_2) if m is not None] if config.train_text else []
+        second = text_encoder_2 if train_2 else None
+        trained = [m for m in (text_encoder, second) if m is not None] if config.train_text else []
         unet, *trained, optimizer = accelerator.prepare(unet, *trained, optimizer)
         if config.train_text:
             text_encoder = trained[0]
-            text_encoder_2 = trained[1] if len(trained) == 2 else None
+            if len(trained) == 2:
+                text_encoder_2 = trained[1]
         live_encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]  # accelerate's wrappers
 
         objective = setup.objective_for(pipe, config, family)
@@ -192,6 +207,7 @@ class LoraRecipe(Recipe):
             latent_cache=cache,
             cache_text=config.cache_text and not config.train_text,
             **({"clip_skip": config.clip_skip} if config.clip_skip else {}),
+            **({"max_sequence_length": config.max_sequence_length} if config.max_sequence_length else {}),
         )
         from lorax.training.mask_batches import with_train_masks
 
@@ -201,7 +217,7 @@ class LoraRecipe(Recipe):
             batches,
             unet=unet,
             text_encoder=text_encoder if config.train_text else None,
-            text_encoder_2=text_encoder_2 if config.train_text else None,
+            text_encoder_2=text_encoder_2 if train_2 else None,
             sampler=sampler,
         )
         from lorax.training.trackers import make_tracker
@@ -215,6 +231,7 @@ class LoraRecipe(Recipe):
         )
         self.modules = modules
         self.prediction_type = objective.prediction_type
+        self.objective = objective
         self.alpha_patterns = {"unet": unet_alphas} if unet_alphas else {}
         return self.loop
 
@@ -244,20 +261,24 @@ class LoraRecipe(Recipe):
     # ---------------------------------------------------------------------------------------------------------
     def lora_state(self) -> Any:
         """The ``LoraState`` trained so far (the EMA average with ``--ema-decay``)."""
+        from lorax.models import families
         from lorax.training.algos import LYCORIS_ALGOS, lycoris_state
         from lorax.training.ema import averaged_weights
         from lorax.training.lora import trained_state
 
         config = self.config
+        # the job's "unet" is the family's denoiser component (Flux's "transformer")
+        name = families.get(self.family).components[0].name
         with averaged_weights(self.job):  # --ema-decay: the average is the output
+            components = {name if k == "unet" else k: m for k, m in self.job.components().items()}
             if config.algo in LYCORIS_ALGOS:
-                return lycoris_state(self.job.components(), self.family)
+                return lycoris_state(components, self.family)
             return trained_state(
-                self.job.components(),
+                components,
                 rank=config.rank,
                 alpha=config.lora_alpha,
                 family=self.family,
-                alpha_patterns=self.alpha_patterns,
+                alpha_patterns={name if k == "unet" else k: v for k, v in self.alpha_patterns.items()},
             )
 
     def metadata(
@@ -273,7 +294,7 @@ class LoraRecipe(Recipe):
         from lorax.training.metadata import training_metadata
 
         state = self.loop.state
-        return training_metadata(
+        header = training_metadata(
             config or self.config,
             family=self.family,
             prediction_type=self.prediction_type,
@@ -291,6 +312,11 @@ class LoraRecipe(Recipe):
             num_examples=len(self.data),
             max_steps=max_steps,
         )
+        own = getattr(self.objective, "metadata", None)  # Flux's: kohya's flow keys, networks.lora_flux
+        if own is None:
+            return header
+        merged = {**header, **own(config or self.config, header)}  # None: a key the family drops
+        return {k: v for k, v in merged.items() if v is not None}
 
     def save(  # type: ignore[override]
         self,

@@ -123,7 +123,7 @@ def class_images(
 
     from lorax.data.prior import class_cache_dir, ensure_class_images
 
-    steps, guidance = config.sampling
+    steps, guidance = config.sampling_for(pipe)
     if folder is None:
         folder, generate_into = class_cache_dir(config.model, prompt, resolution, steps, guidance), True
     if accelerator.is_main_process and generate_into:
@@ -302,7 +302,7 @@ def validation_sampler(
     if not (prompts and config.validation_every):
         return None
     assert config.output is not None
-    steps, guidance = config.sampling
+    steps, guidance = config.sampling_for(pipe)
     return Sampler(
         setup.sampling_pipeline(pipe, accelerator, unet, encoders, family),
         prompts,

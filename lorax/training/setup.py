@@ -34,12 +34,14 @@ def weight_dtype(mixed_precision: str) -> Any:
 
 
 def freeze(unet: Any, vae: Any, encoders: Sequence[Any], *, sdpa: bool) -> None:
-    """No gradients anywhere yet, and the UNet's attention processor: PyTorch SDPA or the plain one."""
+    """No gradients anywhere yet, and the UNet's attention processor: PyTorch SDPA or the plain one (a transformer,
+    Flux's, keeps its own processors, which use SDPA)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     for module in (unet, vae, *encoders):
         module.requires_grad_(False)
-    unet.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
+    if type(unet).__name__.startswith("UNet"):
+        unet.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
 
 
 def place(unet: Any, vae: Any, encoders: Sequence[Any], device: Any, mixed_precision: str) -> None:
@@ -87,14 +89,17 @@ def diffusion_batches(
     latent_cache: Any,
     cache_text: bool,
     clip_skip: int = 1,
+    **encoder_options: Any,
 ) -> Any:
     """The run's batches, the family's (``TrainingHooks.batches``: SD's over one text encoder, SDXL's with both
     encoders' context, pooled embeddings and size/crop ids). ``cache_text``: encode each distinct prompt once
-    (frozen encoders)."""
+    (frozen encoders); ``encoder_options``: the family's own prompt-encoder options (Flux's T5 length)."""
     from lorax.training.family_hooks import hooks_for
 
     hooks = hooks_for(family, encoders)
-    prompts = hooks.prompt_encoder(pipe, encoders, device, cache=cache_text, clip_skip=clip_skip)
+    prompts = hooks.prompt_encoder(
+        pipe, encoders, device, cache=cache_text, clip_skip=clip_skip, **encoder_options
+    )
     return hooks.batches()(
         data=data,
         vae=vae,
