@@ -57,7 +57,6 @@ def resolve_dtype(name: str, device: str) -> Any:
 def load_model(spec: str, dtype: Any = None, device: str | None = None) -> Any:
     """A diffusers pipeline for ``spec``: a built-in name (``shapes``), a diffusers folder, a Hub id in the local
     cache, or a single ``.safetensors`` / ``.ckpt`` file (the models layer's ``load_pipeline``)."""
-    from lorax.models import families  # noqa: F401  (registers every family's layout, Flux's too, before io reads)
     from lorax.models.pipeline import load_pipeline
 
     return load_pipeline(spec, dtype=dtype, device=device)

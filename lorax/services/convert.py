@@ -28,7 +28,6 @@ from lorax.io.checkpoint import (
     open_checkpoint,
 )
 from lorax.io.model_layout import DTYPES, write_diffusers_folder, write_single_file
-from lorax.models import families as _families  # noqa: F401  (registers every family's checkpoint layout)
 from lorax.progress import NullProgress, Progress
 from lorax.services.common import MODEL_DEFAULTS, dtype_problem, rank_problem, refuse
 
