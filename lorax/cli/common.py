@@ -53,6 +53,16 @@ def model_option(help: str, *, show_default: bool = True) -> Any:
     return typer.Option("--model", "-m", help=help, show_default=show_default)
 
 
+def to_option(help: str) -> Any:
+    """``--to``: the format (or layout) a command writes; ``help`` names the choices and the default."""
+    return typer.Option("--to", help=help)
+
+
+def config_from_option(help: str) -> Any:
+    """``--config-from``: where a single file lorax did not write takes its configs and tokenizer from."""
+    return typer.Option("--config-from", help=help)
+
+
 def dtype_option(default: str) -> Any:
     """``--dtype`` of the commands that write weights; ``default`` says where the precision comes from without it."""
     return typer.Option(help=f"Output precision: fp16, bf16 or fp32 (default: {default}).")

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lorax.cli.common import ForceOption, JsonOption, run_and_report, table_report
+from lorax.cli.common import ForceOption, JsonOption, run_and_report, table_report, to_option
 
 
 def extract_command(
@@ -31,9 +31,7 @@ def extract_command(
             "(it used 0.99; default: no clamp, the exact truncated SVD).",
         ),
     ] = None,
-    to: Annotated[
-        str, typer.Option("--to", help="Output format: kohya, diffusers or lora_diffusion.")
-    ] = "kohya",
+    to: Annotated[str, to_option("Output format: kohya, diffusers or lora_diffusion.")] = "kohya",
     dtype: Annotated[
         str | None, typer.Option(help="Output precision: fp16, bf16 or fp32 (default fp32).")
     ] = None,

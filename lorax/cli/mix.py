@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lorax.cli.common import ForceOption, JsonOption, run_and_report, table_report
+from lorax.cli.common import ForceOption, JsonOption, run_and_report, table_report, to_option
 
 
 def mix_command(
@@ -35,10 +35,7 @@ def mix_command(
     ] = None,
     to: Annotated[
         str | None,
-        typer.Option(
-            "--to",
-            help="Output format: kohya, diffusers, bfl (Flux) or lora_diffusion (default: the first's).",
-        ),
+        to_option("Output format: kohya, diffusers, bfl (Flux) or lora_diffusion (default: the first's)."),
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="Output precision: fp16, bf16 or fp32.")] = None,
     force: ForceOption = False,
