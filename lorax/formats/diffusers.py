@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorax.adapters.state import LoraModule, LoraState
-from lorax.errors import FormatError, MismatchError
+from lorax.errors import ErrorPath, FormatError, MismatchError
 from lorax.formats import keys
 from lorax.formats.base import Meta, Tensors, check_pair, source
 from lorax.models import families
@@ -118,7 +118,7 @@ def read(
     return state
 
 
-def peft_adapter_config(path: Any) -> dict[str, Any] | None:
+def peft_adapter_config(path: ErrorPath) -> dict[str, Any] | None:
     """A raw PEFT adapter's ``adapter_config.json`` beside its weights file, if there is one."""
     if path is None:
         return None
@@ -126,7 +126,7 @@ def peft_adapter_config(path: Any) -> dict[str, Any] | None:
     return dict(json.loads(config.read_text())) if config.is_file() else None
 
 
-def _check_against_model(parts: Mapping[str, Any], model: Any, path: Any) -> None:
+def _check_against_model(parts: Mapping[str, Any], model: Any, path: ErrorPath) -> None:
     """Refuse modules the given model does not have (a LoRA for another model)."""
     from lorax.formats.naming import components_of
 
