@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -86,8 +85,23 @@ def _shape(delta: torch.Tensor, weight_shape: tuple[int, ...] | None) -> torch.T
     return delta
 
 
+class _AlphaOverRank(ABC):
+    """A module scaled by ``alpha / rank`` (a LoRA pair, LoHa, DoRA); a file that gives no alpha means alpha = rank."""
+
+    alpha: float | None
+
+    @property
+    @abstractmethod
+    def rank(self) -> int:
+        """The module's rank."""
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
 @dataclass
-class LohaModule:
+class LohaModule(_AlphaOverRank):
     w1a: torch.Tensor
     w1b: torch.Tensor
     w2a: torch.Tensor
@@ -101,10 +115,6 @@ class LohaModule:
     @property
     def rank(self) -> int:
         return int(self.w1b.shape[0])
-
-    @property
-    def scale(self) -> float:
-        return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
     @property
     def out_features(self) -> int:
@@ -218,7 +228,7 @@ class _Decomposed(ABC):
 
 
 @dataclass
-class DoraModule(_Decomposed):
+class DoraModule(_Decomposed, _AlphaOverRank):
     """A LoRA pair plus a DoRA magnitude. ``wd_on_out``: norms per output row (True) or per input column."""
 
     down: torch.Tensor
@@ -231,10 +241,6 @@ class DoraModule(_Decomposed):
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
     @property
     def out_features(self) -> int:
@@ -309,7 +315,7 @@ class DecomposedModule(_Decomposed):
     """DoRA on top of another algorithm's delta (LyCORIS ``weight_decompose`` on LoHa, LoKr …: ``dora_scale`` beside
     ``hada_*`` / ``lokr_*``). ``inner`` gives ``ΔW``; the magnitude re-normalises ``W0 + ΔW`` as for a DoRA LoRA."""
 
-    inner: Any
+    inner: LohaModule | LokrModule
     magnitude: torch.Tensor
     wd_on_out: bool = True
 
@@ -319,11 +325,11 @@ class DecomposedModule(_Decomposed):
 
     @property
     def rank(self) -> int | None:
-        return self.inner.rank  # type: ignore[no-any-return]
+        return self.inner.rank
 
     @property
     def alpha(self) -> float | None:
-        return self.inner.alpha  # type: ignore[no-any-return]
+        return self.inner.alpha
 
     @property
     def out_features(self) -> int:
@@ -331,7 +337,7 @@ class DecomposedModule(_Decomposed):
 
     def lora_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The inner algorithm's ``ΔW`` (before the magnitude re-normalisation)."""
-        return self.inner.delta(dtype)  # type: ignore[no-any-return]
+        return self.inner.delta(dtype)
 
     def fits(self, shape: tuple[int, ...]) -> bool:
         delta = self.lora_delta()

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorax.adapters.state import LoraModule, LoraState
+from lorax.adapters.state import DeltaModule, LoraModule, LoraState
 from lorax.errors import ErrorPath, FormatError, MismatchError
 from lorax.formats import keys
 from lorax.formats.base import Meta, Tensors, check_pair, source
@@ -210,7 +210,7 @@ _ALGORITHMS = {
 }
 
 
-def _no_peft_form(module: Any) -> str:
+def _no_peft_form(module: LoraModule | DeltaModule) -> str:
     kind = str(getattr(module, "kind", type(module).__name__))
     inner, dora, _ = kind.partition("+dora")
     what = _ALGORITHMS.get(inner, f"a {type(module).__name__}")

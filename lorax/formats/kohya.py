@@ -32,7 +32,7 @@ group_keys = keys.kohya_groups
 
 
 def resolve_groups(
-    groups: Mapping[tuple[str, str], Any],
+    groups: Mapping[tuple[str, str], object],
     *,
     model: Any = None,
     family: str | None = None,
@@ -171,7 +171,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return (t if dtype is None else t.to(dtype)).contiguous()
 
 
-def file_alpha(tensor: Any, key: str, path: ErrorPath) -> float:
+def file_alpha(tensor: torch.Tensor, key: str, path: ErrorPath) -> float:
     """A file's own alpha: one finite number, or one line naming the key and the file."""
     from lorax.formats.keys import finite_alpha
 
