@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorax.adapters.state import LoraModule
 from lorax.errors import MismatchError
 
 _CP = "ijkl,jr,ip->prkl"
@@ -247,10 +248,8 @@ class DoraModule(_Decomposed, _AlphaOverRank):
         return int(self.up.shape[0])
 
     def lora_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        up = self.up.to(dtype).reshape(self.up.shape[0], -1)
-        down = self.down.to(dtype).reshape(self.rank, -1)
-        shape = (self.up.shape[0], *self.down.shape[1:])
-        return (self.scale * (up @ down)).reshape(shape)
+        """The pair's own delta, ``(alpha / r) · up @ down``, as a plain LoRA's (``LoraModule.delta``)."""
+        return LoraModule(self.down, self.up, self.alpha).delta(dtype)
 
     def fits(self, shape: tuple[int, ...]) -> bool:
         flat = math.prod(self.lora_delta().shape)
