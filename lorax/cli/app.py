@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from typer.core import TyperCommand, TyperGroup
@@ -108,6 +108,8 @@ class LoraxGroup(TyperGroup):
                 return super().invoke(ctx)
         except (typer.Exit, typer.Abort, click.ClickException):
             raise
+        except BrokenPipeError:
+            reader_gone()
         except LoraxError as err:
             if STATE.debug:
                 raise
@@ -183,10 +185,26 @@ def register_commands() -> None:
 register_commands()
 
 
+def reader_gone() -> NoReturn:
+    """The pipe's reader has gone (``lorax … | head``): stop quietly with exit code 1, as click itself does.
+
+    What is still buffered for stdout is dropped (its reader is gone) rather than failing again at exit; files
+    already written stay written, and a command interrupted mid-write has cleaned up like any other exception.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout already closed or not a real file
+        pass
+    sys.exit(1)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
         app()
+    except BrokenPipeError:  # --help or a usage error written before any command ran
+        reader_gone()
     except KeyboardInterrupt:
         print("lorax: interrupted", file=sys.stderr)
         sys.exit(130)
