@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# What an error names: the file (or folder) it is about, if any (``LoraxError(..., path=...)``).
+ErrorPath = str | Path | None
+
 
 class LoraxError(Exception):
     """Base of every error lorax reports to a user. The message is one line: what is wrong and what to do."""
 
     exit_code = 1
 
-    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+    def __init__(self, message: str, *, path: ErrorPath = None) -> None:
         self.path = str(path) if path is not None else None
         super().__init__(f"{path}: {message}" if path is not None else message)
 

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 
 from lorax.errors import ConfigError
 from lorax.io.model_layout import FP8_DTYPES
-from lorax.models import families as _families  # noqa: F401  (registers Flux's checkpoint layout with io)
 
 if TYPE_CHECKING:
     import torch

@@ -25,10 +25,10 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from lorax.adapters.state import LoraModule
 from lorax.errors import MismatchError
 
 _CP = "ijkl,jr,ip->prkl"
@@ -86,8 +86,23 @@ def _shape(delta: torch.Tensor, weight_shape: tuple[int, ...] | None) -> torch.T
     return delta
 
 
+class _AlphaOverRank(ABC):
+    """A module scaled by ``alpha / rank`` (a LoRA pair, LoHa, DoRA); a file that gives no alpha means alpha = rank."""
+
+    alpha: float | None
+
+    @property
+    @abstractmethod
+    def rank(self) -> int:
+        """The module's rank."""
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
 @dataclass
-class LohaModule:
+class LohaModule(_AlphaOverRank):
     w1a: torch.Tensor
     w1b: torch.Tensor
     w2a: torch.Tensor
@@ -101,10 +116,6 @@ class LohaModule:
     @property
     def rank(self) -> int:
         return int(self.w1b.shape[0])
-
-    @property
-    def scale(self) -> float:
-        return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
     @property
     def out_features(self) -> int:
@@ -218,7 +229,7 @@ class _Decomposed(ABC):
 
 
 @dataclass
-class DoraModule(_Decomposed):
+class DoraModule(_Decomposed, _AlphaOverRank):
     """A LoRA pair plus a DoRA magnitude. ``wd_on_out``: norms per output row (True) or per input column."""
 
     down: torch.Tensor
@@ -233,18 +244,12 @@ class DoraModule(_Decomposed):
         return int(self.down.shape[0])
 
     @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    @property
     def out_features(self) -> int:
         return int(self.up.shape[0])
 
     def lora_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        up = self.up.to(dtype).reshape(self.up.shape[0], -1)
-        down = self.down.to(dtype).reshape(self.rank, -1)
-        shape = (self.up.shape[0], *self.down.shape[1:])
-        return (self.scale * (up @ down)).reshape(shape)
+        """The pair's own delta, ``(alpha / r) · up @ down``, as a plain LoRA's (``LoraModule.delta``)."""
+        return LoraModule(self.down, self.up, self.alpha).delta(dtype)
 
     def fits(self, shape: tuple[int, ...]) -> bool:
         flat = math.prod(self.lora_delta().shape)
@@ -309,7 +314,7 @@ class DecomposedModule(_Decomposed):
     """DoRA on top of another algorithm's delta (LyCORIS ``weight_decompose`` on LoHa, LoKr …: ``dora_scale`` beside
     ``hada_*`` / ``lokr_*``). ``inner`` gives ``ΔW``; the magnitude re-normalises ``W0 + ΔW`` as for a DoRA LoRA."""
 
-    inner: Any
+    inner: LohaModule | LokrModule
     magnitude: torch.Tensor
     wd_on_out: bool = True
 
@@ -319,11 +324,11 @@ class DecomposedModule(_Decomposed):
 
     @property
     def rank(self) -> int | None:
-        return self.inner.rank  # type: ignore[no-any-return]
+        return self.inner.rank
 
     @property
     def alpha(self) -> float | None:
-        return self.inner.alpha  # type: ignore[no-any-return]
+        return self.inner.alpha
 
     @property
     def out_features(self) -> int:
@@ -331,7 +336,7 @@ class DecomposedModule(_Decomposed):
 
     def lora_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The inner algorithm's ``ΔW`` (before the magnitude re-normalisation)."""
-        return self.inner.delta(dtype)  # type: ignore[no-any-return]
+        return self.inner.delta(dtype)
 
     def fits(self, shape: tuple[int, ...]) -> bool:
         delta = self.lora_delta()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import inspect
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -41,9 +41,26 @@ def with_flags(*parts: Callable[..., None]) -> Callable[[Callable[..., None]], C
     return apply
 
 
+def config_from(cls: type[T], flags: Mapping[str, Any], **given: Any) -> T:
+    """A command's config: dataclass ``cls`` with each field the flag of its name holds, ``given`` (the flags a
+    command renames or parses) over them. ``flags``: the command's parameters (``dict(locals())`` on entry)."""
+    names = {f.name for f in fields(cls) if f.init}  # type: ignore[arg-type]  # cls is a dataclass
+    return cls(**({k: v for k, v in flags.items() if k in names} | given))
+
+
 def model_option(help: str, *, show_default: bool = True) -> Any:
     """``--model`` / ``-m``: the base model a command works with (``help`` says what for)."""
     return typer.Option("--model", "-m", help=help, show_default=show_default)
+
+
+def to_option(help: str) -> Any:
+    """``--to``: the format (or layout) a command writes; ``help`` names the choices and the default."""
+    return typer.Option("--to", help=help)
+
+
+def config_from_option(help: str) -> Any:
+    """``--config-from``: where a single file lorax did not write takes its configs and tokenizer from."""
+    return typer.Option("--config-from", help=help)
 
 
 def dtype_option(default: str) -> Any:
@@ -73,18 +90,28 @@ def run_and_report(
     return result
 
 
-def path_then_table(output: Any, title: str, columns: Sequence[str], left: Sequence[str]):  # type: ignore[no-untyped-def]
-    """The output's path on stdout, then (unless --quiet) the stderr console and an empty table for people, its
-    ``columns`` right-aligned but for those in ``left``."""
+def table_report(
+    output: Any,
+    title: str,
+    columns: Sequence[str],
+    left: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    *lines: str,
+) -> None:
+    """The output's path on stdout, then (unless --quiet) on stderr a table of ``rows`` for people, its ``columns``
+    right-aligned but for those in ``left``, and ``lines`` under it."""
     from rich.table import Table
 
     console = path_then_console(output)
     if console is None:
-        return None
+        return
     table = Table(title=title)
     for col in columns:
         table.add_column(col, justify="left" if col in left else "right")
-    return console, table
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    print_lines(console, *lines)
 
 
 def print_lines(console: Any, *lines: str) -> None:

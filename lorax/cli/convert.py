@@ -10,11 +10,13 @@ import typer
 from lorax.cli.common import (
     ForceOption,
     JsonOption,
+    config_from_option,
     dtype_option,
     model_option,
     path_then_console,
     print_lines,
     run_and_report,
+    to_option,
 )
 
 
@@ -29,11 +31,10 @@ def convert_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the result.")],
     to: Annotated[
         str | None,
-        typer.Option(
-            "--to",
-            help="LoRA: kohya, diffusers, bfl (Flux only) or lora_diffusion (default: the input's). Embedding: a1111, sdxl-embedding "
+        to_option(
+            "LoRA: kohya, diffusers, bfl (Flux only) or lora_diffusion (default: the input's). Embedding: a1111, sdxl-embedding "
             "or diffusers (default: from OUT's name). Model: diffusers or single-file (default: single-file when OUT "
-            "ends in .safetensors).",
+            "ends in .safetensors)."
         ),
     ] = None,
     dtype: Annotated[str | None, dtype_option("the input's")] = None,
@@ -43,10 +44,9 @@ def convert_command(
     ] = None,
     config_from: Annotated[
         str | None,
-        typer.Option(
-            "--config-from",
-            help="Single file → diffusers for a file lorax did not write: a diffusers folder (or Hub id in the "
-            "local cache) of the same family to take configs and tokenizer from.",
+        config_from_option(
+            "Single file → diffusers for a file lorax did not write: a diffusers folder (or Hub id in the "
+            "local cache) of the same family to take configs and tokenizer from."
         ),
     ] = None,
     model: Annotated[

@@ -7,13 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lorax.cli.common import (
-    ForceOption,
-    JsonOption,
-    path_then_table,
-    print_lines,
-    run_and_report,
-)
+from lorax.cli.common import ForceOption, JsonOption, run_and_report, table_report, to_option
 
 
 def extract_command(
@@ -37,9 +31,7 @@ def extract_command(
             "(it used 0.99; default: no clamp, the exact truncated SVD).",
         ),
     ] = None,
-    to: Annotated[
-        str, typer.Option("--to", help="Output format: kohya, diffusers or lora_diffusion.")
-    ] = "kohya",
+    to: Annotated[str, to_option("Output format: kohya, diffusers or lora_diffusion.")] = "kohya",
     dtype: Annotated[
         str | None, typer.Option(help="Output precision: fp16, bf16 or fp32 (default fp32).")
     ] = None,
@@ -60,15 +52,13 @@ def extract_command(
 
 def render(result: Any) -> None:
     title = f"extracted → {result.output} ({result.format}, {result.family}, rank {result.rank})"
-    shown = path_then_table(result.output, title, ("module", "kept energy", "rel. error"), left=("module",))
-    if shown is None:
-        return
-    console, table = shown
-    for m in sorted(result.extracted, key=lambda m: m.energy)[:5]:
-        table.add_row(m.module, f"{m.energy:.4f}", f"{m.error:.4f}")
-    console.print(table)
-    print_lines(
-        console,
+    least = sorted(result.extracted, key=lambda m: m.energy)[:5]
+    table_report(
+        result.output,
+        title,
+        ("module", "kept energy", "rel. error"),
+        ("module",),
+        [(m.module, f"{m.energy:.4f}", f"{m.error:.4f}") for m in least],
         f"modules: {result.modules}   unchanged (skipped): {result.unchanged}   "
         f"mean kept energy: {result.mean_energy:.4f}   time: {result.seconds:.2f} s",
     )

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from lorax.cli.common import ForceOption, JsonOption, cli_progress, model_option, option
+from lorax.cli.common import config_from as config_of  # `config_from` is also --config-from's parameter
 from lorax.errors import InputError
 
 
@@ -199,6 +200,7 @@ def generate(
 
     X/Y plot: lorax generate "a red circle on a white background" --lora red.safetensors --xy scale=0,0.5,1 --xy prompt=circle,square --seed 1
     """
+    flags = dict(locals())
     from lorax.adapters.apply import parse_blocks
     from lorax.cli.common import to_json
     from lorax.gen.xy import parse_xy
@@ -226,36 +228,19 @@ def generate(
         except (OSError, UnicodeDecodeError) as err:
             raise InputError(f"cannot read the prompts file ({err.__class__.__name__})", path=path) from None
 
-    config = GenerateConfig(
+    config = config_of(
+        GenerateConfig,
+        flags,
         prompts=prompts,
-        model=model,
-        config_from=config_from,
         loras=[parse_lora_arg(v) for v in lora or []],
-        text_scale=text_scale,
         embeddings=list(embedding or []),
         n=count,
-        seed=seed,
-        steps=steps,
-        guidance=guidance,
-        negative=negative,
-        scheduler=scheduler,
         size=parse_size(size) if size is not None else None,
         out_dir=output,
-        init_image=init_image,
-        mask_image=mask_image,
-        strength=strength,
         sweep=parse_scales(sweep_scale) if sweep_scale is not None else None,
-        grid=grid,
         schedule=scale_schedule,
         blocks=parse_blocks(blocks) if blocks is not None else None,
-        fuse=fuse,
-        device=device,
-        dtype=dtype,
-        force=force,
-        lora_dir=lora_dir,
         xy=[parse_xy(v) for v in xy or []],
-        clip_skip=clip_skip,
-        max_sequence_length=max_sequence_length,
     )
 
     def show(image: GeneratedImage) -> None:

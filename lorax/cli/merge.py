@@ -10,10 +10,12 @@ import typer
 from lorax.cli.common import (
     ForceOption,
     JsonOption,
+    config_from_option,
     dtype_option,
     path_then_console,
     print_lines,
     run_and_report,
+    to_option,
 )
 
 
@@ -51,11 +53,10 @@ def merge_command(
     ] = None,
     to: Annotated[
         str | None,
-        typer.Option(
-            "--to",
-            help="Output layout: diffusers or single-file for models (default: OUTPUT's name decides, as in "
+        to_option(
+            "Output layout: diffusers or single-file for models (default: OUTPUT's name decides, as in "
             "convert: OUT.safetensors one file, OUT or OUT/ a folder); kohya, diffusers, "
-            "bfl (Flux) or lora_diffusion for LoRA+LoRA (default: BASE's format).",
+            "bfl (Flux) or lora_diffusion for LoRA+LoRA (default: BASE's format)."
         ),
     ] = None,
     dtype: Annotated[str | None, dtype_option("BASE's")] = None,
@@ -78,10 +79,9 @@ def merge_command(
     ] = False,
     config_from: Annotated[
         str | None,
-        typer.Option(
-            "--config-from",
-            help="With --to diffusers from a single file lorax did not write: a diffusers folder of the same family "
-            "to take configs and tokenizer from.",
+        config_from_option(
+            "With --to diffusers from a single file lorax did not write: a diffusers folder of the same family "
+            "to take configs and tokenizer from."
         ),
     ] = None,
     force: ForceOption = False,

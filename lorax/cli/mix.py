@@ -7,13 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lorax.cli.common import (
-    ForceOption,
-    JsonOption,
-    path_then_table,
-    print_lines,
-    run_and_report,
-)
+from lorax.cli.common import ForceOption, JsonOption, run_and_report, table_report, to_option
 
 
 def mix_command(
@@ -41,10 +35,7 @@ def mix_command(
     ] = None,
     to: Annotated[
         str | None,
-        typer.Option(
-            "--to",
-            help="Output format: kohya, diffusers, bfl (Flux) or lora_diffusion (default: the first's).",
-        ),
+        to_option("Output format: kohya, diffusers, bfl (Flux) or lora_diffusion (default: the first's)."),
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="Output precision: fp16, bf16 or fp32.")] = None,
     force: ForceOption = False,
@@ -64,28 +55,27 @@ def mix_command(
 
 
 def render(result: Any) -> None:
-    columns = ("LoRA", "format", "weight", "modules", "ranks")
-    shown = path_then_table(
-        result.output, f"mixed → {result.output} ({result.format})", columns, ("LoRA", "format")
-    )
-    if shown is None:
-        return
-    console, table = shown
-    for i in result.inputs:
-        table.add_row(i.path, i.format, f"{i.weight:g}", str(i.modules), ",".join(map(str, i.ranks)))
-    console.print(table)
     mode = "exact (ranks concatenated)" if result.exact else f"SVD to rank {result.rank}"
-    print_lines(
-        console,
+    lines = [
         f"modules: {result.modules}   {mode}   output ranks: {','.join(map(str, result.ranks))}   "
-        f"time: {result.seconds:.2f} s",
-    )
+        f"time: {result.seconds:.2f} s"
+    ]
     if result.errors:
-        print_lines(
-            console,
+        lines.append(
             f"mean kept energy {result.mean_energy:.4f}; worst relative error {result.worst.error:.4f} "
-            f"({result.worst.module})",
+            f"({result.worst.module})"
         )
+    table_report(
+        result.output,
+        f"mixed → {result.output} ({result.format})",
+        ("LoRA", "format", "weight", "modules", "ranks"),
+        ("LoRA", "format"),
+        [
+            (i.path, i.format, f"{i.weight:g}", str(i.modules), ",".join(map(str, i.ranks)))
+            for i in result.inputs
+        ],
+        *lines,
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lorax.cli.common import JsonOption, model_option, option, run_and_report, stderr_console
+from lorax.cli.common import JsonOption, config_from, model_option, option, run_and_report, stderr_console
 
 
 def prepare_command(
@@ -125,27 +125,11 @@ def prepare_command(
 
     Example: lorax prepare ./photos -o ./data --model shapes --prefix "a sks shape, " --crop subject
     """
+    flags = dict(locals())
     from lorax.gen.config import parse_size
     from lorax.services.prepare import PrepareConfig, prepare_folder
 
-    config = PrepareConfig(
-        raw_dir=raw_dir,
-        output=output,
-        size=parse_size(size) if size is not None else None,
-        model=model,
-        buckets=buckets,
-        crop=crop,
-        dedupe_distance=dedupe_distance,
-        upscaler=upscaler,
-        captioner=captioner,
-        caption_prompt=caption_prompt,
-        prefix=prefix,
-        masker=masker,
-        mask_model=mask_model,
-        mask_prompt=mask_prompt,
-        force=force,
-        dry_run=dry_run,
-    )
+    config = config_from(PrepareConfig, flags, size=parse_size(size) if size is not None else None)
     run_and_report(
         lambda progress: prepare_folder(config, progress),
         json_out=json_out,

@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from lorax.cli.common import ForceOption, JsonOption, model_option, option, run_and_report, stderr_console
+from lorax.cli.common import (
+    ForceOption,
+    JsonOption,
+    config_from,
+    model_option,
+    option,
+    run_and_report,
+    stderr_console,
+)
 
 
 def score_command(
@@ -72,23 +80,18 @@ def score_command(
 
     Example: lorax score --sweep sks.safetensors --prompt "a sks circle" --reference ./data --clip ./clip
     """
+    flags = dict(locals())
     from lorax.gen.config import parse_scales
     from lorax.services.score import ScoreConfig
     from lorax.services.score import score as run_score
 
-    config = ScoreConfig(
+    config = config_from(
+        ScoreConfig,
+        flags,
         images=list(images or []),
-        prompt=prompt,
-        reference=reference,
-        clip=clip,
-        shapes=shapes,
-        sweep=sweep,
-        model=model,
         scales=parse_scales(scales) if sweep is not None else [],
         n=count,
-        seed=seed,
         out_dir=output,
-        force=force,
     )
     run_and_report(
         lambda progress: run_score(config, progress), json_out=json_out, summary=_table, render=_show

@@ -13,9 +13,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lorax.data.kohya import Subset
 
 _TABLE_KEYS = ("dir", "prompt", "repeats", "class_prompt", "class_dir", "num_class_images")
 _CLASS_KEYS = _TABLE_KEYS[3:]
@@ -60,7 +63,7 @@ def parse_concept(spec: str) -> tuple[Path, str, int]:
     return Path(folder).expanduser(), prompt.strip(), repeats
 
 
-def concept_subsets(specs: list[str]) -> list[Any]:
+def concept_subsets(specs: list[str]) -> list[Subset]:
     """The kohya subsets of ``--concept`` values (one per concept; a folder named twice is refused)."""
     from lorax.data.kohya import Subset
 

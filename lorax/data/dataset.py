@@ -12,13 +12,16 @@ import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.data.buckets import make_buckets, nearest_bucket
 from lorax.data.captions import augment_caption
 from lorax.data.images import ImageItem
 from lorax.data.templates import TEMPLATES, template_prompt
 from lorax.data.transforms import load_training_image
+
+if TYPE_CHECKING:
+    import torch
 
 
 def derive_seed(*parts: object) -> int:
@@ -72,7 +75,7 @@ class ImageKey:
 class Batch:
     """Instance examples first, then (with prior preservation) as many class examples."""
 
-    pixels: Any  # torch.Tensor [B, 3, H, W] in [-1, 1]
+    pixels: torch.Tensor | None  # [B, 3, H, W] in [-1, 1]; None when asked for none (with_pixels=False)
     captions: list[str]
     keys: list[ImageKey]
     num_instance: int
@@ -181,7 +184,7 @@ class TrainData:
         assert caption is not None
         return ImageKey("class", item_index, flip, size), caption, rng
 
-    def load(self, key: ImageKey, rng: random.Random | None = None) -> Any:
+    def load(self, key: ImageKey, rng: random.Random | None = None) -> torch.Tensor:
         """The pixels of ``key`` (``rng`` draws the crop when random cropping)."""
         items = self.items if key.source == "instance" else self.class_items
         item = items[key.item]

@@ -185,7 +185,7 @@ def read_dataset_config(path: str | Path) -> DatasetSpec:
     )
 
 
-def _buckets(spec: DatasetSpec) -> tuple[Any, ...]:
+def _buckets(spec: DatasetSpec) -> tuple[int | None, ...]:
     return spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def crop_box(
@@ -29,7 +32,7 @@ def load_training_image(
     random_crop: bool,
     flip: bool,
     rng: random.Random,
-) -> Any:
+) -> torch.Tensor:
     """``path`` as a float tensor ``[3, H, W]`` in ``[-1, 1]``, resized to cover ``target`` and cropped to it.
 
     ``rng`` decides the crop (when random); ``flip`` mirrors the result horizontally.

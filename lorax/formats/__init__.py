@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorax.errors import FormatError, InputError
+from lorax.errors import ErrorPath, FormatError, InputError
 from lorax.formats.base import Source
 from lorax.formats.embeddings import save as save_embeddings  # noqa: F401  (lorax.formats' public name)
 from lorax.formats.registry import EMBEDDING_FORMATS, FORMATS, detect
@@ -50,7 +50,7 @@ def _resolve_folder(path: Path) -> Path:
     return path
 
 
-def is_safetensors(path: Path) -> bool:
+def is_safetensors(path: str | Path) -> bool:
     """Whether the file starts like a safetensors file (8-byte little-endian length, then ``{``)."""
     with open(path, "rb") as f:
         head = f.read(9)
@@ -85,7 +85,7 @@ def _looks_like_pickle(path: Path) -> bool:
     return head[:2] == b"PK" or head[:1] == b"\x80"
 
 
-def detect_object(obj: Any, path: Any = None) -> str | None:
+def detect_object(obj: Any, path: ErrorPath = None) -> str | None:
     """The format of a loaded pickle: lora_diffusion's tensor list, an A1111 embedding, or a tensor dict."""
     import torch
 
@@ -136,7 +136,7 @@ def load_lora(path: str | Path, *, model: Any = None, family: str | None = None)
     return state
 
 
-def check_state(state: LoraState, path: Any) -> None:
+def check_state(state: LoraState, path: ErrorPath) -> None:
     """The one rule for every LoRA and embedding lorax reads, whatever its format: each module has a rank, a finite
     alpha and finite weights; each token embedding is finite. Else one line naming the file and the module, before
     anything is merged, mixed, converted or generated with it (NaN weights would give NaN weights or a black image)."""

@@ -21,7 +21,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from lorax.errors import FormatError
+from lorax.errors import ErrorPath, FormatError
 from lorax.models import families
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class Source:
 
     metadata: Mapping[str, str] = field(default_factory=dict)
     model: Any = None
-    path: Any = None
+    path: ErrorPath = None
 
 
 Meta = Source | Mapping[str, str] | None
@@ -134,7 +134,7 @@ class Description:
         return self
 
 
-def check_pair_shapes(name: str, down: Sequence[int], up: Sequence[int], path: Any = None) -> None:
+def check_pair_shapes(name: str, down: Sequence[int], up: Sequence[int], path: ErrorPath = None) -> None:
     """Refuse up/down shapes that cannot multiply (``up[:, :r] @ down[:r]``), naming the module and the file."""
     if len(down) not in (2, 4) or len(up) != len(down) or up[1] != down[0]:
         raise FormatError(
@@ -142,7 +142,7 @@ def check_pair_shapes(name: str, down: Sequence[int], up: Sequence[int], path: A
         )
 
 
-def check_pair(name: str, down: torch.Tensor, up: torch.Tensor, path: Any = None) -> None:
+def check_pair(name: str, down: torch.Tensor, up: torch.Tensor, path: ErrorPath = None) -> None:
     """Refuse up/down tensors that cannot multiply, and conv up weights that are not 1x1."""
     check_pair_shapes(name, tuple(down.shape), tuple(up.shape), path)
     if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):

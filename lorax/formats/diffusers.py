@@ -28,8 +28,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorax.adapters.state import LoraModule, LoraState
-from lorax.errors import FormatError, MismatchError
+from lorax.adapters.state import DeltaModule, LoraModule, LoraState
+from lorax.errors import ErrorPath, FormatError, MismatchError
 from lorax.formats import keys
 from lorax.formats.base import Meta, Tensors, check_pair, source
 from lorax.models import families
@@ -118,7 +118,7 @@ def read(
     return state
 
 
-def peft_adapter_config(path: Any) -> dict[str, Any] | None:
+def peft_adapter_config(path: ErrorPath) -> dict[str, Any] | None:
     """A raw PEFT adapter's ``adapter_config.json`` beside its weights file, if there is one."""
     if path is None:
         return None
@@ -126,7 +126,7 @@ def peft_adapter_config(path: Any) -> dict[str, Any] | None:
     return dict(json.loads(config.read_text())) if config.is_file() else None
 
 
-def _check_against_model(parts: Mapping[str, Any], model: Any, path: Any) -> None:
+def _check_against_model(parts: Mapping[str, Any], model: Any, path: ErrorPath) -> None:
     """Refuse modules the given model does not have (a LoRA for another model)."""
     from lorax.formats.naming import components_of
 
@@ -210,7 +210,7 @@ _ALGORITHMS = {
 }
 
 
-def _no_peft_form(module: Any) -> str:
+def _no_peft_form(module: LoraModule | DeltaModule) -> str:
     kind = str(getattr(module, "kind", type(module).__name__))
     inner, dora, _ = kind.partition("+dora")
     what = _ALGORITHMS.get(inner, f"a {type(module).__name__}")

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorax.errors import FormatError
+from lorax.errors import ErrorPath, FormatError
 from lorax.models import families
 
 if TYPE_CHECKING:
@@ -50,20 +50,20 @@ def trained_token(metadata: Mapping[str, str] | None) -> str | None:
     return None
 
 
-def file_token(path: Any, metadata: Mapping[str, str] | None = None) -> str:
+def file_token(path: ErrorPath, metadata: Mapping[str, str] | None = None) -> str:
     """The token of a file named by its file (A1111 ``emb_params``, SDXL ``clip_l``/``clip_g``): the trained token
     lorax wrote into the header, else the file's stem (A1111's and ComfyUI's trigger in both cases)."""
     return trained_token(metadata) or _token_from_path(path)
 
 
-def _token_from_path(path: Any) -> str:
+def _token_from_path(path: ErrorPath) -> str:
     name = Path(str(path)).name if path is not None else "embedding"
     for suffix in (".safetensors", ".pt", ".bin", ".ti"):
         name = name.removesuffix(suffix)
     return name
 
 
-def _vectors(t: Any, what: str, path: Any) -> torch.Tensor:
+def _vectors(t: Any, what: str, path: ErrorPath) -> torch.Tensor:
     import torch
 
     if not isinstance(t, torch.Tensor) or t.dim() not in (1, 2) or not t.is_floating_point():
@@ -72,7 +72,7 @@ def _vectors(t: Any, what: str, path: Any) -> torch.Tensor:
 
 
 def read(
-    content: Any, fmt: str, *, path: Any = None, metadata: Mapping[str, str] | None = None
+    content: Any, fmt: str, *, path: ErrorPath = None, metadata: Mapping[str, str] | None = None
 ) -> Embeddings:
     """An embedding file's content (tensor dict or unpickled object) → ``{token: {component: [n, dim]}}``.
 

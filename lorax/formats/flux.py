@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lorax.adapters.state import LoraModule, LoraState
-from lorax.errors import FormatError
+from lorax.errors import ErrorPath, FormatError
 from lorax.formats import keys as _keys
 from lorax.formats import naming
 from lorax.formats.flux_fuse import fused_modules, split
@@ -82,7 +82,7 @@ class _Group:
 
 
 def _add(groups: dict[str, _Group], name: str, component: str, parts: tuple[str, ...], role: str,
-         key: str, tensor: torch.Tensor, path: Any) -> None:  # fmt: skip
+         key: str, tensor: torch.Tensor, path: ErrorPath) -> None:  # fmt: skip
     swap = component == TRANSFORMER and name.replace("_", ".").endswith("final.layer.adaLN.modulation.1")
     g = groups.setdefault(name, _Group(name, component, parts, swap))
     if role in g.roles:
@@ -103,7 +103,7 @@ def _kohya_key(
     tensor: torch.Tensor,
     groups: dict[str, _Group],
     resolvers: dict[str, naming.Resolver],
-    path: Any,
+    path: ErrorPath,
 ) -> bool:
     from lorax.models import families
 
@@ -140,7 +140,7 @@ def read(
     *,
     model: Any = None,
     family: str | None = None,
-    path: Any = None,
+    path: ErrorPath = None,
     **_: Any,
 ) -> LoraState:
     """Any Flux LoRA layout → ``LoraState`` keyed by diffusers module paths (``transformer.…``, ``text_encoder.…``)."""
@@ -192,7 +192,7 @@ def read(
     return state
 
 
-def _bfl_key(key: str, tensor: torch.Tensor, groups: dict[str, _Group], path: Any) -> bool:
+def _bfl_key(key: str, tensor: torch.Tensor, groups: dict[str, _Group], path: ErrorPath) -> bool:
     body = bfl_body(key)
     for suffix, role in _BFL_ROLES.items():
         if body.endswith("." + suffix):
@@ -205,7 +205,7 @@ def _bfl_key(key: str, tensor: torch.Tensor, groups: dict[str, _Group], path: An
     return False
 
 
-def _diffusers_key(key: str, tensor: torch.Tensor, groups: dict[str, _Group], path: Any) -> bool:
+def _diffusers_key(key: str, tensor: torch.Tensor, groups: dict[str, _Group], path: ErrorPath) -> bool:
     from lorax.models import families
 
     found = diffusers_parts(key, families.get(FAMILY).component_names())

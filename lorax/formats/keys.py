@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from lorax.errors import FormatError
+from lorax.errors import ErrorPath, FormatError
 from lorax.models import families
 
 # --- kohya / LyCORIS -------------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def _pattern_value(patterns: Mapping[str, Any], candidates: list[str]) -> Any:
     return None
 
 
-def finite_alpha(value: Any, what: str, path: Any = None) -> float:
+def finite_alpha(value: Any, what: str, path: ErrorPath = None) -> float:
     """An alpha a file gives (a tensor, or a JSON value from a header): one finite number, or a ``FormatError`` naming
     ``what`` (its key) and the file. The one rule for every format's alphas."""
     import math
@@ -167,7 +167,7 @@ def finite_alpha(value: Any, what: str, path: Any = None) -> float:
 
 
 def module_alpha(
-    config: Mapping[str, Any], module_path: str, rank: int, *, component: str = "", path: Any = None
+    config: Mapping[str, Any], module_path: str, rank: int, *, component: str = "", path: ErrorPath = None
 ) -> float:
     """The effective alpha (``scale · r``) PEFT would use for one module under ``config``."""
     candidates = [module_path]

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from lorax.adapters.state import LoraModule, LoraState
-from lorax.errors import FormatError
+from lorax.errors import ErrorPath, FormatError
 from lorax.formats import keys, lycoris, naming
 from lorax.formats.base import Meta, Tensors, check_pair, source
 from lorax.models import families
@@ -32,11 +32,11 @@ group_keys = keys.kohya_groups
 
 
 def resolve_groups(
-    groups: Mapping[tuple[str, str], Any],
+    groups: Mapping[tuple[str, str], object],
     *,
     model: Any = None,
     family: str | None = None,
-    path: Any = None,
+    path: ErrorPath = None,
 ) -> dict[tuple[str, str], str]:
     flats: dict[str, list[str]] = {}
     for component, flat in groups:
@@ -44,7 +44,9 @@ def resolve_groups(
     return naming.resolve_all(flats, model=model, family=family, path=path)
 
 
-def read_bundles(tensors: Mapping[str, torch.Tensor], path: Any = None) -> dict[str, dict[str, torch.Tensor]]:
+def read_bundles(
+    tensors: Mapping[str, torch.Tensor], path: ErrorPath = None
+) -> dict[str, dict[str, torch.Tensor]]:
     """kohya's bundled embeddings: ``bundle_emb.<token>.string_to_param.*`` or ``.clip_l`` / ``.clip_g``."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -169,7 +171,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return (t if dtype is None else t.to(dtype)).contiguous()
 
 
-def file_alpha(tensor: Any, key: str, path: Any) -> float:
+def file_alpha(tensor: torch.Tensor, key: str, path: ErrorPath) -> float:
     """A file's own alpha: one finite number, or one line naming the key and the file."""
     from lorax.formats.keys import finite_alpha
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lorax.adapters.state import LoraModule, LoraState
-from lorax.errors import FormatError, MismatchError
+from lorax.errors import ErrorPath, FormatError, MismatchError
 from lorax.formats import keys as _keys
 from lorax.formats.base import Meta, Tensors, source
 from lorax.formats.naming import components_of
@@ -104,7 +104,7 @@ def resolve(
     module: torch.nn.Module,
     component: str,
     targets: Sequence[Sequence[str]],
-    path: Any = None,
+    path: ErrorPath = None,
 ) -> list[str]:
     """The module path of every pair index, trying each target set and both diffusers-era block orders."""
     problems: list[str] = []
@@ -175,7 +175,7 @@ def read_parts(
     model: Any = None,
     family: str | None = None,
     metadata: Mapping[str, str] | None = None,
-    path: Any = None,
+    path: ErrorPath = None,
 ) -> LoraState:
     """Index-ordered pairs per component → ``LoraState`` (the scale is already in ``up``: alpha = r)."""
     modules, family = _models(model, family, list(pairs), pairs)
@@ -189,7 +189,7 @@ def read_parts(
     return state
 
 
-def _target_options(metadata: Mapping[str, str], component: str, path: Any) -> list[Sequence[str]]:
+def _target_options(metadata: Mapping[str, str], component: str, path: ErrorPath) -> list[Sequence[str]]:
     if component in metadata:
         try:
             listed = json.loads(metadata[component])
@@ -202,7 +202,9 @@ def _target_options(metadata: Mapping[str, str], component: str, path: Any) -> l
     return options + ([UNET_EXTENDED] if component == "unet" else [])
 
 
-def _pairs_from_list(items: Sequence[Any], what: str, path: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _pairs_from_list(
+    items: Sequence[Any], what: str, path: ErrorPath
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if len(items) % 2 or not all(isinstance(t, torch.Tensor) for t in items):
         raise FormatError(f"{what}: expected a list [up0, down0, up1, down1, …] of tensors", path=path)
     pairs = [(items[i], items[i + 1]) for i in range(0, len(items), 2)]

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeAlias
 
-from lorax.errors import FormatError
+from lorax.errors import ErrorPath, FormatError
 from lorax.formats.base import check_pair
 
 if TYPE_CHECKING:
     import torch
+
+    from lorax.adapters.state import DeltaModule, LoraModule
 
 NAME = "lycoris"
 _LOHA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
@@ -30,7 +32,9 @@ _LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b
 _PAIR = {"lora_down.weight", "lora_up.weight"}
 Parts = Mapping[str, "torch.Tensor"]
 # (module name, its tensors by suffix, alpha, the base weight's shape, file) → (module, the suffixes it used)
-Builder = Callable[[str, Parts, "float | None", "tuple[int, ...] | None", Any], "tuple[Any, set[str]]"]
+Shape: TypeAlias = "tuple[int, ...] | None"
+Built: TypeAlias = "tuple[LoraModule | DeltaModule, set[str]]"
+Builder = Callable[[str, Parts, "float | None", Shape, ErrorPath], Built]
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class Algorithm:
     alpha_is_rank: bool  # a module with no alpha has alpha = rank
 
 
-def _loha(name: str, parts: Parts, alpha: float | None, shape: Any, path: Any) -> tuple[Any, set[str]]:
+def _loha(name: str, parts: Parts, alpha: float | None, shape: Shape, path: ErrorPath) -> Built:
     from lorax.adapters.lycoris import LohaModule
 
     module = LohaModule(
@@ -52,7 +56,7 @@ def _loha(name: str, parts: Parts, alpha: float | None, shape: Any, path: Any) -
     return module, _LOHA | ({"hada_t1", "hada_t2"} & set(parts))
 
 
-def _lokr(name: str, parts: Parts, alpha: float | None, shape: Any, path: Any) -> tuple[Any, set[str]]:
+def _lokr(name: str, parts: Parts, alpha: float | None, shape: Shape, path: ErrorPath) -> Built:
     from lorax.adapters.lycoris import LokrModule
 
     got = {n: parts.get(n) for n in _LOKR}
@@ -67,7 +71,7 @@ def _lokr(name: str, parts: Parts, alpha: float | None, shape: Any, path: Any) -
     return module, {n for n in _LOKR if got[n] is not None}
 
 
-def _pair(name: str, parts: Parts, alpha: float | None, shape: Any, path: Any) -> tuple[Any, set[str]]:
+def _pair(name: str, parts: Parts, alpha: float | None, shape: Shape, path: ErrorPath) -> Built:
     import torch
 
     from lorax.adapters.lycoris import DoraModule, magnitude_on_out
@@ -89,13 +93,13 @@ def _pair(name: str, parts: Parts, alpha: float | None, shape: Any, path: Any) -
     return DoraModule(down, up, alpha, scale, magnitude_on_out(scale, up.shape[0])), used | {"dora_scale"}
 
 
-def _full(name: str, parts: Parts, alpha: float | None, shape: Any, path: Any) -> tuple[Any, set[str]]:
+def _full(name: str, parts: Parts, alpha: float | None, shape: Shape, path: ErrorPath) -> Built:
     from lorax.adapters.lycoris import FullDiffModule
 
     return FullDiffModule(parts["diff"], parts.get("diff_b")), {"diff"} | ({"diff_b"} & set(parts))
 
 
-def _ia3(name: str, parts: Parts, alpha: float | None, shape: Any, path: Any) -> tuple[Any, set[str]]:
+def _ia3(name: str, parts: Parts, alpha: float | None, shape: Shape, path: ErrorPath) -> Built:
     from lorax.adapters.lycoris import Ia3Module
 
     on_input = bool(int(parts["on_input"].reshape(-1)[0].item()))
@@ -117,7 +121,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
 )  # fmt: skip
 
 
-def algorithm_of(suffixes: set[str], name: str, path: Any = None) -> Algorithm:
+def algorithm_of(suffixes: set[str], name: str, path: ErrorPath = None) -> Algorithm:
     """The algorithm of one module's suffixes; unknown groups raise ``FormatError`` naming the module."""
     for algorithm in ALGORITHMS:
         if algorithm.test(suffixes):
@@ -136,9 +140,9 @@ def module_from_parts(
     name: str,
     parts: Mapping[str, torch.Tensor],
     *,
-    path: Any = None,
+    path: ErrorPath = None,
     weight_shape: tuple[int, ...] | None = None,
-) -> Any:
+) -> LoraModule | DeltaModule:
     """The module one group of suffixed tensors describes; unknown or incomplete groups raise ``FormatError``."""
     from lorax.adapters.lycoris import DecomposedModule, LohaModule, LokrModule, magnitude_on_out
     from lorax.formats.keys import finite_alpha

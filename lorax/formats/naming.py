@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import Any
 
-from lorax.errors import MismatchError
+from lorax.errors import ErrorPath, MismatchError
 from lorax.models import families
 
 # Multi-token attribute names found in SD UNets, CLIP text encoders, the original (SGM) UNet layout, Flux's
@@ -184,7 +184,11 @@ class Resolver:
 
 
 def resolve_all(
-    flats: Mapping[str, Iterable[str]], *, model: Any = None, family: str | None = None, path: Any = None
+    flats: Mapping[str, Iterable[str]],
+    *,
+    model: Any = None,
+    family: str | None = None,
+    path: ErrorPath = None,
 ) -> dict[tuple[str, str], str]:
     """Resolve ``{component: flat names}``; raise ``MismatchError`` listing names the given model lacks."""
     live = components_of(model)

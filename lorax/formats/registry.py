@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import lorax.formats.describe as _describe
@@ -22,15 +23,16 @@ if TYPE_CHECKING:
 
     from lorax.adapters.state import LoraState
 
-Reader = Callable[[Any, Any, Meta, "str | None"], "LoraState"]
-Writer = Callable[[Any, "LoraState", "torch.dtype | None", Any], Written]
+# (the format's own module, the file's content, what is known of it, the family) → the LoRA; and back
+Reader = Callable[[ModuleType, Any, Meta, "str | None"], "LoraState"]
+Writer = Callable[[ModuleType, "LoraState", "torch.dtype | None", Any], Written]
 
 
-def _read(module: Any, content: Any, meta: Meta, family: str | None) -> LoraState:
+def _read(module: ModuleType, content: Any, meta: Meta, family: str | None) -> LoraState:
     return module.read(content, meta, family)  # type: ignore[no-any-return]
 
 
-def _write(module: Any, state: LoraState, dtype: torch.dtype | None, model: Any) -> Written:
+def _write(module: ModuleType, state: LoraState, dtype: torch.dtype | None, model: Any) -> Written:
     return module.write(state, dtype=dtype)  # type: ignore[no-any-return]
 
 
@@ -48,7 +50,7 @@ class Format:
     reader: Reader = _read
     writer: Writer = _write
 
-    def load(self) -> Any:
+    def load(self) -> ModuleType:
         return importlib.import_module(self.module)
 
     def detect(self, view: KeyView) -> bool:
@@ -71,18 +73,18 @@ def _is_flux(content: Any, family: str | None) -> bool:
     return K.flux_variant(list(content)) is not None or family == K.FLUX_FAMILY
 
 
-def _read_flux(module: Any, content: Any, meta: Meta, family: str | None) -> LoraState:
+def _read_flux(module: ModuleType, content: Any, meta: Meta, family: str | None) -> LoraState:
     from lorax.formats import flux
 
     src = source(meta)
     return flux.read(content, src.metadata, model=src.model, family=family, path=src.path)
 
 
-def _read_kohya(module: Any, content: Any, meta: Meta, family: str | None) -> LoraState:
+def _read_kohya(module: ModuleType, content: Any, meta: Meta, family: str | None) -> LoraState:
     return (_read_flux if _is_flux(content, family) else _read)(module, content, meta, family)
 
 
-def _write_kohya(module: Any, state: LoraState, dtype: torch.dtype | None, model: Any) -> Written:
+def _write_kohya(module: ModuleType, state: LoraState, dtype: torch.dtype | None, model: Any) -> Written:
     if state.family != K.FLUX_FAMILY:
         return module.write(state, dtype=dtype)  # type: ignore[no-any-return]
     from lorax.formats import flux
@@ -90,13 +92,13 @@ def _write_kohya(module: Any, state: LoraState, dtype: torch.dtype | None, model
     return flux.write(state, dtype=dtype, variant="kohya")
 
 
-def _read_diffusers(module: Any, content: Any, meta: Meta, family: str | None) -> LoraState:
+def _read_diffusers(module: ModuleType, content: Any, meta: Meta, family: str | None) -> LoraState:
     if _is_flux(content, family):
         return _read_flux(module, content, meta, family)
     return module.read(content, meta, family, module.peft_adapter_config(source(meta).path))  # type: ignore[no-any-return]
 
 
-def _write_diffusers(module: Any, state: LoraState, dtype: torch.dtype | None, model: Any) -> Written:
+def _write_diffusers(module: ModuleType, state: LoraState, dtype: torch.dtype | None, model: Any) -> Written:
     if state.family != K.FLUX_FAMILY:
         return module.write(state, dtype=dtype)  # type: ignore[no-any-return]
     from lorax.formats import flux
@@ -105,11 +107,11 @@ def _write_diffusers(module: Any, state: LoraState, dtype: torch.dtype | None, m
     return tensors, {**header, "format": "pt"}
 
 
-def _write_flux(module: Any, state: LoraState, dtype: torch.dtype | None, model: Any) -> Written:
+def _write_flux(module: ModuleType, state: LoraState, dtype: torch.dtype | None, model: Any) -> Written:
     return module.write(state, dtype=dtype)  # type: ignore[no-any-return]
 
 
-def _read_lora_diffusion(module: Any, content: Any, meta: Meta, family: str | None) -> LoraState:
+def _read_lora_diffusion(module: ModuleType, content: Any, meta: Meta, family: str | None) -> LoraState:
     """A ``.safetensors`` file's tensors, or (a legacy ``.pt`` set) the files beside ``meta``'s path."""
     from lorax.formats import is_safetensors
 
@@ -119,11 +121,15 @@ def _read_lora_diffusion(module: Any, content: Any, meta: Meta, family: str | No
     return module.read_legacy(src.path, model=src.model, family=family)  # type: ignore[no-any-return]
 
 
-def _write_lora_diffusion(module: Any, state: LoraState, dtype: torch.dtype | None, model: Any) -> Written:
+def _write_lora_diffusion(
+    module: ModuleType, state: LoraState, dtype: torch.dtype | None, model: Any
+) -> Written:
     return module.write(state, dtype=dtype, model=model)  # type: ignore[no-any-return]
 
 
-def _read_embedding(module: Any, content: Any, meta: Meta, family: str | None, *, fmt: str = "") -> LoraState:
+def _read_embedding(
+    module: ModuleType, content: Any, meta: Meta, family: str | None, *, fmt: str = ""
+) -> LoraState:
     from lorax.adapters.state import LoraState
 
     src = source(meta)
@@ -132,10 +138,10 @@ def _read_embedding(module: Any, content: Any, meta: Meta, family: str | None, *
 
 
 def _embedding(name: str, description: str, detects: Callable[[KeyView], bool]) -> Format:
-    def reader(module: Any, content: Any, meta: Meta, family: str | None) -> LoraState:
+    def reader(module: ModuleType, content: Any, meta: Meta, family: str | None) -> LoraState:
         return _read_embedding(module, content, meta, family, fmt=name)
 
-    def writer(module: Any, state: LoraState, dtype: torch.dtype | None, model: Any) -> Written:
+    def writer(module: ModuleType, state: LoraState, dtype: torch.dtype | None, model: Any) -> Written:
         return module.write(state.embeddings, name), {}
 
     return Format(

@@ -9,21 +9,27 @@ and pixels stay sharp.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias
+
+if TYPE_CHECKING:
+    from PIL import Image, ImageFont
+
+# Pillow's default font: scalable since Pillow 10.1, a fixed bitmap before.
+Font: TypeAlias = "ImageFont.FreeTypeFont | ImageFont.ImageFont"
 
 _INK = (0, 0, 0)
 _BACKGROUND = (255, 255, 255)
 
 
 def make_grid(
-    images: Sequence[Any],
+    images: Sequence[Image.Image],
     cols: int,
     *,
     col_labels: Sequence[str] | None = None,
     gap: int = 2,
     background: tuple[int, int, int] = _BACKGROUND,
     min_cell: int = 64,
-) -> Any:
+) -> Image.Image:
     """Lay ``images`` (PIL, same size) out row by row, ``cols`` per row.
 
     Small images are scaled up (nearest neighbour, by a whole factor) so that a cell is at least ``min_cell``
@@ -60,7 +66,7 @@ def upscale_factor(width: int, min_cell: int) -> int:
     return max(1, -(-min_cell // max(1, width)))
 
 
-def font(size: int) -> Any:
+def font(size: int) -> Font:
     """Pillow's default font at ``size`` pixels (a scalable font since Pillow 10.1; the fixed bitmap before)."""
     from PIL import ImageFont
 
@@ -70,7 +76,7 @@ def font(size: int) -> Any:
         return ImageFont.load_default()
 
 
-def wrap(text: str, fnt: Any, width: int) -> list[str]:
+def wrap(text: str, fnt: Font, width: int) -> list[str]:
     """``text`` broken into lines no wider than ``width`` pixels (at spaces; a single long word is cut)."""
     lines: list[str] = []
     for paragraph in str(text).split("\n"):
@@ -92,17 +98,17 @@ def wrap(text: str, fnt: Any, width: int) -> list[str]:
     return lines
 
 
-def _width(text: str, fnt: Any) -> int:
+def _width(text: str, fnt: Font) -> int:
     left, _, right, _ = fnt.getbbox(text)
     return int(right - left)
 
 
-def _line_height(fnt: Any) -> int:
+def _line_height(fnt: Font) -> int:
     _, top, _, bottom = fnt.getbbox("Ag|")
     return int(bottom - top) + 3
 
 
-def _cell(image: Any, factor: int) -> Any:
+def _cell(image: Image.Image, factor: int) -> Image.Image:
     from PIL import Image
 
     cell = image.convert("RGB")
@@ -112,7 +118,7 @@ def _cell(image: Any, factor: int) -> Any:
 
 
 def xy_grid(
-    cells: Sequence[Sequence[Any]],
+    cells: Sequence[Sequence[Image.Image]],
     *,
     col_labels: Sequence[str],
     row_labels: Sequence[str] | None = None,
@@ -121,7 +127,7 @@ def xy_grid(
     gap: int = 4,
     font_size: int | None = None,
     background: tuple[int, int, int] = _BACKGROUND,
-) -> Any:
+) -> Image.Image:
     """An A1111-style X/Y plot: ``cells[row][col]`` (PIL images, all one size) with labelled columns and rows.
 
     Args:

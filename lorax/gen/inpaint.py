@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 INPAINT_CHANNELS = 9  # latents 4 + mask 1 + masked-image latents 4
 
@@ -24,7 +27,7 @@ def is_inpainting_model(pipe: Any) -> bool:
     return unet is not None and int(getattr(unet.config, "in_channels", 4)) == INPAINT_CHANNELS
 
 
-def read_mask_image(path: Path) -> Any:
+def read_mask_image(path: Path) -> Image.Image:
     """The mask as a greyscale PIL image (white = repaint, black = keep)."""
     from lorax.data.images import read_image_file
 
@@ -40,7 +43,7 @@ def inpaint_pipeline(pipe: Any) -> Any:
     return runner
 
 
-def binary_mask(mask: Any, size: tuple[int, int]) -> Any:
+def binary_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
     """``mask`` at ``size``, binarised at ½ as diffusers' mask processor does: 255 = repaint, 0 = keep."""
     from PIL import Image
 
@@ -49,7 +52,7 @@ def binary_mask(mask: Any, size: tuple[int, int]) -> Any:
     return mask.point(lambda v: 255 if v >= 128 else 0)
 
 
-def paste_unmasked(images: Sequence[Any], init: Any, mask: Any) -> list[Any]:
+def paste_unmasked(images: Sequence[Image.Image], init: Image.Image, mask: Image.Image) -> list[Image.Image]:
     """Each generated image with the init image's pixels where ``mask`` (binary, the images' size) is black."""
     from PIL import Image
 

@@ -60,7 +60,6 @@ def load_model(
     """A diffusers pipeline for ``spec``: a built-in name (``shapes``), a diffusers folder, a Hub id in the local
     cache, or a single ``.safetensors`` / ``.ckpt`` file (the models layer's ``load_pipeline``; ``config_from``
     completes a file that holds only part of a pipeline)."""
-    from lorax.models import families  # noqa: F401  (registers every family's layout, Flux's too, before io reads)
     from lorax.models.pipeline import load_pipeline
 
     return load_pipeline(spec, dtype=dtype, device=device, config_from=config_from)

@@ -1,8 +1,9 @@
 """What ``io`` knows of a model family's checkpoints, as data: one ``CheckpointLayout`` per family.
 
 ``io`` does not import ``lorax.models``: a family (``lorax.models.families``) owns a ``CheckpointLayout`` and
-registering the family registers its layout here. The built-in layouts are defined in this module so that ``io``
-works on its own; a new family builds its layout in its own module.
+registering the family registers its layout here. The built-in families' layouts (SD1, SD2, SDXL, Flux) are defined
+and registered in this module so that ``io`` works on its own, with no import of ``lorax.models`` to fill it; a new
+family builds its layout in its own module.
 
 The two rules below read only these layouts: ``family_from_single_keys`` (a single file's keys) and
 ``family_from_configs`` (a diffusers folder's configs). ``lorax.models.families.detect`` is the one entry point that
@@ -137,6 +138,31 @@ SDXL = CheckpointLayout(
     },
 )
 
+# Flux.1: the BFL transformer file (bare keys; all-in-one files under ``model.diffusion_model.``, found by the
+# rules), CLIP-L and T5. Its markers are keys only a Flux transformer checkpoint has (a LoRA has ``double_blocks.``
+# names too).
+FLUX = CheckpointLayout(
+    family="flux",
+    components=("transformer", "vae", "text_encoder", "text_encoder_2"),
+    single_prefixes={"transformer": ("", "flux")},
+    single_markers=("img_in.weight", "model.diffusion_model.img_in.weight"),
+    cross_attention_dim=4096,  # the transformer's joint_attention_dim (T5's width)
+    folder_markers=("transformer",),
+    pipeline_markers=("Flux",),
+    pipeline_names=("Flux",),
+    reference_repo="black-forest-labs/FLUX.1-dev",
+    model_index={
+        "_class_name": "FluxPipeline",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    },
+)
+
 LAYOUTS: dict[str, CheckpointLayout] = {}
 
 
@@ -149,7 +175,7 @@ def unregister_layout(family: str) -> None:
     LAYOUTS.pop(family, None)
 
 
-for _builtin in (SD1, SD2, SDXL):
+for _builtin in (SD1, SD2, SDXL, FLUX):  # the built-in families' (their Family objects hold the same)
     register_layout(_builtin)
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax import dtypes
 from lorax.errors import ConfigError, FormatError, LoraxError
 from lorax.io.checkpoint import DiffusersCheckpoint, SingleFileCheckpoint, open_checkpoint
+
+if TYPE_CHECKING:
+    import torch
 
 DTYPE_NAMES = dtypes.LONG_NAMES
 # A model this big (on disk) takes seconds to read: commands say "loading model …" first (the built-in and tiny
@@ -40,7 +43,7 @@ def load_is_slow(spec: str | Path) -> bool:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) >= SLOW_LOAD_BYTES
 
 
-def torch_dtype(dtype: Any) -> Any:
+def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``"fp16"``/``"bf16"``/``"fp32"``, a torch dtype, or None → a torch dtype or None."""
     import torch
 
@@ -54,7 +57,11 @@ def torch_dtype(dtype: Any) -> Any:
 
 
 def load_pipeline(
-    spec: str | Path, dtype: Any = None, device: Any = None, *, config_from: str | Path | None = None
+    spec: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    *,
+    config_from: str | Path | None = None,
 ) -> Any:
     """A ready ``StableDiffusionPipeline`` (or XL) for ``spec``; ``dtype`` and ``device`` applied when given."""
     ckpt = open_checkpoint(spec)
@@ -80,7 +87,7 @@ def _pipeline_class(family: str, index: dict[str, Any] | None) -> Any:
     return cls
 
 
-def _from_folder(ckpt: DiffusersCheckpoint, dtype: Any) -> Any:
+def _from_folder(ckpt: DiffusersCheckpoint, dtype: torch.dtype | None) -> Any:
     cls = _pipeline_class(ckpt.family, ckpt.model_index)
     kwargs: dict[str, Any] = {}
     if dtype is not None:
@@ -146,7 +153,9 @@ def _tokenizer(name: str, folder: Path, index: dict[str, Any] | None) -> Any:
     return getattr(transformers, class_name, transformers.AutoTokenizer).from_pretrained(folder)
 
 
-def _from_single_file(ckpt: SingleFileCheckpoint, dtype: Any, config_from: str | Path | None) -> Any:
+def _from_single_file(
+    ckpt: SingleFileCheckpoint, dtype: torch.dtype | None, config_from: str | Path | None
+) -> Any:
     import diffusers
 
     from lorax.io.model_layout import single_file_configs, single_file_state_dicts

@@ -12,16 +12,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from lorax.models import families
 
+if TYPE_CHECKING:
+    import torch
 
-def skeleton(pipe: Any) -> dict[str, Any]:
+# ``{component: its meta-device module}`` (the real diffusers / transformers class, no weights).
+Skeleton: TypeAlias = "dict[str, torch.nn.Module]"
+
+
+def skeleton(pipe: Any) -> Skeleton:
     """Meta-device copies of the pipeline's UNet and text encoder(s) (no weights, no LoRA layers)."""
     import torch
 
-    out: dict[str, Any] = {}
+    out: Skeleton = {}
     with torch.device("meta"):
         out["unet"] = type(pipe.unet).from_config(pipe.unet.config)
         for name in families.all_text_components():
@@ -31,7 +37,7 @@ def skeleton(pipe: Any) -> dict[str, Any]:
     return out
 
 
-def _build(component: str, config: Mapping[str, Any]) -> Any:
+def _build(component: str, config: Mapping[str, Any]) -> torch.nn.Module:
     if component == "unet":
         import diffusers
 
@@ -45,7 +51,7 @@ def _build(component: str, config: Mapping[str, Any]) -> Any:
     return cls(transformers.CLIPTextConfig(**fields))
 
 
-def skeleton_from_configs(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def skeleton_from_configs(configs: Mapping[str, Mapping[str, Any]]) -> Skeleton:
     """Meta-device UNet and text encoder(s) from their configs (components without a config are left out)."""
     import torch
 
@@ -53,7 +59,7 @@ def skeleton_from_configs(configs: Mapping[str, Mapping[str, Any]]) -> dict[str,
         return {c: _build(c, configs[c]) for c in families.all_components() if configs.get(c)}
 
 
-def load_skeleton(spec: str | Path, config_from: str | Path | None = None) -> tuple[dict[str, Any], str]:
+def load_skeleton(spec: str | Path, config_from: str | Path | None = None) -> tuple[Skeleton, str]:
     """``({component: meta module}, family)`` for a model spec, from its configs alone.
 
     A single file takes its configs as ``lorax convert`` does: the ones lorax wrote into its header, ``config_from``,

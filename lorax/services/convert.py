@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from lorax import dtypes
 from lorax.adapters.reports import SvdReport as ModuleReport  # one SVD report for every command
@@ -28,9 +28,14 @@ from lorax.io.checkpoint import (
     open_checkpoint,
 )
 from lorax.io.model_layout import DTYPES, write_diffusers_folder, write_single_file
-from lorax.models import families as _families  # noqa: F401  (registers every family's checkpoint layout)
 from lorax.progress import NullProgress, Progress
 from lorax.services.common import MODEL_DEFAULTS, dtype_problem, rank_problem, refuse
+
+if TYPE_CHECKING:
+    import torch
+
+    from lorax.adapters.state import DeltaModule, LoraModule, LoraState
+    from lorax.models.skeleton import Skeleton
 
 MODEL_TARGETS = ("diffusers", "single-file")
 EMBEDDING_TARGETS = {
@@ -170,7 +175,7 @@ def _resave_single(ckpt: SingleFileCheckpoint, out: Path, dtype: str | None, pro
     return merged + copied
 
 
-def _torch_dtype(name: str | None) -> Any:
+def _torch_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
 
@@ -195,7 +200,7 @@ def embedding_paths(output: str | Path, tokens: list[str]) -> dict[str, Path]:
     return paths
 
 
-def _shape_of(module: Any) -> tuple[int, ...] | None:
+def _shape_of(module: LoraModule | DeltaModule) -> tuple[int, ...] | None:
     from lorax.adapters.state import LoraModule
 
     if not isinstance(module, LoraModule):
@@ -203,26 +208,27 @@ def _shape_of(module: Any) -> tuple[int, ...] | None:
     return (int(module.up.shape[0]), *(int(d) for d in module.down.shape[1:]))
 
 
-def _full_size_misfit(state: Any) -> str | None:
+def _full_size_misfit(state: LoraState) -> str | None:
     """Why ``state`` does not fit its family's full-size model (``None`` when every module does)."""
     from lorax.models import families
 
-    if state.family not in families.FAMILIES:
+    family = state.family
+    if family is None or family not in families.FAMILIES:
         return "its model family is unknown"
     for name, module in state.modules.items():
         component, _, path = name.partition(".")
-        if component not in families.FAMILIES[state.family]:
-            return f"the full-size {state.family} model has no {component}"
-        want = families.module_table(state.family, component).get(path)
+        if component not in families.FAMILIES[family]:
+            return f"the full-size {family} model has no {component}"
+        want = families.module_table(family, component).get(path)
         if want is None:
-            return f"the full-size {state.family} model has no module {name}"
+            return f"the full-size {family} model has no module {name}"
         shape = _shape_of(module)
         if shape is not None and shape != tuple(want):
-            return f"{name} is {list(shape)}, the full-size {state.family} model's {list(want)}"
+            return f"{name} is {list(shape)}, the full-size {family} model's {list(want)}"
     return None
 
 
-def _read_lora(config: ConvertConfig, fmt: str, skeleton: dict[str, Any] | None, family: str | None) -> Any:
+def _read_lora(config: ConvertConfig, fmt: str, skeleton: Skeleton | None, family: str | None) -> LoraState:
     from lorax.formats import load_lora
 
     if skeleton is None:
@@ -249,7 +255,7 @@ def _read_lora(config: ConvertConfig, fmt: str, skeleton: dict[str, Any] | None,
     return state
 
 
-def _drop_zero_pairs(state: Any) -> int:
+def _drop_zero_pairs(state: LoraState) -> int:
     """Remove modules whose ``up`` or ``down`` is all zeros (no effect): an index file fills every target module the
     LoRA lacked with such pairs, and they would otherwise turn up as extra modules in kohya or diffusers files."""
     from lorax.adapters.state import LoraModule
@@ -335,7 +341,9 @@ def convert_lora(config: ConvertConfig, fmt: str, progress: Progress) -> Convert
     return result
 
 
-def _save_diffusers_with_embeddings(state: Any, output: Path, dtype: Any, force: bool) -> dict[str, Path]:
+def _save_diffusers_with_embeddings(
+    state: LoraState, output: Path, dtype: torch.dtype | None, force: bool
+) -> dict[str, Path]:
     """The LoRA as diffusers/PEFT at ``output`` and each token beside it (``embedding_paths``): diffusers'
     ``learned_embeds`` ``{token: [n, dim]}`` for one text encoder, ``clip_l``/``clip_g`` for SDXL's two. Every path is
     checked before anything is written, and all files appear together or none does."""

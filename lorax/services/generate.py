@@ -287,6 +287,7 @@ def generate(
                 with torch.inference_mode():
                     images = runner(**kwargs).images
                 if mask is not None:
+                    assert init is not None  # --mask-image needs --init-image (GenerateConfig's check)
                     images = inpaint.paste_unmasked(images, init, mask)
                 n_images += len(images)
                 if j in shown:  # hold images only for the sheets asked for

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.errors import FormatError, InputError
 from lorax.formats.base import Description, Header
@@ -21,6 +21,9 @@ from lorax.formats.keys import finite_alpha
 from lorax.formats.registry import FORMATS, detect
 from lorax.models import families
 from lorax.progress import NullProgress, Progress
+
+if TYPE_CHECKING:
+    from lorax.io.safetensors_io import SafetensorsFile
 
 # What a format's describe gives the report (Description's fields).
 _DESCRIBED = tuple(Description.__dataclass_fields__)
@@ -144,7 +147,7 @@ def _scalar_from_bytes(raw: bytes, dtype: str) -> float:
     raise FormatError(f"cannot read a scalar of dtype {dtype}")
 
 
-def _alpha_of_header(sf: Any, name: str, p: Path) -> float:
+def _alpha_of_header(sf: SafetensorsFile, name: str, p: Path) -> float:
     """A scalar (an alpha) read from its few bytes: one finite number, or one line naming the key and the file."""
     import math
 

@@ -15,11 +15,14 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.errors import ConfigError, InputError
 from lorax.progress import NullProgress, Progress
 from lorax.services.common import refuse
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 DEFAULT_SIZE = 512
 BATCH = 8
@@ -154,12 +157,12 @@ def target_size(config: PrepareConfig) -> tuple[tuple[int, int], str]:
 @dataclass
 class _Read:
     source: Path
-    image: Any
+    image: Image.Image
     caption: str | None
-    mask: Any  # a raw NAME.mask.png (PIL L), or None
+    mask: Image.Image | None  # a raw NAME.mask.png (PIL L)
 
 
-def _raw_mask(path: Path) -> Any:
+def _raw_mask(path: Path) -> Image.Image | None:
     from PIL import Image
 
     from lorax.data.images import IMAGE_EXTENSIONS, MASK_SUFFIX

@@ -15,11 +15,15 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.errors import FormatError, InputError
 from lorax.progress import NullProgress, Progress
 from lorax.services.common import refuse
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -102,7 +106,7 @@ class ClipEmbedder:
         self.processor, self.model = load_transformers(spec, "--clip model", CLIPModel)
 
     @staticmethod
-    def _features(out: Any) -> Any:
+    def _features(out: Any) -> torch.Tensor:
         import torch
 
         features = (
@@ -110,7 +114,7 @@ class ClipEmbedder:
         )  # transformers 5: an output object
         return features / features.norm(dim=-1, keepdim=True)
 
-    def images(self, images: Sequence[Any], batch_size: int = 16) -> Any:
+    def images(self, images: Sequence[Image.Image], batch_size: int = 16) -> torch.Tensor:
         import torch
 
         chunks = []
@@ -123,7 +127,7 @@ class ClipEmbedder:
                 )
         return torch.cat(chunks)
 
-    def texts(self, texts: Sequence[str]) -> Any:
+    def texts(self, texts: Sequence[str]) -> torch.Tensor:
         import torch
 
         inputs = self.processor(text=list(texts), return_tensors="pt", padding=True, truncation=True)
@@ -154,7 +158,7 @@ def collect_images(paths: Sequence[Path]) -> list[Path]:
     return out
 
 
-def _open(path: Path) -> Any:
+def _open(path: Path) -> Image.Image:
     from PIL import Image
 
     try:
@@ -182,7 +186,7 @@ def score_images(
     embedder: ClipEmbedder,
     *,
     prompt: str | None,
-    reference: Any = None,
+    reference: torch.Tensor | None = None,
     shapes: bool | None = None,
 ) -> tuple[list[ImageScore], Summary]:
     """Per-image scores and their means; ``reference``: normalised embeddings of the reference images."""
@@ -255,7 +259,7 @@ def score(config: ScoreConfig, progress: Progress | None = None) -> ScoreResult:
 def _sweep(
     config: ScoreConfig,
     embedder: ClipEmbedder,
-    reference: Any,
+    reference: torch.Tensor | None,
     n_reference: int,
     plot_path: Path,
     progress: Progress,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.data.dataset import TrainData
 from lorax.data.images import ImageItem
@@ -34,6 +34,11 @@ from lorax.training.recipe import (
     train_data,
     warn_if_toy_model,
 )
+
+if TYPE_CHECKING:
+    from lorax.training.job import LoraJob
+    from lorax.training.loop import TrainingLoop
+    from lorax.training.val_loss import ValidationLoss
 
 __all__ = [
     "RESUME_KEYS",
@@ -96,7 +101,7 @@ def _bucket_bounds(images: TrainingImages) -> dict[str, Any]:
     return {k: v for k, v in bounds.items() if v is not None}
 
 
-def _check_checkpoint_room(config: TrainConfig, loop: Any, max_steps: int) -> None:
+def _check_checkpoint_room(config: TrainConfig, loop: TrainingLoop, max_steps: int) -> None:
     """Before step 1: the checkpoint folder (written on Ctrl-C and every N steps) can be written, and its disk has
     room, roughly, for the checkpoints asked for (each the trainable weights and two optimizer moments, fp32)."""
     from lorax.io.atomic import check_free_space, check_writable
@@ -271,13 +276,13 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
 
 def _validation_loss(
     config: TrainConfig,
-    job: Any,
+    job: LoraJob,
     data: TrainData,
     held_out: list[ImageItem],
     accelerator: Any,
     max_steps: int,
     progress: Progress,
-) -> Any:
+) -> ValidationLoss:
     """The ``--val-split`` step hook over the held-out images (``lorax.training.val_loss``)."""
     from lorax.training.val_loss import ValidationLoss, held_out_data, validation_every
 
@@ -297,7 +302,7 @@ def _validation_loss(
 
 def _plan_snapshots(
     config: TrainConfig, output: Path, data: TrainData, max_steps: int, start_step: int, *, check: bool = True
-) -> Any:
+) -> dict[int, list[Path]]:
     """The snapshots this run will write (``--save-every``, ``--save-every-epochs``), checked like the output:
     one that exists is refused without --force before step 1."""
     from lorax.io.atomic import check_outputs

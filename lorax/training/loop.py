@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.data.dataset import derive_seed
 from lorax.errors import Interrupted, LoraxError, TrainingError
@@ -28,6 +28,9 @@ from lorax.progress import NullProgress, Progress
 from lorax.training.checkpoint import Checkpoint, LoopState, save_checkpoint, set_rng_states
 from lorax.training.good_state import GoodStates, StateDict
 from lorax.training.loop_api import Job, LoopResult, LoopSettings
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Job", "LoopResult", "LoopSettings", "TrainingLoop", "is_out_of_memory"]
 
@@ -100,7 +103,7 @@ class TrainingLoop:
         new = ", ".join(f"{lr:g}" for lr in wanted)
         self.progress.log(f"learning rate {new} (the checkpoint was trained with {old})")
 
-    def _weights_finite(self, tensors: dict[str, Any] | None = None) -> bool:
+    def _weights_finite(self, tensors: dict[str, torch.Tensor] | None = None) -> bool:
         import torch
 
         tensors = self.job.state_tensors() if tensors is None else tensors
@@ -120,7 +123,7 @@ class TrainingLoop:
     def _write(
         self,
         state: LoopState,
-        tensors: dict[str, Any],
+        tensors: dict[str, torch.Tensor],
         optimizer: Any,
         scheduler: Any,
         scaler: Any,
@@ -230,7 +233,7 @@ class TrainingLoop:
             raise Interrupted(f"{where}; checkpoint {kept}; resume with: {s.resume_command(kept)}")
         raise Interrupted(f"{where}; checkpoint {kept} (resume with --resume {kept})")
 
-    def _micro_rng(self, micro: int) -> Any:
+    def _micro_rng(self, micro: int) -> torch.Generator:
         import torch
 
         process = self.accelerator.process_index

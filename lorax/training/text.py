@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
-def tokenize(tokenizer: Any, prompts: Sequence[str], device: Any) -> Any:
+def tokenize(tokenizer: Any, prompts: Sequence[str], device: torch.device | str) -> torch.Tensor:
     ids = tokenizer(
         list(prompts),
         padding="max_length",
@@ -17,7 +20,9 @@ def tokenize(tokenizer: Any, prompts: Sequence[str], device: Any) -> Any:
     return ids.to(device)
 
 
-def encode(tokenizer: Any, text_encoder: Any, prompts: Sequence[str], device: Any, clip_skip: int = 1) -> Any:
+def encode(
+    tokenizer: Any, text_encoder: Any, prompts: Sequence[str], device: torch.device | str, clip_skip: int = 1
+) -> torch.Tensor:
     """The last hidden state ``[B, 77, dim]`` of ``prompts`` (what SD1/SD2 UNets cross-attend to), or with
     ``clip_skip`` N > 1 that of the N-th layer from the end, through the final layer norm (kohya's and A1111's clip
     skip: 2 is the penultimate layer)."""
@@ -27,7 +32,7 @@ def encode(tokenizer: Any, text_encoder: Any, prompts: Sequence[str], device: An
     return skip_layers(text_encoder, ids, clip_skip)
 
 
-def skip_layers(text_encoder: Any, ids: Any, clip_skip: int) -> Any:
+def skip_layers(text_encoder: Any, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
     """``hidden_states[-clip_skip]`` through CLIP's final layer norm, as kohya's sd-scripts compute it."""
     from lorax.errors import ConfigError
 
@@ -40,7 +45,7 @@ def skip_layers(text_encoder: Any, ids: Any, clip_skip: int) -> Any:
     return norm(out.hidden_states[-clip_skip])
 
 
-def clip_skip_embeds(pipe: Any, prompt: str, negative: str | None, clip_skip: int) -> dict[str, Any]:
+def clip_skip_embeds(pipe: Any, prompt: str, negative: str | None, clip_skip: int) -> dict[str, torch.Tensor]:
     """``prompt_embeds`` / ``negative_prompt_embeds`` for a diffusers SD1/SD2 pipeline call with clip skip
     (diffusers' own ``clip_skip`` argument needs ``text_encoder.text_model``, which transformers 5 no longer has;
     its ``clip_skip=1`` is A1111's 2)."""
@@ -54,16 +59,24 @@ class PromptEncoder:
     """Encodes prompts; with ``cache=True`` (frozen text encoder) each distinct prompt is encoded once, exactly."""
 
     def __init__(
-        self, tokenizer: Any, text_encoder: Any, device: Any, *, cache: bool, clip_skip: int = 1
+        self,
+        tokenizer: Any,
+        text_encoder: Any,
+        device: torch.device | str,
+        *,
+        cache: bool,
+        clip_skip: int = 1,
     ) -> None:
         self.clip_skip = clip_skip
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.device = device
         self.cache_enabled = cache
-        self._cache: dict[str, Any] = {}
+        self._cache: dict[str, torch.Tensor] = {}
 
-    def __call__(self, prompts: Sequence[str]) -> Any:
+    def __call__(
+        self, prompts: Sequence[str]
+    ) -> Any:  # a tensor (Any: DiffusionBatches.prompts holds SDXL's too)
         import torch
 
         if not self.cache_enabled:

@@ -61,9 +61,6 @@ _DOUBLE_NORMS = {
 }
 _SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
 ALL_IN_ONE = "model.diffusion_model."
-# Keys that only a Flux transformer checkpoint has (``io`` tells a model from a LoRA by them: LoRA files have
-# ``double_blocks.`` names too).
-MARKERS = ("img_in.weight", ALL_IN_ONE + "img_in.weight")
 _BLOCK = re.compile(r"(double|single)_blocks\.(\d+)\.(.+)")
 _DIFFUSERS_BLOCK = re.compile(r"((?:single_)?transformer_blocks)\.(\d+)\.(.+)")
 

@@ -1,13 +1,15 @@
-"""Model families (sd1, sd2, sdxl): one ``Family`` object each, in one module each, and what is computed from them.
+"""Model families (sd1, sd2, sdxl, flux): one ``Family`` object each, in one module each, and what is computed from them.
 
 - ``base``: the ``Family`` / ``Component`` dataclasses and the registry (``register``, ``get``); ``detect``: the one
   function that names a family from any evidence (a header, a LoRA's keys, a single file's keys, a folder's
   configs, a live pipeline).
-- ``sd1``, ``sd2``, ``sdxl``: the built-in families, registered on import of this package.
+- ``sd1``, ``sd2``, ``sdxl``, ``flux``: the built-in families, registered by the registry itself on its first lookup
+  (``base.BUILTIN``: the one place that lists them; nothing imports a family module for its side effect).
 - ``tables``: full-size configs, meta models, module tables, the text encoders' ``text_model.`` path convention.
 - ``sgm``: SGM ⇄ diffusers UNet module names (kohya's SDXL naming).
 
-Adding a family is a new module here that builds and registers a ``Family`` (docs/architecture.md).
+Adding a family is a new module here that builds and registers a ``Family``, and its name in ``base.BUILTIN``
+(docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -15,11 +17,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from lorax.models.families import sd1, sd2, sdxl  # noqa: F401  (registers the built-in families)
-
-# isort: split
-# Flux after SD: the first family to use a kohya prefix (``lora_unet_``) names its component.
-from lorax.models.families import flux  # noqa: F401
 from lorax.models.families.base import (
     Component,
     Family,

@@ -1,6 +1,7 @@
 """A model family as data: ``Family`` and ``Component`` and the registry (the one detection function: ``detect``).
 
-A family is one frozen object (``sd1.py``, ``sd2.py``, ``sdxl.py`` each build and register one). Code asks it —
+A family is one frozen object (``sd1.py``, ``sd2.py``, ``sdxl.py``, ``flux.py`` each build and register one; the
+registry imports them on its first lookup, ``BUILTIN``). Code asks it —
 ``get(name).text_components()``, ``get(name).kohya_prefix(component)`` — instead of spelling ``"text_encoder_2"``
 or ``family == "sdxl"``. What ``io`` needs (single-file key layout, folder evidence) is the family's
 ``CheckpointLayout``, a plain ``io`` dataclass that ``register`` hands down to ``io``.
@@ -150,7 +151,25 @@ def unet_family(name: str, *text_encoders: Component, kohya_version: str, **fiel
 # ---------------------------------------------------------------------------------------------------------------
 # Registry
 
+# The built-in families, one module each under ``lorax.models.families``, in the order lookups see them (Flux after
+# SD: the first family to use a kohya prefix, ``lora_unet_``, names its component). This is the one place they are
+# registered: the first lookup imports them (each module builds its ``Family`` and calls ``register``), so no caller
+# imports a family module for its side effect.
+BUILTIN = ("sd1", "sd2", "sdxl", "flux")
 _REGISTRY: dict[str, Family] = {}
+_builtins_loaded = False
+
+
+def _registry() -> dict[str, Family]:
+    """The registry, the built-in families registered first (on the first call)."""
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True  # before the imports: their ``register`` calls come back here
+        import importlib
+
+        for name in BUILTIN:
+            importlib.import_module(f"lorax.models.families.{name}")
+    return _REGISTRY
 
 
 def register(family: Family) -> Family:
@@ -159,48 +178,49 @@ def register(family: Family) -> Family:
         raise ConfigError(
             f"family {family.name}: its checkpoint layout is named {family.checkpoint.family!r}"
         )
-    _REGISTRY[family.name] = family
+    _registry()[family.name] = family
     checkpoint_layouts.register_layout(family.checkpoint)
     return family
 
 
 def unregister(name: str) -> None:
     """Forget a family registered with ``register`` (tests register toy families and remove them)."""
-    _REGISTRY.pop(name, None)
+    _registry().pop(name, None)
     checkpoint_layouts.unregister_layout(name)
 
 
 def get(name: str) -> Family:
     """The registered family ``name``; a ``ConfigError`` naming the known ones otherwise."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown model family {name!r}; known: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+    registry = _registry()
+    if name not in registry:
+        raise ConfigError(f"unknown model family {name!r}; known: {', '.join(registry)}")
+    return registry[name]
 
 
 def find(name: str | None) -> Family | None:
     """The registered family ``name``, or ``None`` (also for ``None``)."""
-    return _REGISTRY.get(name) if name else None
+    return _registry().get(name) if name else None
 
 
 def names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+    return tuple(_registry())
 
 
 def all_families() -> tuple[Family, ...]:
-    return tuple(_REGISTRY.values())
+    return tuple(_registry().values())
 
 
 def all_components() -> tuple[str, ...]:
     """Every LoRA-able component of a registered family, in first-seen order (``unet``, ``text_encoder``, …)."""
     seen: dict[str, None] = {}
-    for f in _REGISTRY.values():
+    for f in _registry().values():
         seen.update(dict.fromkeys(f.component_names()))
     return tuple(seen)
 
 
 def all_text_components() -> tuple[str, ...]:
     seen: dict[str, None] = {}
-    for f in _REGISTRY.values():
+    for f in _registry().values():
         seen.update(dict.fromkeys(f.text_components()))
     return tuple(seen)
 
@@ -209,7 +229,7 @@ def kohya_prefixes() -> dict[str, str]:
     """``{kohya prefix: component}`` over every registered family, longest prefix first."""
     found: dict[str, str] = {}
     for f in (
-        _REGISTRY.values()
+        _registry().values()
     ):  # the first family to use a prefix names its component (Flux's transformer shares
         for c in (
             f.components
@@ -220,12 +240,12 @@ def kohya_prefixes() -> dict[str, str]:
 
 def embedding_keys() -> dict[str, str]:
     """``{embedding-file slot (clip_l, clip_g): component}`` over every registered family."""
-    return {c.embedding_key: c.name for f in _REGISTRY.values() for c in f.components if c.embedding_key}
+    return {c.embedding_key: c.name for f in _registry().values() for c in f.components if c.embedding_key}
 
 
 def any_component(name: str) -> Component | None:
     """The first registered family's component called ``name`` (components of one name agree across families)."""
-    return next((c for f in _REGISTRY.values() for c in f.components if c.name == name), None)
+    return next((c for f in _registry().values() for c in f.components if c.name == name), None)
 
 
 def embedding_component(slot: str | None = None) -> str:
@@ -235,7 +255,7 @@ def embedding_component(slot: str | None = None) -> str:
 
 def family_of_text_width(width: int) -> str | None:
     """The family with a single text encoder of this width (a lone learned token tells no more)."""
-    for f in _REGISTRY.values():
+    for f in _registry().values():
         text = [c for c in f.components if c.kind == "text"]
         if len(text) == 1 and text[0].width == width:
             return f.name
@@ -246,10 +266,10 @@ class ComponentsView(Mapping[str, tuple[str, ...]]):
     """``{family: its LoRA-able components}``, live over the registry (the old ``FAMILIES`` table)."""
 
     def __getitem__(self, name: str) -> tuple[str, ...]:
-        return _REGISTRY[name].component_names()
+        return _registry()[name].component_names()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(list(_REGISTRY))
+        return iter(list(_registry()))
 
     def __len__(self) -> int:
-        return len(_REGISTRY)
+        return len(_registry())

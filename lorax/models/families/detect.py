@@ -4,7 +4,7 @@ file's keys, a folder's configs, a live pipeline), asking the registered ``Famil
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ def detect(
     lora_keys: Iterable[str] | None = None,
     shapes: Mapping[str, Sequence[int]] | None = None,
     single_keys: list[str] | None = None,
-    shape_of: Any = None,
+    shape_of: Callable[[str], Sequence[int] | None] | None = None,
     model_index: Mapping[str, Any] | None = None,
     text_config: Mapping[str, Any] | None = None,
     unet_config: Mapping[str, Any] | None = None,

@@ -12,32 +12,8 @@ fused BFL tensors).
 
 from __future__ import annotations
 
-from lorax.io.checkpoint_layouts import CheckpointLayout
-from lorax.io.keymaps.flux import MARKERS
+from lorax.io.checkpoint_layouts import FLUX
 from lorax.models.families.base import Family, register, shipped
-
-LAYOUT = CheckpointLayout(
-    family="flux",
-    components=("transformer", "vae", "text_encoder", "text_encoder_2"),
-    # The BFL transformer file (bare keys; all-in-one files under ``model.diffusion_model.``, found by the rules).
-    single_prefixes={"transformer": ("", "flux")},
-    single_markers=MARKERS,
-    cross_attention_dim=4096,  # the transformer's joint_attention_dim (T5's width)
-    folder_markers=("transformer",),
-    pipeline_markers=("Flux",),
-    pipeline_names=("Flux",),
-    reference_repo="black-forest-labs/FLUX.1-dev",
-    model_index={
-        "_class_name": "FluxPipeline",
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "FluxTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    },
-)
 
 FAMILY = register(
     Family(
@@ -57,7 +33,7 @@ FAMILY = register(
                 tokenizer="tokenizer_2",
             ),
         ),
-        checkpoint=LAYOUT,
+        checkpoint=FLUX,
         kohya_versions=("flux1",),
         kohya_version="flux1",
         kohya_unet_names="bfl",
