@@ -383,3 +383,74 @@ def test_disk_text_cache_needs_a_caching_encoder(sd_parts) -> None:
 
     with pytest.raises(ConfigError, match=r"--cache-text-to-disk: .* not cached"):
         attach_disk_cache(PromptEncoder(sd_parts.tokenizer, sd_parts.text_encoder, "cpu", cache=False))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lorax train with the options
+
+
+@pytest.fixture(scope="module")
+def train_inputs(tmp_path_factory):  # type: ignore[no-untyped-def]
+    import numpy as np
+    from PIL import Image
+
+    from lorax.zoo.tiny import tiny_pipeline
+
+    root = tmp_path_factory.mktemp("memory")
+    tiny_pipeline("sd1", words=["sks", "star"]).save_pretrained(root / "model")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        arr = np.full((32, 32, 3), 255, dtype=np.uint8)
+        arr[6:26, 6 + i : 26 + i] = rng.integers(0, 255, 3)
+        Image.fromarray(arr).save(root / "images" / f"star-{i}.png")
+    return root
+
+
+def _train(root, out, **changes):  # type: ignore[no-untyped-def]
+    from lorax.progress import NullProgress
+    from lorax.services.train import train
+    from lorax.training.config import TrainConfig
+
+    values = dict(
+        data_dir=root / "images", output=out, model=str(root / "model"), instance_prompt="a sks star",
+        resolution=32, steps=3, learning_rate=1e-3, device="cpu", save_dtype="fp32",
+    )  # fmt: skip
+    return train(TrainConfig(**{**values, **changes}), NullProgress())
+
+
+def test_train_with_fp8_base_block_swap_and_disk_text_cache(train_inputs, tmp_path, monkeypatch) -> None:
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("LORAX_CACHE", str(tmp_path / "cache"))
+    plain = _train(train_inputs, tmp_path / "plain.safetensors")
+    opts = dict(fp8_base=True, blocks_to_swap=2, gradient_checkpointing=True, cache_text_to_disk=True)
+    result = _train(train_inputs, tmp_path / "memory.safetensors", **opts)
+    ours, ref = load_file(result.output), load_file(plain.output)
+    assert {k: (v.shape, v.dtype) for k, v in ours.items()} == {k: (v.shape, v.dtype) for k, v in ref.items()}
+    assert all(bool(torch.isfinite(v).all()) for v in ours.values())
+    assert any(not torch.equal(ours[k], ref[k]) for k in ours)  # the fp8 base changed the steps a little
+    (folder,) = (tmp_path / "cache" / "text").iterdir()
+    assert len(list(folder.glob("*.safetensors"))) == 1  # one caption
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--blocks-to-swap", "2"], "--blocks-to-swap needs --gradient-checkpointing"),
+        (["--blocks-to-swap", "-1"], "Invalid value for '--blocks-to-swap'"),
+        (["--cache-text-to-disk", "--train-text"], "--cache-text-to-disk caches frozen text encoders"),
+        (["--cache-text-to-disk", "--no-cache-text"], "not with --train-text or --no-cache-text"),
+    ],
+)
+def test_bad_memory_options_are_one_line_errors(tmp_path, args, message) -> None:
+    from typer.testing import CliRunner
+
+    from lorax.cli.app import app
+
+    (tmp_path / "a.png").write_bytes(b"")
+    result = CliRunner().invoke(app, ["train", str(tmp_path), "-o", str(tmp_path / "x.safetensors"), *args])
+    assert result.exit_code != 0
+    text = " ".join(result.output.split())
+    assert message in text, text
+    assert "Traceback" not in result.output

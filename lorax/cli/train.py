@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from lorax.cli import memory_options as mem
 from lorax.cli import training_options as opts
 from lorax.cli import training_run as run
 from lorax.cli.common import ForceOption, JsonOption, cli_progress, print_json, stdout_console
@@ -253,6 +254,9 @@ def train_command(
             rich_help_panel=SPEED,
         ),
     ] = False,
+    fp8_base: mem.Fp8BaseOpt = False,
+    blocks_to_swap: mem.BlocksToSwapOpt = 0,
+    cache_text_to_disk: mem.CacheTextToDiskOpt = False,
     device: opts.DeviceOpt = None,
     checkpoint_every: opts.CheckpointEveryOpt = 0,
     checkpoint_dir: opts.CheckpointDirOpt = None,

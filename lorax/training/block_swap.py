@@ -1,4 +1,4 @@
-"""``--blocks-to-swap N`` (kohya's ``--blocks_to_swap``): the frozen weights of the denoiser's last N blocks stay in
+"""``--blocks-to-swap N`` (kohya's ``blocks_to_swap``): the frozen weights of the denoiser's last N blocks stay in
 CPU memory, and each layer of those blocks gets its weights copied to the device just before it runs and dropped
 right after, so the device holds the weights of the other blocks and of one layer at a time.
 

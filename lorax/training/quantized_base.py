@@ -1,7 +1,7 @@
 """``--fp8-base``: the frozen denoiser's linear weights stored as 8-bit floats (``float8_e4m3fn``, one scale per
 tensor), dequantised to the compute dtype in each forward; the LoRA layers wrap them and train in fp32.
 
-This is kohya's ``--fp8_base`` and ComfyUI's "scaled fp8" storage: ``q = fp8(W / s)`` with ``s = max|W| / 448``
+This is kohya's ``fp8_base`` and ComfyUI's "scaled fp8" storage: ``q = fp8(W / s)`` with ``s = max|W| / 448``
 (448 is e4m3fn's largest finite value), so the largest weight is stored exactly at the top of the range and every
 other to fp8's precision (3 mantissa bits: a relative error of at most 2⁻⁴, and at most ``s · 2⁻¹⁰`` for weights in
 e4m3fn's subnormal range). A weight takes one byte instead of four (fp32) or two (bf16).

@@ -1,5 +1,5 @@
 """``--cache-text-to-disk``: the frozen text encoders' outputs kept as safetensors files and reused by later runs
-(kohya's ``--cache_text_encoder_outputs_to_disk``), for encoders as large as Flux's T5-XXL.
+(kohya's ``cache_text_encoder_outputs_to_disk``), for encoders as large as Flux's T5-XXL.
 
 A prompt encoder that caches (``PromptEncoder``, ``SdxlPromptEncoder``, any with ``cache_enabled`` and a ``_cache``
 mapping of prompt → tensor or tuple of tensors) gets a ``DiskTextCache`` as that mapping: a prompt found on disk is
