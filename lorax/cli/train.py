@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from lorax.cli import memory_options as mem
 from lorax.cli import train_flux_options as flux
 from lorax.cli import training_options as opts
 from lorax.cli import training_run as run
@@ -270,6 +271,9 @@ def train_command(
             rich_help_panel=SPEED,
         ),
     ] = False,
+    fp8_base: mem.Fp8BaseOpt = False,
+    blocks_to_swap: mem.BlocksToSwapOpt = 0,
+    cache_text_to_disk: mem.CacheTextToDiskOpt = False,
     device: opts.DeviceOpt = None,
     checkpoint_every: opts.CheckpointEveryOpt = 0,
     checkpoint_dir: opts.CheckpointDirOpt = None,

@@ -56,6 +56,8 @@ MEMORY_FLAGS = (
     "--gradient-checkpointing",
     "--mixed-precision fp16/bf16",
     "--cache-latents",
+    "--fp8-base",
+    "--blocks-to-swap N (with --gradient-checkpointing)",
     "--optimizer adamw8bit",
     "a lower --resolution",
     "a lower --rank",
@@ -175,6 +177,10 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool = False
     cache_latents_to_disk: bool = False
+    # issue 17: memory options (lorax.training.quantized_base, block_swap, text_cache; checked in extras)
+    fp8_base: bool = False
+    blocks_to_swap: int = 0
+    cache_text_to_disk: bool = False
 
     DEFAULT_STEPS = 500
     COMMAND = "train"  # subclasses (invert, pivot) name their command: TOML section and messages

@@ -11,7 +11,16 @@ if TYPE_CHECKING:
 TRACKERS = ("tensorboard", "wandb", "csv")
 # Fields only `lorax train` has flags for (invert and pivot take them from a --config file or the Python API).
 TRAIN_ONLY_EXTRAS = frozenset(
-    {"log_with", "logging_dir", "compile", "channels_last", "cache_latents_to_disk"}
+    {
+        "log_with",
+        "logging_dir",
+        "compile",
+        "channels_last",
+        "cache_latents_to_disk",
+        "fp8_base",
+        "blocks_to_swap",
+        "cache_text_to_disk",
+    }
 )
 
 
@@ -30,5 +39,25 @@ def extra_problems(config: TrainConfig) -> list[str]:
         p.append(
             f"{opt('cache_latents_to_disk')} and {opt('random_crop')} are exclusive (a random crop changes the "
             "latents every step)"
+        )
+    p += memory_problems(config)
+    return p
+
+
+def memory_problems(config: TrainConfig) -> list[str]:
+    """--fp8-base, --blocks-to-swap and --cache-text-to-disk (issue 17)."""
+    p: list[str] = []
+    opt = config.option_name
+    if config.blocks_to_swap < 0:
+        p.append(f"{opt('blocks_to_swap')} must be 0 (off) or more (got {config.blocks_to_swap})")
+    elif config.blocks_to_swap and not config.gradient_checkpointing:
+        p.append(
+            f"{opt('blocks_to_swap')} needs {opt('gradient_checkpointing')} (without it the backward pass keeps "
+            "every block's weights on the device)"
+        )
+    if config.cache_text_to_disk and (config.train_text or not config.cache_text):
+        p.append(
+            f"{opt('cache_text_to_disk')} caches frozen text encoders: not with {opt('train_text')} or "
+            f"{opt('cache_text').replace('--cache-text', '--no-cache-text')}"
         )
     return p

@@ -102,6 +102,10 @@ class LoraRecipe(Recipe):
         encoders = setup.text_encoders(pipe, family)
         text_encoder, text_encoder_2 = encoders[0], (encoders[1] if len(encoders) == 2 else None)
         setup.freeze(unet, vae, encoders, sdpa=config.sdpa)
+        if config.fp8_base:  # before the LoRA wraps the layers (lorax.training.quantized_base)
+            from lorax.training.quantized_base import quantize_linears
+
+            progress.log(f"fp8 base: {quantize_linears(unet)} linear layers stored in float8_e4m3fn")
 
         if config.clip_skip and config.clip_skip > 1 and family == "sdxl":
             raise ConfigError(
@@ -153,6 +157,9 @@ class LoraRecipe(Recipe):
             live = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
             for component, tensors in initial.items():
                 load_lora_tensors(live[component], tensors)
+        from lorax.training.block_swap import swap_for
+
+        swap_for(config, unet, device, setup.weight_dtype(config.mixed_precision), progress.log)
         setup.place(unet, vae, encoders, device, config.mixed_precision)
         for group in groups:  # trainable LoRA weights stay fp32 under mixed precision
             for p in group["params"]:
@@ -206,6 +213,7 @@ class LoraRecipe(Recipe):
             prior_weight=config.prior_weight,
             latent_cache=cache,
             cache_text=config.cache_text and not config.train_text,
+            text_to_disk=config.cache_text_to_disk,
             **({"clip_skip": config.clip_skip} if config.clip_skip else {}),
             **({"max_sequence_length": config.max_sequence_length} if config.max_sequence_length else {}),
         )

@@ -89,6 +89,7 @@ def diffusion_batches(
     latent_cache: Any,
     cache_text: bool,
     clip_skip: int = 1,
+    text_to_disk: bool = False,
     **encoder_options: Any,
 ) -> Any:
     """The run's batches, the family's (``TrainingHooks.batches``: SD's over one text encoder, SDXL's with both
@@ -100,6 +101,10 @@ def diffusion_batches(
     prompts = hooks.prompt_encoder(
         pipe, encoders, device, cache=cache_text, clip_skip=clip_skip, **encoder_options
     )
+    if text_to_disk:  # --cache-text-to-disk (lorax.training.text_cache)
+        from lorax.training.text_cache import attach_disk_cache
+
+        attach_disk_cache(prompts)
     return hooks.batches()(
         data=data,
         vae=vae,
