@@ -140,7 +140,10 @@ class LoraRecipe(Recipe):
             live = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
             for component, tensors in initial.items():
                 load_lora_tensors(live[component], tensors)
-        setup.place(unet, vae, encoders, device, config.mixed_precision)
+        from lorax.training import distributed
+
+        shard = distributed.plan_for(config, accelerator, progress.log)  # FSDP: the frozen UNet sharded
+        setup.place(unet, vae, encoders, device, config.mixed_precision, unet_device="cpu" if shard else None)
         for group in groups:  # trainable LoRA weights stay fp32 under mixed precision
             for p in group["params"]:
                 p.data = p.data.float()
@@ -171,7 +174,9 @@ class LoraRecipe(Recipe):
             power=config.lr_power,
         )
         trained = [m for m in (text_encoder, text_encoder_2) if m is not None] if config.train_text else []
-        unet, *trained, optimizer = accelerator.prepare(unet, *trained, optimizer)
+        unet, trained, optimizer = distributed.prepare(
+            accelerator, unet, trained, optimizer, shard, progress.log
+        )
         if config.train_text:
             text_encoder = trained[0]
             text_encoder_2 = trained[1] if len(trained) == 2 else None
