@@ -157,10 +157,15 @@ class LoraRecipe(Recipe):
             live = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
             for component, tensors in initial.items():
                 load_lora_tensors(live[component], tensors)
+        from lorax.training import distributed
         from lorax.training.block_swap import swap_for
 
-        swap_for(config, unet, device, setup.weight_dtype(config.mixed_precision), progress.log)
-        setup.place(unet, vae, encoders, device, config.mixed_precision)
+        shard = distributed.plan_for(config, accelerator, progress.log)  # FSDP: the frozen UNet sharded
+        if shard and config.blocks_to_swap:
+            raise ConfigError("--blocks-to-swap: the frozen denoiser is sharded (FSDP); use one or the other")
+        if not shard:
+            swap_for(config, unet, device, setup.weight_dtype(config.mixed_precision), progress.log)
+        setup.place(unet, vae, encoders, device, config.mixed_precision, unet_device="cpu" if shard else None)
         for group in groups:  # trainable LoRA weights stay fp32 under mixed precision
             for p in group["params"]:
                 p.data = p.data.float()
@@ -192,7 +197,9 @@ class LoraRecipe(Recipe):
         )
         second = text_encoder_2 if train_2 else None
         trained = [m for m in (text_encoder, second) if m is not None] if config.train_text else []
-        unet, *trained, optimizer = accelerator.prepare(unet, *trained, optimizer)
+        unet, trained, optimizer = distributed.prepare(
+            accelerator, unet, trained, optimizer, shard, progress.log
+        )
         if config.train_text:
             text_encoder = trained[0]
             if len(trained) == 2:

@@ -88,8 +88,11 @@ def make_accelerator(config: Any) -> Any:
         raise ConfigError(
             "--mixed-precision fp16 needs a CUDA GPU; on the CPU use --mixed-precision bf16 or no (fp32)"
         )
+    from lorax.training.distributed import accelerate_without_fsdp
+
     try:
-        return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
+        with accelerate_without_fsdp():  # lorax shards the frozen base itself (lorax.training.distributed)
+            return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
     except ValueError as err:
         raise ConfigError(f"--mixed-precision {config.mixed_precision}: {err}") from None
 

@@ -44,12 +44,21 @@ def freeze(unet: Any, vae: Any, encoders: Sequence[Any], *, sdpa: bool) -> None:
         unet.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
 
 
-def place(unet: Any, vae: Any, encoders: Sequence[Any], device: Any, mixed_precision: str) -> None:
-    """Models on ``device`` in the run's precision; the VAE stays fp32 under fp16 (its decoder overflows)."""
+def place(
+    unet: Any,
+    vae: Any,
+    encoders: Sequence[Any],
+    device: Any,
+    mixed_precision: str,
+    *,
+    unet_device: Any = None,
+) -> None:
+    """Models on ``device`` in the run's precision; the VAE stays fp32 under fp16 (its decoder overflows).
+    ``unet_device``: where the UNet goes instead (the CPU, when FSDP moves only its shards to the device)."""
     import torch
 
     dtype = weight_dtype(mixed_precision)
-    unet.to(device, dtype=dtype)
+    unet.to(device if unet_device is None else unet_device, dtype=dtype)
     vae.to(device, dtype=torch.float32 if mixed_precision == "fp16" else dtype)
     for encoder in encoders:
         encoder.to(device, dtype=dtype)
