@@ -4,6 +4,8 @@ One prepared command, no downloads, a few minutes on one GPU:
 
     python -m bench.gpu_train                       # CUDA, 512 px, batch 1 and 4, fp16 and bf16, rank 4 (+ rank 128)
     python -m bench.gpu_train --device cpu --tiny   # smoke test of the same code path on the tiny model
+    python -m bench.gpu_train --flux                # Flux.1-shaped (19 double + 38 single blocks), 512 px: the
+                                                    # memory options of bench.train_memory on the GPU
 
 Reports it/s (optimizer steps per second, warm-up steps left out), images/s and peak allocated device memory per
 setting, plus diffusers' reference DreamBooth-LoRA loop (bench.train) at the same settings for the ratio.
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-cache-latents", dest="cache_latents", action="store_false")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--no-reference", dest="reference", action="store_false", default=True)
+    parser.add_argument("--flux", action="store_true", help="Flux.1-shaped memory cases (bench.train_memory)")
     args = parser.parse_args(argv)
     import torch
 
@@ -102,6 +105,16 @@ def main(argv: list[str] | None = None) -> None:
         print(
             "bench.gpu_train: no CUDA device here, skipped (python -m bench.gpu_train --device cpu --tiny: smoke)"
         )
+        return
+    if args.flux:
+        from bench import train_memory
+
+        shape = ["--double", "1", "--single", "1"] if args.tiny else ["--double", "19", "--single", "38"]
+        train_memory.main(
+            ["--device", args.device, *shape, "--resolution", str(args.resolution or (128 if args.tiny else 512)),
+             "--text-tokens", "512", "--steps", str(args.steps or 6), "--warmup", str(min(args.warmup, 2)),
+             "--threads", str(torch.get_num_threads()), "--out", "bench/out/gpu_train_flux.json"]
+        )  # fmt: skip
         return
     args.resolution = args.resolution or (32 if args.tiny else 512)
     args.steps = args.steps or (4 if args.tiny else 25)
