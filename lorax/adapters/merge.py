@@ -224,6 +224,14 @@ def merge_tensor_file(
 def _merged(key: str, contributions: list[Contribution], weight: torch.Tensor, dt: str) -> torch.Tensor:
     import torch
 
+    from lorax.adapters.merge_rows import merge_rows, plan_rows
+
+    plan = plan_rows(contributions, tuple(weight.shape))
+    fast = None if plan is None else merge_rows(weight, plan, dt)
+    if (
+        fast is not None
+    ):  # plain LoRA pairs, in blocks of rows: the same values as below (lorax.adapters.merge_rows)
+        return fast
     merged = apply_contributions(weight, contributions, check=False)
     w = merged.to(st_to_torch(dt))
     # One pass over the weight as written: a non-finite fp32 sum stays non-finite in any dtype, and fp16 overflows

@@ -7,6 +7,8 @@ convert`` (a new dtype) write through here.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,7 +81,11 @@ def rewrite_tensor_file(
 ) -> tuple[int, int]:
     """Write ``source`` to ``out``: ``replacements`` instead of their tensors, ``changes[key](tensor, dtype)`` for
     theirs, every other tensor copied byte for byte when its dtype stays (float tensors go to ``dtype`` when given).
-    Returns (tensors changed, tensors copied)."""
+    Returns (tensors changed, tensors copied).
+
+    Reading, computing and writing overlap: the next changed tensor's bytes are asked of the disk ahead
+    (``posix_fadvise WILLNEED``) while this one is computed, and writes and in-kernel copies run in a thread of their
+    own (``_Behind``, at most two tensors behind), so a merge costs about its I/O or its arithmetic, not their sum."""
     changes = changes or {}
     replacements = replacements or {}
     specs = []
@@ -91,25 +97,27 @@ def rewrite_tensor_file(
             specs.append((k, out_dtype(source.dtype(k), dtype), source.shape(k)))
     changed = copied = 0
     handles: dict[Path, int] = {}
+    ahead = [k for k, _, _ in specs if k in changes]
     try:
         writer = StreamingWriter(out, specs, metadata)
-        with writer, single_thread():
+        with writer, single_thread(), _Behind() as behind:
             for k, dt, _ in specs:
                 if k in replacements:
                     t = replacements[k]
-                    writer.write(k, t.to(st_to_torch(dt)) if dt in FLOAT_DTYPES else t)
+                    behind.put(writer.write, k, t.to(st_to_torch(dt)) if dt in FLOAT_DTYPES else t)
                 elif k in changes:
-                    writer.write(k, changes[k](read_owned(source, k, handles), dt))
+                    _advise(source, ahead, changed + 1, handles)
+                    behind.put(writer.write, k, changes[k](read_owned(source, k, handles), dt))
                     changed += 1
                 elif source.dtype(k) == dt:
                     if isinstance(source, SafetensorsSource):
                         f = source.file_of(k)
-                        writer.copy_from(k, _fd(f.path, handles), f.info(k).start)
+                        behind.put(writer.copy_from, k, _fd(f.path, handles), f.info(k).start)
                     else:
-                        writer.write(k, source.raw(k))
+                        behind.put(writer.write, k, source.raw(k))
                     copied += 1
                 else:
-                    writer.write(k, source.get(k).to(st_to_torch(dt)))
+                    behind.put(writer.write, k, source.get(k).to(st_to_torch(dt)))
                     copied += 1
                 if task is not None:
                     task.advance()
@@ -117,3 +125,57 @@ def rewrite_tensor_file(
         for fd in handles.values():
             os.close(fd)
     return changed, copied
+
+
+def _advise(
+    source: SafetensorsSource | PickleSource, ahead: list[str], i: int, handles: dict[Path, int]
+) -> None:
+    """Ask the kernel to start reading the changed tensor after this one (the one at ``ahead[i]``)."""
+    if i >= len(ahead) or not isinstance(source, SafetensorsSource) or not hasattr(os, "posix_fadvise"):
+        return
+    f = source.file_of(ahead[i])
+    info = f.info(ahead[i])
+    if info.nbytes:
+        os.posix_fadvise(_fd(f.path, handles), info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+
+
+class _Behind:
+    """Runs calls in order in a thread of its own, at most ``depth`` behind the caller (writes and in-kernel copies
+    release the GIL): the caller computes the next tensor while this one is written. An error in the thread is
+    raised in the caller at its next ``put`` or at the end; an error in the caller drops what is still queued."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self._queue: queue.Queue[tuple[Callable[..., object], tuple[object, ...]] | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="lorax-writer", daemon=True)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None and not self._stop:
+                try:
+                    item[0](*item[1])
+                except BaseException as err:  # handed to the caller
+                    self._error = err
+
+    def put(self, call: Callable[..., object], *args: object) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((call, args))
+
+    def __enter__(self) -> _Behind:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self._stop = True
+            while True:  # make room for the end mark
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+        self._queue.put(None)
+        self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise self._error

@@ -288,6 +288,20 @@ def a1111_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     return hashes
 
 
+def _open_for_writing(path: Path) -> BinaryIO:
+    """``open(path, "wb")`` without ``O_TRUNC`` on an empty file (``atomic_path``'s temp file exists already): on
+    ext4 a truncate marks the file for allocation on close (``auto_da_alloc``), and ``close`` then starts writeback of
+    every dirty page of it and waits for that (0.6 s per 1.6 GB here); ``cp`` writing a new file pays nothing."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    try:
+        if os.fstat(fd).st_size:
+            os.ftruncate(fd, 0)
+        return open(fd, "wb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class StreamingWriter:
     """Writes a safetensors file whose tensor list is known up front, one tensor at a time.
 
@@ -304,7 +318,7 @@ class StreamingWriter:
         self.path = Path(path)
         specs = list(specs)
         self._order = [(name, math.prod(shape) * DTYPE_SIZES[dtype]) for name, dtype, shape in specs]
-        self._f: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._f: BinaryIO = _open_for_writing(self.path)
         self._f.write(header_bytes(specs, metadata))
         self._next = 0
 
