@@ -55,11 +55,10 @@ class Plan:
 
 def plan_rows(contributions: list[Contribution], shape: tuple[int, ...]) -> Plan | None:
     """The row plan of a tensor's contributions, or ``None`` where the whole-tensor rule must run."""
-    from lorax.adapters.flux_merge import _Sliced
-
     if not shape or shape[0] == 0:
         return None
-    if len(contributions) == 1 and isinstance(contributions[0].module, _Sliced):
+    # Flux's single-file tensor (flux_merge._Sliced, known by its kind: importing it would close a cycle)
+    if len(contributions) == 1 and getattr(contributions[0].module, "kind", None) == "sliced":
         return _sliced_plan(contributions[0].module, shape)
     terms = []
     rows_total, columns = shape[0], _columns(shape)
