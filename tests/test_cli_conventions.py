@@ -229,7 +229,9 @@ def test_every_option_a_message_names_exists():
     options.add(
         "--network_alpha"
     )  # kohya sd-scripts' own option, named in --network-alpha's help as its origin
-    options.add("--use_fsdp")  # `accelerate launch --use_fsdp`: accelerate's own option, how users choose FSDP
+    options.add(
+        "--use_fsdp"
+    )  # `accelerate launch --use_fsdp`: accelerate's own option, how users choose FSDP
     # the per-line options of a kohya prompt file (--sample-prompts), not command-line flags
     options |= {
         "--n",
