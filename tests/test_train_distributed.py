@@ -12,17 +12,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from lorax.errors import ConfigError
 from lorax.training import distributed
+from tests import test_train_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parent.parent
+model_dir, image_dir = test_train_cli.model_dir, test_train_cli.image_dir  # the tiny SD folder, two images
 
 
 def _torchrun(port: int, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -37,24 +37,6 @@ def _torchrun(port: int, *args: str, env: dict[str, str] | None = None) -> subpr
         str(port),
     ]
     return subprocess.run([*command, *args], capture_output=True, text=True, env=full, timeout=300, cwd=ROOT)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from lorax.zoo.tiny import tiny_pipeline
-
-    folder = tmp_path_factory.mktemp("dist-model") / "model"
-    tiny_pipeline("sd1").save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("dist-images")
-    rng = np.random.default_rng(1)
-    for i in range(4):
-        Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
-    return folder
 
 
 # --- choosing it: accelerate's FSDP settings ---------------------------------------------------------------------
@@ -178,6 +160,16 @@ def _train(port: int, image_dir: Path, model_dir: Path, out: Path, *extra: str, 
     return json.loads(lines[0])
 
 
+def test_cli_fsdp_is_the_same_command(tmp_path, image_dir, model_dir):
+    """`torchrun … lorax train` with accelerate's FSDP switch: the main process alone reports and writes, the frozen
+    UNet is sharded (half of it on each process), the LoRA trains."""
+    body = _train(29667, image_dir, model_dir, tmp_path / "fsdp.safetensors", fsdp=True)
+    assert body["processes"] == 2 and body["steps"] == 3
+    lora = load_file(tmp_path / "fsdp.safetensors")
+    assert max(float(t.abs().max()) for k, t in lora.items() if k.endswith("lora_up.weight")) > 1e-5
+
+
+@pytest.mark.slow
 def test_cli_fsdp_trains_the_same_lora_as_ddp(tmp_path, image_dir, model_dir):
     ddp = _train(29662, image_dir, model_dir, tmp_path / "ddp.safetensors", fsdp=False)
     fsdp = _train(29663, image_dir, model_dir, tmp_path / "fsdp.safetensors", fsdp=True)
