@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import test_flux_generate
+import test_flux_train
 import torch
 from safetensors.torch import load_file
 
@@ -23,6 +26,10 @@ from tests import test_train_cli
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parent.parent
 model_dir, image_dir = test_train_cli.model_dir, test_train_cli.image_dir  # the tiny SD folder, two images
+flux_dir, flux_images = (
+    test_flux_generate.dev_dir,
+    test_flux_train.images,
+)  # a tiny Flux.1-dev folder, two images
 
 
 def _torchrun(port: int, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -138,7 +145,18 @@ def test_sharded_flux_transformer_lora_equals_one_process_on_the_whole_batch(tmp
 
 
 # --- the CLI: same command, FSDP vs DDP, checkpoints ---------------------------------------------------------
-def _train(port: int, image_dir: Path, model_dir: Path, out: Path, *extra: str, fsdp: bool) -> dict:
+SD_SHARDED = "UNet2DConditionModel is sharded across 2 processes (2.1 of 4.2 MiB on the main one)"
+
+
+def _train(
+    port: int,
+    image_dir: Path,
+    model_dir: Path,
+    out: Path,
+    *extra: str,
+    fsdp: bool,
+    sharded_line: str = SD_SHARDED,
+) -> dict:
     args = ["-m", "lorax", "train", str(image_dir), "--model", str(model_dir), "--instance-prompt", "x"]
     args += ["--resolution", "32", "--steps", "3", "--device", "cpu", "--save-dtype", "fp32"]
     proc = _torchrun(
@@ -156,7 +174,10 @@ def _train(port: int, image_dir: Path, model_dir: Path, out: Path, *extra: str, 
     sharded = [ln for ln in proc.stderr.splitlines() if ln.startswith("FSDP:")]
     assert len(sharded) == (1 if fsdp else 0), proc.stderr[-2000:]
     if fsdp:
-        assert "sharded across 2 processes (2.1 of 4.2 MiB on the main one)" in sharded[0]
+        assert sharded_line in sharded[0], sharded[0]
+        local, total = map(float, re.search(r"\(([\d.]+) of ([\d.]+) MiB", sharded[0]).groups())
+        # about half of the frozen base on each process (the figures are rounded to 0.1 MiB), not all of it
+        assert 0 < local <= total / 2 + 0.1, sharded[0]
     return json.loads(lines[0])
 
 
@@ -166,6 +187,18 @@ def test_cli_fsdp_is_the_same_command(tmp_path, image_dir, model_dir):
     body = _train(29667, image_dir, model_dir, tmp_path / "fsdp.safetensors", fsdp=True)
     assert body["processes"] == 2 and body["steps"] == 3
     lora = load_file(tmp_path / "fsdp.safetensors")
+    assert max(float(t.abs().max()) for k, t in lora.items() if k.endswith("lora_up.weight")) > 1e-5
+
+
+def test_cli_fsdp_trains_flux_with_the_same_command(tmp_path, flux_dir, flux_images):
+    """Flux through the same `torchrun … lorax train`: the frozen transformer is sharded (its double and single
+    blocks are the FSDP units), the main process alone writes a kohya-named Flux LoRA that trained."""
+    line = "FluxTransformer2DModel is sharded across 2 processes"
+    body = _train(29668, flux_images, flux_dir, tmp_path / "flux.safetensors", fsdp=True, sharded_line=line)
+    assert body["processes"] == 2 and body["steps"] == 3
+    lora = load_file(tmp_path / "flux.safetensors")
+    assert any(k.startswith("lora_unet_double_blocks_0_") for k in lora)
+    assert any(k.startswith("lora_unet_single_blocks_0_") for k in lora)
     assert max(float(t.abs().max()) for k, t in lora.items() if k.endswith("lora_up.weight")) > 1e-5
 
 
