@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -11,30 +10,13 @@ from lorax.cli import training_options as opts
 from lorax.cli import training_run as run
 from lorax.cli.common import with_flags
 
-
-def _invert_output(
-    data_dir: opts.TokenDataDirArg = None,
-    output: Annotated[
-        Path | None,
-        opts.in_output(
-            "--output",
-            "-o",
-            help="The embedding to write: .pt (A1111 string_to_param) or .safetensors (A1111 emb_params, or "
-            "diffusers learned_embeds with --format diffusers; SDXL models: clip_l + clip_g, .safetensors only).",
-        ),
-    ] = None,
-    config: opts.ConfigOpt = None,
-    model: opts.ModelOpt = None,
-    format: Annotated[
-        str,
-        opts.in_output(
-            "--format",
-            help="a1111 (one token; .safetensors files are named by their file; on SDXL the clip_l/clip_g "
-            "embedding A1111 and ComfyUI load) or diffusers ({token: vectors}; SD1/SD2).",
-        ),
-    ] = "a1111",
-) -> None:
-    """The images' folder, the embedding written and the model."""
+_invert_output = opts.token_output_flags(
+    output_help="The embedding to write: .pt (A1111 string_to_param) or .safetensors (A1111 emb_params, or "
+    "diffusers learned_embeds with --format diffusers; SDXL models: clip_l + clip_g, .safetensors only).",
+    format_help="a1111 (one token; .safetensors files are named by their file; on SDXL the clip_l/clip_g "
+    "embedding A1111 and ComfyUI load) or diffusers ({token: vectors}; SD1/SD2).",
+    format_default="a1111",
+)
 
 
 def _invert_optimisation(

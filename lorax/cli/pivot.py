@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -15,24 +14,12 @@ LORA = "LoRA (phase 2)"
 in_lora = opts.in_panel(LORA)
 
 
-def _pivot_output(
-    data_dir: opts.TokenDataDirArg = None,
-    output: Annotated[
-        Path | None,
-        opts.in_output("--output", "-o", help="The LoRA file to write (.safetensors), tokens included."),
-    ] = None,
-    config: opts.ConfigOpt = None,
-    model: opts.ModelOpt = None,
-    format: Annotated[
-        str,
-        opts.in_output(
-            "--format",
-            help="kohya (tokens bundled as bundle_emb.<token>.string_to_param.*, on SDXL .clip_l/.clip_g) or "
-            "lora_diffusion (the seed's; SD1/SD2).",
-        ),
-    ] = "kohya",
-) -> None:
-    """The images' folder, the LoRA written and the model."""
+_pivot_output = opts.token_output_flags(
+    output_help="The LoRA file to write (.safetensors), tokens included.",
+    format_help="kohya (tokens bundled as bundle_emb.<token>.string_to_param.*, on SDXL .clip_l/.clip_g) or "
+    "lora_diffusion (the seed's; SD1/SD2).",
+    format_default="kohya",
+)
 
 
 def _pivot_phases(
@@ -50,12 +37,6 @@ def _pivot_phases(
 
 
 def _pivot_lora(
-    class_prompt: Annotated[
-        str | None, opts.in_prior(help="Turns on prior preservation with this class prompt, e.g. 'a shape'.")
-    ] = None,
-    class_dir: opts.ClassDirOpt = None,
-    num_class_images: opts.NumClassImagesOpt = 100,
-    prior_weight: opts.PriorWeightOpt = 1.0,
     rank: Annotated[int, opts.rank_option(LORA)] = 4,
     alpha: Annotated[float | None, opts.alpha_option(LORA)] = None,
     targets: Annotated[
@@ -74,7 +55,7 @@ def _pivot_lora(
         int | None, opts.steps_option("Phase 2 (LoRA) steps (default 300 unless --epochs).")
     ] = None,
 ) -> None:
-    """Prior preservation and phase 2's LoRA."""
+    """Phase 2's LoRA."""
 
 
 @with_flags(
@@ -82,6 +63,7 @@ def _pivot_lora(
     opts.token_flags,
     _pivot_phases,
     opts.token_image_flags,
+    opts.prior_flags("a shape"),
     _pivot_lora,
     opts.token_run_flags,
 )

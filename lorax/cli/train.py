@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -11,13 +11,12 @@ from lorax.cli import memory_options as mem
 from lorax.cli import train_flux_options as flux
 from lorax.cli import training_options as opts
 from lorax.cli import training_run as run
-from lorax.cli.common import ForceOption, JsonOption, cli_progress, print_json, stdout_console
+from lorax.cli.common import ForceOption, JsonOption, cli_progress, print_json, stdout_console, with_flags
 
 LORA = opts.LORA
 
 
-def train_command(
-    ctx: typer.Context,
+def _train_inputs(
     data_dir: Annotated[
         Path | None,
         typer.Argument(
@@ -89,12 +88,14 @@ def train_command(
         ),
     ] = None,
     auto_mask: opts.AutoMaskOpt = False,
-    class_prompt: Annotated[
-        str | None, opts.in_prior(help="Turns on prior preservation with this class prompt, e.g. 'a star'.")
-    ] = None,
-    class_dir: opts.ClassDirOpt = None,
-    num_class_images: opts.NumClassImagesOpt = 100,
-    prior_weight: opts.PriorWeightOpt = 1.0,
+) -> None:
+    """DATA_DIR or what stands for it, OUTPUT, the model, and the images and their captions and masks."""
+
+
+_train_prior = opts.prior_flags("a star")
+
+
+def _train_run(
     sample_steps: Annotated[
         int,
         opts.in_prior(
@@ -274,6 +275,12 @@ def train_command(
     force: ForceOption = False,
     json_out: JsonOption = False,
 ) -> None:
+    """Class and validation images' sampling, the LoRA, Flux, optimisation, memory and speed, what happens during
+    training, the output's precision and name."""
+
+
+@with_flags(_train_inputs, _train_prior, _train_run)
+def train_command(ctx: typer.Context, **flags: Any) -> None:
     """Train a LoRA on a folder of images (DreamBooth with --class-prompt).
 
     Writes OUTPUT (kohya format by default), its loss curve (OUTPUT's stem + .loss.csv / .loss.png) and the
@@ -281,7 +288,8 @@ def train_command(
 
     Example: lorax train ./star-photos --instance-prompt "a sks star" --steps 300 -o sks-star.safetensors
     """
-    given = run.given_flags(ctx, locals(), _TRAIN_PARAMS)
+    given = run.given_flags(ctx, flags, _TRAIN_PARAMS)
+    config = flags["config"]
 
     from lorax.services.train import train
     from lorax.training.config import TrainConfig
@@ -293,7 +301,7 @@ def train_command(
         progress.flush()
     if not result.main_process:
         return
-    if json_out:
+    if flags["json_out"]:
         print_json(result)
         return
     console = stdout_console()

@@ -7,10 +7,10 @@ taking the command's LoRA panel. Options whose help differs between the commands
 Runs of flags that invert and pivot share, defaults included, are one flag group each (``token_flags``,
 ``token_image_flags``, ``token_run_flags``): a function whose parameters declare them once;
 ``lorax.cli.common.with_flags`` gives a command the parameters of its groups and of its own parts, in order.
+``token_output_flags`` builds the group whose help differs by command (what OUTPUT is, the formats); its
+annotations are evaluated where it is defined, so this module does without ``from __future__ import annotations``.
 The helpers that turn a command's flags into its config and print its summary: ``lorax.cli.training_run``.
 """
-
-from __future__ import annotations
 
 import functools
 from collections.abc import Callable
@@ -282,6 +282,40 @@ def token_flags(
     norm_target: NormTargetOpt = 0.4,
 ) -> None:
     """The new tokens (invert; pivot's phase 1)."""
+
+
+def token_output_flags(output_help: str, format_help: str, format_default: str) -> Callable[..., None]:
+    """DATA_DIR, OUTPUT (``output_help``), --config, --model and --format (``format_help``, ``format_default``):
+    invert's and pivot's first flags."""
+
+    def flags(
+        data_dir: TokenDataDirArg = None,
+        output: Annotated[Path | None, in_output("--output", "-o", help=output_help)] = None,
+        config: ConfigOpt = None,
+        model: ModelOpt = None,
+        format: Annotated[str, in_output("--format", help=format_help)] = format_default,
+    ) -> None:
+        """The images' folder, the file written and the model."""
+
+    return flags
+
+
+def prior_flags(example: str) -> Callable[..., None]:
+    """Prior preservation: --class-prompt (its help's example class: ``example``), --class-dir,
+    --num-class-images and --prior-weight (train and pivot)."""
+
+    def flags(
+        class_prompt: Annotated[
+            str | None,
+            in_prior(help=f"Turns on prior preservation with this class prompt, e.g. '{example}'."),
+        ] = None,
+        class_dir: ClassDirOpt = None,
+        num_class_images: NumClassImagesOpt = 100,
+        prior_weight: PriorWeightOpt = 1.0,
+    ) -> None:
+        """The class images and their loss."""
+
+    return flags
 
 
 def token_image_flags(
