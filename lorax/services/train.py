@@ -36,6 +36,8 @@ from lorax.training.recipe import (
 )
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+
     from lorax.training.job import LoraJob
     from lorax.training.loop import TrainingLoop
     from lorax.training.val_loss import ValidationLoss
@@ -247,7 +249,7 @@ def _validation_loss(
     job: LoraJob,
     data: TrainData,
     held_out: list[ImageItem],
-    accelerator: Any,
+    accelerator: Accelerator,
     max_steps: int,
     progress: Progress,
 ) -> ValidationLoss:

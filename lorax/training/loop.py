@@ -31,6 +31,7 @@ from lorax.training.loop_api import Job, LoopResult, LoopSettings
 
 if TYPE_CHECKING:
     import torch
+    from accelerate import Accelerator
 
 __all__ = ["Job", "LoopResult", "LoopSettings", "TrainingLoop", "is_out_of_memory"]
 
@@ -48,7 +49,7 @@ class TrainingLoop:
         self,
         job: Job,
         *,
-        accelerator: Any,
+        accelerator: Accelerator,
         optimizer: Any,
         scheduler: Any,
         settings: LoopSettings,

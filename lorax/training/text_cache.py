@@ -16,7 +16,10 @@ import hashlib
 import json
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 CACHE_VERSION = "1"
 
@@ -63,7 +66,7 @@ def encoder_identity(prompts: Any) -> str:
 class DiskTextCache(MutableMapping[str, Any]):
     """Prompt → encoder output (a tensor or a tuple of tensors), in memory and as one safetensors file a prompt."""
 
-    def __init__(self, folder: Path, device: Any = None) -> None:
+    def __init__(self, folder: Path, device: torch.device | None = None) -> None:
         self.folder = Path(folder)
         self.device = device
         self.hits = 0
