@@ -189,9 +189,9 @@ class FluxObjective:
         latents: torch.Tensor,
         cond: Any,
         generator: torch.Generator,
-        weight: Any = None,
+        weight: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
-    ) -> Any:
+    ) -> torch.Tensor:
         """Per-example ``mean(w(σ)·(v̂ − (ε − x0))²)`` ``[B]`` (float32); ``weight``: a loss mask."""
         from lorax.training.flow import weighted_mse
 

@@ -24,9 +24,9 @@ class Objective(Protocol):
         latents: torch.Tensor,
         cond: Any,
         generator: torch.Generator,
-        weight: Any = None,
+        weight: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
-    ) -> Any:
+    ) -> torch.Tensor:
         """Per-example loss ``[B]`` (float32) of the denoiser ``unet`` on ``latents`` under conditioning ``cond``,
         randomness drawn from ``generator``; ``weight``: a loss mask broadcastable to the latents; ``timesteps``:
         fixed ones instead of drawn ones."""
@@ -76,9 +76,9 @@ class DiffusionObjective:
         latents: torch.Tensor,
         cond: Any,
         generator: torch.Generator,
-        weight: Any = None,
+        weight: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
-    ) -> Any:
+    ) -> torch.Tensor:
         """Per-example loss ``[B]`` (float32), drawing noise and timesteps from ``generator``.
 
         ``weight`` (broadcastable to the latents, e.g. ``[B, 1, h, w]``): a loss mask; prediction and target are both
