@@ -240,7 +240,7 @@ def prepare(
     accelerator: Accelerator,
     denoiser: Any,
     trained: list[Any],
-    optimizer: Any,
+    optimizer: torch.optim.Optimizer,
     plan: ShardPlan | None,
     log: Callable[[str], None],
 ) -> tuple[Any, list[Any], Any]:

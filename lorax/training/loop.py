@@ -50,7 +50,7 @@ class TrainingLoop:
         job: Job,
         *,
         accelerator: Accelerator,
-        optimizer: Any,
+        optimizer: torch.optim.Optimizer,
         scheduler: Any,
         settings: LoopSettings,
         progress: Progress | None = None,
@@ -125,7 +125,7 @@ class TrainingLoop:
         self,
         state: LoopState,
         tensors: dict[str, torch.Tensor],
-        optimizer: Any,
+        optimizer: Any,  # the live optimizer, or a good state's StateDict of it
         scheduler: Any,
         scaler: Any,
         rng: Any = None,

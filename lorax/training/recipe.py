@@ -23,6 +23,7 @@ from lorax.errors import ConfigError, MismatchError
 from lorax.progress import Progress
 
 if TYPE_CHECKING:
+    import torch
     from accelerate import Accelerator
 
     from lorax.training.checkpoint import Checkpoint
@@ -45,7 +46,7 @@ def make_loop(
     job: Any,
     config: TrainConfig,
     accelerator: Accelerator,
-    optimizer: Any,
+    optimizer: torch.optim.Optimizer,
     scheduler: Any,
     max_steps: int,
     progress: Progress,
