@@ -65,7 +65,7 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
         check_within(loop.state.global_step, max_steps)
         progress.log(f"resuming from {resume.path} at step {loop.state.global_step}")
     resumed = (resume.path, loop.state.global_step) if resume is not None else None
-    result = loop.run()
+    loop.run()
     embeddings = session.tokens.embeddings()
     run = finish_run(config, loop, lambda: recipe.save(loop, output, progress=progress), resumed=resumed)
     return InvertResult(
@@ -76,8 +76,6 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
         steps=loop.state.global_step,
         **run,
         num_images=len(session.items),
-        checkpoints=result.checkpoints,
-        samples=result.samples,
         norms=norms(embeddings),
         norms_2=norms(embeddings, "text_encoder_2"),
     )

@@ -112,7 +112,5 @@ def pivot(config: PivotConfig, progress: Progress | None = None, *, pipeline: An
         num_images=len(session.items),
         num_class_images=len(session.class_items),
         base_model_bytes=session.base_bytes,
-        checkpoints=checkpoints,
-        samples=samples,
         modules=recipe.modules,
     )

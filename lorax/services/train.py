@@ -212,7 +212,7 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
             )
         )
     try:
-        result = loop.run()
+        loop.run()
     finally:
         if loop.settings.tracker is not None:
             loop.settings.tracker.finish()
@@ -234,8 +234,6 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
         num_images=len(items),
         num_class_images=len(class_items),
         base_model_bytes=base_bytes,
-        checkpoints=result.checkpoints,
-        samples=result.samples,
         modules=recipe.modules,
         processes=accelerator.num_processes,
         main_process=accelerator.is_main_process,

@@ -108,6 +108,8 @@ class RunFields(TypedDict):
     config_path: Path
     file_bytes: int
     resumed_from: Path | None
+    checkpoints: list[Path]
+    samples: list[Path]
     losses: list[list[float]]
     samples_png: Path | None
 
@@ -123,7 +125,7 @@ def finish_run(
     **companions: Any,
 ) -> RunFields:
     """The end of a training run that ``loop`` ran last, on every process: the validation ``samples`` this run drew
-    (default: the loop's; ``resumed``: the checkpoint it continued from and its step) go to the samples folder, the
+    (default: the loop's, as are ``checkpoints``; ``resumed``: the checkpoint it continued from and its step) go to the samples folder, the
     main process ``save``s the output and writes its companions (the loop's ``checkpoints`` marked on the loss curve;
     ``write_companions``' other keywords), and all wait for it. Returns the run's ``RunFields`` (``file_bytes`` is 0
     on the other processes)."""
@@ -131,12 +133,10 @@ def finish_run(
 
     assert config.output is not None
     output, state, accelerator = Path(config.output), loop.state, loop.accelerator
+    checkpoints = loop.checkpoints if checkpoints is None else checkpoints
+    samples = loop.samples if samples is None else samples
     accelerator.wait_for_everyone()
-    sheet_files = sample_files(
-        loop.samples if samples is None else samples,
-        companion_paths(output)["samples"],
-        resumed[1] if resumed else None,
-    )
+    sheet_files = sample_files(samples, companion_paths(output)["samples"], resumed[1] if resumed else None)
     file_bytes = 0
     if accelerator.is_main_process:
         save()
@@ -144,7 +144,7 @@ def finish_run(
             config,
             state.losses,
             output,
-            checkpoints=loop.checkpoints if checkpoints is None else checkpoints,
+            checkpoints=checkpoints,
             resumed=resumed,
             samples=sheet_files,
             **companions,
@@ -160,6 +160,8 @@ def finish_run(
         config_path=companion["config"],
         file_bytes=file_bytes,
         resumed_from=resumed[0] if resumed else None,
+        checkpoints=checkpoints,
+        samples=samples,
         losses=state.losses,
         samples_png=companion["samples_png"] if sheet_files else None,
     )
