@@ -56,7 +56,7 @@ class LoraRequest:
         return self.unet_scale if self.text_scale is None else self.text_scale
 
 
-def _live_path(component: str, model: Any, path: str) -> str:
+def _live_path(component: str, model: torch.nn.Module | None, path: str) -> str:
     """Map an on-disk text-encoder path (with ``text_model.``) to the live module path, and leave others alone."""
     from lorax.models.families import disk_to_live
 

@@ -31,7 +31,7 @@ def to_peft_state_dict(
     state: LoraState,
     component: str,
     *,
-    model: Any = None,
+    model: torch.nn.Module | None = None,
     text_model: bool | None = None,
     fold_alpha: bool = True,
 ) -> dict[str, torch.Tensor]:
@@ -56,7 +56,7 @@ def to_peft_state_dict(
 
 
 def peft_config_for(
-    state: LoraState, component: str, *, model: Any = None, text_model: bool | None = None
+    state: LoraState, component: str, *, model: torch.nn.Module | None = None, text_model: bool | None = None
 ) -> dict[str, Any]:
     """LoraConfig kwargs that fit ``to_peft_state_dict(..., fold_alpha=True)``: alpha equals rank everywhere."""
     if text_model is None and model is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -10,40 +9,19 @@ import typer
 from lorax.cli import training_options as opts
 from lorax.cli import training_run as run
 from lorax.cli.common import with_flags
-from lorax.cli.training_options import OPTIM, OUT
 
-
-def _invert_output(
-    data_dir: opts.TokenDataDirArg = None,
-    output: Annotated[
-        Path | None,
-        typer.Option(
-            "--output",
-            "-o",
-            help="The embedding to write: .pt (A1111 string_to_param) or .safetensors (A1111 emb_params, or "
-            "diffusers learned_embeds with --format diffusers; SDXL models: clip_l + clip_g, .safetensors only).",
-            rich_help_panel=OUT,
-        ),
-    ] = None,
-    config: opts.ConfigOpt = None,
-    model: opts.ModelOpt = None,
-    format: Annotated[
-        str,
-        typer.Option(
-            "--format",
-            help="a1111 (one token; .safetensors files are named by their file; on SDXL the clip_l/clip_g "
-            "embedding A1111 and ComfyUI load) or diffusers ({token: vectors}; SD1/SD2).",
-            rich_help_panel=OUT,
-        ),
-    ] = "a1111",
-) -> None:
-    """The images' folder, the embedding written and the model."""
+_invert_output = opts.token_output_flags(
+    output_help="The embedding to write: .pt (A1111 string_to_param) or .safetensors (A1111 emb_params, or "
+    "diffusers learned_embeds with --format diffusers; SDXL models: clip_l + clip_g, .safetensors only).",
+    format_help="a1111 (one token; .safetensors files are named by their file; on SDXL the clip_l/clip_g "
+    "embedding A1111 and ComfyUI load) or diffusers ({token: vectors}; SD1/SD2).",
+    format_default="a1111",
+)
 
 
 def _invert_optimisation(
     learning_rate: Annotated[
-        float,
-        typer.Option("--learning-rate", "--lr", help="Embedding learning rate.", rich_help_panel=OPTIM),
+        float, opts.in_optim("--learning-rate", "--lr", help="Embedding learning rate.")
     ] = 5e-3,
     lr_scheduler: opts.SchedulerOpt = "constant",
     warmup_steps: opts.WarmupOpt = 0,

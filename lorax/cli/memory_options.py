@@ -5,35 +5,30 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import typer
-
-from lorax.cli.training_options import SPEED
+from lorax.cli.training_options import in_speed
 
 Fp8BaseOpt = Annotated[
     bool,
-    typer.Option(
+    in_speed(
         "--fp8-base",
         help="Store the frozen denoiser's linear weights in fp8 (float8_e4m3fn, a scale per tensor; kohya's "
         "fp8_base): a byte a weight; the LoRA trains in fp32.",
-        rich_help_panel=SPEED,
     ),
 ]
 BlocksToSwapOpt = Annotated[
     int,
-    typer.Option(
+    in_speed(
         "--blocks-to-swap",
         min=0,
         help="Keep the frozen weights of the denoiser's last N blocks in CPU memory, copied to the device layer by "
         "layer as they run (kohya's blocks_to_swap; needs --gradient-checkpointing).",
-        rich_help_panel=SPEED,
     ),
 ]
 CacheTextToDiskOpt = Annotated[
     bool,
-    typer.Option(
+    in_speed(
         "--cache-text-to-disk",
         help="Cached text-encoder outputs kept as safetensors in the lorax cache (by caption and encoder), reused "
         "by later runs.",
-        rich_help_panel=SPEED,
     ),
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -10,91 +9,45 @@ import typer
 from lorax.cli import training_options as opts
 from lorax.cli import training_run as run
 from lorax.cli.common import with_flags
-from lorax.cli.training_options import OPTIM, OUT, PRIOR, TOKENS
 
 LORA = "LoRA (phase 2)"
+in_lora = opts.in_panel(LORA)
 
 
-def _pivot_output(
-    data_dir: opts.TokenDataDirArg = None,
-    output: Annotated[
-        Path | None,
-        typer.Option(
-            "--output",
-            "-o",
-            help="The LoRA file to write (.safetensors), tokens included.",
-            rich_help_panel=OUT,
-        ),
-    ] = None,
-    config: opts.ConfigOpt = None,
-    model: opts.ModelOpt = None,
-    format: Annotated[
-        str,
-        typer.Option(
-            "--format",
-            help="kohya (tokens bundled as bundle_emb.<token>.string_to_param.*, on SDXL .clip_l/.clip_g) or "
-            "lora_diffusion (the seed's; SD1/SD2).",
-            rich_help_panel=OUT,
-        ),
-    ] = "kohya",
-) -> None:
-    """The images' folder, the LoRA written and the model."""
+_pivot_output = opts.token_output_flags(
+    output_help="The LoRA file to write (.safetensors), tokens included.",
+    format_help="kohya (tokens bundled as bundle_emb.<token>.string_to_param.*, on SDXL .clip_l/.clip_g) or "
+    "lora_diffusion (the seed's; SD1/SD2).",
+    format_default="kohya",
+)
 
 
 def _pivot_phases(
-    ti_steps: Annotated[
-        int, typer.Option(help="Phase 1 (inversion) steps; 0 skips it.", rich_help_panel=TOKENS)
-    ] = 1000,
-    ti_learning_rate: Annotated[
-        float, typer.Option(help="Phase 1 embedding learning rate.", rich_help_panel=TOKENS)
-    ] = 5e-3,
+    ti_steps: Annotated[int, opts.in_tokens(help="Phase 1 (inversion) steps; 0 skips it.")] = 1000,
+    ti_learning_rate: Annotated[float, opts.in_tokens(help="Phase 1 embedding learning rate.")] = 5e-3,
     continue_inversion: Annotated[
-        bool,
-        typer.Option(
-            "--continue-inversion",
-            help="Keep training the tokens in phase 2 (small lr).",
-            rich_help_panel=TOKENS,
-        ),
+        bool, opts.in_tokens("--continue-inversion", help="Keep training the tokens in phase 2 (small lr).")
     ] = False,
     continue_ti_learning_rate: Annotated[
         float | None,
-        typer.Option(
-            help="Embedding learning rate in phase 2 (default: --ti-learning-rate / 10).",
-            rich_help_panel=TOKENS,
-        ),
+        opts.in_tokens(help="Embedding learning rate in phase 2 (default: --ti-learning-rate / 10)."),
     ] = None,
 ) -> None:
     """Phase 1 (the tokens) and the tokens in phase 2."""
 
 
 def _pivot_lora(
-    class_prompt: Annotated[
-        str | None,
-        typer.Option(
-            help="Turns on prior preservation with this class prompt, e.g. 'a shape'.",
-            rich_help_panel=PRIOR,
-        ),
-    ] = None,
-    class_dir: opts.ClassDirOpt = None,
-    num_class_images: opts.NumClassImagesOpt = 100,
-    prior_weight: opts.PriorWeightOpt = 1.0,
     rank: Annotated[int, opts.rank_option(LORA)] = 4,
     alpha: Annotated[float | None, opts.alpha_option(LORA)] = None,
     targets: Annotated[
-        str,
-        typer.Option(
-            help="attn, attn-ff, all, or comma-separated module globs (as lorax train).", rich_help_panel=LORA
-        ),
+        str, in_lora(help="attn, attn-ff, all, or comma-separated module globs (as lorax train).")
     ] = "attn",
     train_text: Annotated[
-        bool,
-        typer.Option(
-            "--train-text/--no-train-text", help="Train a text-encoder LoRA too.", rich_help_panel=LORA
-        ),
+        bool, in_lora("--train-text/--no-train-text", help="Train a text-encoder LoRA too.")
     ] = True,
     learning_rate: opts.UnetLearningRateOpt = 1e-4,
     text_learning_rate: Annotated[
-        float | None, typer.Option(help="Text-encoder LoRA learning rate.", rich_help_panel=OPTIM)
+        float | None, opts.in_optim(help="Text-encoder LoRA learning rate.")
     ] = 1e-5,
     lr_scheduler: opts.SchedulerOpt = "linear",
     warmup_steps: opts.WarmupOpt = 0,
@@ -102,7 +55,7 @@ def _pivot_lora(
         int | None, opts.steps_option("Phase 2 (LoRA) steps (default 300 unless --epochs).")
     ] = None,
 ) -> None:
-    """Prior preservation and phase 2's LoRA."""
+    """Phase 2's LoRA."""
 
 
 @with_flags(
@@ -110,6 +63,7 @@ def _pivot_lora(
     opts.token_flags,
     _pivot_phases,
     opts.token_image_flags,
+    opts.prior_flags("a shape"),
     _pivot_lora,
     opts.token_run_flags,
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -11,14 +11,12 @@ from lorax.cli import memory_options as mem
 from lorax.cli import train_flux_options as flux
 from lorax.cli import training_options as opts
 from lorax.cli import training_run as run
-from lorax.cli.common import ForceOption, JsonOption, cli_progress, print_json, stdout_console
-from lorax.cli.training_options import DATA, DURING, OPTIM, OUT, PRIOR, SPEED
+from lorax.cli.common import ForceOption, JsonOption, cli_progress, print_json, stdout_console, with_flags
 
-LORA = "LoRA"
+LORA = opts.LORA
 
 
-def train_command(
-    ctx: typer.Context,
+def _train_inputs(
     data_dir: Annotated[
         Path | None,
         typer.Argument(
@@ -29,8 +27,7 @@ def train_command(
         ),
     ] = None,
     output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", help="The LoRA file to write (.safetensors).", rich_help_panel=OUT),
+        Path | None, opts.in_output("--output", "-o", help="The LoRA file to write (.safetensors).")
     ] = None,
     config: opts.ConfigOpt = None,
     concept: Annotated[
@@ -47,141 +44,111 @@ def train_command(
     ] = None,
     dataset_config: Annotated[
         Path | None,
-        typer.Option(
+        opts.in_data(
             "--dataset-config",
             "--dataset_config",
             help="kohya's dataset TOML ([general], [[datasets]], [[datasets.subsets]] with image_dir, "
             "num_repeats, class_tokens, is_reg …) instead of DATA_DIR.",
-            rich_help_panel=DATA,
             show_default=False,
         ),
     ] = None,
     model: opts.ModelOpt = None,
     format: Annotated[
-        str,
-        typer.Option(
-            "--format", help="Output format: kohya (A1111/ComfyUI) or diffusers.", rich_help_panel=OUT
-        ),
+        str, opts.in_output("--format", help="Output format: kohya (A1111/ComfyUI) or diffusers.")
     ] = "kohya",
     instance_prompt: Annotated[
-        str | None,
-        typer.Option(help="Caption for images without their own, e.g. 'a sks star'.", rich_help_panel=DATA),
+        str | None, opts.in_data(help="Caption for images without their own, e.g. 'a sks star'.")
     ] = None,
     template: opts.TemplateOpt = None,
     resolution: opts.ResolutionOpt = None,
     random_crop: Annotated[
-        bool, typer.Option("--random-crop", help="Random instead of centre crops.", rich_help_panel=DATA)
+        bool, opts.in_data("--random-crop", help="Random instead of centre crops.")
     ] = False,
     flip: opts.FlipOpt = False,
     buckets: Annotated[
-        bool,
-        typer.Option(
-            "--buckets", help="Aspect-ratio bucketing: keep each image's shape.", rich_help_panel=DATA
-        ),
+        bool, opts.in_data("--buckets", help="Aspect-ratio bucketing: keep each image's shape.")
     ] = False,
     repeats: opts.RepeatsOpt = 1,
     caption_shuffle: Annotated[
-        bool,
-        typer.Option("--caption-shuffle", help="Shuffle comma-separated caption tags.", rich_help_panel=DATA),
+        bool, opts.in_data("--caption-shuffle", help="Shuffle comma-separated caption tags.")
     ] = False,
-    keep_tokens: Annotated[
-        int, typer.Option(help="Leading tags that --caption-shuffle keeps in place.", rich_help_panel=DATA)
-    ] = 1,
+    keep_tokens: Annotated[int, opts.in_data(help="Leading tags that --caption-shuffle keeps in place.")] = 1,
     caption_dropout: Annotated[
-        float, typer.Option(help="Probability of training on an empty caption.", rich_help_panel=DATA)
+        float, opts.in_data(help="Probability of training on an empty caption.")
     ] = 0.0,
     strict: Annotated[
-        bool,
-        typer.Option(
-            "--strict", help="Stop on an unreadable image instead of skipping it.", rich_help_panel=DATA
-        ),
+        bool, opts.in_data("--strict", help="Stop on an unreadable image instead of skipping it.")
     ] = False,
-    recursive: Annotated[
-        bool, typer.Option("--recursive", help="Include images in sub-folders.", rich_help_panel=DATA)
-    ] = False,
+    recursive: Annotated[bool, opts.in_data("--recursive", help="Include images in sub-folders.")] = False,
     mask_dir: Annotated[
         Path | None,
-        typer.Option(
+        opts.in_masks(
             help="Folder of loss masks named like the images (NAME.png or NAME.mask.png; white = train, black = "
-            "ignore); every image needs one. Without it, a NAME.mask.png beside an image is its mask.",
-            rich_help_panel=opts.MASKS,
+            "ignore); every image needs one. Without it, a NAME.mask.png beside an image is its mask."
         ),
     ] = None,
     auto_mask: opts.AutoMaskOpt = False,
-    class_prompt: Annotated[
-        str | None,
-        typer.Option(
-            help="Turns on prior preservation with this class prompt, e.g. 'a star'.", rich_help_panel=PRIOR
-        ),
-    ] = None,
-    class_dir: opts.ClassDirOpt = None,
-    num_class_images: opts.NumClassImagesOpt = 100,
-    prior_weight: opts.PriorWeightOpt = 1.0,
+) -> None:
+    """DATA_DIR or what stands for it, OUTPUT, the model, and the images and their captions and masks."""
+
+
+_train_prior = opts.prior_flags("a star")
+
+
+def _train_run(
     sample_steps: Annotated[
         int,
-        typer.Option(
+        opts.in_prior(
             "--sample-steps",
             help="Denoising steps for class and validation images (generate's --steps; train's --steps counts "
             "optimizer steps).",
-            rich_help_panel=PRIOR,
         ),
     ] = 20,
     guidance_scale: Annotated[
         float,
-        typer.Option(
+        opts.in_prior(
             "--guidance",
             "--guidance-scale",
             help="Classifier-free guidance for class and validation images (as generate's --guidance).",
-            rich_help_panel=PRIOR,
         ),
     ] = 7.5,
     rank: Annotated[int, opts.rank_option(LORA)] = 4,
     alpha: Annotated[float | None, opts.alpha_option(LORA)] = None,
     targets: Annotated[
         str,
-        typer.Option(
+        opts.in_lora(
             help="attn (attention projections), attn-ff (+ feed-forward), all (+ convs: LoCon; on Flux: + the "
-            "modulations), or comma-separated module globs ('*attn2.to_k,*attn2.to_v').",
-            rich_help_panel=LORA,
+            "modulations), or comma-separated module globs ('*attn2.to_k,*attn2.to_v')."
         ),
     ] = "attn",
     train_text: Annotated[
         bool,
-        typer.Option(
+        opts.in_lora(
             "--train-text",
             "--train-text-encoder",
             help="Train a text-encoder LoRA too (Flux: CLIP-L; diffusers' train_text_encoder).",
-            rich_help_panel=LORA,
         ),
     ] = False,
-    lora_dropout: Annotated[
-        float, typer.Option(help="Dropout on the LoRA path.", rich_help_panel=LORA)
-    ] = 0.0,
-    dora: Annotated[
-        bool, typer.Option("--dora", help="DoRA (weight-decomposed LoRA, via PEFT).", rich_help_panel=LORA)
-    ] = False,
+    lora_dropout: Annotated[float, opts.in_lora(help="Dropout on the LoRA path.")] = 0.0,
+    dora: Annotated[bool, opts.in_lora("--dora", help="DoRA (weight-decomposed LoRA, via PEFT).")] = False,
     algo: Annotated[
         str,
-        typer.Option(
+        opts.in_lora(
             help="Adapter: lora, locon (LoRA + the UNet's convs), loha, lokr (LyCORIS' keys, via PEFT), dora "
-            "(= --dora).",
-            rich_help_panel=LORA,
+            "(= --dora)."
         ),
     ] = "lora",
     conv_rank: Annotated[
         int | None,
-        typer.Option(
-            help="locon/loha/lokr: the convs' rank (kohya's conv_dim; default --rank).",
-            rich_help_panel=LORA,
-            show_default=False,
+        opts.in_lora(
+            help="locon/loha/lokr: the convs' rank (kohya's conv_dim; default --rank).", show_default=False
         ),
     ] = None,
     conv_alpha: Annotated[
         float | None,
-        typer.Option(
+        opts.in_lora(
             help="locon/loha/lokr: the convs' alpha (kohya's conv_alpha; default --alpha, or the conv rank with "
             "--conv-rank).",
-            rich_help_panel=LORA,
             show_default=False,
         ),
     ] = None,
@@ -198,20 +165,18 @@ def train_command(
     train_blocks: flux.TrainBlocksOpt = None,
     train_t5: flux.TrainT5Opt = False,
     optimizer: Annotated[
-        str,
-        typer.Option(help="adamw, adamw8bit (bitsandbytes) or prodigy (prodigyopt).", rich_help_panel=OPTIM),
+        str, opts.in_optim(help="adamw, adamw8bit (bitsandbytes) or prodigy (prodigyopt).")
     ] = "adamw",
     learning_rate: opts.UnetLearningRateOpt = 1e-4,
     text_learning_rate: Annotated[
         float | None,
-        typer.Option(
+        opts.in_optim(
             "--text-learning-rate",
             "--text-lr",
             help="Text-encoder LoRA learning rate (default: --learning-rate).",
-            rich_help_panel=OPTIM,
         ),
     ] = None,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.", rich_help_panel=OPTIM)] = 1e-2,
+    weight_decay: Annotated[float, opts.in_optim(help="AdamW weight decay.")] = 1e-2,
     lr_scheduler: opts.SchedulerOpt = "constant",
     warmup_steps: opts.WarmupOpt = 0,
     warmup_ratio: opts.WarmupRatioOpt = 0.0,
@@ -225,50 +190,37 @@ def train_command(
     epochs: opts.EpochsOpt = None,
     batch_size: opts.BatchOpt = 1,
     grad_accum: opts.AccumOpt = 1,
-    max_grad_norm: Annotated[
-        float, typer.Option(help="Gradient-norm clipping (0: off).", rich_help_panel=OPTIM)
-    ] = 1.0,
-    snr_gamma: Annotated[
-        float | None, typer.Option(help="Min-SNR-γ loss weighting (5 is common).", rich_help_panel=OPTIM)
-    ] = None,
-    noise_offset: Annotated[
-        float, typer.Option(help="Noise offset (e.g. 0.05).", rich_help_panel=OPTIM)
-    ] = 0.0,
+    max_grad_norm: Annotated[float, opts.in_optim(help="Gradient-norm clipping (0: off).")] = 1.0,
+    snr_gamma: Annotated[float | None, opts.in_optim(help="Min-SNR-γ loss weighting (5 is common).")] = None,
+    noise_offset: Annotated[float, opts.in_optim(help="Noise offset (e.g. 0.05).")] = 0.0,
     prediction_type: Annotated[
-        str | None,
-        typer.Option(help="epsilon or v_prediction (default: the model's scheduler).", rich_help_panel=OPTIM),
+        str | None, opts.in_optim(help="epsilon or v_prediction (default: the model's scheduler).")
     ] = None,
     seed: opts.SeedOpt = 0,
     mixed_precision: opts.PrecisionOpt = "no",
     gradient_checkpointing: opts.CheckpointingOpt = False,
     sdpa: Annotated[
-        bool,
-        typer.Option("--sdpa/--no-sdpa", help="PyTorch scaled-dot-product attention.", rich_help_panel=SPEED),
+        bool, opts.in_speed("--sdpa/--no-sdpa", help="PyTorch scaled-dot-product attention.")
     ] = True,
     cache_latents: opts.CacheLatentsOpt = False,
     cache_text: Annotated[
         bool,
-        typer.Option(
-            "--cache-text/--no-cache-text",
-            help="Encode each caption once while the text encoder is frozen.",
-            rich_help_panel=SPEED,
+        opts.in_speed(
+            "--cache-text/--no-cache-text", help="Encode each caption once while the text encoder is frozen."
         ),
     ] = True,
     compile: Annotated[
-        bool,
-        typer.Option("--compile", help="torch.compile the UNet (slow first steps).", rich_help_panel=SPEED),
+        bool, opts.in_speed("--compile", help="torch.compile the UNet (slow first steps).")
     ] = False,
     channels_last: Annotated[
-        bool,
-        typer.Option("--channels-last", help="UNet in channels_last memory format.", rich_help_panel=SPEED),
+        bool, opts.in_speed("--channels-last", help="UNet in channels_last memory format.")
     ] = False,
     cache_latents_to_disk: Annotated[
         bool,
-        typer.Option(
+        opts.in_speed(
             "--cache-latents-to-disk",
             help="--cache-latents kept as safetensors in the lorax cache (by image, size and VAE), reused by "
             "later runs.",
-            rich_help_panel=SPEED,
         ),
     ] = False,
     fp8_base: mem.Fp8BaseOpt = False,
@@ -279,32 +231,28 @@ def train_command(
     checkpoint_dir: opts.CheckpointDirOpt = None,
     resume: opts.ResumeOpt = None,
     validation_prompt: Annotated[
-        list[str] | None,
-        typer.Option(help="Prompt to sample during training (repeatable).", rich_help_panel=DURING),
+        list[str] | None, opts.in_during(help="Prompt to sample during training (repeatable).")
     ] = None,
     validation_every: Annotated[
         int,
-        typer.Option(
+        opts.in_during(
             "--validation-every",
             "--sample-every",
             help="Sample the validation prompts (and the --val-split loss) every N steps.",
-            rich_help_panel=DURING,
         ),
     ] = 0,
     sample_prompts: Annotated[
         Path | None,
-        typer.Option(
+        opts.in_during(
             help="kohya's prompt file: one prompt a line, with --n negative, --s steps, --l guidance, --d seed, "
-            "--w width, --h height ('#' comments).",
-            rich_help_panel=DURING,
+            "--w width, --h height ('#' comments)."
         ),
     ] = None,
     val_split: Annotated[
         float,
-        typer.Option(
+        opts.in_during(
             help="Hold out this share of the images (fixed by --seed) for a validation loss at fixed timesteps "
-            "and noise, in the loss CSV and plot.",
-            rich_help_panel=DURING,
+            "and noise, in the loss CSV and plot."
         ),
     ] = 0.0,
     save_every: opts.SaveEveryOpt = 0,
@@ -312,24 +260,27 @@ def train_command(
     save_last: opts.SaveLastOpt = 0,
     log_with: Annotated[
         str | None,
-        typer.Option(
+        opts.in_during(
             help="Tracker for loss, lr, grad norm and samples: tensorboard, wandb (offline without a network) "
-            "or csv.",
-            rich_help_panel=DURING,
+            "or csv."
         ),
     ] = None,
     logging_dir: Annotated[
-        Path | None,
-        typer.Option(help="Tracker folder (default: OUTPUT's stem + .logs).", rich_help_panel=DURING),
+        Path | None, opts.in_during(help="Tracker folder (default: OUTPUT's stem + .logs).")
     ] = None,
     save_dtype: opts.SaveDtypeOpt = "fp16",
     output_name: Annotated[
-        str | None,
-        typer.Option(help="Name recorded as ss_output_name (default: OUTPUT's stem).", rich_help_panel=OUT),
+        str | None, opts.in_output(help="Name recorded as ss_output_name (default: OUTPUT's stem).")
     ] = None,
     force: ForceOption = False,
     json_out: JsonOption = False,
 ) -> None:
+    """Class and validation images' sampling, the LoRA, Flux, optimisation, memory and speed, what happens during
+    training, the output's precision and name."""
+
+
+@with_flags(_train_inputs, _train_prior, _train_run)
+def train_command(ctx: typer.Context, **flags: Any) -> None:
     """Train a LoRA on a folder of images (DreamBooth with --class-prompt).
 
     Writes OUTPUT (kohya format by default), its loss curve (OUTPUT's stem + .loss.csv / .loss.png) and the
@@ -337,7 +288,8 @@ def train_command(
 
     Example: lorax train ./star-photos --instance-prompt "a sks star" --steps 300 -o sks-star.safetensors
     """
-    given = run.given_flags(ctx, locals(), _TRAIN_PARAMS)
+    given = run.given_flags(ctx, flags, _TRAIN_PARAMS)
+    config = flags["config"]
 
     from lorax.services.train import train
     from lorax.training.config import TrainConfig
@@ -349,7 +301,7 @@ def train_command(
         progress.flush()
     if not result.main_process:
         return
-    if json_out:
+    if flags["json_out"]:
         print_json(result)
         return
     console = stdout_console()

@@ -94,8 +94,9 @@ class Header:
 
 
 @dataclass
-class Description:
-    """What a format's ``describe`` finds in a header (the LoRA- or embedding-specific part of inspect's report)."""
+class LoraSummary:
+    """What a LoRA's keys say about it: its family, components, modules, algorithms, ranks, alphas and targets (the
+    head of a ``Description`` and of ``lorax inspect``'s report, in their order)."""
 
     family: str | None = None
     components: list[str] = field(default_factory=list)
@@ -104,6 +105,12 @@ class Description:
     ranks: list[int] = field(default_factory=list)
     alphas: list[float] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Description(LoraSummary):
+    """What a format's ``describe`` finds in a header (the LoRA- or embedding-specific part of inspect's report)."""
+
     tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
     layout: str | None = None  # a Flux LoRA's key layout, in words
     blocks: list[str] = field(default_factory=list)  # a Flux LoRA's targeted blocks and projections

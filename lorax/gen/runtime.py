@@ -8,7 +8,7 @@ naming on a clash) and the clip skip a run uses.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.adapters.state import LoraState
 from lorax.dtypes import LONG_NAMES
@@ -16,6 +16,9 @@ from lorax.errors import ConfigError, InputError
 from lorax.gen.config import SCHEDULERS, GenerateConfig, LoraSpec
 from lorax.models.defaults import model_defaults
 from lorax.progress import Progress
+
+if TYPE_CHECKING:
+    import torch
 
 
 def sampling_defaults(model: str) -> tuple[int, float]:
@@ -55,7 +58,7 @@ def resolve_dtype(name: str, device: str) -> Any:
 
 
 def load_model(
-    spec: str, dtype: Any = None, device: str | None = None, *, config_from: str | None = None
+    spec: str, dtype: torch.dtype | None = None, device: str | None = None, *, config_from: str | None = None
 ) -> Any:
     """A diffusers pipeline for ``spec``: a built-in name (``shapes``), a diffusers folder, a Hub id in the local
     cache, or a single ``.safetensors`` / ``.ckpt`` file (the models layer's ``load_pipeline``; ``config_from``

@@ -211,7 +211,7 @@ def _completed(
     cls: Any,
     components: dict[str, Any],
     absent: list[str],
-    dtype: Any,
+    dtype: torch.dtype | None,
     config_from: str | Path | None,
 ) -> Any:
     """``cls`` with the file's ``components`` and the ``absent`` ones (VAE, text encoders, tokenizers, scheduler)

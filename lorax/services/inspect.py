@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorax.errors import FormatError, InputError
-from lorax.formats.base import Description, Header
+from lorax.formats.base import Description, Header, LoraSummary
 from lorax.formats.keys import finite_alpha
 from lorax.formats.registry import FORMATS, detect
 from lorax.models import families
@@ -35,19 +35,16 @@ class InspectConfig:
 
 
 @dataclass
-class FileReport:
-    """Everything ``lorax inspect`` says about one file."""
-
+class _FileHead:
     path: str
     kind: str  # lora | embedding | model
     format: str
-    family: str | None = None
-    components: list[str] = field(default_factory=list)
-    modules: int = 0
-    algorithms: list[str] = field(default_factory=list)
-    ranks: list[int] = field(default_factory=list)
-    alphas: list[float] = field(default_factory=list)
-    targets: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FileReport(LoraSummary, _FileHead):  # JSON order: _FileHead's fields, LoraSummary's, these
+    """Everything ``lorax inspect`` says about one file."""
+
     dtypes: list[str] = field(default_factory=list)
     tensors: int = 0
     size_bytes: int = 0

@@ -17,10 +17,9 @@ from typing import Any
 
 from lorax.progress import NullProgress, Progress
 from lorax.training.inversion_recipe import InversionRecipe, norms, prepare, token_info
-from lorax.training.outputs import companion_paths, plan_outputs, write_companions
+from lorax.training.outputs import finish_run, start_run
 from lorax.training.pivot_config import InvertConfig
 from lorax.training.recipe import check_within, load_resume, total_steps
-from lorax.training.report import sample_files
 
 
 @dataclass
@@ -55,10 +54,7 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
     ``config.model`` (tests, benchmarks).
     """
     progress = progress or NullProgress()
-    config.validate()
-    assert config.output is not None
-    output = Path(config.output)
-    plan_outputs(config, output)
+    output = start_run(config)
     resume = load_resume(config)
     session = prepare(config, progress, pipeline)
     max_steps = total_steps(config, session.data.batches_per_epoch())
@@ -69,46 +65,17 @@ def invert(config: InvertConfig, progress: Progress | None = None, *, pipeline: 
         check_within(loop.state.global_step, max_steps)
         progress.log(f"resuming from {resume.path} at step {loop.state.global_step}")
     resumed = (resume.path, loop.state.global_step) if resume is not None else None
-    result = loop.run()
-    session.accelerator.wait_for_everyone()
-    sheet_files = sample_files(
-        result.samples, companion_paths(output)["samples"], resumed[1] if resumed is not None else None
-    )
+    loop.run()
     embeddings = session.tokens.embeddings()
-    fmt = recipe.format
-    file_bytes = 0
-    if session.accelerator.is_main_process:
-        recipe.save(loop, output, progress=progress)
-        write_companions(
-            config,
-            loop.state.losses,
-            output,
-            checkpoints=result.checkpoints,
-            resumed=resumed,
-            samples=sheet_files,
-        )
-        file_bytes = output.stat().st_size
-    session.accelerator.wait_for_everyone()
-    companions = companion_paths(output)
-    losses = loop.state.losses
+    run = finish_run(config, loop, lambda: recipe.save(loop, output, progress=progress), resumed=resumed)
     return InvertResult(
         output=output,
-        format=fmt,  # the file's format: a1111-embedding, diffusers-embedding or sdxl-embedding
+        format=recipe.format,  # the file's format: a1111-embedding, diffusers-embedding or sdxl-embedding
         tokens=session.tokens.tokens,
         vectors=config.vectors,
         steps=loop.state.global_step,
-        final_loss=losses[-1][1] if losses else None,
-        seconds=loop.state.seconds,
+        **run,
         num_images=len(session.items),
-        loss_csv=companions["loss_csv"],
-        loss_png=companions["loss_png"],
-        config_path=companions["config"],
-        file_bytes=file_bytes,
-        resumed_from=resume.path if resume is not None else None,
-        checkpoints=result.checkpoints,
-        samples=result.samples,
-        samples_png=companions["samples_png"] if sheet_files else None,
         norms=norms(embeddings),
         norms_2=norms(embeddings, "text_encoder_2"),
-        losses=losses,
     )

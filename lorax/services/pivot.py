@@ -16,40 +16,30 @@ The output is one file holding the LoRA and the tokens: kohya with the embedding
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lorax.errors import ConfigError
 from lorax.progress import NullProgress, Progress
 from lorax.training.inversion_recipe import InversionRecipe, prepare, token_info
-from lorax.training.outputs import companion_paths, plan_outputs, write_companions
+from lorax.training.outputs import LoraRunReport, finish_run, start_run
 from lorax.training.pivot_config import PivotConfig
 from lorax.training.pivot_recipe import PivotRecipe
 from lorax.training.recipe import check_within, load_resume, total_steps
 
 
 @dataclass
-class PivotResult:
+class _PivotHead:
     output: Path
     format: str
     tokens: list[str]
     ti_steps: int
     steps: int  # LoRA steps (phase 2)
-    final_loss: float | None
-    seconds: float
-    num_images: int
-    num_class_images: int
-    loss_csv: Path
-    loss_png: Path
-    config_path: Path
-    file_bytes: int
-    base_model_bytes: int
-    resumed_from: Path | None = None
-    checkpoints: list[Path] = field(default_factory=list)
-    samples: list[Path] = field(default_factory=list)
-    modules: dict[str, int] = field(default_factory=dict)
-    losses: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
+class PivotResult(LoraRunReport, _PivotHead):  # JSON order: _PivotHead's fields, LoraRunReport's, these
     samples_png: Path | None = (
         None  # the validation samples as one sheet (prompts × steps), when there are any
     )
@@ -58,10 +48,7 @@ class PivotResult:
 def pivot(config: PivotConfig, progress: Progress | None = None, *, pipeline: Any = None) -> PivotResult:
     """Pivotal tuning as ``config`` says; returns where everything went and what it measured."""
     progress = progress or NullProgress()
-    config.validate()
-    assert config.output is not None
-    output = Path(config.output)
-    plan_outputs(config, output)
+    output = start_run(config)
     resume = load_resume(config)
     phase = resume.info.get("phase") if resume is not None else None
     session = prepare(config, progress, pipeline)
@@ -110,40 +97,20 @@ def pivot(config: PivotConfig, progress: Progress | None = None, *, pipeline: An
     result2 = loop2.run()
     checkpoints += result2.checkpoints
     samples += result2.samples
-    session.accelerator.wait_for_everyone()
-    from lorax.training.report import sample_files
 
-    sheet_files = sample_files(samples, companion_paths(output)["samples"], resumed[1] if resumed else None)
-
-    file_bytes = 0
-    if session.accelerator.is_main_process:
+    def save() -> None:
         recipe.save(loop2, output, ti_steps=ti_steps)
-        write_companions(
-            config, loop2.state.losses, output, checkpoints=checkpoints, resumed=resumed, samples=sheet_files
-        )
-        file_bytes = output.stat().st_size
-    session.accelerator.wait_for_everyone()
-    companions = companion_paths(output)
-    losses = loop2.state.losses
+
+    run = finish_run(config, loop2, save, resumed=resumed, checkpoints=checkpoints, samples=samples)
     return PivotResult(
         output=output,
         format=config.format,
         tokens=session.tokens.tokens,
         ti_steps=ti_steps,
         steps=loop2.state.global_step - ti_steps,
-        final_loss=losses[-1][1] if losses else None,
-        seconds=loop2.state.seconds,
+        **run,
         num_images=len(session.items),
         num_class_images=len(session.class_items),
-        loss_csv=companions["loss_csv"],
-        loss_png=companions["loss_png"],
-        config_path=companions["config"],
-        file_bytes=file_bytes,
         base_model_bytes=session.base_bytes,
-        resumed_from=resume.path if resume is not None else None,
-        checkpoints=checkpoints,
-        samples=samples,
         modules=recipe.modules,
-        losses=losses,
-        samples_png=companions["samples_png"] if sheet_files else None,
     )

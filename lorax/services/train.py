@@ -21,7 +21,7 @@ from lorax.errors import ConfigError
 from lorax.progress import NullProgress, Progress
 from lorax.training.config import TrainConfig
 from lorax.training.lora_recipe import RESUME_KEYS, LoraRecipe, check_resume_fits, resume_identity
-from lorax.training.outputs import companion_paths, plan_outputs, write_companions
+from lorax.training.outputs import LoraRunReport, companion_paths, finish_run, plan_outputs
 from lorax.training.recipe import (
     check_within,
     concept_class_items,
@@ -36,6 +36,8 @@ from lorax.training.recipe import (
 )
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+
     from lorax.training.job import LoraJob
     from lorax.training.loop import TrainingLoop
     from lorax.training.val_loss import ValidationLoss
@@ -56,25 +58,15 @@ __all__ = [
 
 
 @dataclass
-class TrainResult:
+class _TrainHead:
     output: Path
     format: str
     steps: int
     epochs: float  # epochs done (micro-batches / batches per epoch)
-    final_loss: float | None
-    seconds: float
-    num_images: int
-    num_class_images: int
-    loss_csv: Path
-    loss_png: Path
-    config_path: Path
-    file_bytes: int
-    base_model_bytes: int
-    resumed_from: Path | None = None
-    checkpoints: list[Path] = field(default_factory=list)
-    samples: list[Path] = field(default_factory=list)
-    modules: dict[str, int] = field(default_factory=dict)
-    losses: list[list[float]] = field(default_factory=list)  # [step, loss, lr, training seconds so far]
+
+
+@dataclass
+class TrainResult(LoraRunReport, _TrainHead):  # JSON order: _TrainHead's fields, LoraRunReport's, these
     processes: int = 1
     main_process: bool = True  # under accelerate/torchrun only the main process writes and reports
     samples_png: Path | None = (
@@ -137,7 +129,7 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
             f"-o {output.name} would write its resolved config over --dataset-config {config.dataset_config}; "
             "name the output differently"
         )
-    companions = plan_outputs(config, output)
+    plan_outputs(config, output)
     from lorax.training.sample_prompts import run_prompts
 
     run_prompts(
@@ -220,55 +212,31 @@ def train(config: TrainConfig, progress: Progress | None = None, *, pipeline: An
             )
         )
     try:
-        result = loop.run()
+        loop.run()
     finally:
         if loop.settings.tracker is not None:
             loop.settings.tracker.finish()
-    accelerator.wait_for_everyone()
-    from lorax.training.report import sample_files
-
-    sheet_files = sample_files(result.samples, companions["samples"], resumed_at)
-
-    file_bytes = 0
-    if accelerator.is_main_process:
-        save_lora_to(output)
-        write_companions(
-            config,
-            loop.state.losses,
-            output,
-            checkpoints=loop.checkpoints,
-            resumed=(resume_ckpt.path, resumed_at)
-            if resume_ckpt is not None and resumed_at is not None
-            else None,
-            samples=sheet_files,
-            prompts=[spec.prompt for spec in run_prompts(config.validation_prompt, config.sample_prompts)],
-            val_losses=val_loss.history if val_loss is not None else None,
-        )
-        file_bytes = output.stat().st_size
-    accelerator.wait_for_everyone()
-    losses = loop.state.losses
+    resumed = (resume_ckpt.path, resumed_at) if resume_ckpt is not None and resumed_at is not None else None
+    run = finish_run(
+        config,
+        loop,
+        lambda: save_lora_to(output),
+        resumed=resumed,
+        prompts=[spec.prompt for spec in run_prompts(config.validation_prompt, config.sample_prompts)],
+        val_losses=val_loss.history if val_loss is not None else None,
+    )
     return TrainResult(
         output=output,
         format=config.format,
         steps=loop.state.global_step,
         epochs=round(loop.state.micro_step / data.batches_per_epoch(), 3),
-        final_loss=losses[-1][1] if losses else None,
-        seconds=loop.state.seconds,
+        **run,
         num_images=len(items),
         num_class_images=len(class_items),
-        loss_csv=companions["loss_csv"],
-        loss_png=companions["loss_png"],
-        config_path=companions["config"],
-        file_bytes=file_bytes,
         base_model_bytes=base_bytes,
-        resumed_from=resume_ckpt.path if resume_ckpt is not None else None,
-        checkpoints=result.checkpoints,
-        samples=result.samples,
         modules=recipe.modules,
-        losses=losses,
         processes=accelerator.num_processes,
         main_process=accelerator.is_main_process,
-        samples_png=companions["samples_png"] if sheet_files else None,
         val_losses=[[s, v] for s, v in val_loss.history] if val_loss is not None else [],
         num_val_images=len(held_out),
     )
@@ -279,7 +247,7 @@ def _validation_loss(
     job: LoraJob,
     data: TrainData,
     held_out: list[ImageItem],
-    accelerator: Any,
+    accelerator: Accelerator,
     max_steps: int,
     progress: Progress,
 ) -> ValidationLoss:

@@ -23,10 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from lorax.training.config import TrainConfig
 
 
 def model_blocks(model: nn.Module) -> list[nn.Module]:
@@ -79,7 +82,12 @@ class BlockSwap:
 
 
 def install_block_swap(
-    model: nn.Module, count: int, device: Any, dtype: torch.dtype | None = None, *, pin: bool | None = None
+    model: nn.Module,
+    count: int,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    *,
+    pin: bool | None = None,
 ) -> BlockSwap:
     """Park the frozen tensors of ``model``'s last ``count`` blocks on the CPU (floating ones in ``dtype``, the run's
     weight dtype, since ``model.to(dtype)`` no longer reaches them) and hook their layers. Call it after the LoRA is
@@ -132,7 +140,9 @@ def parked_bytes(swap: BlockSwap) -> int:
     return sum(p.cpu.numel() * p.cpu.element_size() for items in swap.parked.values() for p in items)
 
 
-def swap_for(config: Any, unet: Any, device: Any, dtype: Any, log: Callable[[str], None]) -> BlockSwap | None:
+def swap_for(
+    config: TrainConfig, unet: Any, device: torch.device, dtype: torch.dtype, log: Callable[[str], None]
+) -> BlockSwap | None:
     """``config.blocks_to_swap``'s swap on the denoiser (``None`` without the option)."""
     count = getattr(config, "blocks_to_swap", None)
     if not count:

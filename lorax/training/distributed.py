@@ -24,9 +24,15 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+
+    from lorax.training.config import TrainConfig
 
 USE_FSDP = "ACCELERATE_USE_FSDP"
 _TRUE = ("1", "true", "yes", "on")
@@ -94,7 +100,7 @@ def accelerate_without_fsdp() -> Iterator[None]:
             os.environ[USE_FSDP] = saved
 
 
-def check_deepspeed(accelerator: Any) -> None:
+def check_deepspeed(accelerator: Accelerator) -> None:
     """DeepSpeed ZeRO-3 partitions every weight, the LoRA's too, which lorax reads whole to save: refused."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None and int(getattr(plugin, "zero_stage", 0) or 0) >= 3:
@@ -104,7 +110,7 @@ def check_deepspeed(accelerator: Any) -> None:
         )
 
 
-def plan_for(config: Any, accelerator: Any, log: Callable[[str], None]) -> ShardPlan | None:
+def plan_for(config: TrainConfig, accelerator: Accelerator, log: Callable[[str], None]) -> ShardPlan | None:
     """The run's sharding: ``requested()`` with more than one process (one process has nothing to share),
     refusing what would run the sharded model on the main process alone (validation images, --val-split)."""
     check_deepspeed(accelerator)
@@ -192,7 +198,7 @@ class GradientSync:
             self.enabled = True
 
 
-def shard_frozen(model: Any, device: Any, plan: ShardPlan) -> GradientSync:
+def shard_frozen(model: Any, device: torch.device, plan: ShardPlan) -> GradientSync:
     """Shard ``model``'s frozen weights across the processes (FSDP2, one unit per block, the rest at the root) onto
     ``device``; its trainable weights stay whole on every process (moved to ``device``, made equal to the main
     process's) and get their gradients averaged (the returned ``GradientSync``, also ``model.no_sync``)."""
@@ -231,10 +237,10 @@ def frozen_bytes(model: Any) -> tuple[int, int]:
 
 
 def prepare(
-    accelerator: Any,
+    accelerator: Accelerator,
     denoiser: Any,
     trained: list[Any],
-    optimizer: Any,
+    optimizer: torch.optim.Optimizer,
     plan: ShardPlan | None,
     log: Callable[[str], None],
 ) -> tuple[Any, list[Any], Any]:

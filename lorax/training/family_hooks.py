@@ -22,16 +22,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
+
     from lorax.training.config import TrainConfig
 
 
-def _clip_prompts(pipe: Any, encoders: Sequence[Any], device: Any, *, cache: bool, clip_skip: int) -> Any:
+def _clip_prompts(
+    pipe: Any, encoders: Sequence[Any], device: torch.device, *, cache: bool, clip_skip: int
+) -> Any:
     from lorax.training.text import PromptEncoder
 
     return PromptEncoder(pipe.tokenizer, encoders[0], device, cache=cache, clip_skip=clip_skip)
 
 
-def _sdxl_prompts(pipe: Any, encoders: Sequence[Any], device: Any, *, cache: bool, clip_skip: int) -> Any:
+def _sdxl_prompts(
+    pipe: Any, encoders: Sequence[Any], device: torch.device, *, cache: bool, clip_skip: int
+) -> Any:
     from lorax.training.sdxl import SdxlPromptEncoder
 
     return SdxlPromptEncoder([pipe.tokenizer, pipe.tokenizer_2], encoders, device, cache=cache)
@@ -63,7 +69,7 @@ def _sdxl_sampler(common: dict[str, Any], pipe: Any, live: Sequence[Any]) -> Any
     return StableDiffusionXLPipeline(**common, text_encoder_2=live[1], tokenizer_2=pipe.tokenizer_2)
 
 
-def _flux_prompts(pipe: Any, encoders: Sequence[Any], device: Any, **options: Any) -> Any:
+def _flux_prompts(pipe: Any, encoders: Sequence[Any], device: torch.device, **options: Any) -> Any:
     from lorax.training.flux_train import flux_prompts
 
     return flux_prompts(pipe, encoders, device, **options)

@@ -195,7 +195,7 @@ def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 
 def image_ids(
-    height: int, width: int, device: Any = None, dtype: torch.dtype = torch.float32
+    height: int, width: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """``[h·w, 3]`` position ids of the packed image tokens (``h``, ``w``: the packed grid): ``(0, row, column)``."""
     ids = torch.zeros(height, width, 3)
@@ -204,13 +204,15 @@ def image_ids(
     return ids.reshape(height * width, 3).to(device=device, dtype=dtype)
 
 
-def text_ids(seq_len: int, device: Any = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def text_ids(
+    seq_len: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``[seq_len, 3]`` zeros: FluxPipeline gives every T5 token the position ``(0, 0, 0)``."""
     return torch.zeros(seq_len, 3).to(device=device, dtype=dtype)
 
 
 def guidance_vector(
-    guidance_embeds: bool, batch_size: int, value: float = 1.0, device: Any = None
+    guidance_embeds: bool, batch_size: int, value: float = 1.0, device: torch.device | None = None
 ) -> torch.Tensor | None:
     """``[B]`` float32 of ``value`` for a guidance-distilled model (dev); ``None`` for one without (schnell)."""
     if not guidance_embeds:

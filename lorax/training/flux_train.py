@@ -13,9 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from lorax.training.flow import FluxCond
+from lorax.training.flow import FlowConfig, FluxCond
 
 if TYPE_CHECKING:
+    import torch
+
     from lorax.training.config import TrainConfig
 
 DEV_MAX_SEQUENCE, SCHNELL_MAX_SEQUENCE = 512, 256  # T5 tokens: FluxPipeline's and kohya's defaults
@@ -32,7 +34,7 @@ def encode_flux(
     tokenizers: Sequence[Any],
     encoders: Sequence[Any],
     prompts: Sequence[str],
-    device: Any,
+    device: torch.device,
     max_sequence_length: int,
 ) -> FluxCond:
     """FluxPipeline's ``encode_prompt``: CLIP-L's pooled output (77 tokens) and T5's last hidden state
@@ -62,7 +64,7 @@ class FluxPromptEncoder:
         self,
         tokenizers: Sequence[Any],
         encoders: Sequence[Any],
-        device: Any,
+        device: torch.device,
         *,
         cache: bool,
         max_sequence_length: int,
@@ -98,7 +100,7 @@ def default_max_sequence(transformer: Any) -> int:
 
 
 def flux_prompts(
-    pipe: Any, encoders: Sequence[Any], device: Any, *, cache: bool, clip_skip: int = 1,
+    pipe: Any, encoders: Sequence[Any], device: torch.device, *, cache: bool, clip_skip: int = 1,
     max_sequence_length: int | None = None,
 ) -> FluxPromptEncoder:  # fmt: skip
     """The Flux ``prompt_encoder`` hook (clip skip has no meaning for a pooled output; the config refuses it)."""
@@ -120,12 +122,14 @@ class FluxObjective:
         "flow"  # recorded in the metadata (lorax_prediction_type); kohya's version is flux1 either way
     )
 
-    def __init__(self, config: Any, guidance: float | None) -> None:
-        self.config = config  # a lorax.training.flow.FlowConfig
+    def __init__(self, config: FlowConfig, guidance: float | None) -> None:
+        self.config = config
         self.guidance = guidance
         self.num_timesteps = int(config.num_train_timesteps)
 
-    def sample(self, latents: Any, generator: Any, timesteps: Any = None) -> Any:
+    def sample(
+        self, latents: torch.Tensor, generator: torch.Generator, timesteps: torch.Tensor | None = None
+    ) -> Any:
         """The noised batch (``lorax.training.flow.FlowSample``); ``timesteps`` (``[B]`` in ``[0, T)``, the
         held-out loss's fixed ones) give ``σ = (t + 1) / T`` instead of drawn ones."""
         from lorax.training.flow import noisy_sample
@@ -180,8 +184,14 @@ class FluxObjective:
         return out
 
     def loss(
-        self, unet: Any, latents: Any, cond: Any, generator: Any, weight: Any = None, timesteps: Any = None
-    ) -> Any:
+        self,
+        unet: Any,
+        latents: torch.Tensor,
+        cond: Any,
+        generator: torch.Generator,
+        weight: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Per-example ``mean(w(σ)·(v̂ − (ε − x0))²)`` ``[B]`` (float32); ``weight``: a loss mask."""
         from lorax.training.flow import weighted_mse
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.data.dataset import TrainData
 from lorax.data.images import ImageItem, load_image_folder
@@ -30,6 +30,10 @@ from lorax.training.recipe import (
     warn_if_toy_model,
 )
 
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+
 
 @dataclass
 class Session:
@@ -39,7 +43,7 @@ class Session:
     pipe: Any
     family: str
     resolution: int
-    accelerator: Any
+    accelerator: Accelerator
     items: list[ImageItem]
     class_items: list[ImageItem]
     data: TrainData
@@ -154,7 +158,7 @@ class InversionJob:
         tokens: Any,
         *,
         text_encoder: Any,
-        accelerator: Any,
+        accelerator: Accelerator,
         scheduler: Any,
         norm_decay: bool,
         sampler: Any = None,
@@ -175,7 +179,7 @@ class InversionJob:
     def parameters(self) -> list[Any]:
         return list(self.tokens.parameters())
 
-    def loss(self, micro_step: int, generator: Any) -> Any:
+    def loss(self, micro_step: int, generator: torch.Generator) -> Any:
         return self.batches.loss(micro_step, generator)
 
     def epoch_of(self, micro_step: int) -> int:

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.data.dataset import TrainData, derive_seed
 from lorax.training.latents import LatentCache, vae_encode
 from lorax.training.lora import load_lora_tensors, lora_parameters, lora_tensors
 from lorax.training.objective import Objective
 from lorax.training.text import PromptEncoder
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
 
 
 @dataclass
@@ -25,7 +29,7 @@ class DiffusionBatches:
     unet: Any
     prompts: PromptEncoder
     objective: Objective
-    device: Any
+    device: torch.device
     prior_weight: float = 1.0
     latent_cache: LatentCache | None = None
     _plans: dict[int, list[list[int]]] = field(default_factory=dict)
@@ -58,11 +62,11 @@ class DiffusionBatches:
         """The UNet's text conditioning for a batch (``SdxlBatches`` adds its size/crop ids)."""
         return self.prompts(captions)
 
-    def loss_weight(self, epoch: int, indices: list[int], latents: Any) -> Any:
+    def loss_weight(self, epoch: int, indices: list[int], latents: torch.Tensor) -> Any:
         """Per-pixel loss weights broadcastable to ``latents`` (``MaskedBatches``), or ``None``: plain MSE."""
         return None
 
-    def loss(self, micro_step: int, generator: Any, unet: Any | None = None) -> Any:
+    def loss(self, micro_step: int, generator: torch.Generator, unet: Any | None = None) -> Any:
         epoch, indices = self.position(micro_step)
         latents, captions, n = self.latents(epoch, indices)
         cond = self.conditioning(epoch, indices, captions)
@@ -137,7 +141,7 @@ class LoraJob:
         *,
         unet: Any,
         text_encoder: Any | None,
-        accelerator: Any,
+        accelerator: Accelerator,
         sampler: Sampler | None = None,
         text_encoder_2: Any | None = None,
     ) -> None:
@@ -163,7 +167,7 @@ class LoraJob:
     def parameters(self) -> list[Any]:
         return [p for m in self.components().values() for p in lora_parameters(m)]
 
-    def loss(self, micro_step: int, generator: Any) -> Any:
+    def loss(self, micro_step: int, generator: torch.Generator) -> Any:
         return self.batches.loss(micro_step, generator, unet=self.unet)
 
     def epoch_of(self, micro_step: int) -> int:

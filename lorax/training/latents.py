@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
 def vae_encode(vae: Any, pixels: Any) -> Any:
@@ -69,7 +72,7 @@ class LatentCache:
     def __len__(self) -> int:
         return len(self._latents)
 
-    def get(self, keys: Sequence[Any], device: Any) -> Any:
+    def get(self, keys: Sequence[Any], device: torch.device) -> Any:
         import torch
 
         return torch.stack([self._latents[k] for k in keys]).to(device)

@@ -31,6 +31,7 @@ from lorax.training.loop_api import Job, LoopResult, LoopSettings
 
 if TYPE_CHECKING:
     import torch
+    from accelerate import Accelerator
 
 __all__ = ["Job", "LoopResult", "LoopSettings", "TrainingLoop", "is_out_of_memory"]
 
@@ -48,8 +49,8 @@ class TrainingLoop:
         self,
         job: Job,
         *,
-        accelerator: Any,
-        optimizer: Any,
+        accelerator: Accelerator,
+        optimizer: torch.optim.Optimizer,
         scheduler: Any,
         settings: LoopSettings,
         progress: Progress | None = None,
@@ -124,7 +125,7 @@ class TrainingLoop:
         self,
         state: LoopState,
         tensors: dict[str, torch.Tensor],
-        optimizer: Any,
+        optimizer: Any,  # the live optimizer, or a good state's StateDict of it
         scheduler: Any,
         scaler: Any,
         rng: Any = None,

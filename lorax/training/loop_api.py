@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from lorax.training.checkpoint import LoopState
 
 if TYPE_CHECKING:
+    import torch
+
     from lorax.training.config import TrainConfig
 
 
@@ -24,7 +26,7 @@ class Job(Protocol):
     def parameters(self) -> list[Any]:
         """Every trainable parameter (for clipping)."""
 
-    def loss(self, micro_step: int, generator: Any) -> Any:
+    def loss(self, micro_step: int, generator: torch.Generator) -> Any:
         """The scalar loss of micro-batch ``micro_step`` (draw randomness from ``generator``)."""
 
     def epoch_of(self, micro_step: int) -> int: ...

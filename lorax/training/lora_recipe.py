@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax import dtypes
 from lorax.data.dataset import TrainData, derive_seed
@@ -21,6 +21,9 @@ from lorax.errors import ConfigError
 from lorax.progress import Progress
 from lorax.training.config import TrainConfig
 from lorax.training.recipe import Recipe, make_loop
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 # Settings a resumed run must share with the run that wrote the checkpoint (else it would not continue it).
 RESUME_KEYS = (
@@ -76,7 +79,7 @@ class LoraRecipe(Recipe):
     config: TrainConfig
     pipe: Any
     data: TrainData
-    accelerator: Any
+    accelerator: Accelerator
     resolution: int
     family: str
     job: Any = None

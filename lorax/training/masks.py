@@ -20,12 +20,15 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.data.images import IMAGE_EXTENSIONS, MASK_SUFFIX, ImageItem, is_mask_file
 from lorax.errors import InputError
 from lorax.training.job import DiffusionBatches
 from lorax.training.sdxl import SdxlBatches
+
+if TYPE_CHECKING:
+    import torch
 
 AUTO_THRESHOLD = (
     0.3  # RGB distance from the border colour that counts as foreground (the shapes scorers' value)
@@ -199,8 +202,8 @@ class MaskedBatches(DiffusionBatches):
                 weight[i] = 1.0
         return weight
 
-    def loss_weight(self, epoch: int, indices: list[int], latents: Any) -> Any:
-        return self.weights(epoch, indices, tuple(latents.shape[-2:])).to(latents.device)
+    def loss_weight(self, epoch: int, indices: list[int], latents: torch.Tensor) -> Any:
+        return self.weights(epoch, indices, (latents.shape[-2], latents.shape[-1])).to(latents.device)
 
 
 class MaskedSdxlBatches(MaskedBatches, SdxlBatches):

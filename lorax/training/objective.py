@@ -5,7 +5,10 @@ validation loss only call ``loss``."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Objective(Protocol):
@@ -16,8 +19,14 @@ class Objective(Protocol):
     num_timesteps: int  # the range the held-out loss spreads its fixed timesteps over
 
     def loss(
-        self, unet: Any, latents: Any, cond: Any, generator: Any, weight: Any = None, timesteps: Any = None
-    ) -> Any:
+        self,
+        unet: Any,
+        latents: torch.Tensor,
+        cond: Any,
+        generator: torch.Generator,
+        weight: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Per-example loss ``[B]`` (float32) of the denoiser ``unet`` on ``latents`` under conditioning ``cond``,
         randomness drawn from ``generator``; ``weight``: a loss mask broadcastable to the latents; ``timesteps``:
         fixed ones instead of drawn ones."""
@@ -57,13 +66,19 @@ class DiffusionObjective:
         self.noise_offset = noise_offset
         self.num_timesteps = int(self.scheduler.config.num_train_timesteps)
 
-    def snr(self, timesteps: Any) -> Any:
+    def snr(self, timesteps: torch.Tensor) -> Any:
         alphas_cumprod = self.scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
         return alphas_cumprod / (1.0 - alphas_cumprod)
 
     def loss(
-        self, unet: Any, latents: Any, cond: Any, generator: Any, weight: Any = None, timesteps: Any = None
-    ) -> Any:
+        self,
+        unet: Any,
+        latents: torch.Tensor,
+        cond: Any,
+        generator: torch.Generator,
+        weight: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Per-example loss ``[B]`` (float32), drawing noise and timesteps from ``generator``.
 
         ``weight`` (broadcastable to the latents, e.g. ``[B, 1, h, w]``): a loss mask; prediction and target are both

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def build_optimizer(name: str, param_groups: list[dict[str, Any]], *, weight_decay: float) -> Any:
@@ -40,7 +43,7 @@ DIFFUSERS_SCHEDULERS = ("cosine_with_restarts", "polynomial")
 
 def build_scheduler(
     name: str,
-    optimizer: Any,
+    optimizer: torch.optim.Optimizer,
     *,
     warmup_steps: int,
     total_steps: int,

@@ -15,12 +15,19 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.data.dataset import DataOptions, TrainData, derive_seed
 from lorax.data.images import ImageItem, load_image_folder
 from lorax.errors import ConfigError, MismatchError
 from lorax.progress import Progress
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+
+    from lorax.training.checkpoint import Checkpoint
+    from lorax.training.config import TrainConfig
 
 
 class Recipe(ABC):
@@ -37,9 +44,9 @@ class Recipe(ABC):
 
 def make_loop(
     job: Any,
-    config: Any,
-    accelerator: Any,
-    optimizer: Any,
+    config: TrainConfig,
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
     scheduler: Any,
     max_steps: int,
     progress: Progress,
@@ -61,7 +68,7 @@ def make_loop(
     )
 
 
-def total_steps(config: Any, batches_per_epoch: int) -> int:
+def total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
     if config.steps is not None:
         return int(config.steps)
     if config.epochs is not None:
@@ -69,7 +76,7 @@ def total_steps(config: Any, batches_per_epoch: int) -> int:
     return int(config.DEFAULT_STEPS)
 
 
-def make_accelerator(config: Any) -> Any:
+def make_accelerator(config: TrainConfig) -> Accelerator:
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -98,7 +105,11 @@ def make_accelerator(config: Any) -> Any:
 
 
 def load_class_items(
-    config: Any, pipe: Any, resolution: int, accelerator: Any, progress: Progress
+    config: TrainConfig,
+    pipe: Any,
+    resolution: int,
+    accelerator: Accelerator,
+    progress: Progress,
 ) -> list[ImageItem]:
     """The class images for prior preservation, generating the missing ones with the base model."""
     assert config.class_prompt is not None
@@ -109,10 +120,10 @@ def load_class_items(
 
 
 def class_images(
-    config: Any,
+    config: TrainConfig,
     pipe: Any,
     resolution: int,
-    accelerator: Any,
+    accelerator: Accelerator,
     progress: Progress,
     prompt: str,
     folder: Path | None,
@@ -155,7 +166,12 @@ def class_images(
 
 
 def concept_class_items(
-    config: Any, pipe: Any, resolution: int, accelerator: Any, progress: Progress, summary: Any
+    config: TrainConfig,
+    pipe: Any,
+    resolution: int,
+    accelerator: Accelerator,
+    progress: Progress,
+    summary: Any,
 ) -> tuple[list[ImageItem], list[tuple[Path, list[int]]]]:
     """Each concept's own class images (``[[concepts]]`` class_prompt / class_dir / num_class_images), all in one
     list, and per concept its folder and the indices of its class images there; ``summary`` records each class
@@ -226,7 +242,9 @@ def load_base_model(spec: str, progress: Progress) -> Any:
         return base.load_base_pipeline(spec)
 
 
-def open_model(config: Any, progress: Progress, pipeline: Any = None) -> tuple[Any, str, int, Any]:
+def open_model(
+    config: TrainConfig, progress: Progress, pipeline: Any = None
+) -> tuple[Any, str, int, Accelerator]:
     """The base pipeline (``pipeline``, else ``config.model`` loaded), checked trainable (and by the config's
     ``family_problems``), with its family, the run's resolution and the accelerator."""
     from lorax.training import base
@@ -241,11 +259,11 @@ def open_model(config: Any, progress: Progress, pipeline: Any = None) -> tuple[A
 
 
 def train_data(
-    config: Any,
+    config: TrainConfig,
     items: list[ImageItem],
     class_items: list[ImageItem],
     resolution: int,
-    accelerator: Any,
+    accelerator: Accelerator,
     class_pools: list[tuple[Path, list[int]]] | None = None,
     **bounds: Any,
 ) -> TrainData:
@@ -262,7 +280,7 @@ def train_data(
     )
 
 
-def load_resume(config: Any, *, check_command: bool = True) -> Any:
+def load_resume(config: TrainConfig, *, check_command: bool = True) -> Checkpoint | None:
     """The checkpoint to resume from (``None`` without ``--resume``), refusing one written by another command."""
     if config.resume is None:
         return None
@@ -285,9 +303,9 @@ def check_within(step: int, max_steps: int) -> None:
 
 
 def validation_sampler(
-    config: Any,
+    config: TrainConfig,
     pipe: Any,
-    accelerator: Any,
+    accelerator: Accelerator,
     family: str,
     resolution: int,
     unet: Any,

@@ -15,11 +15,14 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.data.transforms import crop_box
 from lorax.training.job import DiffusionBatches
 from lorax.training.text import tokenize
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -34,13 +37,13 @@ class SdxlCond:
     def added_cond_kwargs(self) -> dict[str, Any]:
         return {"text_embeds": self.pooled, "time_ids": self.time_ids}
 
-    def to(self, dtype: Any) -> Any:
+    def to(self, dtype: torch.dtype) -> Any:
         """The context in ``dtype`` (what ``DiffusionObjective.loss`` casts); added kwargs are cast there too."""
         return self.hidden.to(dtype)
 
 
 def encode_sdxl(
-    tokenizers: Sequence[Any], encoders: Sequence[Any], prompts: Sequence[str], device: Any
+    tokenizers: Sequence[Any], encoders: Sequence[Any], prompts: Sequence[str], device: torch.device
 ) -> SdxlCond:
     """Both encoders' penultimate hidden states concatenated, and the second encoder's pooled projection."""
     import torch
@@ -58,7 +61,7 @@ class SdxlPromptEncoder:
     """Prompts → ``SdxlCond``; with ``cache=True`` (frozen text encoders) each distinct prompt is encoded once."""
 
     def __init__(
-        self, tokenizers: Sequence[Any], encoders: Sequence[Any], device: Any, *, cache: bool
+        self, tokenizers: Sequence[Any], encoders: Sequence[Any], device: torch.device, *, cache: bool
     ) -> None:
         self.tokenizers = list(tokenizers)
         self.encoders = list(encoders)

@@ -15,6 +15,9 @@ from lorax.data.dataset import TrainData
 from lorax.progress import Progress
 
 if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+
     from lorax.training.config import TrainConfig
 
 
@@ -48,7 +51,7 @@ def place(
     unet: Any,
     vae: Any,
     encoders: Sequence[Any],
-    device: Any,
+    device: torch.device,
     mixed_precision: str,
     *,
     unet_device: Any = None,
@@ -93,7 +96,7 @@ def diffusion_batches(
     vae: Any,
     encoders: Sequence[Any],
     objective: Any,
-    device: Any,
+    device: torch.device,
     prior_weight: float,
     latent_cache: Any,
     cache_text: bool,
@@ -127,7 +130,7 @@ def diffusion_batches(
 
 
 def sampling_pipeline(
-    pipe: Any, accelerator: Any, unet: Any, encoders: Sequence[Any], family: str
+    pipe: Any, accelerator: Accelerator, unet: Any, encoders: Sequence[Any], family: str
 ) -> Callable[[], Any]:
     """A factory of sampling pipelines over the live (training) modules, for validation images (the family's
     pipeline class, ``TrainingHooks.sampler``)."""

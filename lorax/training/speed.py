@@ -80,32 +80,20 @@ class DiskLatentCache(LatentCache):
         return self.folder / f"{name}.safetensors"
 
     def _read(self, key: Any) -> bool:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from lorax.io.cache_files import read_cached
 
-        f = self.file_for(key)
-        if not f.is_file():
-            return False
-        try:
-            self._latents[key] = load_file(str(f))["latents"]
-        except (SafetensorError, KeyError, OSError):
-            return False  # unreadable: encoded again and rewritten
+        cached = read_cached(self.file_for(key))
+        if cached is None or "latents" not in cached[0]:
+            return False  # missing or unreadable: encoded again and rewritten
+        self._latents[key] = cached[0]["latents"]
         self.hits += 1
         return True
 
     def _written(self, keys: Sequence[Any]) -> None:
-        from safetensors.torch import save_file
-
-        from lorax.io.atomic import atomic_path
+        from lorax.io.cache_files import write_cached
 
         for k in keys:
-            f = self.file_for(k)
-            with atomic_path(f, force=True) as tmp:
-                save_file(
-                    {"latents": self._latents[k].contiguous()},
-                    str(tmp),
-                    metadata={"lorax_cache": CACHE_VERSION},
-                )
+            write_cached(self.file_for(k), {"latents": self._latents[k]}, {"lorax_cache": CACHE_VERSION})
             self.written += 1
 
 

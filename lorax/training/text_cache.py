@@ -16,7 +16,10 @@ import hashlib
 import json
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 CACHE_VERSION = "1"
 
@@ -63,7 +66,7 @@ def encoder_identity(prompts: Any) -> str:
 class DiskTextCache(MutableMapping[str, Any]):
     """Prompt → encoder output (a tensor or a tuple of tensors), in memory and as one safetensors file a prompt."""
 
-    def __init__(self, folder: Path, device: Any = None) -> None:
+    def __init__(self, folder: Path, device: torch.device | None = None) -> None:
         self.folder = Path(folder)
         self.device = device
         self.hits = 0
@@ -74,19 +77,18 @@ class DiskTextCache(MutableMapping[str, Any]):
         return self.folder / f"{hashlib.sha256(prompt.encode()).hexdigest()[:32]}.safetensors"
 
     def _load(self, prompt: str) -> bool:
-        from safetensors import SafetensorError, safe_open
+        from lorax.io.cache_files import read_cached
 
-        f = self.file_for(prompt)
-        if not f.is_file():
+        cached = read_cached(self.file_for(prompt))
+        if cached is None:
+            return False  # missing or unreadable: encoded again and rewritten
+        stored, meta = cached
+        if meta.get("prompt") != prompt or meta.get("lorax_cache") != CACHE_VERSION:
             return False
         try:
-            with safe_open(str(f), framework="pt") as handle:
-                meta = handle.metadata() or {}
-                if meta.get("prompt") != prompt or meta.get("lorax_cache") != CACHE_VERSION:
-                    return False
-                tensors = [handle.get_tensor(str(i)) for i in range(int(meta["parts"]))]
-        except (SafetensorError, KeyError, ValueError, OSError):
-            return False  # unreadable: encoded again and rewritten
+            tensors = [stored[str(i)] for i in range(int(meta["parts"]))]
+        except (KeyError, ValueError):
+            return False
         if self.device is not None:
             tensors = [t.to(self.device) for t in tensors]
         self._memory[prompt] = tensors[0] if meta.get("kind") == "tensor" else tuple(tensors)
@@ -103,10 +105,9 @@ class DiskTextCache(MutableMapping[str, Any]):
 
     def __setitem__(self, prompt: str, value: Any) -> None:
         import torch
-        from safetensors.torch import save_file
 
         from lorax.errors import ConfigError
-        from lorax.io.atomic import atomic_path
+        from lorax.io.cache_files import write_cached
 
         parts = [value] if isinstance(value, torch.Tensor) else list(value)
         tensors = {str(i): t.detach().cpu().contiguous() for i, t in enumerate(parts)}
@@ -119,9 +120,7 @@ class DiskTextCache(MutableMapping[str, Any]):
             "parts": str(len(parts)),
             "kind": "tensor" if isinstance(value, torch.Tensor) else "tuple",
         }
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.file_for(prompt), force=True) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+        write_cached(self.file_for(prompt), tensors, meta)
         self.written += 1
 
     def __delitem__(self, prompt: str) -> None:

@@ -14,17 +14,23 @@ import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorax.errors import ConfigError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from lorax.training.config import TrainConfig
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 WANDB_HOST = ("api.wandb.ai", 443)
 
 
-def logging_dir_for(config: Any) -> Path:
+def logging_dir_for(config: TrainConfig) -> Path:
     if config.logging_dir is not None:
         return Path(config.logging_dir)
+    assert config.output is not None  # validated
     out = Path(config.output)
     return out.with_name(out.stem + ".logs")
 
@@ -113,13 +119,14 @@ class StepTracker:
             self.tracker = None
 
 
-def make_tracker(config: Any, accelerator: Any, log: Any) -> StepTracker | None:
+def make_tracker(config: TrainConfig, accelerator: Accelerator, log: Any) -> StepTracker | None:
     """The run's tracker (``None`` without ``--log-with``); a missing package is a one-line error before training."""
     kind = config.log_with
     if kind is None:
         return None
     _require(kind)
     where = logging_dir_for(config)
+    assert config.output is not None  # validated
     run_name = Path(config.output).stem
     if not accelerator.is_main_process:
         return StepTracker(kind, None, where)

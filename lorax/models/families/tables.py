@@ -73,7 +73,7 @@ def meta_model(family: str, component: str) -> nn.Module:
     return _build(family_config(family, component))
 
 
-def has_text_model(model: Any) -> bool:
+def has_text_model(model: nn.Module | None) -> bool:
     """Whether a live text encoder keeps the ``text_model`` level (transformers < 5, or ``…WithProjection``)."""
     return hasattr(model, "text_model")
 
@@ -92,7 +92,9 @@ def live_to_disk(component: str, path: str) -> str:
     return path
 
 
-def disk_to_live(component: str, path: str, model: Any = None, *, text_model: bool | None = None) -> str:
+def disk_to_live(
+    component: str, path: str, model: nn.Module | None = None, *, text_model: bool | None = None
+) -> str:
     """An on-disk module path → the path inside the live ``model`` (or as ``text_model`` says)."""
     if component not in all_text_components():
         return path
