@@ -10,7 +10,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 # A changed tensor: (the tensor as read, the safetensors dtype it is written in) → the tensor to write, in that dtype.
 Change = Callable[["torch.Tensor", str], "torch.Tensor"]
+# ``raw=True``: (the tensor's bytes, the dtype it is written in) → the bytes to write.
+RawChange = Callable[[bytearray, str], "bytes | memoryview"]
 
 
 @contextmanager
@@ -54,10 +56,18 @@ def read_owned(source: SafetensorsSource | PickleSource, name: str, handles: dic
         return source.get(name)
     import torch
 
-    f = source.file_of(name)
-    info = f.info(name)
+    info = source.file_of(name).info(name)
     if info.nbytes == 0:
         return source.get(name)
+    return torch.frombuffer(read_bytes(source, name, handles), dtype=st_to_torch(info.dtype)).reshape(
+        info.shape
+    )
+
+
+def read_bytes(source: SafetensorsSource, name: str, handles: dict[Path, int]) -> bytearray:
+    """A tensor's bytes, read with ``pread`` into a buffer of their own."""
+    f = source.file_of(name)
+    info = f.info(name)
     fd = _fd(f.path, handles)
     buf = bytearray(info.nbytes)
     view, done = memoryview(buf), 0
@@ -66,22 +76,24 @@ def read_owned(source: SafetensorsSource | PickleSource, name: str, handles: dic
         if n <= 0:
             raise FormatError(f"tensor {name} ends past the end of the file", path=f.path)
         done += n
-    return torch.frombuffer(buf, dtype=st_to_torch(info.dtype)).reshape(info.shape)
+    return buf
 
 
 def rewrite_tensor_file(
     source: SafetensorsSource | PickleSource,
     out: Path,
-    changes: Mapping[str, Change] | None = None,
+    changes: Mapping[str, Change] | Mapping[str, RawChange] | None = None,
     *,
     dtype: str | None = None,
     metadata: dict[str, str] | None = None,
     replacements: Mapping[str, torch.Tensor] | None = None,
     task: Task | None = None,
+    raw: bool = False,
 ) -> tuple[int, int]:
     """Write ``source`` to ``out``: ``replacements`` instead of their tensors, ``changes[key](tensor, dtype)`` for
     theirs, every other tensor copied byte for byte when its dtype stays (float tensors go to ``dtype`` when given).
-    Returns (tensors changed, tensors copied).
+    Returns (tensors changed, tensors copied). ``raw``: the changes take the tensor's bytes (a ``bytearray``) and
+    return bytes, and nothing here imports torch (``lorax.adapters.array_merge``).
 
     Reading, computing and writing overlap: the next changed tensor's bytes are asked of the disk ahead
     (``posix_fadvise WILLNEED``) while this one is computed, and writes and in-kernel copies run in a thread of their
@@ -100,14 +112,14 @@ def rewrite_tensor_file(
     ahead = [k for k, _, _ in specs if k in changes]
     try:
         writer = StreamingWriter(out, specs, metadata)
-        with writer, single_thread(), _Behind() as behind:
+        with writer, nullcontext() if raw else single_thread(), _Behind() as behind:
             for k, dt, _ in specs:
                 if k in replacements:
                     t = replacements[k]
                     behind.put(writer.write, k, t.to(st_to_torch(dt)) if dt in FLOAT_DTYPES else t)
                 elif k in changes:
                     _advise(source, ahead, changed + 1, handles)
-                    behind.put(writer.write, k, changes[k](read_owned(source, k, handles), dt))
+                    behind.put(writer.write, k, _changed(source, k, changes[k], dt, handles, raw))
                     changed += 1
                 elif source.dtype(k) == dt:
                     if isinstance(source, SafetensorsSource):
@@ -125,6 +137,19 @@ def rewrite_tensor_file(
         for fd in handles.values():
             os.close(fd)
     return changed, copied
+
+
+def _changed(
+    source: SafetensorsSource | PickleSource,
+    key: str,
+    change: Change | RawChange,
+    dt: str,
+    handles: dict[Path, int],
+    raw: bool,
+) -> torch.Tensor | bytes | memoryview:
+    if raw and isinstance(source, SafetensorsSource):
+        return change(read_bytes(source, key, handles), dt)  # type: ignore[arg-type]
+    return change(read_owned(source, key, handles), dt)  # type: ignore[arg-type]
 
 
 def _advise(
