@@ -6,21 +6,24 @@ reads its LoRAs as numpy arrays; this module merges each targeted tensor exactly
 does, block of rows by block of rows, with the same operations on each element in the same order:
 
     w = fp32(W0[rows])                       (bf16: its 16 bits are an fp32's upper half)
-    w += up[rows] @ (alpha·down)             (torch's ``addmm_(up, down, alpha=…)`` scales the packed ``down`` by
-                                              alpha in fp32 and adds the product: the same bits, tests compare them)
+    w += alpha·up[rows] @ down               (``sgemm`` with beta 1, as torch's ``addmm_`` calls it)
     bounds: every value finite and inside what the output dtype holds after rounding
     out[rows] = cast(w)                      (round to nearest even, as torch's cast; bf16 by bit arithmetic)
 
-so the file written is the torch path's, byte for byte (tests/test_merge_numpy.py). Where that rule does not run
-(a value that is not finite or would overflow, a delta whose rows are not the weight's) ``NeedsTorch`` is raised
-and the merge runs again on the torch path, which words the error.
+so the file written is the torch path's, byte for byte (tests/test_merge_numpy.py). The product is the one place
+where that needs more than IEEE arithmetic: torch's BLAS (MKL) and numpy's (OpenBLAS) sum a rank-r product in
+different orders for many shapes (an fp32 ulp apart), so ``sgemm`` is called in torch's own library
+(``libtorch_cpu.so``, loaded by ``ctypes`` in 0.2 s, without importing torch's 1.2 s of Python), with the arguments
+torch passes. Where that library is not there, or the rule does not run (a value that is not finite or would
+overflow, a delta whose rows are not the weight's), ``NeedsTorch`` is raised and the merge runs again on the torch
+path, which words the error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,7 +86,8 @@ def to_fp32(a: np.ndarray) -> np.ndarray:
 
 
 def to_bf16_bits(a: np.ndarray) -> np.ndarray:
-    """fp32 → bf16 bits, rounded to nearest even as torch's cast (c10's ``round_to_nearest_even``); NaN stays NaN."""
+    """fp32 → bf16 bits, rounded to nearest even as torch's cast (c10's ``round_to_nearest_even``); NaN stays a NaN
+    (which NaN torch writes depends on its kernel; ``merge_rows`` never casts one: its bounds check stops first)."""
     bits = a.view(np.uint32)
     rounded = ((bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
     nan = np.isnan(a)
@@ -96,7 +100,8 @@ def to_bf16_bits(a: np.ndarray) -> np.ndarray:
 class _Term:
     start: int
     up: np.ndarray  # [rows, r] fp32
-    down: np.ndarray  # [r, columns] fp32, already times alpha (as MKL's sgemm packs it)
+    down: np.ndarray  # [r, columns] fp32
+    alpha: float
 
 
 def _terms(contributions: list[Contribution], shape: tuple[int, ...]) -> list[_Term]:
@@ -114,8 +119,9 @@ def _terms(contributions: list[Contribution], shape: tuple[int, ...]) -> list[_T
         down = m.down.reshape(m.rank, -1)
         if up.shape[0] != rows or down.shape[1] != columns or up.shape[1] != down.shape[0]:
             raise NeedsTorch
-        alpha = np.float32(c.weight * m.scale)  # torch hands sgemm its alpha as a C float
-        terms.append(_Term(c.part * rows, np.ascontiguousarray(up), np.ascontiguousarray(down * alpha)))
+        terms.append(
+            _Term(c.part * rows, np.ascontiguousarray(up), np.ascontiguousarray(down), c.weight * m.scale)
+        )
     return terms
 
 
@@ -129,10 +135,11 @@ def _columns(shape: tuple[int, ...]) -> int:
 def merge_rows(weight: np.ndarray, terms: list[_Term], dt: str) -> np.ndarray:
     """``weight`` (numpy, bf16 as bits) merged and cast to ``dt``, block by block as ``merge_rows.merge_rows``;
     ``NeedsTorch`` when a value is not finite or would overflow ``dt``."""
-    if dt not in NUMPY_DTYPES:
-        raise NeedsTorch
     rows_total = weight.shape[0]
     columns = _columns(tuple(weight.shape))
+    if dt not in NUMPY_DTYPES or columns < 2:  # torch multiplies a single column its own way
+        raise NeedsTorch
+    addmm = _addmm()
     src = weight.reshape(rows_total, columns)
     out = np.empty((rows_total, columns), dtype=NUMPY_DTYPES[dt])
     step = max(1, BLOCK // max(columns, 1))
@@ -143,7 +150,7 @@ def merge_rows(weight: np.ndarray, terms: list[_Term], dt: str) -> np.ndarray:
         for t in terms:
             lo, hi = max(i, t.start), min(i + n, t.start + t.up.shape[0])
             if lo < hi:
-                b[lo - i : hi - i] += t.up[lo - t.start : hi - t.start] @ t.down
+                addmm(b[lo - i : hi - i], t.up[lo - t.start : hi - t.start], t.down, t.alpha)
         low, high = float(b.min()), float(b.max())  # NaN fails every comparison
         if not (low >= -_FP32_MAX and high <= _FP32_MAX):
             raise NeedsTorch
@@ -154,6 +161,36 @@ def merge_rows(weight: np.ndarray, terms: list[_Term], dt: str) -> np.ndarray:
         else:
             out[i : i + n] = b
     return out.reshape(weight.shape)
+
+
+Addmm = Callable[[np.ndarray, np.ndarray, np.ndarray, float], None]
+
+
+@cache
+def _addmm() -> Addmm:
+    """``c += alpha · a @ b`` (fp32, C-contiguous) by torch's ``sgemm``: column-major ``cᵀ = alpha·bᵀaᵀ + cᵀ``."""
+    import ctypes
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("torch")
+    where = spec.submodule_search_locations if spec is not None else None
+    path = os.path.join(next(iter(where)), "lib", "libtorch_cpu.so") if where else ""
+    try:
+        sgemm = ctypes.CDLL(path).sgemm_
+    except (OSError, AttributeError):
+        raise NeedsTorch from None
+    sgemm.restype = None
+    ref, i32, f32, ptr = ctypes.byref, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    no, one = ctypes.c_char(b"N"), f32(1.0)
+
+    def addmm(c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float) -> None:
+        (m, k), n = a.shape, b.shape[1]
+        assert c.flags.c_contiguous and a.flags.c_contiguous and b.flags.c_contiguous and c.shape == (m, n)
+        sgemm(ref(no), ref(no), ref(i32(n)), ref(i32(m)), ref(i32(k)), ref(f32(alpha)), ptr(b.ctypes.data),
+              ref(i32(n)), ptr(a.ctypes.data), ref(i32(k)), ref(one), ptr(c.ctypes.data), ref(i32(n)))  # fmt: skip
+
+    return addmm
 
 
 def _merged(
