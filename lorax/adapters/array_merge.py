@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lorax.adapters.merge_rows import _BOUNDS, _FP32_MAX, BLOCK
+from lorax.adapters.merge_rows import _BOUNDS, _FP32_MAX, BLOCK, run_blocks
+from lorax.io.buffers import empty
 from lorax.io.rewrite import RawChange, rewrite_tensor_file
 
 if TYPE_CHECKING:
@@ -141,10 +142,12 @@ def merge_rows(weight: np.ndarray, terms: list[_Term], dt: str) -> np.ndarray:
         raise NeedsTorch
     addmm = _addmm()
     src = weight.reshape(rows_total, columns)
-    out = np.empty((rows_total, columns), dtype=NUMPY_DTYPES[dt])
+    kind = np.dtype(NUMPY_DTYPES[dt])
+    out = empty(rows_total * columns * kind.itemsize).view(kind).reshape(rows_total, columns)
     step = max(1, BLOCK // max(columns, 1))
     bound = _BOUNDS.get(dt, _FP32_MAX)
-    for i in range(0, rows_total, step):
+
+    def rows(i: int, _: None) -> bool:
         n = min(step, rows_total - i)
         b = to_fp32(src[i : i + n])
         for t in terms:
@@ -153,13 +156,14 @@ def merge_rows(weight: np.ndarray, terms: list[_Term], dt: str) -> np.ndarray:
                 addmm(b[lo - i : hi - i], t.up[lo - t.start : hi - t.start], t.down, t.alpha)
         low, high = float(b.min()), float(b.max())  # NaN fails every comparison
         if not (low >= -_FP32_MAX and high <= _FP32_MAX):
-            raise NeedsTorch
+            return False
         if bound != _FP32_MAX and not (-bound < low and high < bound):
-            raise NeedsTorch
-        if dt == "BF16":
-            out[i : i + n] = to_bf16_bits(b)
-        else:
-            out[i : i + n] = b
+            return False
+        out[i : i + n] = to_bf16_bits(b) if dt == "BF16" else b
+        return True
+
+    if not run_blocks(range(0, rows_total, step), rows, lambda: None):
+        raise NeedsTorch
     return out.reshape(weight.shape)
 
 
@@ -194,11 +198,11 @@ def _addmm() -> Addmm:
 
 
 def _merged(
-    contributions: list[Contribution], src_dtype: str, shape: tuple[int, ...], buf: bytearray, dt: str
+    contributions: list[Contribution], src_dtype: str, shape: tuple[int, ...], buf: np.ndarray, dt: str
 ) -> memoryview:
     if src_dtype not in NUMPY_DTYPES:
         raise NeedsTorch
-    weight = np.frombuffer(buf, dtype=NUMPY_DTYPES[src_dtype]).reshape(shape)
+    weight = buf.view(NUMPY_DTYPES[src_dtype]).reshape(shape)
     merged = merge_rows(weight, _terms(contributions, shape), dt)
     return memoryview(merged).cast("B")  # type: ignore[arg-type]
 

@@ -21,12 +21,15 @@ from lorax.io.safetensors_io import StreamingWriter, st_dtype
 from lorax.progress import Task
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+
+    from lorax.io.buffers import Pool
 
 # A changed tensor: (the tensor as read, the safetensors dtype it is written in) → the tensor to write, in that dtype.
 Change = Callable[["torch.Tensor", str], "torch.Tensor"]
 # ``raw=True``: (the tensor's bytes, the dtype it is written in) → the bytes to write.
-RawChange = Callable[[bytearray, str], "bytes | memoryview"]
+RawChange = Callable[["np.ndarray", str], "bytes | memoryview"]
 
 
 @contextmanager
@@ -64,13 +67,16 @@ def read_owned(source: SafetensorsSource | PickleSource, name: str, handles: dic
     )
 
 
-def read_bytes(source: SafetensorsSource, name: str, handles: dict[Path, int]) -> bytearray:
-    """A tensor's bytes, read with ``pread`` into a buffer of their own."""
+def read_bytes(source: SafetensorsSource, name: str, handles: dict[Path, int]) -> np.ndarray:
+    """A tensor's bytes, read with ``pread`` into a buffer of their own (``buffers.empty``: lent, when a rewrite
+    runs, and not zero-filled first)."""
+    from lorax.io.buffers import empty
+
     f = source.file_of(name)
     info = f.info(name)
     fd = _fd(f.path, handles)
-    buf = bytearray(info.nbytes)
-    view, done = memoryview(buf), 0
+    buf = empty(info.nbytes)
+    view, done = memoryview(buf), 0  # type: ignore[arg-type]
     while done < info.nbytes:
         n = os.preadv(fd, [view[done:]], info.start + done)
         if n <= 0:
@@ -110,16 +116,25 @@ def rewrite_tensor_file(
     changed = copied = 0
     handles: dict[Path, int] = {}
     ahead = [k for k, _, _ in specs if k in changes]
+    from lorax.io.buffers import Pool, inside, lending  # numpy: not for a command that only reads headers
+
+    pool = Pool()
     try:
         writer = StreamingWriter(out, specs, metadata)
-        with writer, nullcontext() if raw else single_thread(), _Behind() as behind:
+        with writer, nullcontext() if raw else single_thread(), _Behind() as behind, lending(pool):
             for k, dt, _ in specs:
                 if k in replacements:
                     t = replacements[k]
                     behind.put(writer.write, k, t.to(st_to_torch(dt)) if dt in FLOAT_DTYPES else t)
                 elif k in changes:
                     _advise(source, ahead, changed + 1, handles)
-                    behind.put(writer.write, k, _changed(source, k, changes[k], dt, handles, raw))
+                    data = _changed(source, k, changes[k], dt, handles, raw)
+                    lent = (
+                        pool.lent()
+                    )  # the tensor as read and the result's buffer, if lent: back once written
+                    kept = [b for b in lent if inside(data, b)]
+                    pool.give([b for b in lent if not inside(data, b)])
+                    behind.put(_write_and_give, writer.write, k, data, pool, kept)
                     changed += 1
                 elif source.dtype(k) == dt:
                     if isinstance(source, SafetensorsSource):
@@ -137,6 +152,13 @@ def rewrite_tensor_file(
         for fd in handles.values():
             os.close(fd)
     return changed, copied
+
+
+def _write_and_give(
+    write: Callable[[str, object], None], key: str, data: object, pool: Pool, buffers: list[np.ndarray]
+) -> None:
+    write(key, data)
+    pool.give(buffers)
 
 
 def _changed(
