@@ -26,13 +26,17 @@ class Pool:
         self._lock = threading.Lock()
         self.keep = keep
 
-    def take(self, nbytes: int) -> np.ndarray:
+    def take(self, nbytes: int, lend: bool = True) -> np.ndarray:
+        """A buffer of at least ``nbytes`` (its first ``nbytes`` when ``lend``: counted by ``lent()``; else the whole
+        buffer, for the caller to give back itself)."""
         with self._lock:
             fits = [b for b in self._free if b.nbytes >= nbytes]
             found = min(fits, key=lambda b: b.nbytes) if fits else None
             if found is not None:
                 self._free = [b for b in self._free if b is not found]
         buf = found if found is not None else np.empty(max(nbytes, 1), np.uint8)
+        if not lend:
+            return buf
         self._lent.append(buf)
         return buf[:nbytes]
 

@@ -14,9 +14,9 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lorax.errors import FormatError
 from lorax.io.checkpoint_sources import PickleSource, SafetensorsSource
 from lorax.io.model_layout import FLOAT_DTYPES, FP8_DTYPES, out_dtype, st_to_torch
+from lorax.io.read_ahead import ReadAhead, fill
 from lorax.io.safetensors_io import StreamingWriter, st_dtype
 from lorax.progress import Task
 
@@ -74,15 +74,7 @@ def read_bytes(source: SafetensorsSource, name: str, handles: dict[Path, int]) -
 
     f = source.file_of(name)
     info = f.info(name)
-    fd = _fd(f.path, handles)
-    buf = empty(info.nbytes)
-    view, done = memoryview(buf), 0  # type: ignore[arg-type]
-    while done < info.nbytes:
-        n = os.preadv(fd, [view[done:]], info.start + done)
-        if n <= 0:
-            raise FormatError(f"tensor {name} ends past the end of the file", path=f.path)
-        done += n
-    return buf
+    return fill(_fd(f.path, handles), empty(info.nbytes), info.start, name, f.path)
 
 
 def rewrite_tensor_file(
@@ -121,17 +113,18 @@ def rewrite_tensor_file(
     pool = Pool()
     try:
         writer = StreamingWriter(out, specs, metadata)
-        with writer, nullcontext() if raw else single_thread(), _Behind() as behind, lending(pool):
+        reads = ReadAhead(source, ahead, pool, lambda p: _fd(p, handles))
+        with writer, nullcontext() if raw else single_thread(), _Behind() as behind, lending(pool), reads:
             for k, dt, _ in specs:
                 if k in replacements:
                     t = replacements[k]
                     behind.put(writer.write, k, t.to(st_to_torch(dt)) if dt in FLOAT_DTYPES else t)
                 elif k in changes:
-                    _advise(source, ahead, changed + 1, handles)
-                    data = _changed(source, k, changes[k], dt, handles, raw)
-                    lent = (
-                        pool.lent()
-                    )  # the tensor as read and the result's buffer, if lent: back once written
+                    _advise(source, ahead, changed + 2, handles)  # the next one is being read
+                    read = reads.get(k)
+                    data = _changed(source, k, changes[k], dt, handles, raw, read)
+                    # the tensor as read and the result's buffer: back to the pool (once written, if it is there)
+                    lent = pool.lent() + ([read[1]] if read is not None else [])
                     kept = [b for b in lent if inside(data, b)]
                     pool.give([b for b in lent if not inside(data, b)])
                     behind.put(_write_and_give, writer.write, k, data, pool, kept)
@@ -168,7 +161,15 @@ def _changed(
     dt: str,
     handles: dict[Path, int],
     raw: bool,
+    read: tuple[np.ndarray, np.ndarray] | None,
 ) -> torch.Tensor | bytes | memoryview:
+    if read is not None:  # read ahead (lorax.io.read_ahead)
+        if raw:
+            return change(read[0], dt)  # type: ignore[arg-type]
+        import torch
+
+        weight = torch.frombuffer(read[0], dtype=st_to_torch(source.dtype(key))).reshape(source.shape(key))
+        return change(weight, dt)  # type: ignore[arg-type]
     if raw and isinstance(source, SafetensorsSource):
         return change(read_bytes(source, key, handles), dt)  # type: ignore[arg-type]
     return change(read_owned(source, key, handles), dt)  # type: ignore[arg-type]
@@ -177,7 +178,7 @@ def _changed(
 def _advise(
     source: SafetensorsSource | PickleSource, ahead: list[str], i: int, handles: dict[Path, int]
 ) -> None:
-    """Ask the kernel to start reading the changed tensor after this one (the one at ``ahead[i]``)."""
+    """Ask the kernel to start reading the changed tensor at ``ahead[i]``."""
     if i >= len(ahead) or not isinstance(source, SafetensorsSource) or not hasattr(os, "posix_fadvise"):
         return
     f = source.file_of(ahead[i])
