@@ -133,16 +133,18 @@ def load_loras(config: MergeConfig, ckpt: Checkpoint, progress: Progress) -> Lor
     """Read every LoRA against the base (``lorax.adapters.merge_inputs.read_for_base``: names resolved against the
     base's own modules, index files against the base built with its real classes), with its scales."""
     from lorax.formats import detect_format
+    from lorax.io.rewrite import single_thread
 
-    skeleton, index_model = model_skeleton(ckpt), base_index_model(config.base)
     out: Loras = []
-    for text in config.loras:
-        spec = LoraSpec.parse(text)
-        if not spec.path.exists():
-            raise InputError("no such file", path=spec.path)
-        fmt = detect_format(spec.path)
-        state = read_for_base(spec.path, fmt, ckpt.family, str(config.base), skeleton, index_model)
-        out.append(_scaled(config, spec, state, fmt))
+    with single_thread():  # checks over the LoRA's weights: torch's thread pool spins on a busy machine
+        skeleton, index_model = model_skeleton(ckpt), base_index_model(config.base)
+        for text in config.loras:
+            spec = LoraSpec.parse(text)
+            if not spec.path.exists():
+                raise InputError("no such file", path=spec.path)
+            fmt = detect_format(spec.path)
+            state = read_for_base(spec.path, fmt, ckpt.family, str(config.base), skeleton, index_model)
+            out.append(_scaled(config, spec, state, fmt))
     return _logged(out, progress)
 
 
