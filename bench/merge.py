@@ -143,15 +143,22 @@ def time_merge(base: Path, lora: Path, merged: Path, runs: int = 2) -> tuple[flo
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of a subprocess, from wait4's rusage."""
+    """(wall seconds, peak RSS in GB) of a subprocess. The peak comes from GNU time (``/usr/bin/time -f %M``), which
+    forks the command from its own small process: a child forked from this one (holding torch and the random pools)
+    would count this process's pages in its own ``ru_maxrss`` (every merge read ~1 GB that way). Without GNU time,
+    wait4's rusage of the direct child, an upper bound."""
+    timer = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").is_file() else None)
+    wrapped = [timer, "-f", "lorax-bench-rss %M", *cmd] if timer else cmd
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(wrapped, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
+    err = proc.stderr.read().decode() if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
-        err = proc.stderr.read().decode() if proc.stderr else ""
         raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-2000:]}")
-    return wall, usage.ru_maxrss / 1024 / 1024
+    marks = [line.split()[1] for line in err.splitlines() if line.startswith("lorax-bench-rss ")]
+    kb = int(marks[-1]) if marks else usage.ru_maxrss
+    return wall, kb / 1024 / 1024
 
 
 BASELINE = """
