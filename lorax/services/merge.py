@@ -29,19 +29,16 @@ from lorax.adapters.merge import (
     single_file_locator,
 )
 from lorax.adapters.merge_inputs import (  # refuse_unmergeable stays importable from here
-    base_index_model,
-    read_for_base,
     refuse_unmergeable,  # noqa: F401
 )
 from lorax.adapters.merged_tokens import add_embeddings_to_folder, write_embeddings_beside
-from lorax.errors import ConfigError, InputError
+from lorax.errors import ConfigError
 from lorax.io.atomic import FILE, MODEL_FOLDER, atomic_path, check_output, scratch_dir
 from lorax.io.checkpoint import (
     Checkpoint,
     DiffusersCheckpoint,
     SingleFileCheckpoint,
     is_model_checkpoint,
-    model_skeleton,
     open_checkpoint,
     open_source,
 )
@@ -49,18 +46,16 @@ from lorax.io.checkpoint_sources import all_weight_files
 from lorax.io.model_layout import DTYPES, copy_tree_files, write_diffusers_folder, write_single_file
 from lorax.progress import NullProgress, Progress
 from lorax.services.common import MODEL_DEFAULTS, LoraSpec, dtype_problem, rank_problem, refuse
+from lorax.services.merge_read import Loras, load_array_loras, load_loras
 
 if TYPE_CHECKING:
-    from lorax.adapters.array_merge import ArrayState
-    from lorax.adapters.state import LoraState
+    pass
 
 
 MODES = ("concat", "seed-blend", "seed-join")
 MODEL_LAYOUTS = ("diffusers", "single-file")
 LORA_FORMATS = ("kohya", "diffusers", "lora_diffusion")
 DTYPE_NAMES = tuple(DTYPES)
-# (path, state, alpha, alpha_text, format) per LoRA; ArrayState: read as numpy arrays for a merge without torch
-Loras = list[tuple[str, "LoraState | ArrayState", float, float, str]]
 
 
 @dataclass
@@ -123,64 +118,6 @@ class MergeResult:
     output_bytes: int = 0
     worst_energy: float | None = None
     mean_energy: float | None = None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loading the LoRAs
-
-
-def load_loras(config: MergeConfig, ckpt: Checkpoint, progress: Progress) -> Loras:
-    """Read every LoRA against the base (``lorax.adapters.merge_inputs.read_for_base``: names resolved against the
-    base's own modules, index files against the base built with its real classes), with its scales."""
-    from lorax.formats import detect_format
-    from lorax.io.rewrite import single_thread
-
-    out: Loras = []
-    with single_thread():  # checks over the LoRA's weights: torch's thread pool spins on a busy machine
-        skeleton, index_model = model_skeleton(ckpt), base_index_model(config.base)
-        for text in config.loras:
-            spec = LoraSpec.parse(text)
-            if not spec.path.exists():
-                raise InputError("no such file", path=spec.path)
-            fmt = detect_format(spec.path)
-            state = read_for_base(spec.path, fmt, ckpt.family, str(config.base), skeleton, index_model)
-            out.append(_scaled(config, spec, state, fmt))
-    return _logged(out, progress)
-
-
-def load_array_loras(config: MergeConfig, ckpt: Checkpoint, progress: Progress) -> Loras | None:
-    """The LoRAs of a merge that needs no torch, read as numpy arrays (``lorax.adapters.array_inputs``); ``None``
-    where the merge needs torch."""
-    from lorax.adapters.array_inputs import base_skeleton, read_lora
-
-    skeleton = base_skeleton(ckpt, config.dtype)
-    if skeleton is None:
-        return None
-    out: Loras = []
-    for text in config.loras:
-        spec = LoraSpec.parse(text)
-        state = read_lora(spec.path, ckpt.family, skeleton)
-        if state is None:
-            return None
-        out.append(_scaled(config, spec, state, "kohya"))
-    return _logged(out, progress)
-
-
-def _scaled(
-    config: MergeConfig, spec: LoraSpec, state: LoraState | ArrayState, fmt: str
-) -> tuple[str, LoraState | ArrayState, float, float, str]:
-    alpha = (1.0 if config.alpha is None else config.alpha) if spec.alpha is None else spec.alpha
-    alpha_text = alpha if config.alpha_text is None else config.alpha_text
-    return (str(spec.path), state, alpha, alpha_text, fmt)
-
-
-def _logged(loras: Loras, progress: Progress) -> Loras:
-    for path, state, _, _, fmt in loras:
-        progress.log(
-            f"{path}: {fmt}, {len(state.modules)} modules"
-            + (f", {len(state.embeddings)} tokens" if state.embeddings else "")
-        )
-    return loras
 
 
 # ---------------------------------------------------------------------------------------------------------------
