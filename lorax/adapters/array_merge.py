@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lorax.adapters.merge_rows import _BOUNDS, _FP32_MAX, BLOCK, run_blocks
+from lorax.adapters.merge_rows import _BOUNDS, _FP32_MAX, BLOCK, Term, run_blocks
 from lorax.io.buffers import empty
 from lorax.io.rewrite import RawChange, rewrite_tensor_file
 
@@ -97,15 +97,7 @@ def to_bf16_bits(a: np.ndarray) -> np.ndarray:
     return rounded
 
 
-@dataclass
-class _Term:
-    start: int
-    up: np.ndarray  # [rows, r] fp32
-    down: np.ndarray  # [r, columns] fp32
-    alpha: float
-
-
-def _terms(contributions: list[Contribution], shape: tuple[int, ...]) -> list[_Term]:
+def _terms(contributions: list[Contribution], shape: tuple[int, ...]) -> list[Term[np.ndarray]]:
     """``merge_rows.plan_rows`` for ``ArrayLora`` contributions: each pair's rows of the weight."""
     if not shape or shape[0] == 0:
         raise NeedsTorch
@@ -121,7 +113,9 @@ def _terms(contributions: list[Contribution], shape: tuple[int, ...]) -> list[_T
         if up.shape[0] != rows or down.shape[1] != columns or up.shape[1] != down.shape[0]:
             raise NeedsTorch
         terms.append(
-            _Term(c.part * rows, np.ascontiguousarray(up), np.ascontiguousarray(down), c.weight * m.scale)
+            Term[np.ndarray](
+                c.part * rows, np.ascontiguousarray(up), np.ascontiguousarray(down), c.weight * m.scale
+            )
         )
     return terms
 
@@ -133,7 +127,7 @@ def _columns(shape: tuple[int, ...]) -> int:
     return n
 
 
-def merge_rows(weight: np.ndarray, terms: list[_Term], dt: str) -> np.ndarray:
+def merge_rows(weight: np.ndarray, terms: list[Term[np.ndarray]], dt: str) -> np.ndarray:
     """``weight`` (numpy, bf16 as bits) merged and cast to ``dt``, block by block as ``merge_rows.merge_rows``;
     ``NeedsTorch`` when a value is not finite or would overflow ``dt``."""
     rows_total = weight.shape[0]

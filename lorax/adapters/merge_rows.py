@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from lorax.io.buffers import empty
 
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from lorax.adapters.merge import Contribution
 
 S = TypeVar("S")
+A = TypeVar("A")
 BLOCK = 1 << 17  # elements per block of rows: 512 KB of fp32, inside the L2 cache
 # The largest fp32 magnitude that each output dtype holds after round-to-nearest-even (a value at the bound itself
 # rounds to infinity): fp16's 65504 + half an ulp, bf16's (2 − 2^-8)·2^127; fp32 any finite value.
@@ -47,18 +48,19 @@ _FP32_MAX = 3.4028234663852886e38
 
 
 @dataclass
-class Term:
-    """One LoRA pair's rows of the weight: rows ``start`` to ``start + len(up)`` get ``alpha·up @ down``."""
+class Term(Generic[A]):
+    """One LoRA pair's rows of the weight: rows ``start`` to ``start + len(up)`` get ``alpha·up @ down`` (torch
+    tensors here, numpy arrays in ``lorax.adapters.array_merge``)."""
 
     start: int
-    up: torch.Tensor  # [rows, r] fp32
-    down: torch.Tensor  # [r, columns] fp32
+    up: A  # [rows, r] fp32
+    down: A  # [r, columns] fp32
     alpha: float
 
 
 @dataclass
 class Plan:
-    terms: list[Term]
+    terms: list[Term[torch.Tensor]]
     scale: float | None = None  # scaled fp8: W = W8·scale
     clamp: float | None = None  # an fp8 weight requantised: saturate at the format's largest value
 
@@ -119,7 +121,7 @@ def _columns(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _term(m: Any, start: int, rows: int, columns: int, alpha: float, swap: bool) -> Term | None:
+def _term(m: Any, start: int, rows: int, columns: int, alpha: float, swap: bool) -> Term[torch.Tensor] | None:
     import torch
 
     up = m.up.to(torch.float32).reshape(m.up.shape[0], -1)
