@@ -120,13 +120,22 @@ def _bf16_lora(path: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("dtype", [None, "fp16", "bf16", "fp32"])
-def test_cli_merge_without_torch_writes_the_torch_paths_bytes(dtype):
-    """A LoRA + LoCon (kohya) into the tiny SD1 single file in each dtype: a subprocess merges without importing
-    torch, and its file equals the torch path's byte for byte."""
-    base = tiny_single("sd1", dtype)
+@pytest.mark.parametrize(
+    ("family", "dtype"),
+    [("sd1", None), ("sd1", "fp16"), ("sd1", "bf16"), ("sd1", "fp32"), ("sd2", None), ("sdxl", None)],
+)
+def test_cli_merge_without_torch_writes_the_torch_paths_bytes(family, dtype):
+    """A LoRA + LoCon (kohya) into the tiny SD1 single file in each dtype, and into SD2's (OpenCLIP's fused q;k;v)
+    and SDXL's (kohya's original UNet names): a subprocess merges without importing torch, and its file equals the
+    torch path's byte for byte."""
+    base = tiny_single(family, dtype)
     work = scratch("numpy-merge")
-    lora = save(tiny_lora("sd1", seed=3, alpha=3.0), work / "k.safetensors")
+    if family == "sdxl":  # the tiny SDXL's own blocks, both text encoders
+        from test_sdxl import sdxl_lora
+
+        lora = save(sdxl_lora(seed=3, conv=True), work / "k.safetensors")
+    else:
+        lora = save(tiny_lora(family, seed=3, alpha=3.0), work / "k.safetensors")
     if dtype == "bf16":
         lora = _bf16_lora(lora)
     fast, slow = work / "fast.safetensors", work / "slow.safetensors"
