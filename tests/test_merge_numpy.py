@@ -107,6 +107,41 @@ def test_bf16_rounding_is_torchs_cast():
     )
 
 
+def test_fp16_casts_are_torchs():
+    """fp16 → fp32 for all 65536 bit patterns, fp32 → fp16 on ties, subnormals, overflow and a million values."""
+    to32, to16 = array_merge._half()
+    every = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    wide = np.empty(65536, np.float32)
+    to32(every, wide)
+    expected = torch.from_numpy(every.copy()).float().numpy()
+    nan = np.isnan(expected)
+    assert (
+        np.array_equal(wide[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+        and np.isnan(wide[nan]).all()
+    )
+    gen = torch.Generator().manual_seed(1)
+    special = [
+        1 + 2**-11,
+        1 + 3 * 2**-11,
+        2**-24,
+        2**-25,
+        3 * 2**-26,
+        65504.0,
+        65519.0,
+        65520.0,
+        1e-8,
+        -6e-5,
+        0.0,
+        -0.0,
+    ]
+    x = torch.cat(
+        [torch.tensor(special), torch.randn(1 << 20, generator=gen) * torch.logspace(-9, 5, 1 << 20)]
+    )
+    narrow = np.empty(x.numel(), np.float16)
+    to16(x.numpy(), narrow)
+    assert np.array_equal(narrow.view(np.uint16), x.half().numpy().view(np.uint16))
+
+
 def _torch_merge(base: Path, lora: Path, out: Path, **kw) -> None:
     merge_model(MergeConfig(str(base), [str(lora)], out, force=True, **kw), NullProgress())
 
