@@ -218,3 +218,29 @@ def test_lycoris_and_embeddings_take_the_torch_path():
     assert base_skeleton(open_checkpoint(base), "fp32") is None  # a dtype change: the torch path
     result = merge(MergeConfig(str(base), [str(lora)], work / "out.safetensors"))
     assert result.embeddings == ["<tok>"] and result.tensors_merged > 0
+
+
+def test_rewrite_copies_runs_page_aligned_as_the_source():
+    """The rewrite's output starts its data at the source's offset modulo 4096 (in-kernel copies of runs of
+    untouched tensors between equally aligned offsets), every untouched tensor's bytes unchanged, read back by the
+    safetensors library itself."""
+    from safetensors import safe_open
+
+    from lorax.io.checkpoint_sources import SafetensorsSource
+    from lorax.io.rewrite import rewrite_tensor_file
+    from lorax.io.safetensors_io import read_header
+
+    base = tiny_single("sd1", "fp16")
+    out = scratch("aligned") / "copy.safetensors"
+    key = next(k for k in read_header(base).tensors if k.endswith("attn1.to_q.weight"))
+    double = lambda buf, dt: memoryview(bytes(b ^ 0x01 for b in bytes(buf)))  # noqa: E731  flips one bit a byte
+    changed, copied = rewrite_tensor_file(
+        SafetensorsSource([base]), out, {key: double}, metadata={"x": "y" * 77}, raw=True
+    )
+    src, dst = read_header(base), read_header(out)
+    assert changed == 1 and copied == len(src.tensors) - 1
+    assert dst.data_offset % 4096 == src.data_offset % 4096 and dst.metadata == {"x": "y" * 77}
+    with safe_open(str(base), "np") as a, safe_open(str(out), "np") as b:
+        for k in src.tensors:
+            same = a.get_tensor(k).tobytes() == b.get_tensor(k).tobytes()
+            assert same == (k != key), k

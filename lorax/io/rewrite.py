@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lorax.io.checkpoint_sources import PickleSource, SafetensorsSource
 from lorax.io.model_layout import FLOAT_DTYPES, FP8_DTYPES, out_dtype, st_to_torch
@@ -112,10 +112,21 @@ def rewrite_tensor_file(
 
     pool = Pool()
     try:
-        writer = StreamingWriter(out, specs, metadata)
+        single = isinstance(source, SafetensorsSource) and len(source.files) == 1
+        align = source.files[0].header.data_offset if single else None  # type: ignore[union-attr]
+        writer = StreamingWriter(out, specs, metadata, align)  # copies page-aligned as in the source
         reads = ReadAhead(source, ahead, pool, lambda p: _fd(p, handles))
         with writer, nullcontext() if raw else single_thread(), _Behind() as behind, lending(pool), reads:
+            run: list[Any] = []  # tensors copied as they are, one after the other: [fd, start, end, names]
+
+            def flush() -> None:
+                if run:
+                    behind.put(writer.copy_many, run[3], run[0], run[1])
+                    run.clear()
+
             for k, dt, _ in specs:
+                if not (k not in replacements and k not in changes and source.dtype(k) == dt):
+                    flush()
                 if k in replacements:
                     t = replacements[k]
                     behind.put(writer.write, k, t.to(st_to_torch(dt)) if dt in FLOAT_DTYPES else t)
@@ -132,7 +143,13 @@ def rewrite_tensor_file(
                 elif source.dtype(k) == dt:
                     if isinstance(source, SafetensorsSource):
                         f = source.file_of(k)
-                        behind.put(writer.copy_from, k, _fd(f.path, handles), f.info(k).start)
+                        info, fd = f.info(k), _fd(f.path, handles)
+                        if run and run[0] == fd and run[2] == info.start:
+                            run[2] = info.end
+                            run[3].append(k)
+                        else:
+                            flush()
+                            run[:] = [fd, info.start, info.end, [k]]
                     else:
                         behind.put(writer.write, k, source.raw(k))
                     copied += 1
@@ -141,6 +158,7 @@ def rewrite_tensor_file(
                     copied += 1
                 if task is not None:
                     task.advance()
+            flush()
     finally:
         for fd in handles.values():
             os.close(fd)
