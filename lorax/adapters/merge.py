@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from lorax.errors import MismatchError
 from lorax.io.checkpoint import DiffusersCheckpoint, PickleSource, SafetensorsSource, SingleFileCheckpoint
@@ -23,6 +23,7 @@ from lorax.progress import Task
 if TYPE_CHECKING:
     import torch
 
+    from lorax.adapters.array_merge import ArrayState
     from lorax.adapters.state import DeltaModule, LoraModule, LoraState
 
 
@@ -98,7 +99,7 @@ def _described_shape(module: LoraModule | DeltaModule) -> str:
 
 
 def plan_targets(
-    loras: list[tuple[str, LoraState, float, float]], locate: Locator
+    loras: list[tuple[str, LoraState | ArrayState, float, float]], locate: Locator
 ) -> tuple[dict[str, list[Contribution]], list[str], list[str], dict[str, int]]:
     """targets by tensor key, unmatched module names, shape mismatches, matched count per LoRA."""
     targets: dict[str, list[Contribution]] = {}
@@ -107,7 +108,8 @@ def plan_targets(
     matched: dict[str, int] = {}
     for label, state, alpha, alpha_text in loras:
         matched[label] = 0
-        for name, module in state.modules.items():
+        modules = cast("dict[str, LoraModule | DeltaModule]", state.modules)  # ArrayLora: LoraModule's shapes
+        for name, module in modules.items():
             component, _, path = name.partition(".")
             slot = locate(component, path + ".weight")
             if slot is None:

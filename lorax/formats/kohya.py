@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from lorax.adapters.state import LoraModule, LoraState
 from lorax.errors import ErrorPath, FormatError
 from lorax.formats import keys, lycoris, naming
 from lorax.formats.base import Meta, Tensors, check_pair, source
@@ -23,6 +22,8 @@ from lorax.models import families
 
 if TYPE_CHECKING:
     import torch
+
+    from lorax.adapters.state import LoraState
 
 NAME = "kohya"
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
@@ -67,6 +68,8 @@ def read_bundles(
 def read(tensors: Tensors, meta: Meta = None, family: str | None = None) -> LoraState:
     """kohya tensors → ``LoraState``; LyCORIS algorithms in the same naming are built from ``lycoris.ALGORITHMS``.
     (The kohya format hands Flux files, BFL module names, to ``lorax.formats.flux``: ``lorax.formats.registry``.)"""
+    from lorax.adapters.state import LoraModule, LoraState  # torch: naming alone needs none
+
     src = source(meta)
     metadata, model, path = dict(src.metadata), src.model, src.path
     names = list(tensors)
@@ -137,7 +140,7 @@ def write(
     """``LoraState`` → kohya tensors and header metadata (``alpha`` scalars stay float32)."""
     import torch
 
-    from lorax.adapters.state import DeltaModule
+    from lorax.adapters.state import DeltaModule, LoraModule
 
     tensors: dict[str, torch.Tensor] = {}
     for module_path, module in state.modules.items():

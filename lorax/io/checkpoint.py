@@ -272,17 +272,12 @@ def model_skeleton(ckpt: Checkpoint, components: tuple[str, ...] | None = None) 
         if component not in ckpt.components():
             continue
         root = nn.Module()
-        for key in ckpt.component_keys(component):
-            if not key.endswith(".weight"):
-                continue
-            shape = _shape_of(ckpt, component, key)
+        for path, shape in _layers(ckpt, component):
             if len(shape) == 2:
                 layer: nn.Module = nn.Linear(shape[1], shape[0], bias=False, device="meta")
-            elif len(shape) == 4:
-                layer = nn.Conv2d(shape[1], shape[0], tuple(shape[2:]), bias=False, device="meta")  # type: ignore[arg-type]
             else:
-                continue
-            *parents, leaf = key[: -len(".weight")].split(".")
+                layer = nn.Conv2d(shape[1], shape[0], tuple(shape[2:]), bias=False, device="meta")  # type: ignore[arg-type]
+            *parents, leaf = path.split(".")
             node = root
             for name in parents:
                 child = node._modules.get(name)
@@ -295,6 +290,49 @@ def model_skeleton(ckpt: Checkpoint, components: tuple[str, ...] | None = None) 
         if component == "unet":
             root.config = _unet_layout_config(ckpt)  # type: ignore[assignment]
         out[component] = root
+    return out
+
+
+def _layers(ckpt: Checkpoint, component: str) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(module path, weight shape) of each 2-D or 4-D ``.weight`` of a component: its Linear and Conv2d layers."""
+    for key in ckpt.component_keys(component):
+        if key.endswith(".weight"):
+            shape = _shape_of(ckpt, component, key)
+            if len(shape) in (2, 4):
+                yield key[: -len(".weight")], shape
+
+
+@dataclass
+class PathSkeleton:
+    """``model_skeleton``'s component without torch: its layers' ``{path: weight shape}`` in the order the meta
+    module's ``named_modules()`` walks them, and the UNet's ``config`` (``lorax.formats.naming`` reads both)."""
+
+    weight_shapes: dict[str, tuple[int, ...]]
+    config: dict[str, Any] | None = None
+
+
+def path_skeleton(ckpt: Checkpoint) -> dict[str, PathSkeleton]:
+    """``model_skeleton(ckpt)`` as ``PathSkeleton``s, for a merge that imports no torch."""
+    out: dict[str, PathSkeleton] = {}
+    for component in checkpoint_layouts.layout(ckpt.family).lora_components():
+        if component not in ckpt.components():
+            continue
+        tree: dict[str, Any] = {}  # name → [shape or None, children], as model_skeleton nests modules
+        for path, shape in _layers(ckpt, component):
+            *parents, leaf = path.split(".")
+            node = tree
+            for name in parents:
+                node = node.setdefault(name, [None, {}])[1]
+            node.setdefault(leaf, [shape, {}])
+        shapes: dict[str, tuple[int, ...]] = {}
+        stack: list[tuple[str, Any]] = list(reversed(tree.items()))
+        while stack:  # pre-order, children in insertion order: named_modules()
+            name, (shape, children) = stack.pop()
+            if shape is not None:
+                shapes[name] = shape
+            stack.extend((f"{name}.{k}", v) for k, v in reversed(children.items()))
+        config = _unet_layout_config(ckpt) if component == "unet" else None
+        out[component] = PathSkeleton(shapes, config)
     return out
 
 

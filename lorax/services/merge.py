@@ -29,19 +29,16 @@ from lorax.adapters.merge import (
     single_file_locator,
 )
 from lorax.adapters.merge_inputs import (  # refuse_unmergeable stays importable from here
-    base_index_model,
-    read_for_base,
     refuse_unmergeable,  # noqa: F401
 )
 from lorax.adapters.merged_tokens import add_embeddings_to_folder, write_embeddings_beside
-from lorax.errors import ConfigError, InputError
+from lorax.errors import ConfigError
 from lorax.io.atomic import FILE, MODEL_FOLDER, atomic_path, check_output, scratch_dir
 from lorax.io.checkpoint import (
     Checkpoint,
     DiffusersCheckpoint,
     SingleFileCheckpoint,
     is_model_checkpoint,
-    model_skeleton,
     open_checkpoint,
     open_source,
 )
@@ -49,16 +46,16 @@ from lorax.io.checkpoint_sources import all_weight_files
 from lorax.io.model_layout import DTYPES, copy_tree_files, write_diffusers_folder, write_single_file
 from lorax.progress import NullProgress, Progress
 from lorax.services.common import MODEL_DEFAULTS, LoraSpec, dtype_problem, rank_problem, refuse
+from lorax.services.merge_read import Loras, load_array_loras, load_loras
 
 if TYPE_CHECKING:
-    from lorax.adapters.state import LoraState
+    pass
 
 
 MODES = ("concat", "seed-blend", "seed-join")
 MODEL_LAYOUTS = ("diffusers", "single-file")
 LORA_FORMATS = ("kohya", "diffusers", "lora_diffusion")
 DTYPE_NAMES = tuple(DTYPES)
-Loras = list[tuple[str, "LoraState", float, float, str]]  # (path, state, alpha, alpha_text, format) per LoRA
 
 
 @dataclass
@@ -124,34 +121,6 @@ class MergeResult:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loading the LoRAs
-
-
-def load_loras(config: MergeConfig, ckpt: Checkpoint, progress: Progress) -> Loras:
-    """Read every LoRA against the base (``lorax.adapters.merge_inputs.read_for_base``: names resolved against the
-    base's own modules, index files against the base built with its real classes), with its scales."""
-    from lorax.formats import detect_format
-
-    skeleton, index_model = model_skeleton(ckpt), base_index_model(config.base)
-    default_alpha = 1.0 if config.alpha is None else config.alpha
-    out = []
-    for text in config.loras:
-        spec = LoraSpec.parse(text)
-        if not spec.path.exists():
-            raise InputError("no such file", path=spec.path)
-        fmt = detect_format(spec.path)
-        state = read_for_base(spec.path, fmt, ckpt.family, str(config.base), skeleton, index_model)
-        alpha = default_alpha if spec.alpha is None else spec.alpha
-        alpha_text = alpha if config.alpha_text is None else config.alpha_text
-        progress.log(
-            f"{spec.path}: {fmt}, {len(state.modules)} modules"
-            + (f", {len(state.embeddings)} tokens" if state.embeddings else "")
-        )
-        out.append((str(spec.path), state, alpha, alpha_text, fmt))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Into a model, in the base's own layout
 
 
@@ -192,13 +161,36 @@ def merge_single_file(ckpt: SingleFileCheckpoint, job: _Job, out: Path) -> None:
     )
     target = DTYPES[job.config.dtype] if job.config.dtype else None
     written = targets
-    if flux_merge.needs_slicing(
+    slicing = flux_merge.needs_slicing(
         ckpt, targets
-    ):  # Flux's unequal fused slices and swapped halves, fp8 to requantise
+    )  # Flux's unequal slices and swapped halves, fp8 to requantise
+    arrays = _holds_arrays(job.loras)
+    if slicing and arrays:
+        raise _needs_torch()
+    if slicing:
         written = flux_merge.sliced_targets(ckpt, targets)
     with job.progress.task(f"merging into {out.name}", total=len(ckpt.keys())) as task:
-        merged, copied = merge_tensor_file(ckpt.source, out, written, dtype=target, metadata=meta, task=task)
+        if arrays:  # no torch: lorax.adapters.array_merge, the same bytes
+            from lorax.adapters.array_merge import merge_file
+
+            merged, copied = merge_file(ckpt.source, out, written, metadata=meta, task=task)  # type: ignore[arg-type]
+        else:
+            merged, copied = merge_tensor_file(
+                ckpt.source, out, written, dtype=target, metadata=meta, task=task
+            )
     _fill(job, targets, unmatched, matched, merged, copied)
+
+
+def _holds_arrays(loras: Loras) -> bool:
+    from lorax.adapters.array_merge import ArrayState
+
+    return any(isinstance(state, ArrayState) for _, state, *_ in loras)
+
+
+def _needs_torch() -> Exception:
+    from lorax.adapters.array_merge import NeedsTorch
+
+    return NeedsTorch()
 
 
 def merge_folder(ckpt: DiffusersCheckpoint, job: _Job, out: Path) -> None:
@@ -256,7 +248,12 @@ def merge(config: MergeConfig, progress: Progress | None = None) -> MergeResult:
     if base_path.is_file() and not is_model_checkpoint(base_path):
         result = merge_loras(config, progress)
     else:
-        result = merge_model(config, progress)
+        from lorax.adapters.array_merge import NeedsTorch
+
+        try:  # without torch where the merge needs none (lorax.adapters.array_inputs)
+            result = merge_model(config, progress, arrays=True)
+        except NeedsTorch:
+            result = merge_model(config, progress)
     result.seconds = time.perf_counter() - start
     result.output_bytes = _size(result.output)
     return result
@@ -302,7 +299,8 @@ def _refuse_options(config: MergeConfig, into_model: bool) -> None:
         )
 
 
-def merge_model(config: MergeConfig, progress: Progress) -> MergeResult:
+def merge_model(config: MergeConfig, progress: Progress, arrays: bool = False) -> MergeResult:
+    """``arrays``: read the LoRAs as numpy arrays and merge without torch when the merge needs none."""
     _refuse_options(config, into_model=True)
     ckpt = open_checkpoint(config.base)
     layout = config.to or _layout_from_name(Path(config.output), ckpt.kind)
@@ -312,7 +310,8 @@ def merge_model(config: MergeConfig, progress: Progress) -> MergeResult:
     if layout == "single-file" and out.suffix.lower() != ".safetensors":
         raise ConfigError(f"{out}: a single-file output is written as .safetensors; name it OUT.safetensors")
     check_output(out, config.force, FILE if layout == "single-file" else MODEL_FOLDER)
-    loras = load_loras(config, ckpt, progress)
+    fast = arrays and layout == ckpt.kind == "single-file"
+    loras = (load_array_loras(config, ckpt, progress) if fast else None) or load_loras(config, ckpt, progress)
     result = MergeResult(out, layout, ckpt.family, dtype=config.dtype)
     embeddings: dict[str, dict[str, Any]] = {}
     for _, state, *_ in loras:

@@ -107,7 +107,11 @@ def disk_to_live(
 
 
 def weight_table(model: nn.Module, component: str) -> dict[str, tuple[int, ...]]:
-    """``{on-disk path: weight shape}`` of every ``nn.Linear`` and ``nn.Conv2d`` in ``model``, in traversal order."""
+    """``{on-disk path: weight shape}`` of every ``nn.Linear`` and ``nn.Conv2d`` in ``model``, in traversal order
+    (a ``lorax.io.checkpoint.PathSkeleton`` gives its own, without torch)."""
+    shapes = getattr(model, "weight_shapes", None)
+    if isinstance(shapes, dict):
+        return dict(shapes)
     from torch import nn
 
     table: dict[str, tuple[int, ...]] = {}
