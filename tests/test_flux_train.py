@@ -23,6 +23,7 @@ from test_flux_generate import PROMPT, SIZE, diffusers_image, only_png, pixels
 from lorax.errors import ConfigError
 from lorax.progress import NullProgress
 from lorax.training.config import TrainConfig
+from lorax.training.objective import LossInputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -77,7 +78,9 @@ def fixed_batch_loss(pipe, objective, latents: torch.Tensor) -> float:
 
         cond = FluxCond(embeds.expand(len(latents), -1, -1), pooled.expand(len(latents), -1))
         losses = [
-            objective.loss(pipe.transformer, latents, cond, torch.Generator().manual_seed(s)).mean()
+            objective.loss(
+                pipe.transformer, LossInputs(latents, cond), torch.Generator().manual_seed(s)
+            ).mean()
             for s in range(8)
         ]
     return float(torch.stack(losses).mean())
