@@ -23,6 +23,7 @@ from test_flux_generate import PROMPT, SIZE, diffusers_image, only_png, pixels
 from lorax.errors import ConfigError
 from lorax.progress import NullProgress
 from lorax.training.config import TrainConfig
+from lorax.training.objective import LossInputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -77,7 +78,9 @@ def fixed_batch_loss(pipe, objective, latents: torch.Tensor) -> float:
 
         cond = FluxCond(embeds.expand(len(latents), -1, -1), pooled.expand(len(latents), -1))
         losses = [
-            objective.loss(pipe.transformer, latents, cond, torch.Generator().manual_seed(s)).mean()
+            objective.loss(
+                pipe.transformer, LossInputs(latents, cond), torch.Generator().manual_seed(s)
+            ).mean()
             for s in range(8)
         ]
     return float(torch.stack(losses).mean())
@@ -151,11 +154,11 @@ def test_one_step_objective_is_the_hand_computation(dev_dir, images):
     items = __import__("lorax.data.images", fromlist=["x"]).load_image_folder(images, instance_prompt=PROMPT)
     data = recipe.train_data(cfg, items, [], SIZE, accelerator)
     encoders = setup.text_encoders(pipe, "flux")
-    objective = setup.objective_for(pipe, cfg, "flux")
     batches = setup.diffusion_batches(
-        pipe, data, family="flux", unet=pipe.transformer, vae=pipe.vae, encoders=encoders, objective=objective,
-        device="cpu", prior_weight=1.0, latent_cache=None, cache_text=True,
+        pipe, data, cfg, family="flux", unet=pipe.transformer, vae=pipe.vae, encoders=encoders, device="cpu",
+        latent_cache=None, cache_text=True,
     )  # fmt: skip
+    objective = batches.objective  # the objective the loop's loss calls
     assert type(objective).__name__ == "FluxObjective" and hooks_for("flux").name == "flux"
     with torch.no_grad():
         loss = batches.loss(0, torch.Generator().manual_seed(11))

@@ -216,9 +216,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model, images, tmp_p
     original = DiffusionObjective.loss
     calls = {"n": 0}
 
-    def poisoned(self, unet, latents, cond, generator, weight=None):
+    def poisoned(self, unet, step, generator):
         calls["n"] += 1
-        loss = original(self, unet, latents, cond, generator, weight)
+        loss = original(self, unet, step, generator)
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(DiffusionObjective, "loss", poisoned)
@@ -251,8 +251,8 @@ def test_weights_that_go_non_finite_are_never_kept(tiny_model, images, tmp_path,
         def backward(ctx, grad):  # type: ignore[no-untyped-def]
             return grad * float("inf")
 
-    def poisoned(self, unet, latents, cond, generator, weight=None):
-        loss = original(self, unet, latents, cond, generator, weight)
+    def poisoned(self, unet, step, generator):
+        loss = original(self, unet, step, generator)
         # step 3's loss is finite but its gradient is inf: clipping (0 · inf) and Adam turn the weights NaN
         return InfGradient.apply(loss) if next(calls) == 3 else loss
 

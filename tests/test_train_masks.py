@@ -28,7 +28,7 @@ def test_zero_half_of_the_mask_gives_zero_gradient_and_the_hand_loss():
     from diffusers import DDPMScheduler
 
     from lorax.training.masks import kohya_mask_weight
-    from lorax.training.objective import DiffusionObjective
+    from lorax.training.objective import DiffusionObjective, LossInputs
 
     objective = DiffusionObjective(DDPMScheduler(num_train_timesteps=100).config)
     mask = torch.ones(2, 32, 32)
@@ -40,7 +40,8 @@ def test_zero_half_of_the_mask_gives_zero_gradient_and_the_hand_loss():
     latents = torch.randn(2, 4, 4, 4)
     unet = _Echo((2, 4, 4, 4))
     gen = torch.Generator().manual_seed(0)
-    loss = objective.loss(unet, latents, torch.zeros(2, 1, 8), gen, weight=weight.sqrt()).mean()
+    step = LossInputs(latents, torch.zeros(2, 1, 8), weight=weight.sqrt())
+    loss = objective.loss(unet, step, gen).mean()
     loss.backward()
     grad = unet.pred.grad
     assert torch.count_nonzero(grad[..., :2]) == 0
@@ -84,9 +85,9 @@ def _weights_seen(monkeypatch) -> list[torch.Tensor]:
     seen: list[torch.Tensor] = []
     original = DiffusionObjective.loss
 
-    def spy(self, unet, latents, cond, generator, weight=None):
-        seen.append(weight)
-        return original(self, unet, latents, cond, generator, weight=weight)
+    def spy(self, unet, step, generator):
+        seen.append(step.weight)
+        return original(self, unet, step, generator)
 
     monkeypatch.setattr(DiffusionObjective, "loss", spy)
     return seen

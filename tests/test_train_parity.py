@@ -463,9 +463,9 @@ def test_clip_skip_trains_on_the_penultimate_layer_and_records_it(
     seen: list[torch.Tensor] = []
     original = DiffusionObjective.loss
 
-    def loss(self, unet, latents, cond, generator, weight=None):
-        seen.append(cond.detach().clone())
-        return original(self, unet, latents, cond, generator, weight=weight)
+    def loss(self, unet, step, generator):
+        seen.append(step.cond.detach().clone())
+        return original(self, unet, step, generator)
 
     monkeypatch.setattr(DiffusionObjective, "loss", loss)
     out = tmp_path / "skip.safetensors"

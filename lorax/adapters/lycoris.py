@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorax.adapters.state import LoraModule
+from lorax.adapters.state import LoraModule, LowRankPair
 from lorax.errors import MismatchError
 
 _CP = "ijkl,jr,ip->prkl"
@@ -229,7 +229,7 @@ class _Decomposed(ABC):
 
 
 @dataclass
-class DoraModule(_Decomposed, _AlphaOverRank):
+class DoraModule(LowRankPair, _Decomposed, _AlphaOverRank):
     """A LoRA pair plus a DoRA magnitude. ``wd_on_out``: norms per output row (True) or per input column."""
 
     down: torch.Tensor
@@ -238,14 +238,6 @@ class DoraModule(_Decomposed, _AlphaOverRank):
     magnitude: torch.Tensor
     wd_on_out: bool = True
     kind = "dora"
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def out_features(self) -> int:
-        return int(self.up.shape[0])
 
     def lora_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The pair's own delta, ``(alpha / r) · up @ down``, as a plain LoRA's (``LoraModule.delta``)."""

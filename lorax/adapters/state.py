@@ -23,8 +23,32 @@ class DeltaModule(Protocol):
     def out_features(self) -> int: ...
 
 
+class LowRankPair:
+    """The shape of a low-rank pair, a LoRA's or a DoRA's: ``down`` ``[r, in]`` (conv ``[r, in, kh, kw]``), ``up``
+    ``[out, r]`` (conv ``[out, r, 1, 1]``)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def is_conv(self) -> bool:
+        return self.down.dim() == 4
+
+    @property
+    def out_features(self) -> int:
+        return int(self.up.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.down.shape[1])
+
+
 @dataclass
-class LoraModule:
+class LoraModule(LowRankPair):
     """One low-rank pair. ``down``: ``[r, in]`` (conv ``[r, in, kh, kw]``); ``up``: ``[out, r]`` (conv ``[out, r, 1, 1]``).
 
     ``alpha`` defaults to the rank when a file has none, so the scale ``alpha / r`` is then 1.
@@ -41,25 +65,9 @@ class LoraModule:
             self.alpha = float(self.alpha)
 
     @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
     def scale(self) -> float:
         assert self.alpha is not None
         return self.alpha / self.rank
-
-    @property
-    def is_conv(self) -> bool:
-        return self.down.dim() == 4
-
-    @property
-    def out_features(self) -> int:
-        return int(self.up.shape[0])
-
-    @property
-    def in_features(self) -> int:
-        return int(self.down.shape[1])
 
     def delta_shape(self) -> tuple[int, ...]:
         if self.is_conv:

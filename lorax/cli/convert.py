@@ -18,6 +18,7 @@ from lorax.cli.common import (
     run_and_report,
     to_option,
 )
+from lorax.cli.common import config_from as build_config  # --config-from takes the name
 
 
 def convert_command(
@@ -72,18 +73,10 @@ def convert_command(
 
     Example: lorax convert pivot.safetensors --to lora_diffusion --model shapes -o pivot.ld.safetensors
     """
+    flags = dict(locals())
     from lorax.services.convert import ConvertConfig, convert
 
-    config = ConvertConfig(
-        input,
-        output,
-        to=to,
-        dtype=dtype,
-        rank=rank,
-        force=force,
-        config_from=config_from,
-        model=model,
-    )
+    config = build_config(ConvertConfig, flags)
     run_and_report(lambda progress: convert(config, progress), json_out=json_out, render=render)
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lorax.cli.common import ForceOption, JsonOption, run_and_report, table_report, to_option
+from lorax.cli.common import ForceOption, JsonOption, dtype_option, run_and_report, table_report, to_option
 
 
 def extract_command(
@@ -32,9 +32,7 @@ def extract_command(
         ),
     ] = None,
     to: Annotated[str, to_option("Output format: kohya, diffusers or lora_diffusion.")] = "kohya",
-    dtype: Annotated[
-        str | None, typer.Option(help="Output precision: fp16, bf16 or fp32 (default fp32).")
-    ] = None,
+    dtype: Annotated[str | None, dtype_option("fp32")] = None,
     force: ForceOption = False,
     json_out: JsonOption = False,
 ) -> None:

@@ -17,6 +17,7 @@ from lorax.cli.common import (
     run_and_report,
     to_option,
 )
+from lorax.cli.common import config_from as build_config  # --config-from takes the name
 
 
 def merge_command(
@@ -95,22 +96,10 @@ def merge_command(
 
     Example: lorax merge base.safetensors style.safetensors:0.8 -o merged.safetensors
     """
+    flags = dict(locals())
     from lorax.services.merge import MergeConfig, merge
 
-    config = MergeConfig(
-        base=base,
-        loras=list(loras),
-        output=output,
-        alpha=alpha,
-        alpha_text=alpha_text,
-        to=to,
-        dtype=dtype,
-        force=force,
-        allow_unmatched=allow_unmatched,
-        rank=rank,
-        mode=mode,
-        config_from=config_from,
-    )
+    config = build_config(MergeConfig, flags, loras=list(loras))
     run_and_report(lambda progress: merge(config, progress), json_out=json_out, render=render)
 
 

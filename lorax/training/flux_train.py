@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from lorax.training.config import TrainConfig
+    from lorax.training.objective import LossInputs
 
 DEV_MAX_SEQUENCE, SCHNELL_MAX_SEQUENCE = 512, 256  # T5 tokens: FluxPipeline's and kohya's defaults
 DEV_GUIDANCE = 1.0  # the guidance a dev LoRA trains with (kohya's recommendation; lorax.training.flow)
@@ -183,20 +184,12 @@ class FluxObjective:
         out["ss_network_args"] = json.dumps(args) if args else None
         return out
 
-    def loss(
-        self,
-        unet: Any,
-        latents: torch.Tensor,
-        cond: Any,
-        generator: torch.Generator,
-        weight: torch.Tensor | None = None,
-        timesteps: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Per-example ``mean(w(σ)·(v̂ − (ε − x0))²)`` ``[B]`` (float32); ``weight``: a loss mask."""
+    def loss(self, unet: Any, step: LossInputs, generator: torch.Generator) -> torch.Tensor:
+        """Per-example ``mean(w(σ)·(v̂ − (ε − x0))²)`` ``[B]`` (float32); ``step.weight``: a loss mask."""
         from lorax.training.flow import weighted_mse
 
-        sample = self.sample(latents, generator, timesteps)
-        return weighted_mse(self.predict(unet, sample, cond), sample, weight)
+        sample = self.sample(step.latents, generator, step.timesteps)
+        return weighted_mse(self.predict(unet, sample, step.cond), sample, step.weight)
 
 
 def flow_config(config: TrainConfig) -> Any:

@@ -241,24 +241,20 @@ class InversionRecipe(Recipe):
             config.lr_scheduler, optimizer, warmup_steps=config.warmup_steps, total_steps=max_steps
         )
         *encoders, optimizer = accelerator.prepare(*encoders, optimizer)
-        objective = setup.objective_for(pipe, config, session.family)
         cache = setup.cache_latents(vae, session.data, progress) if config.cache_latents else None
-        batches = make_batches(
-            session,
-            setup.diffusion_batches(
-                pipe,
-                session.data,
-                family=session.family,
-                unet=unet,
-                vae=vae,
-                encoders=encoders,
-                objective=objective,
-                device=device,
-                prior_weight=config.prior_weight,
-                latent_cache=cache,
-                cache_text=False,  # the tables train
-            ),
+        diffusion = setup.diffusion_batches(
+            pipe,
+            session.data,
+            config,
+            family=session.family,
+            unet=unet,
+            vae=vae,
+            encoders=encoders,
+            device=device,
+            latent_cache=cache,
+            cache_text=False,  # the tables train
         )
+        batches = make_batches(session, diffusion)
         sampler = validation_sampler(
             config, pipe, accelerator, session.family, session.resolution, unet, encoders, vae, cache,
             list(config.validation_prompt),
@@ -277,7 +273,7 @@ class InversionRecipe(Recipe):
         self.loop = make_loop(
             self.job, config, accelerator, optimizer, scheduler, max_steps, progress, **settings
         )
-        self.prediction_type = objective.prediction_type
+        self.prediction_type = diffusion.objective.prediction_type
         return self.loop
 
     @property

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from lorax.data.dataset import TrainData, derive_seed
 from lorax.training.latents import LatentCache, vae_encode
 from lorax.training.lora import load_lora_tensors, lora_parameters, lora_tensors
-from lorax.training.objective import Objective
+from lorax.training.objective import LossInputs, Objective
 from lorax.training.text import PromptEncoder
 
 if TYPE_CHECKING:
@@ -70,8 +70,8 @@ class DiffusionBatches:
         epoch, indices = self.position(micro_step)
         latents, captions, n = self.latents(epoch, indices)
         cond = self.conditioning(epoch, indices, captions)
-        weight = self.loss_weight(epoch, indices, latents)
-        per_example = self.objective.loss(unet or self.unet, latents, cond, generator, weight=weight)
+        step = LossInputs(latents, cond, weight=self.loss_weight(epoch, indices, latents))
+        per_example = self.objective.loss(unet or self.unet, step, generator)
         if per_example.shape[0] == n:
             return per_example.mean()
         return per_example[:n].mean() + self.prior_weight * per_example[n:].mean()

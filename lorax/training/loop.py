@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,33 +45,28 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
 
 
+@dataclass(eq=False, repr=False)
 class TrainingLoop:
-    def __init__(
-        self,
-        job: Job,
-        *,
-        accelerator: Accelerator,
-        optimizer: torch.optim.Optimizer,
-        scheduler: Any,
-        settings: LoopSettings,
-        progress: Progress | None = None,
-    ) -> None:
-        self.job = job
-        self.accelerator = accelerator
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.settings = settings
-        self.progress = progress or NullProgress()
-        self.state = LoopState()
-        self.checkpoints: list[Path] = []
-        self.samples: list[Path] = []
-        self._last_saved_step: int | None = None
-        self._interrupted = False
-        # called with the state after each optimizer step, validation and checkpoint (e.g. usable snapshots)
-        self.step_hooks: list[Callable[[LoopState], None]] = []
-        # In memory: the state after the last step, and the last one that trained on cleanly (written on a
-        # non-finite stop)
-        self._states = GoodStates()
+    job: Job
+    _: KW_ONLY
+    accelerator: Accelerator
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    settings: LoopSettings
+    progress: Progress = field(default_factory=NullProgress)  # None: NullProgress too
+    state: LoopState = field(default_factory=LoopState, init=False)
+    checkpoints: list[Path] = field(default_factory=list, init=False)
+    samples: list[Path] = field(default_factory=list, init=False)
+    _last_saved_step: int | None = field(default=None, init=False)
+    _interrupted: bool = field(default=False, init=False)
+    # called with the state after each optimizer step, validation and checkpoint (e.g. usable snapshots)
+    step_hooks: list[Callable[[LoopState], None]] = field(default_factory=list, init=False)
+    # In memory: the state after the last step, and the last one that trained on cleanly (written on a
+    # non-finite stop)
+    _states: GoodStates = field(default_factory=GoodStates, init=False)
+
+    def __post_init__(self) -> None:
+        self.progress = self.progress or NullProgress()
 
     # ---------------------------------------------------------------------------------------------------------
     def restore(self, checkpoint: Checkpoint) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from lorax.training.checkpoint import LoopState
 
@@ -58,18 +58,18 @@ class LoopSettings:
     description: str = "training"
     resume_command: Callable[[Path], str] | None = None  # the command line that continues from a checkpoint
     tracker: Any = None  # lorax.training.trackers.StepTracker (--log-with): loss, lr, grad norm, samples
+    # the fields a training config holds under the same names
+    SAME_NAMED: ClassVar[tuple[str, ...]] = (
+        "grad_accum", "max_grad_norm", "seed", "checkpoint_every", "validation_every",
+    )  # fmt: skip
 
     @classmethod
     def from_config(cls, config: TrainConfig, max_steps: int, **extra: Any) -> LoopSettings:
         """The loop fields of a training config (train, invert and pivot configs share their names)."""
         return cls(
             max_steps=max_steps,
-            grad_accum=config.grad_accum,
-            max_grad_norm=config.max_grad_norm,
-            seed=config.seed,
-            checkpoint_every=config.checkpoint_every,
+            **{name: getattr(config, name) for name in cls.SAME_NAMED},
             checkpoint_dir=config.checkpoints_path,
-            validation_every=config.validation_every,
             config_toml=config.to_toml(),
             resume_command=getattr(config, "resume_command", None),
             **extra,

@@ -209,24 +209,23 @@ class LoraRecipe(Recipe):
                 text_encoder_2 = trained[1]
         live_encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]  # accelerate's wrappers
 
-        objective = setup.objective_for(pipe, config, family)
         cache = cache_latents(config, vae, self.data, progress)
         batches = setup.diffusion_batches(
             pipe,
             self.data,
+            config,
             family=family,
             unet=unet,
             vae=vae,
             encoders=live_encoders,
-            objective=objective,
             device=device,
-            prior_weight=config.prior_weight,
             latent_cache=cache,
             cache_text=config.cache_text and not config.train_text,
             text_to_disk=config.cache_text_to_disk,
             **({"clip_skip": config.clip_skip} if config.clip_skip else {}),
             **({"max_sequence_length": config.max_sequence_length} if config.max_sequence_length else {}),
         )
+        objective = batches.objective
         from lorax.training.mask_batches import with_train_masks
 
         batches = with_train_masks(batches, config, progress.log)

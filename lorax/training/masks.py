@@ -6,7 +6,7 @@ extension (never the image itself), or computed with
 ``--auto-mask`` (foreground = pixels far from the image's border colour: right for plain-background images such as
 the shapes world). It is cropped and flipped exactly like its image, resized to the latent size, mapped from [0, 1]
 to [0.5, 1.5], then weighted as the seed does: ``w = (m + 0.01) ** temperature / max``. Prediction and target are
-both multiplied by ``w`` (``DiffusionObjective.loss(..., weight=w)``).
+both multiplied by ``w`` (``LossInputs(..., weight=w)``).
 
 ``lorax train`` weights its loss as kohya's masked loss (its masked_loss option) does instead (``weighting="kohya"``): the mask in
 [0, 1], area-downsampled to the latent size, multiplies the per-pixel squared error (so a black region gives no

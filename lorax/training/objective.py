@@ -5,10 +5,22 @@ validation loss only call ``loss``."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """One loss call's batch: clean ``latents``, their conditioning ``cond``; ``weight``: a loss mask broadcastable
+    to the latents (``None``: plain MSE); ``timesteps``: fixed ones instead of drawn ones (``None``: drawn)."""
+
+    latents: torch.Tensor
+    cond: Any
+    weight: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
 
 
 class Objective(Protocol):
@@ -18,23 +30,14 @@ class Objective(Protocol):
     prediction_type: str  # recorded in the output's metadata (kohya's ss_base_model_version, lorax's)
     num_timesteps: int  # the range the held-out loss spreads its fixed timesteps over
 
-    def loss(
-        self,
-        unet: Any,
-        latents: torch.Tensor,
-        cond: Any,
-        generator: torch.Generator,
-        weight: torch.Tensor | None = None,
-        timesteps: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Per-example loss ``[B]`` (float32) of the denoiser ``unet`` on ``latents`` under conditioning ``cond``,
-        randomness drawn from ``generator``; ``weight``: a loss mask broadcastable to the latents; ``timesteps``:
-        fixed ones instead of drawn ones."""
+    def loss(self, unet: Any, step: LossInputs, generator: torch.Generator) -> torch.Tensor:
+        """Per-example loss ``[B]`` (float32) of the denoiser ``unet`` on ``step``'s latents under its
+        conditioning, randomness drawn from ``generator``."""
         ...
 
 
 class DiffusionObjective:
-    """``loss(unet, latents, cond, generator)`` → per-example MSE between the UNet's prediction and its target.
+    """``loss(unet, LossInputs(latents, cond), generator)`` → per-example MSE between the UNet's prediction and its target.
 
     Args:
         noise_scheduler: a diffusers scheduler config source (the model's scheduler); a DDPM scheduler is built from it.
@@ -70,23 +73,17 @@ class DiffusionObjective:
         alphas_cumprod = self.scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
         return alphas_cumprod / (1.0 - alphas_cumprod)
 
-    def loss(
-        self,
-        unet: Any,
-        latents: torch.Tensor,
-        cond: Any,
-        generator: torch.Generator,
-        weight: torch.Tensor | None = None,
-        timesteps: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def loss(self, unet: Any, step: LossInputs, generator: torch.Generator) -> torch.Tensor:
         """Per-example loss ``[B]`` (float32), drawing noise and timesteps from ``generator``.
 
-        ``weight`` (broadcastable to the latents, e.g. ``[B, 1, h, w]``): a loss mask; prediction and target are both
-        multiplied by it (the seed's ``lora_pti`` masks). ``timesteps`` (``[B]``): fixed ones instead of drawn ones
-        (the validation loss, ``lorax.training.val_loss``).
+        ``step.weight`` (broadcastable to the latents, e.g. ``[B, 1, h, w]``): a loss mask; prediction and target are
+        both multiplied by it (the seed's ``lora_pti`` masks). ``step.timesteps`` (``[B]``): fixed ones instead of
+        drawn ones (the validation loss, ``lorax.training.val_loss``).
         """
         import torch
         import torch.nn.functional as F
+
+        latents, cond, weight, timesteps = step.latents, step.cond, step.weight, step.timesteps
 
         bsz = latents.shape[0]
         device = latents.device

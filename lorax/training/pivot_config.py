@@ -42,6 +42,8 @@ class InversionOptions(TrainConfig):
     ignore_masks: bool = False  # NAME.mask.png beside the images are used unless this is set
 
     COMMAND = "invert"
+    # the fields that hold the embedding tables' learning rate and weight decay (pivot: its ti_ ones)
+    INVERSION_OPTIM: ClassVar[tuple[str, str]] = ("learning_rate", "weight_decay")
 
     @property
     def tokens(self) -> list[str]:
@@ -51,11 +53,11 @@ class InversionOptions(TrainConfig):
 
     @property
     def inversion_lr(self) -> float:
-        return self.learning_rate
+        return float(getattr(self, self.INVERSION_OPTIM[0]))
 
     @property
     def inversion_weight_decay(self) -> float:
-        return self.weight_decay
+        return float(getattr(self, self.INVERSION_OPTIM[1]))
 
     @property
     def masked(self) -> bool:
@@ -178,14 +180,7 @@ class PivotConfig(InversionOptions):
         }
     ) | frozenset(TRAIN_ONLY)  # fmt: skip
     CONFIG_ONLY = CONFIG_ONLY | TRAIN_ONLY_EXTRAS
-
-    @property
-    def inversion_lr(self) -> float:
-        return self.ti_learning_rate
-
-    @property
-    def inversion_weight_decay(self) -> float:
-        return self.ti_weight_decay
+    INVERSION_OPTIM = ("ti_learning_rate", "ti_weight_decay")
 
     @property
     def continue_lr(self) -> float:

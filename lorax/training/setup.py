@@ -90,14 +90,13 @@ def cache_latents(vae: Any, data: TrainData, progress: Progress) -> Any:
 def diffusion_batches(
     pipe: Any,
     data: TrainData,
+    config: TrainConfig,
     *,
     family: str,
     unet: Any,
     vae: Any,
     encoders: Sequence[Any],
-    objective: Any,
     device: torch.device,
-    prior_weight: float,
     latent_cache: Any,
     cache_text: bool,
     clip_skip: int = 1,
@@ -105,8 +104,9 @@ def diffusion_batches(
     **encoder_options: Any,
 ) -> Any:
     """The run's batches, the family's (``TrainingHooks.batches``: SD's over one text encoder, SDXL's with both
-    encoders' context, pooled embeddings and size/crop ids). ``cache_text``: encode each distinct prompt once
-    (frozen encoders); ``encoder_options``: the family's own prompt-encoder options (Flux's T5 length)."""
+    encoders' context, pooled embeddings and size/crop ids), with ``config``'s objective (``objective_for``, then
+    the batches' ``objective``) and prior weight. ``cache_text``: encode each distinct prompt once (frozen
+    encoders); ``encoder_options``: the family's own prompt-encoder options (Flux's T5 length)."""
     from lorax.training.family_hooks import hooks_for
 
     hooks = hooks_for(family, encoders)
@@ -122,9 +122,9 @@ def diffusion_batches(
         vae=vae,
         unet=unet,
         prompts=prompts,
-        objective=objective,
+        objective=objective_for(pipe, config, family),
         device=device,
-        prior_weight=prior_weight,
+        prior_weight=config.prior_weight,
         latent_cache=latent_cache,
     )
 

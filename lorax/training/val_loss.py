@@ -17,6 +17,7 @@ from typing import Any
 from lorax.data.dataset import TrainData, derive_seed
 from lorax.data.images import ImageItem
 from lorax.errors import ConfigError
+from lorax.training.objective import LossInputs
 
 TIMESTEPS = 4  # per held-out image: t = (k + ½) · T / 4, k = 0…3
 
@@ -111,9 +112,8 @@ class ValidationLoss:
                             derive_seed(self.seed, "val-noise", b, k)
                         )
                         timesteps = torch.full((n,), t, device=latents.device, dtype=torch.long)
-                        per_example = self.batches.objective.loss(
-                            self.unet, latents, cond, generator, timesteps=timesteps
-                        )
+                        step = LossInputs(latents, cond, timesteps=timesteps)
+                        per_example = self.batches.objective.loss(self.unet, step, generator)
                         total += float(per_example.sum())
                         count += n
         finally:

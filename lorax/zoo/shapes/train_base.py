@@ -358,7 +358,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--text-lr", type=float, default=1e-3)
-    parser.add_argument("--images", type=int, default=8000, help="renders of the base world")
+    parser.add_argument(
+        "--images",
+        dest="n_images",
+        metavar="IMAGES",
+        type=int,
+        default=8000,
+        help="renders of the base world",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--ema-decay", type=float, default=0.999)
@@ -375,23 +382,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="seconds; stop the UNet phase early (steps done are recorded)",
     )
-    args = parser.parse_args(argv)
-    train(
-        args.out,
-        seed=args.seed,
-        vae_steps=args.vae_steps,
-        unet_steps=args.unet_steps,
-        batch=args.batch,
-        lr=args.lr,
-        text_lr=args.text_lr,
-        n_images=args.images,
-        device=args.device,
-        threads=args.threads,
-        time_limit=args.time_limit,
-        ema_decay=args.ema_decay,
-        resume=args.resume,
-        stop_after=args.stop_after,
-    )
+    train(**vars(parser.parse_args(argv)))  # every flag is the parameter of its name
 
 
 if __name__ == "__main__":
