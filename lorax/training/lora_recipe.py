@@ -209,6 +209,7 @@ class LoraRecipe(Recipe):
                 text_encoder_2 = trained[1]
         live_encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]  # accelerate's wrappers
 
+        objective = setup.objective_for(pipe, config, family)  # bad objective flags fail before caching
         cache = cache_latents(config, vae, self.data, progress)
         batches = setup.diffusion_batches(
             pipe,
@@ -222,10 +223,10 @@ class LoraRecipe(Recipe):
             latent_cache=cache,
             cache_text=config.cache_text and not config.train_text,
             text_to_disk=config.cache_text_to_disk,
+            objective=objective,
             **({"clip_skip": config.clip_skip} if config.clip_skip else {}),
             **({"max_sequence_length": config.max_sequence_length} if config.max_sequence_length else {}),
         )
-        objective = batches.objective
         from lorax.training.mask_batches import with_train_masks
 
         batches = with_train_masks(batches, config, progress.log)

@@ -101,11 +101,13 @@ def diffusion_batches(
     cache_text: bool,
     clip_skip: int = 1,
     text_to_disk: bool = False,
+    objective: Any = None,
     **encoder_options: Any,
 ) -> Any:
     """The run's batches, the family's (``TrainingHooks.batches``: SD's over one text encoder, SDXL's with both
-    encoders' context, pooled embeddings and size/crop ids), with ``config``'s objective (``objective_for``, then
-    the batches' ``objective``) and prior weight. ``cache_text``: encode each distinct prompt once (frozen
+    encoders' context, pooled embeddings and size/crop ids), with ``config``'s objective (``objective``, built
+    before the latents are cached so that a bad objective flag fails first, or ``objective_for``; then the batches'
+    ``objective``) and prior weight. ``cache_text``: encode each distinct prompt once (frozen
     encoders); ``encoder_options``: the family's own prompt-encoder options (Flux's T5 length)."""
     from lorax.training.family_hooks import hooks_for
 
@@ -122,7 +124,7 @@ def diffusion_batches(
         vae=vae,
         unet=unet,
         prompts=prompts,
-        objective=objective_for(pipe, config, family),
+        objective=objective if objective is not None else objective_for(pipe, config, family),
         device=device,
         prior_weight=config.prior_weight,
         latent_cache=latent_cache,
