@@ -177,10 +177,10 @@ def save_pipeline(components: dict[str, Any], out: Path) -> Any:
 def train(
     out: Path,
     seed: int = 0,
-    vae_steps: int = 500,
-    steps: int = 2400,
+    vae_steps: int = 600,
+    steps: int = 3200,
     batch: int = 32,
-    lr: float = 1.5e-3,
+    lr: float = 1e-3,
     text_lr: float = 5e-4,
     n_images: int = 8000,
     device: str = "cpu",
@@ -270,10 +270,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder (a diffusers FluxPipeline)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=500)
-    parser.add_argument("--steps", type=int, default=2400, help="transformer + text encoder steps")
+    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=3200, help="transformer + text encoder steps")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--text-lr", type=float, default=5e-4)
     parser.add_argument("--images", type=int, default=8000, help="renders of the base world")
     parser.add_argument("--device", default="cpu")
