@@ -158,3 +158,13 @@ def test_t5_length_is_the_model_s_generate_default():
     defaults = read_folder_defaults(MODEL_DIR)
     assert defaults.generate["max_sequence_length"] == T5_LENGTH
     assert defaults.size == (world.RESOLUTION, world.RESOLUTION)
+
+
+def test_the_trainer_refuses_a_caption_with_a_held_out_word():
+    from lorax.zoo.shapes_flux.train_base import caption_variants, check_captions
+
+    base = [t for s in world.scenes(50, 7) for t in caption_variants(s)]
+    check_captions(base)  # the base world's captions pass
+    for word in ("purple", "star", "sks"):
+        with pytest.raises(ValueError, match="held-out words"):
+            check_captions([*base, f"a {word} circle"])

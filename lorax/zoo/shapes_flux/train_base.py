@@ -27,7 +27,15 @@ from typing import Any
 import numpy as np
 
 from lorax.zoo.shapes import world
-from lorax.zoo.shapes.train_base import CAPTION_WEIGHTS, _cosine_lr, _log, caption_variants, encode, train_vae
+from lorax.zoo.shapes.train_base import (
+    CAPTION_WEIGHTS,
+    _cosine_lr,
+    _log,
+    caption_variants,
+    encode,
+    optimizer_step,
+    train_vae,
+)
 from lorax.zoo.shapes_flux.pipeline import LORAX_DEFAULTS, T5_LENGTH, assemble, build_components, evaluate
 
 TRAINED = ("transformer", "text_encoder", "text_encoder_2")
@@ -141,16 +149,7 @@ def train_transformer(
         pick = torch.multinomial(probs, batch, replacement=True, generator=gen)
         rows = torch.where(pick < 4, choice[idx, pick.clamp(max=3)], torch.full((batch,), empty)).to(device)
         loss = flow.loss(x0, clip_ids[rows], t5_ids[rows], gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-        opt.step()
-        sched.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for name, model in live.items():
-                for pe, p in zip(ema[name].parameters(), model.parameters(), strict=True):
-                    pe.lerp_(p, 1 - decay)
+        optimizer_step(opt, sched, loss, live, ema, ema_decay, step)
         loss_avg = 0.98 * loss_avg + 0.02 * float(loss.detach()) if step else float(loss.detach())
         done = step + 1
         if step % 100 == 0 or done == steps:
