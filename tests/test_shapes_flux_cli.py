@@ -131,3 +131,20 @@ def test_convert_to_a_bfl_file_and_back_exactly_and_inspect(cli, lora: Path, tmp
         result = cli("inspect", str(path), "--json")
         assert result.exit_code == 0, result.output
         assert '"flux"' in result.stdout
+
+
+def test_class_and_validation_images_use_the_run_s_t5_length(tmp_path: Path) -> None:
+    """FluxPipeline's own default (512 tokens here, no guidance embedding: 256) would pad T5 unlike training."""
+    from lorax.training.config import TrainConfig
+    from lorax.training.recipe import pipeline_call
+    from lorax.zoo.shapes.pipeline import load_shapes_pipeline
+    from lorax.zoo.shapes_flux.pipeline import load_shapes_flux_pipeline
+
+    flux = TrainConfig.from_sources({"data_dir": tmp_path, "model": "shapes-flux"}, validate=False)
+    assert flux.max_sequence_length == T5_LENGTH  # from the model's lorax.json
+    assert pipeline_call(flux, load_shapes_flux_pipeline()) == {"max_sequence_length": T5_LENGTH}
+    assert pipeline_call(flux.replace(max_sequence_length=None), load_shapes_flux_pipeline()) == {
+        "max_sequence_length": 256
+    }
+    sd = TrainConfig.from_sources({"data_dir": tmp_path, "model": "shapes"}, validate=False)
+    assert pipeline_call(sd, load_shapes_pipeline()) == {}
