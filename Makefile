@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test test-slow lint format demo bench docs pictures shapes-model clean
+.PHONY: install test test-slow lint format demo bench docs pictures shapes-model shapes-flux-model clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,12 @@ pictures: install
 SHAPES_OUT ?= shapes-model-out
 shapes-model: install
 	nice -n 10 $(PY) -m lorax.zoo.shapes.train_base --out $(SHAPES_OUT) --seed 0
+
+# Retrain the built-in shapes-flux model (docs/model-card-flux.md; about an hour on one CPU thread) into
+# SHAPES_FLUX_OUT; copy it (without checkpoints/) over lorax/zoo/shapes_flux/model to ship it.
+SHAPES_FLUX_OUT ?= shapes-flux-model-out
+shapes-flux-model: install
+	OMP_NUM_THREADS=1 nice -n 10 $(PY) -m lorax.zoo.shapes_flux.train_base --out $(SHAPES_FLUX_OUT) --seed 0
 
 clean:
 	rm -rf $(VENV) demo-out docs-pictures-work bench/out .pytest_cache .ruff_cache .mypy_cache

@@ -95,7 +95,9 @@ def sampling(config: GenerateConfig, defaults: ModelDefaults, pipe: Any) -> Samp
         else int(own.get("steps", DEV_STEPS if dev else SCHNELL_STEPS))
     )
     guidance = config.guidance if config.guidance is not None else float(own.get("guidance", DEV_GUIDANCE))
-    length = config.max_sequence_length or (DEV_MAX_SEQUENCE if dev else SCHNELL_MAX_SEQUENCE)
+    length = config.max_sequence_length or int(
+        own.get("max_sequence_length", DEV_MAX_SEQUENCE if dev else SCHNELL_MAX_SEQUENCE)
+    )
     return Sampling(steps, guidance, {"max_sequence_length": length}, "Distilled CFG Scale" if dev else None)
 
 

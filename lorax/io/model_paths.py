@@ -17,7 +17,10 @@ _ZOO = Path(__file__).resolve().parent.parent / "zoo"
 
 BUILTIN_MODELS: dict[str, Path] = {
     "shapes": _ZOO / "shapes" / "model",
+    "shapes-flux": _ZOO / "shapes_flux" / "model",
 }
+# How each built-in model is rebuilt (the Makefile's targets), for the message when its folder is missing.
+_REBUILD = {"shapes": "make shapes-model", "shapes-flux": "make shapes-flux-model"}
 _HUB_PATTERNS = [
     "model_index.json",
     "*/config.json",
@@ -44,7 +47,7 @@ def resolve_builtin(name: str) -> Path | None:
     if not (folder / "model_index.json").is_file():
         raise ModelNotFoundError(
             f"the built-in model {name!r} is missing from this install (no model_index.json); "
-            "reinstall lorax, or rebuild it with `make shapes-model`",
+            f"reinstall lorax, or rebuild it with `{_REBUILD.get(name, 'make shapes-model')}`",
             path=folder,
         )
     return folder

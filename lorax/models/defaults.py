@@ -10,7 +10,8 @@ The file has one section per command; every key is optional::
       "pivot":  {"ti_steps": 1000, "steps": 300}
     }
 
-``generate`` keys are ``lorax generate``'s (``--steps``, ``--guidance``, the two sides of ``--size``); ``train``,
+``generate`` keys are ``lorax generate``'s (``--steps``, ``--guidance``, the two sides of ``--size``,
+``--max-sequence-length`` for a Flux model's T5); ``train``,
 ``invert`` and ``pivot`` keys are the commands' config keys (the flag names with underscores, as in a ``--config``
 TOML), checked by those commands when they read them (``lorax.training.config_file.check_model_defaults``). Flags and config files win over them; the model's defaults win over lorax's built-in ones. ``merge`` and
 ``convert`` copy them into their outputs, so a model made from this one keeps them. Models from elsewhere have none:
@@ -30,7 +31,7 @@ from lorax.errors import FormatError
 FILE_NAME = "lorax.json"
 META_KEY = "lorax.defaults"
 TRAINING_SECTIONS = ("train", "invert", "pivot")
-GENERATE_KEYS = {"steps": int, "guidance": float, "width": int, "height": int}
+GENERATE_KEYS = {"steps": int, "guidance": float, "width": int, "height": int, "max_sequence_length": int}
 # Stable Diffusion's usual sampling settings, for models that carry none.
 SD_STEPS, SD_GUIDANCE = 20, 7.5
 

@@ -1,7 +1,9 @@
 """Built-in models: names that lorax resolves to a diffusers folder shipped inside the package.
 
 ``--model shapes`` is the tiny Stable-Diffusion-architecture model trained on the shapes world
-(``lorax/zoo/shapes``; see docs/model-card.md). Standard library only, so the CLI can resolve names cheaply.
+(``lorax/zoo/shapes``; see docs/model-card.md); ``--model shapes-flux`` is the tiny FLUX.1-architecture model
+trained on the same world (``lorax/zoo/shapes_flux``; docs/model-card-flux.md). Standard library only, so the CLI
+can resolve names cheaply.
 """
 
 from __future__ import annotations

@@ -91,6 +91,9 @@ class Sampler:
     is_main: bool = True
     release: Any = None  # called after sampling (e.g. to move the VAE off the device again)
     clip_skip: int = 1  # kohya's / A1111's: 2 conditions on the penultimate text-encoder layer
+    call: dict[str, Any] = field(
+        default_factory=dict
+    )  # the family's extra pipeline arguments (Flux: T5 length)
 
     def __call__(self, step: int, autocast: Any) -> list[Path]:
         import torch
@@ -123,6 +126,7 @@ class Sampler:
                     height=run.height,
                     width=run.width,
                     generator=generator,
+                    **self.call,
                 ).images[0]
             path = self.folder / f"step-{step:06d}-{i}.png"
             save_png(image, path, run.parameters(spec, step, self.clip_skip))

@@ -138,6 +138,7 @@ def class_images(
     from lorax.data.prior import class_cache_dir, ensure_class_images
 
     steps, guidance = config.sampling_for(pipe)
+    extra = pipeline_call(config, pipe)
     if folder is None:
         folder, generate_into = class_cache_dir(config.model, prompt, resolution, steps, guidance), True
     if accelerator.is_main_process and generate_into:
@@ -154,6 +155,7 @@ def class_images(
                     height=resolution,
                     width=resolution,
                     generator=generator,
+                    **extra,
                 ).images[0]
 
         with progress.task("class images", total=count) as task:
@@ -302,6 +304,16 @@ def check_within(step: int, max_steps: int) -> None:
         raise ConfigError(f"--resume: the checkpoint is at step {step}, past this run's {max_steps} steps")
 
 
+def pipeline_call(config: Any, pipe: Any) -> dict[str, Any]:
+    """What a class or validation image's pipeline call adds for the family: Flux's T5 reads the run's
+    ``max_sequence_length``, as the training captions do (FluxPipeline's own default, 512, would not)."""
+    if getattr(pipe, "unet", None) is not None:
+        return {}
+    from lorax.training.flux_train import default_max_sequence
+
+    return {"max_sequence_length": config.max_sequence_length or default_max_sequence(pipe.transformer)}
+
+
 def validation_sampler(
     config: TrainConfig,
     pipe: Any,
@@ -335,4 +347,5 @@ def validation_sampler(
         is_main=accelerator.is_main_process,
         release=(lambda: vae.to("cpu")) if cache is not None else None,
         clip_skip=clip_skip,
+        call=pipeline_call(config, pipe),
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +35,18 @@ def grid_prompts() -> list[list[str]]:
     return rows
 
 
-def sample_grid(pipe: object, rows: Sequence[Sequence[str]], seed: int = 0, scale: int = 3) -> np.ndarray:
-    """One image per prompt, laid out in rows (1-pixel gaps), upscaled ``scale``× by pixel repetition."""
+def sample_grid(
+    pipe: object,
+    rows: Sequence[Sequence[str]],
+    seed: int = 0,
+    scale: int = 3,
+    sampler: Callable[..., list[np.ndarray]] = sample,
+) -> np.ndarray:
+    """One image per prompt, laid out in rows (1-pixel gaps), upscaled ``scale``× by pixel repetition.
+
+    ``sampler(pipe, prompts, seed=)`` makes the images (default: this SD model's ``sample``)."""
     flat = [p for row in rows for p in row]
-    images = sample(pipe, flat, seed=seed)
+    images = sampler(pipe, flat, seed=seed)
     size = images[0].shape[0]
     cols = max(len(r) for r in rows)
     canvas = np.full(((size + 1) * len(rows) - 1, (size + 1) * cols - 1, 3), 255, dtype=np.uint8)

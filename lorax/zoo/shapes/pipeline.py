@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -214,15 +214,23 @@ def heldout_prompts() -> dict[str, list[str]]:
 
 
 def evaluate(
-    pipe: Any, seed: int = 0, steps: int = SAMPLE_STEPS, guidance_scale: float = GUIDANCE_SCALE
+    pipe: Any,
+    seed: int = 0,
+    steps: int = SAMPLE_STEPS,
+    guidance_scale: float = GUIDANCE_SCALE,
+    sampler: Callable[..., list[np.ndarray]] | None = None,
 ) -> dict:
-    """Scores of ``pipe`` on the seen prompts and on the held-out concepts (accuracies in [0, 1])."""
+    """Scores of ``pipe`` on the seen prompts and on the held-out concepts (accuracies in [0, 1]).
+
+    ``sampler`` makes the images (``sampler(pipe, prompts, seed=, steps=, guidance_scale=)``; default: ``sample``,
+    for this SD pipeline); ``lorax.zoo.shapes_flux`` passes its own, so both models are scored the same way.
+    """
     from lorax.zoo.shapes.scorers import score_images
 
     seen = seen_prompts()
     held = heldout_prompts()
     prompts = seen + held["shape"] + held["colour"]
-    images = sample(pipe, prompts, seed=seed, steps=steps, guidance_scale=guidance_scale)
+    images = (sampler or sample)(pipe, prompts, seed=seed, steps=steps, guidance_scale=guidance_scale)
     a, b = len(seen), len(seen) + len(held["shape"])
     seen_scores = score_images(images[:a], seen)
     return {

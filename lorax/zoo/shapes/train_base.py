@@ -103,6 +103,25 @@ def caption_variants(scene: world.Scene) -> list[str]:
     ]
 
 
+def optimizer_step(
+    opt: Any, sched: Any, loss: Any, live: dict[str, Any], ema: dict[str, Any], ema_decay: float, step: int
+) -> None:
+    """Backward, clip the gradients to norm 1, step the optimizer and schedule, move each EMA copy toward ``live``
+    (decay warming up as ``(1 + step) / (10 + step)`` to ``ema_decay``)."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+    sched.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for name, model in live.items():
+            for pe, p in zip(ema[name].parameters(), model.parameters(), strict=True):
+                pe.lerp_(p, 1 - decay)
+
+
 CAPTION_WEIGHTS = (0.6, 0.15, 0.1, 0.05)  # full, no background, no colour, no shape; the rest (0.1): ""
 
 
@@ -199,16 +218,7 @@ def train_denoiser(
         pred = unet(zt, t, hidden).sample
         per_sample = (pred - eps).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-        opt.step()
-        sched.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for name, model in live.items():
-                for pe, p in zip(ema[name].parameters(), model.parameters(), strict=True):
-                    pe.lerp_(p, 1 - decay)
+        optimizer_step(opt, sched, loss, live, ema, ema_decay, step)
         loss_avg = 0.98 * loss_avg + 0.02 * float(loss.detach()) if step else float(loss.detach())
         done = step + 1
         if step % 200 == 0 or step == steps - 1:
