@@ -6,6 +6,7 @@ import argparse
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,20 +59,33 @@ def sample_grid(
     return canvas.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def card_main(
+    argv: Sequence[str] | None,
+    description: str,
+    png: str,
+    load: Callable[[Path | None], Any],
+    evaluate: Callable[..., dict],
+    sampler: Callable[..., list[np.ndarray]],
+) -> None:
+    """A model card's figures command: the sample grid written to ``--png`` and the scores printed as JSON."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--model", type=Path, default=None, help="diffusers folder (default: the packaged model)"
     )
-    parser.add_argument("--png", type=Path, default=Path("docs/img/shapes-samples.png"))
+    parser.add_argument("--png", type=Path, default=Path(png))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from PIL import Image
 
-    pipe = load_shapes_pipeline(args.model)
+    pipe = load(args.model)
     args.png.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(sample_grid(pipe, grid_prompts(), seed=args.seed)).save(args.png, optimize=True)
+    grid = sample_grid(pipe, grid_prompts(), seed=args.seed, sampler=sampler)
+    Image.fromarray(grid).save(args.png, optimize=True)
     print(json.dumps(evaluate(pipe, seed=args.seed), indent=2))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    card_main(argv, __doc__ or "", "docs/img/shapes-samples.png", load_shapes_pipeline, evaluate, sample)
 
 
 if __name__ == "__main__":

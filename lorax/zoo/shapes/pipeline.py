@@ -138,20 +138,27 @@ def assemble(components: dict[str, Any]) -> Any:
     )
 
 
-def load_shapes_pipeline(path: str | Path | None = None, dtype: Any = None) -> Any:
-    """Load the packaged shapes model (or the diffusers folder ``path``) as a float32 ``StableDiffusionPipeline``."""
+def load_builtin(
+    name: str, pipeline: str, path: str | Path | None = None, dtype: Any = None, **extra: Any
+) -> Any:
+    """Load the packaged built-in model ``name`` (or the diffusers folder ``path``) as diffusers' ``pipeline`` class,
+    float32 unless ``dtype``, local files only, without progress bars."""
+    import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline
 
     if path is None:
         from lorax.models.registry import resolve_builtin
 
-        path = resolve_builtin("shapes")
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(path), torch_dtype=dtype or torch.float32, safety_checker=None, local_files_only=True
-    )
+        path = resolve_builtin(name)
+    cls = getattr(diffusers, pipeline)
+    pipe = cls.from_pretrained(str(path), torch_dtype=dtype or torch.float32, local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_shapes_pipeline(path: str | Path | None = None, dtype: Any = None) -> Any:
+    """Load the packaged shapes model (or the diffusers folder ``path``) as a float32 ``StableDiffusionPipeline``."""
+    return load_builtin("shapes", "StableDiffusionPipeline", path, dtype, safety_checker=None)
 
 
 def sample(

@@ -226,6 +226,27 @@ def train_denoiser(
     return loss_avg, done, ema
 
 
+def start_run(seed: int, threads: int | None) -> float:
+    """Seed torch and numpy, set torch's threads; the run's start time."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    return time.time()
+
+
+def render_world(n_images: int, seed: int) -> tuple[np.ndarray, list[world.Scene], np.ndarray]:
+    """The training renders: the VAE's (every shape and colour, held-out ones too: it must draw any image, and no
+    caption goes with it) and the denoiser's base-world scenes with their images."""
+    _log("rendering the world")
+    vae_scenes = list(world.scenes(n_images // 2, seed + 100, world.SHAPES, tuple(world.COLOURS)))
+    base_scenes = list(world.scenes(n_images, seed + 200))
+    vae_images = world.render_batch(vae_scenes + base_scenes[: n_images // 2])
+    return vae_images, base_scenes, world.render_batch(base_scenes)
+
+
 def train(
     out: Path,
     seed: int = 0,
@@ -250,11 +271,7 @@ def train(
     """
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    started = time.time()
+    started = start_run(seed, threads)
     previous = None
     if resume is not None:
         components = _load_components(Path(resume))
@@ -262,11 +279,7 @@ def train(
         vae_steps = 0
     else:
         components = build_components(seed)
-    _log("rendering the world")
-    vae_scenes = list(world.scenes(n_images // 2, seed + 100, world.SHAPES, tuple(world.COLOURS)))
-    base_scenes = list(world.scenes(n_images, seed + 200))
-    vae_images = world.render_batch(vae_scenes + base_scenes[: n_images // 2])
-    base_images = world.render_batch(base_scenes)
+    vae_images, base_scenes, base_images = render_world(n_images, seed)
 
     t0 = time.time()
     vae_mse = (

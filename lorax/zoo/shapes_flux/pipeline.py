@@ -11,13 +11,15 @@ hidden states are the joint-attention text stream), a 16-channel ``AutoencoderKL
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lorax.zoo.shapes.pipeline import heldout_prompts, seen_prompts, text_config
+from lorax.zoo.shapes.pipeline import heldout_prompts, load_builtin, seen_prompts, text_config
+from lorax.zoo.shapes.pipeline import vae_config as shapes_vae_config
 from lorax.zoo.shapes.world import RESOLUTION, vocabulary
 
 __all__ = [
@@ -33,28 +35,18 @@ __all__ = [
     "seen_prompts",
 ]
 
-SAMPLE_STEPS = 20  # Euler steps the model card's scores were measured with
-T5_LENGTH = 16  # T5 tokens (padded): every caption of the world fits, with room for "sks" and a class noun
+# What the packaged model carries in its lorax.json (lorax.models.defaults), a table beside this module: sampling as
+# the card was scored (20 Euler steps), the T5 length (16 padded tokens: every caption of the world fits, with room
+# for "sks" and a class noun) and the measured DreamBooth recipe's training settings (docs/train.md).
+LORAX_DEFAULTS: dict[str, dict[str, Any]] = json.loads(
+    (Path(__file__).with_name("defaults.json")).read_text()
+)
+SAMPLE_STEPS = int(LORAX_DEFAULTS["generate"]["steps"])
+T5_LENGTH = int(LORAX_DEFAULTS["generate"]["max_sequence_length"])
 VAE_SCALE = 4  # 32-pixel images → 8 × 8 latents → 4 × 4 packed tokens of 64 channels
 LATENT_CHANNELS = 16
 HIDDEN = 128  # the transformer's width: 4 heads of 32
 T5_WIDTH = 64
-
-LORAX_DEFAULTS: dict[str, dict[str, Any]] = {
-    "generate": {
-        "steps": SAMPLE_STEPS,
-        "width": RESOLUTION,
-        "height": RESOLUTION,
-        "max_sequence_length": T5_LENGTH,
-    },
-    "train": {
-        "resolution": RESOLUTION,
-        "learning_rate": 2e-3,
-        "batch_size": 4,
-        "steps": 300,
-        "max_sequence_length": T5_LENGTH,
-    },
-}
 
 
 def transformer_config() -> dict[str, Any]:
@@ -74,17 +66,10 @@ def transformer_config() -> dict[str, Any]:
 
 
 def vae_config() -> dict[str, Any]:
-    """Flux's VAE layout (16 latent channels, no quant convolutions, a shift factor), three levels: 4× down."""
+    """The shapes VAE's levels (4× down) in Flux's layout: 16 latent channels, no quant convolutions, a shift factor."""
     return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "block_out_channels": [32, 64, 64],
-        "down_block_types": ["DownEncoderBlock2D"] * 3,
-        "up_block_types": ["UpDecoderBlock2D"] * 3,
+        **shapes_vae_config(),
         "latent_channels": LATENT_CHANNELS,
-        "layers_per_block": 1,
-        "norm_num_groups": 32,
-        "sample_size": RESOLUTION,
         "use_quant_conv": False,
         "use_post_quant_conv": False,
         "shift_factor": 0.0,
@@ -144,16 +129,7 @@ def assemble(components: dict[str, Any]) -> Any:
 
 def load_shapes_flux_pipeline(path: str | Path | None = None, dtype: Any = None) -> Any:
     """Load the packaged shapes-flux model (or the diffusers folder ``path``) as a float32 ``FluxPipeline``."""
-    import torch
-    from diffusers import FluxPipeline
-
-    if path is None:
-        from lorax.models.registry import resolve_builtin
-
-        path = resolve_builtin("shapes-flux")
-    pipe = FluxPipeline.from_pretrained(str(path), torch_dtype=dtype or torch.float32, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_builtin("shapes-flux", "FluxPipeline", path, dtype)
 
 
 def sample(

@@ -21,10 +21,9 @@ import copy
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from lorax.zoo.shapes import world
 from lorax.zoo.shapes.train_base import (
@@ -34,6 +33,8 @@ from lorax.zoo.shapes.train_base import (
     caption_variants,
     encode,
     optimizer_step,
+    render_world,
+    start_run,
     train_vae,
 )
 from lorax.zoo.shapes_flux.pipeline import LORAX_DEFAULTS, T5_LENGTH, assemble, build_components, evaluate
@@ -94,23 +95,37 @@ class FlowStep:
         return (pred - self.pack(noise - x0, b, ch, h, w)).pow(2).mean()
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """The shipped recipe: each field is a ``--flag`` of ``main`` with this default (docs/model-card-flux.md)."""
+
+    seed: int = 0
+    vae_steps: int = field(default=600, metadata={"help": "VAE steps (on renders of every shape and colour)"})
+    steps: int = field(default=3200, metadata={"help": "transformer + text encoder steps"})
+    batch: int = 32
+    lr: float = 1e-3
+    text_lr: float = 5e-4
+    n_images: int = field(default=8000, metadata={"flag": "--images", "help": "renders of the base world"})
+    device: str = "cpu"
+    threads: int = field(default=1, metadata={"help": "torch CPU threads (1: measured faster here)"})
+    ema_decay: float = 0.998
+    eval_every: int = field(default=400, metadata={"help": "checkpoint and score every N steps (0: never)"})
+
+
 def train_transformer(
     components: dict[str, Any],
     latents: Any,
     scene_list: Sequence[world.Scene],
-    *,
-    steps: int,
-    batch: int,
-    lr: float,
-    text_lr: float,
-    seed: int,
-    device: str,
-    ema_decay: float,
+    recipe: Recipe,
     on_checkpoint: Any = None,
-    eval_every: int = 0,
 ) -> tuple[float, int, dict[str, Any]]:
     """Train the transformer and both text encoders jointly; returns the final loss, steps done and the EMA copies."""
     import torch
+
+    steps, batch, lr, text_lr, seed, device = (
+        recipe.steps, recipe.batch, recipe.lr, recipe.text_lr, recipe.seed, recipe.device
+    )  # fmt: skip
+    ema_decay, eval_every = recipe.ema_decay, recipe.eval_every
 
     gen = torch.Generator().manual_seed(seed + 1)
     variants = [caption_variants(s) for s in scene_list]
@@ -173,38 +188,18 @@ def save_pipeline(components: dict[str, Any], out: Path) -> Any:
     return pipe
 
 
-def train(
-    out: Path,
-    seed: int = 0,
-    vae_steps: int = 600,
-    steps: int = 3200,
-    batch: int = 32,
-    lr: float = 1e-3,
-    text_lr: float = 5e-4,
-    n_images: int = 8000,
-    device: str = "cpu",
-    threads: int | None = 1,
-    ema_decay: float = 0.998,
-    eval_every: int = 400,
-) -> dict[str, Any]:
+def train(out: Path, recipe: Recipe = Recipe()) -> dict[str, Any]:
     """Train the shapes-flux model and write it, with ``training.json``, to the folder ``out``."""
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    started = time.time()
+    seed, device = recipe.seed, recipe.device
+    started = start_run(seed, recipe.threads)
     out = Path(out)
     components = build_components(seed)
-    _log("rendering the world")
-    vae_scenes = list(world.scenes(n_images // 2, seed + 100, world.SHAPES, tuple(world.COLOURS)))
-    base_scenes = list(world.scenes(n_images, seed + 200))
-    vae_images = world.render_batch(vae_scenes + base_scenes[: n_images // 2])
-    base_images = world.render_batch(base_scenes)
+    vae_images, base_scenes, base_images = render_world(recipe.n_images, seed)
 
     t0 = time.time()
-    vae_mse = train_vae(components["vae"], vae_images, vae_steps, 32, 1e-3, seed, device)
+    vae_mse = train_vae(components["vae"], vae_images, recipe.vae_steps, 32, 1e-3, seed, device)
     vae_seconds = time.time() - t0
     components["vae"].to(device).eval()
     mean, std = encode(components["vae"], base_images, device)
@@ -230,9 +225,8 @@ def train(
 
     t0 = time.time()
     loss, done, ema = train_transformer(
-        components, (mean, std), base_scenes, steps=steps, batch=batch, lr=lr, text_lr=text_lr, seed=seed,
-        device=device, ema_decay=ema_decay, on_checkpoint=checkpoint, eval_every=eval_every,
-    )  # fmt: skip
+        components, (mean, std), base_scenes, recipe, on_checkpoint=checkpoint
+    )
     transformer_seconds = time.time() - t0
     components.update(ema)
     train_seconds = time.time() - started
@@ -244,13 +238,13 @@ def train(
         "device": device,
         "torch_threads": torch.get_num_threads(),
         "images": {"vae": len(vae_images), "transformer": len(base_images)},
-        "vae": {"steps": vae_steps, "batch": 32, "seconds": round(vae_seconds, 1), "mse": vae_mse},
+        "vae": {"steps": recipe.vae_steps, "batch": 32, "seconds": round(vae_seconds, 1), "mse": vae_mse},
         "transformer": {
             "steps": done,
-            "batch": batch,
-            "lr": lr,
-            "text_lr": text_lr,
-            "ema_decay": ema_decay,
+            "batch": recipe.batch,
+            "lr": recipe.lr,
+            "text_lr": recipe.text_lr,
+            "ema_decay": recipe.ema_decay,
             "sigma": "logit-normal(0, 1)",
             "seconds": round(transformer_seconds, 1),
             "loss": loss,
@@ -268,25 +262,13 @@ def train(
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder (a diffusers FluxPipeline)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=600)
-    parser.add_argument("--steps", type=int, default=3200, help="transformer + text encoder steps")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--text-lr", type=float, default=5e-4)
-    parser.add_argument("--images", type=int, default=8000, help="renders of the base world")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: measured faster here)")
-    parser.add_argument("--ema-decay", type=float, default=0.998)
-    parser.add_argument(
-        "--eval-every", type=int, default=400, help="checkpoint and score every N steps (0: never)"
-    )
-    args = parser.parse_args(argv)
-    train(
-        args.out, seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch=args.batch, lr=args.lr,
-        text_lr=args.text_lr, n_images=args.images, device=args.device, threads=args.threads,
-        ema_decay=args.ema_decay, eval_every=args.eval_every,
-    )  # fmt: skip
+    for f in fields(Recipe):
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        parser.add_argument(
+            flag, dest=f.name, type=type(f.default), default=f.default, help=f.metadata.get("help")
+        )
+    args = vars(parser.parse_args(argv))
+    train(args.pop("out"), Recipe(**args))
 
 
 if __name__ == "__main__":
