@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # lorax end to end on a tiny model, offline: `make demo` runs this with the venv's bin first on PATH.
 # Part 1 tours the file tools on a tiny random model; part 2 is the main story on the built-in `shapes` model:
-# teach it a colour it never saw, generate before/after, a labelled scale sweep and an X/Y plot, merge the LoRA in.
+# teach it a colour it never saw, generate before/after, a labelled scale sweep and an X/Y plot, merge the LoRA in;
+# part 3 does the same on the built-in Flux-architecture `shapes-flux` model (train, convert to BFL keys, merge).
 # Everything lands in demo-out/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,6 +77,22 @@ lorax invert "$OUT/sks-circle" --model shapes --token '<s1>' --token-at-data 'sk
 lorax pivot "$OUT/sks-circle" --model shapes --token '<s1>' --token-at-data 'sks|<s1>' \
   --init-token 'red blue' --ti-steps 20 --steps 20 -o "$OUT/s1-pivot.safetensors" --force
 echo "learned token: $OUT/s1.pt; LoRA + token in one file: $OUT/s1-pivot.safetensors"
+
+echo
+echo "== part 3: the same concept on the built-in shapes-flux model (FLUX.1 architecture, flow matching)"
+lorax generate "a sks circle" --model shapes-flux -n 8 --seed 1 --grid -o "$OUT/flux-before" --force > /dev/null
+lorax train "$OUT/sks-circle" --model shapes-flux --instance-prompt "a sks circle" --class-prompt "a circle" \
+  --num-class-images 32 --prior-weight 2.0 --targets attn --rank 8 --learning-rate 3e-3 --steps 300 \
+  -o "$OUT/flux-sks-circle.safetensors" --force
+lorax generate "a sks circle" --model shapes-flux -n 8 --seed 1 --grid -o "$OUT/flux-after" --force \
+  --lora "$OUT/flux-sks-circle.safetensors" > /dev/null
+echo "== lorax convert: the kohya Flux LoRA → BFL/ComfyUI keys; lorax merge: into the shapes-flux model"
+lorax convert "$OUT/flux-sks-circle.safetensors" --to bfl -o "$OUT/flux-sks-circle.bfl.safetensors" --force
+lorax inspect "$OUT/flux-sks-circle.bfl.safetensors"
+lorax merge shapes-flux "$OUT/flux-sks-circle.bfl.safetensors" -o "$OUT/shapes-flux-sks-circle" --force
+lorax generate "a sks circle" --model "$OUT/shapes-flux-sks-circle" -n 8 --seed 1 --grid -o "$OUT/flux-merged" \
+  --force > /dev/null
+python scripts/demo_score.py "a purple circle" "$OUT/flux-before" "$OUT/flux-after" "$OUT/flux-merged"
 echo
 echo "demo done: open the PNGs under $OUT/ (before/, after/, sweep/, xy/, merged/, sks-circle.loss.png,"
-echo "  sks-circle.samples.png)"
+echo "  sks-circle.samples.png, flux-before/, flux-after/, flux-merged/)"

@@ -10,7 +10,7 @@ The SD shapes model's recipe (``lorax.zoo.shapes.train_base``), on Flux's object
    transformer's velocity against ``ε − x0``, σ logit-normal (SD3 / Flux trainers' ``logit_normal``), AdamW with a
    cosine schedule, an EMA of the weights (saved). No caption names a held-out shape or colour (checked), so their
    embedding rows in both text encoders keep their random start.
-3. **Evaluation** with the shapes world's scorers (``evaluate``) of the EMA weights every ``--eval-every`` steps (each
+3. **Evaluation** with the shapes world's scorers (``evaluate``) of the EMA weights every ``eval_every`` steps (each
    written as a checkpoint folder under ``DIR/checkpoints/``) and at the end; the report lands in ``training.json``.
 """
 
@@ -97,7 +97,7 @@ class FlowStep:
 
 @dataclass(frozen=True)
 class Recipe:
-    """The shipped recipe: each field is a ``--flag`` of ``main`` with this default (docs/model-card-flux.md)."""
+    """The shipped recipe (docs/model-card-flux.md): each field is an option of ``main``, with this default."""
 
     seed: int = 0
     vae_steps: int = field(default=600, metadata={"help": "VAE steps (on renders of every shape and colour)"})
@@ -105,7 +105,7 @@ class Recipe:
     batch: int = 32
     lr: float = 1e-3
     text_lr: float = 5e-4
-    n_images: int = field(default=8000, metadata={"flag": "--images", "help": "renders of the base world"})
+    images: int = field(default=8000, metadata={"help": "renders of the base world"})
     device: str = "cpu"
     threads: int = field(default=1, metadata={"help": "torch CPU threads (1: measured faster here)"})
     ema_decay: float = 0.998
@@ -196,7 +196,7 @@ def train(out: Path, recipe: Recipe = Recipe()) -> dict[str, Any]:
     started = start_run(seed, recipe.threads)
     out = Path(out)
     components = build_components(seed)
-    vae_images, base_scenes, base_images = render_world(recipe.n_images, seed)
+    vae_images, base_scenes, base_images = render_world(recipe.images, seed)
 
     t0 = time.time()
     vae_mse = train_vae(components["vae"], vae_images, recipe.vae_steps, 32, 1e-3, seed, device)
